@@ -1,0 +1,27 @@
+"""session-engine: per-session memory for LLM routers, as an actor-style engine.
+
+Public API (SPEC.md); every other module is private and free to change.
+"""
+
+from engine._config import Config, default_config
+from engine._entry import Entry, MessageInfo, SessionInfo, Stats
+from engine._helpers import (
+    cache_ttl_for_provider,
+    derive_session_id,
+    get_session_id,
+    hash_request_content,
+    provider_from_model,
+    should_cache_sticky,
+)
+from engine._replay import LogCorrupt, replay
+from engine._reply import AskTimeout
+from engine._shard import ShardFailed
+from engine.store import SessionStore, StoreClosed
+from events import EngineError, InvalidEvent, Tier
+
+__all__ = [
+    "AskTimeout", "Config", "EngineError", "Entry", "InvalidEvent", "LogCorrupt", "MessageInfo",
+    "SessionInfo", "SessionStore", "ShardFailed", "Stats", "StoreClosed", "Tier",
+    "cache_ttl_for_provider", "default_config", "derive_session_id", "get_session_id",
+    "hash_request_content", "provider_from_model", "replay", "should_cache_sticky",
+]

@@ -1,0 +1,257 @@
+"""The semantics of a session, pure: ``apply(state, event, now, config)``.
+
+No clock reads, no locks, no I/O. ``state`` is the frozen ``Entry`` (or None
+when the session does not exist); the result is the next state, the
+caller's result and the log records of every transition, each record being
+``(name, changed_fields)`` with the new values of the fields that changed.
+
+Before any event is applied the session is *settled* at ``now``: a session
+idle past ``timeout_ms`` is expired, and a cache pin idle past its
+provider's TTL is ended. So "expired" means expired whether or not a clock
+tick has run yet, and a pin that has lapsed is never revived by later
+activity (a seed defect).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from engine._config import Config
+from engine._entry import Entry
+from engine._helpers import cache_ttl_for_provider
+from events import (
+    Clear,
+    Cost,
+    Decision,
+    Escalate,
+    Evict,
+    Expire,
+    GetCost,
+    GetSession,
+    Hash,
+    InvalidEvent,
+    IsCacheSticky,
+    SessionEvent,
+    SetCacheSticky,
+    SetDeployment,
+    SetSession,
+    Touch,
+    tier_above,
+)
+from events import records as R
+
+Record = tuple[str, dict[str, Any]]
+_NO_RECORDS: tuple[Record, ...] = ()
+HASH_WINDOW = 3
+
+
+class Outcome(NamedTuple):
+    state: Entry | None
+    result: Any
+    records: tuple[Record, ...]
+
+
+def _evolve(e: Entry, **changes: Any) -> Entry:
+    """A cheaper ``dataclasses.replace`` for the hot path (positional construction)."""
+    g = changes.get
+    return Entry(
+        g("model", e.model), g("tier", e.tier), e.created_at, g("last_used_at", e.last_used_at),
+        g("request_count", e.request_count), g("recent_hashes", e.recent_hashes),
+        g("strikes", e.strikes), g("escalated", e.escalated), g("user_explicit", e.user_explicit),
+        g("cache_sticky", e.cache_sticky), g("cache_sticky_at", e.cache_sticky_at),
+        g("provider", e.provider), g("session_cost_micros", e.session_cost_micros),
+        g("deployment", e.deployment),
+    )
+
+
+def entry_fields(e: Entry) -> dict[str, Any]:
+    """Every field of an entry, as logged in ``session.created`` and snapshots."""
+    return {
+        "model": e.model, "tier": e.tier.value if e.tier else None, "created_at": e.created_at,
+        "last_used_at": e.last_used_at, "request_count": e.request_count,
+        "recent_hashes": list(e.recent_hashes), "strikes": e.strikes, "escalated": e.escalated,
+        "user_explicit": e.user_explicit, "cache_sticky": e.cache_sticky,
+        "cache_sticky_at": e.cache_sticky_at, "provider": e.provider,
+        "session_cost_micros": e.session_cost_micros, "deployment": e.deployment,
+    }
+
+
+def idle_deadline(e: Entry, config: Config) -> int:
+    """First ms at which the session counts as expired."""
+    return e.last_used_at + config.timeout_ms + 1
+
+
+def pin_deadline(e: Entry) -> int:
+    """First ms at which the cache pin counts as lapsed."""
+    return e.last_used_at + cache_ttl_for_provider(e.provider) + 1
+
+
+def settle(state: Entry | None, now: int, config: Config) -> tuple[Entry | None, tuple[Record, ...]]:
+    """Apply what the passage of time implies: expiry, then the end of a lapsed cache pin."""
+    if state is None:
+        return None, _NO_RECORDS
+    idle = now - state.last_used_at
+    if idle > config.timeout_ms:
+        return None, ((R.SESSION_EXPIRED, {"reason": "idle", "idle_ms": idle}),)
+    if state.cache_sticky and idle > cache_ttl_for_provider(state.provider):
+        return (
+            _evolve(state, cache_sticky=False),
+            ((R.STICKY_EXPIRED, {"cache_sticky": False, "idle_ms": idle}),),
+        )
+    return state, _NO_RECORDS
+
+
+def _escalate(state: Entry, reason: str) -> tuple[Entry, Record | None]:
+    tier = tier_above(state.tier)
+    if state.escalated and tier == state.tier:
+        return state, None
+    fields = {"tier": tier.value, "escalated": True, "reason": reason,
+              "from_tier": state.tier.value if state.tier else None}
+    return _evolve(state, tier=tier, escalated=True), (R.SESSION_ESCALATED, fields)
+
+
+def _set_session(s: Entry | None, ev: SetSession, now: int) -> Outcome:
+    if s is None:
+        new = Entry(ev.model, ev.tier, now, now, 1, user_explicit=ev.user_explicit)  # type: ignore[arg-type]
+        return Outcome(new, None, ((R.SESSION_CREATED, entry_fields(new)),))
+    used = max(now, s.last_used_at)
+    changes: dict[str, Any] = {"last_used_at": used, "request_count": s.request_count + 1}
+    if ev.model != s.model:
+        changes["model"] = ev.model
+        changes["tier"] = ev.tier
+    if ev.user_explicit and not s.user_explicit:
+        changes["user_explicit"] = True
+    new = _evolve(s, **changes)
+    if "tier" in changes:
+        changes["tier"] = ev.tier.value if ev.tier else None  # type: ignore[union-attr]
+    return Outcome(new, None, ((R.SESSION_UPDATED, changes),))
+
+
+def _touch(s: Entry | None, now: int) -> Outcome:
+    if s is None:
+        return Outcome(None, None, _NO_RECORDS)
+    used = max(now, s.last_used_at)
+    count = s.request_count + 1
+    new = _evolve(s, last_used_at=used, request_count=count)
+    return Outcome(new, None, ((R.SESSION_TOUCHED, {"last_used_at": used, "request_count": count}),))
+
+
+def _hash(s: Entry | None, ev: Hash, config: Config) -> Outcome:
+    if s is None:
+        return Outcome(None, 0, _NO_RECORDS)
+    hashes = (*s.recent_hashes, ev.hash)[-HASH_WINDOW:]
+    run = 0
+    for h in reversed(hashes):
+        if h != ev.hash:
+            break
+        run += 1
+    strikes = s.strikes + 1 if run >= 2 else s.strikes
+    new = _evolve(s, recent_hashes=hashes, strikes=strikes)
+    records: tuple[Record, ...] = ((R.HASH_RECORDED, {"recent_hashes": list(hashes), "strikes": strikes}),)
+    if (config.auto_escalate and strikes >= config.strike_limit
+            and not new.escalated and not new.user_explicit):
+        new, record = _escalate(new, "strikes")
+        if record is not None:
+            record[1]["strikes"] = strikes
+            records += (record,)
+    return Outcome(new, strikes, records)
+
+
+def _escalate_event(s: Entry | None, ev: Escalate) -> Outcome:
+    if s is None or s.user_explicit:
+        return Outcome(s, None, _NO_RECORDS)
+    new, record = _escalate(s, ev.reason)
+    return Outcome(new, new.tier, (record,) if record else _NO_RECORDS)
+
+
+def _cost(s: Entry | None, ev: Cost, now: int) -> Outcome:
+    if ev.micros == 0:
+        return Outcome(s, None, _NO_RECORDS)
+    records: tuple[Record, ...] = ()
+    if s is None:
+        # The seed dropped spend for unknown sessions; a cost-only entry keeps it.
+        s = Entry("", None, now, now, 0)
+        records = ((R.SESSION_CREATED, {**entry_fields(s), "cause": "cost"}),)
+    total = s.session_cost_micros + ev.micros
+    new = _evolve(s, session_cost_micros=total)
+    return Outcome(new, None, (*records, (R.COST_ADDED, {"micros": ev.micros, "session_cost_micros": total})))
+
+
+def _set_sticky(s: Entry | None, ev: SetCacheSticky, now: int) -> Outcome:
+    if s is None or s.cache_sticky:
+        return Outcome(s, None, _NO_RECORDS)
+    new = _evolve(s, cache_sticky=True, cache_sticky_at=now, provider=ev.provider)
+    fields = {"cache_sticky": True, "cache_sticky_at": now, "provider": ev.provider,
+              "ttl_ms": cache_ttl_for_provider(ev.provider)}
+    return Outcome(new, None, ((R.STICKY_PINNED, fields),))
+
+
+def _set_deployment(s: Entry | None, ev: SetDeployment) -> Outcome:
+    if s is None or s.deployment == ev.deployment:
+        return Outcome(s, None, _NO_RECORDS)
+    new = _evolve(s, deployment=ev.deployment)
+    return Outcome(new, None, ((R.DEPLOYMENT_SET, {"deployment": ev.deployment, "previous": s.deployment}),))
+
+
+def _decision(s: Entry | None, ev: Decision) -> Outcome:
+    fields: dict[str, Any] = {"kind": ev.kind}
+    for name in ("model", "provider", "reason", "strategy", "source", "deployment"):
+        value = getattr(ev, name)
+        if value:
+            fields[name] = value
+    if ev.tier is not None:
+        fields["tier"] = ev.tier.value  # type: ignore[union-attr]
+    return Outcome(s, None, ((R.DECISION_MADE, fields),))
+
+
+def _end(s: Entry | None, name: str, reason: str) -> Outcome:
+    if s is None:
+        return Outcome(None, False, _NO_RECORDS)
+    return Outcome(None, True, ((name, {"reason": reason}),))
+
+
+def apply(state: Entry | None, event: SessionEvent, now: int, config: Config) -> Outcome:
+    """Apply one session event at ``now``: every rule of SPEC.md's SessionStore table."""
+    s, settled = settle(state, now, config)
+    t = type(event)
+    if t is Touch:
+        out = _touch(s, now)
+    elif t is Hash:
+        out = _hash(s, event, config)  # type: ignore[arg-type]
+    elif t is SetSession:
+        out = _set_session(s, event, now)  # type: ignore[arg-type]
+    elif t is Cost:
+        out = _cost(s, event, now)  # type: ignore[arg-type]
+    elif t is GetSession:
+        out = Outcome(s, s, _NO_RECORDS)
+    elif t is Escalate:
+        out = _escalate_event(s, event)  # type: ignore[arg-type]
+    elif t is GetCost:
+        out = Outcome(s, s.session_cost_micros / 1_000_000 if s else 0.0, _NO_RECORDS)
+    elif t is SetCacheSticky:
+        out = _set_sticky(s, event, now)  # type: ignore[arg-type]
+    elif t is IsCacheSticky:
+        out = Outcome(s, bool(s and s.cache_sticky), _NO_RECORDS)
+    elif t is SetDeployment:
+        out = _set_deployment(s, event)  # type: ignore[arg-type]
+    elif t is Decision:
+        out = _decision(s, event)  # type: ignore[arg-type]
+    elif t is Expire:
+        out = Outcome(None, state is not None and s is None, _NO_RECORDS)
+    elif t is Clear:
+        out = _end(s, R.SESSION_CLEARED, "cleared")
+    elif t is Evict:
+        if s is not None and event.last_used_at >= 0 and s.last_used_at != event.last_used_at:  # type: ignore[attr-defined]
+            out = Outcome(s, False, _NO_RECORDS)  # used since the evictor looked: keep it
+        else:
+            out = _end(s, R.SESSION_EVICTED, "capacity")
+    else:
+        raise InvalidEvent("event", f"must be a session event, got {t.__name__}")
+    if settled:
+        return Outcome(out.state, out.result, settled + out.records)
+    return out
+
+
+def clear_for_all(state: Entry | None) -> Outcome:
+    """``clear_all`` seen from one session: it ends with reason "clear_all"."""
+    return _end(state, R.SESSION_CLEARED, "clear_all")

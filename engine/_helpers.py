@@ -1,0 +1,93 @@
+"""The seed's module functions, pure, in Python spelling."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from engine._entry import MessageInfo
+
+DEFAULT_CACHE_TTL_MS = 300_000
+_CACHE_TTL_MS = {
+    "anthropic": 300_000,
+    "openai": 300_000,
+    "deepseek": 300_000,
+    "google": 300_000,
+    "groq": 300_000,
+    "vllm": 600_000,
+    "dosrouter": 600_000,
+}
+DEFAULT_HEADER = "x-session-id"
+_WHITESPACE = re.compile(r"\s+")
+#: Tokens are estimated as UTF-8 bytes // 3, as the seed does.
+_STICKY_ONE_MESSAGE_TOKENS = 3000
+_STICKY_HISTORY_TOKENS = 5000
+
+
+def cache_ttl_for_provider(provider: str) -> int:
+    """Prefix-cache TTL in milliseconds for a provider name."""
+    return _CACHE_TTL_MS.get(provider, DEFAULT_CACHE_TTL_MS)
+
+
+def provider_from_model(model_id: str) -> str:
+    """"anthropic/claude-sonnet-4.6" -> "anthropic"; "gpt-4o" or "/x" -> "default"."""
+    slash = model_id.find("/")
+    return model_id[:slash] if slash > 0 else "default"
+
+
+def derive_session_id(first_user_message: str) -> str:
+    """Lower-case hex SHA-256 of the first user message (unkeyed: see docs/identity.md)."""
+    return hashlib.sha256(first_user_message.encode()).hexdigest()
+
+
+def get_session_id(headers: Any, header_name: str = "") -> str:
+    """Case-insensitive header lookup in any mapping-like headers object; "" when missing."""
+    name = (header_name or DEFAULT_HEADER).lower()
+    if headers is None:
+        return ""
+    value: Any = None
+    items = headers.items() if hasattr(headers, "items") else headers
+    for key, val in items:
+        if isinstance(key, bytes):
+            key = key.decode("latin-1")
+        if isinstance(key, str) and key.lower() == name:
+            value = val
+            break
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return value if isinstance(value, str) else ""
+
+
+def hash_request_content(content: str, tool_names: Iterable[str] | None = None) -> str:
+    """Short hash of a request: whitespace collapsed, first 500 chars, tool names appended.
+
+    The seed's regular expression ``s+`` matched the letter s; this collapses
+    real whitespace, as the seed's documentation says.
+    """
+    text = _WHITESPACE.sub(" ", content).strip()[:500]
+    names = sorted(tool_names or ())
+    if names:
+        text += "|tools:" + ",".join(names)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _content(message: MessageInfo | Mapping[str, Any]) -> str:
+    if isinstance(message, MessageInfo):
+        return message.content
+    content = message.get("content") or ""
+    return content if isinstance(content, str) else str(content)
+
+
+def should_cache_sticky(messages: Iterable[MessageInfo | Mapping[str, Any]]) -> bool:
+    """Whether the context is long enough to pin a provider for its prefix cache."""
+    total = 0
+    for message in messages:
+        size = len(_content(message).encode())
+        if size // 3 >= _STICKY_ONE_MESSAGE_TOKENS:
+            return True
+        total += size
+    return total // 3 >= _STICKY_HISTORY_TOKENS

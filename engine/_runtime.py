@@ -1,0 +1,144 @@
+"""The actor shell: shard registry, routing, the supervisor, the clock, lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any, Protocol
+
+import pykka
+
+from engine._capacity import Capacity
+from engine._clock import Clock
+from engine._config import Config
+from engine._log import LogSink
+from engine._reply import Reply
+from engine._shard import DRAIN, Mailbox, Shard, ShardState
+from engine._time import now_ms
+from events import SessionEvent
+from events import records as R
+
+log = logging.getLogger("engine")
+
+
+class Observer(Protocol):
+    """Receives what the engine does, for metrics (engine.metrics implements it)."""
+
+    def on_batch(self, shard: int, n_events: int, records: list[dict[str, Any]],
+                 apply_seconds: float, queue_depth: int) -> None: ...
+
+
+class Supervisor(pykka.ThreadingActor):
+    """Restarts a failed shard with the same mailbox and the committed session table."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self._rt = runtime
+
+    def on_receive(self, message: Any) -> Any:
+        kind, index, error = message
+        if kind == "shard_failed":
+            self._rt.restart_shard(index, error)
+        return None
+
+
+class Runtime:
+    """Owns every thread the store starts; ``close()`` stops them all."""
+
+    def __init__(self, config: Config, log_sink: LogSink, observer: Observer | None = None,
+                 states: list[ShardState] | None = None) -> None:
+        self.config = config
+        self.log = log_sink
+        self.observer = observer
+        self.capacity = Capacity(config.max_sessions) if config.max_sessions else None
+        if states is not None and self.capacity is not None:
+            self.capacity.note(
+                sorted(((sid, e.last_used_at) for st in states for sid, e in st.sessions.items()),
+                       key=lambda item: item[1]), ())
+        self.mailboxes = [Mailbox(i) for i in range(config.shards)]
+        self.states = states or [ShardState() for _ in range(config.shards)]
+        self.restarts = 0
+        self._closing = False
+        self._lock = threading.Lock()
+        self.supervisor = Supervisor.start(self)
+        self.shards: list[pykka.ActorRef[Any]] = [
+            Shard.start(self, i, self.states[i]) for i in range(config.shards)
+        ]
+        self.clock = Clock(self, config.tick_ms) if config.tick_ms > 0 else None
+        if self.clock is not None:
+            self.clock.start()
+
+    # -- routing -------------------------------------------------------------
+    def shard_of(self, session_id: str) -> int:
+        return hash(session_id) % len(self.mailboxes)
+
+    def send(self, index: int, event: Any, now: int, reply: Reply | None) -> None:
+        self.mailboxes[index].queue.append((event, now, reply))
+        self._wake(index)
+
+    def _wake(self, index: int) -> None:
+        """Send the shard one DRAIN unless one is already on its way (coalesced wake-ups)."""
+        mailbox = self.mailboxes[index]
+        if not mailbox.scheduled:
+            mailbox.scheduled = True
+            # A dead shard is being restarted: the supervisor drains the mailbox then.
+            with contextlib.suppress(pykka.ActorDeadError):
+                self.shards[index].tell(DRAIN)
+
+    def route(self, event: SessionEvent, now: int, reply: Reply | None) -> None:
+        self.send(hash(event.session_id) % len(self.mailboxes), event, now, reply)
+
+    def route_many(self, events: list[SessionEvent], now: int) -> None:
+        """Append a batch of told events, waking each shard at most once."""
+        n = len(self.mailboxes)
+        touched = set()
+        for event in events:
+            index = hash(event.session_id) % n
+            self.mailboxes[index].queue.append((event, now, None))
+            touched.add(index)
+        for index in touched:
+            self._wake(index)
+
+    def broadcast(self, event: Any, now: int) -> list[Reply]:
+        replies = [Reply() for _ in self.mailboxes]
+        for index, reply in enumerate(replies):
+            self.send(index, event, now, reply)
+        return replies
+
+    # -- supervision ----------------------------------------------------------
+    def shard_failed(self, index: int, error: BaseException | None) -> None:
+        """Called in the failing shard's thread: hand the restart to the supervisor."""
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.supervisor.tell(("shard_failed", index, error))
+
+    def restart_shard(self, index: int, error: BaseException | None) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self.restarts += 1
+            self.shards[index] = Shard.start(self, index, self.states[index])
+            record = {"seq": 0, "ts": now_ms(), "event": R.SHARD_RESTARTED, "shard": index,
+                      "error": type(error).__name__ if error else None,
+                      "sessions": len(self.states[index].sessions)}
+            self.log.append([record])
+            mailbox = self.mailboxes[index]
+            mailbox.scheduled = True
+            mailbox.tick_pending = False
+            self.shards[index].tell(DRAIN)
+        log.warning("session-engine: shard %d failed (%s) and was restarted", index,
+                    type(error).__name__ if error else "unknown")
+
+    # -- lifecycle --------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        if self.clock is not None:
+            self.clock.stop()
+        for ref in self.shards:
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.stop()
+        self.supervisor.stop()
+        self.log.close()

@@ -1,0 +1,239 @@
+"""Shard actors: each hosts many logical session actors.
+
+A session always maps to the same shard; the shard's mailbox is FIFO and the
+shard applies one message at a time, so every session gets actor semantics
+(one turn at a time, per-sender order) while the number of OS threads stays
+fixed whatever the number of sessions ("virtual actors", as in Orleans).
+
+Producers append ``(event, now, reply)`` to the shard's ``Mailbox`` deque
+and send the pykka actor one ``DRAIN`` message only when it is idle; the
+shard then applies everything queued in batches, writes each batch's
+records with one log call, and answers the batch's callers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pykka
+
+from engine._core import apply, clear_for_all, idle_deadline, pin_deadline, settle
+from engine._entry import Entry
+from events import ClearAll, EngineError, Evict, GetStats, Tick
+from events import records as R
+
+if TYPE_CHECKING:
+    from engine._runtime import Runtime
+
+DRAIN = "drain"
+
+
+class ShardFailed(EngineError):
+    """The shard hosting the session failed while applying this event; it was restarted."""
+
+
+class Mailbox:
+    """A shard's queue; outlives shard incarnations so a restart loses no message."""
+
+    __slots__ = ("index", "queue", "scheduled", "tick_pending")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.queue: deque[tuple[Any, int, Any]] = deque()
+        self.scheduled = False
+        self.tick_pending = False
+
+
+class ShardState:
+    """The sessions of one shard: immutable entries plus the deadline heap.
+
+    Entries are frozen snapshots written only after a transition completed, so
+    the table stays consistent when a shard fails and is handed to its restart.
+    """
+
+    __slots__ = ("deadlines", "sessions")
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Entry] = {}
+        #: (deadline_ms, session_id, generation): generation >= 0 is the idle
+        #: check of the session created at that ms; < 0 the pin check of the pin
+        #: set at ``-generation - 1``. Stale entries are skipped when popped.
+        self.deadlines: list[tuple[int, str, int]] = []
+
+
+class _TickPass:
+    """Continuation of a clock pass that had more due sessions than one batch."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+class Shard(pykka.ThreadingActor):
+    def __init__(self, runtime: Runtime, index: int, state: ShardState) -> None:
+        super().__init__()
+        self._rt = runtime
+        self._config = runtime.config
+        self._index = index
+        self._mailbox: Mailbox = runtime.mailboxes[index]
+        self._state = state
+        self._apply: Callable[..., Any] = apply
+
+    # -- lifecycle ---------------------------------------------------------
+    def on_receive(self, message: Any) -> Any:
+        if message == DRAIN:
+            self._drain()
+        return None
+
+    def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._rt.shard_failed(self._index, exc)
+
+    # -- the mailbox turn ----------------------------------------------------
+    def _drain(self) -> None:
+        mb = self._mailbox
+        mb.scheduled = False
+        queue = mb.queue
+        limit = self._config.drain_batch
+        while queue:
+            batch = []
+            pop = queue.popleft
+            while queue and len(batch) < limit:
+                batch.append(pop())
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[Any, int, Any]]) -> None:
+        config = self._config
+        sessions = self._state.sessions
+        deadlines = self._state.deadlines
+        records: list[dict[str, Any]] = []
+        answers: list[tuple[Any, Any]] = []
+        track = self._rt.capacity is not None
+        used: list[tuple[str, int]] = []
+        ended: list[str] = []
+        started = time.perf_counter()
+        for position, item in enumerate(batch):
+            event, now, reply = item
+            sid = event.session_id
+            try:
+                if sid is not None:
+                    before = sessions.get(sid)
+                    out = self._apply(before, event, now, config)
+                    after = out.state
+                    if after is None:
+                        if before is not None:
+                            del sessions[sid]
+                            if track:
+                                ended.append(sid)
+                    else:
+                        if after is not before:
+                            sessions[sid] = after
+                            if before is None or before.created_at != after.created_at:
+                                heapq.heappush(deadlines, (idle_deadline(after, config), sid, after.created_at))
+                            if after.cache_sticky and (before is None or not before.cache_sticky
+                                                       or before.cache_sticky_at != after.cache_sticky_at):
+                                heapq.heappush(deadlines, (pin_deadline(after), sid, -after.cache_sticky_at - 1))
+                        if track:
+                            used.append((sid, after.last_used_at))
+                    for name, fields in out.records:
+                        records.append({"seq": 0, "ts": now, "event": name, "session_id": sid, **fields})
+                    if reply is not None:
+                        answers.append((reply, out.result))
+                else:
+                    done, result = self._store_event(event, now, records, ended if track else None)
+                    if not done:
+                        # More is due: queue the rest behind what other sessions sent meanwhile.
+                        self._mailbox.queue.append((_TickPass(result), now, reply))
+                    elif reply is not None:
+                        answers.append((reply, result))
+            except Exception as exc:
+                rest = batch[position + 1:]
+                self._mailbox.queue.extendleft(reversed(rest))
+                self._commit(records, answers, used, ended, started, len(batch))
+                if reply is not None:
+                    reply.fail(ShardFailed(
+                        f"shard {self._index} failed applying {type(event).__name__}: "
+                        f"{type(exc).__name__}; it is being restarted"))
+                raise
+        self._commit(records, answers, used, ended, started, len(batch))
+
+    def _commit(self, records: list[dict[str, Any]], answers: list[tuple[Any, Any]],
+                used: list[tuple[str, int]], ended: list[str], started: float, n_events: int) -> None:
+        rt = self._rt
+        if records:
+            seq = rt.log.append(records)
+            rt.log.sync(seq)
+        if rt.observer is not None:
+            rt.observer.on_batch(self._index, n_events, records, time.perf_counter() - started,
+                                 len(self._mailbox.queue))
+        if rt.capacity is not None and (used or ended):
+            for sid, last_used in rt.capacity.note(used, ended):
+                rt.route(Evict(sid, last_used), last_used, None)
+        for reply, result in answers:
+            reply.set(result)
+
+    # -- store-wide events -----------------------------------------------------
+    def _store_event(self, event: Any, now: int, records: list[dict[str, Any]],
+                     ended: list[str] | None) -> tuple[bool, Any]:
+        """Apply a store-wide event; ``(False, count)`` means a clock pass continues later."""
+        sessions = self._state.sessions
+        if type(event) is GetStats:
+            timeout = self._config.timeout_ms
+            return True, [(sid, e) for sid, e in sessions.items() if now - e.last_used_at <= timeout]
+        if type(event) is ClearAll:
+            for sid, entry in sessions.items():
+                for name, fields in clear_for_all(entry).records:
+                    records.append({"seq": 0, "ts": now, "event": name, "session_id": sid, **fields})
+                if ended is not None:
+                    ended.append(sid)
+            sessions.clear()
+            self._state.deadlines.clear()
+            return True, None
+        if type(event) is Tick:
+            return self._tick_pass(now, 0, records, ended)
+        if type(event) is _TickPass:
+            return self._tick_pass(now, event.count, records, ended)
+        raise EngineError(f"shard cannot handle {type(event).__name__}")
+
+    def _tick_pass(self, now: int, count: int, records: list[dict[str, Any]],
+                   ended: list[str] | None) -> tuple[bool, int]:
+        """Pop what is due from the deadline heap, at most ``expiry_batch`` entries per turn."""
+        config = self._config
+        sessions = self._state.sessions
+        deadlines = self._state.deadlines
+        budget = config.expiry_batch
+        while deadlines and deadlines[0][0] <= now and budget:
+            budget -= 1
+            _, sid, gen = heapq.heappop(deadlines)
+            state = sessions.get(sid)
+            if state is None:
+                continue
+            if gen >= 0:
+                if state.created_at != gen:
+                    continue
+            elif not state.cache_sticky or state.cache_sticky_at != -gen - 1:
+                continue
+            new, settled = settle(state, now, config)
+            for name, fields in settled:
+                records.append({"seq": 0, "ts": now, "event": name, "session_id": sid, **fields})
+                if name == R.SESSION_EXPIRED:
+                    count += 1
+            if new is None:
+                del sessions[sid]
+                if ended is not None:
+                    ended.append(sid)
+                continue
+            if new is not state:
+                sessions[sid] = new
+            if gen >= 0:
+                heapq.heappush(deadlines, (idle_deadline(new, config), sid, gen))
+            elif new.cache_sticky:
+                heapq.heappush(deadlines, (pin_deadline(new), sid, gen))
+        if deadlines and deadlines[0][0] <= now:
+            return False, count
+        self._mailbox.tick_pending = False
+        return True, count

@@ -1,0 +1,30 @@
+"""The catalogue of audit-log record names (docs/events.md lists their fields)."""
+
+from __future__ import annotations
+
+SESSION_CREATED = "session.created"
+SESSION_UPDATED = "session.updated"
+SESSION_TOUCHED = "session.touched"
+HASH_RECORDED = "hash.recorded"
+SESSION_ESCALATED = "session.escalated"
+COST_ADDED = "cost.added"
+STICKY_PINNED = "sticky.pinned"
+STICKY_EXPIRED = "sticky.expired"
+DEPLOYMENT_SET = "deployment.set"
+DECISION_MADE = "decision.made"
+SESSION_EXPIRED = "session.expired"
+SESSION_EVICTED = "session.evicted"
+SESSION_CLEARED = "session.cleared"
+INPUT_REJECTED = "input.rejected"
+SHARD_RESTARTED = "shard.restarted"
+LOG_SNAPSHOT = "log.snapshot"
+
+#: Records after which the session no longer exists.
+ENDING_RECORDS = frozenset({SESSION_EXPIRED, SESSION_EVICTED, SESSION_CLEARED})
+
+RECORD_NAMES = (
+    SESSION_CREATED, SESSION_UPDATED, SESSION_TOUCHED, HASH_RECORDED,
+    SESSION_ESCALATED, COST_ADDED, STICKY_PINNED, STICKY_EXPIRED, DEPLOYMENT_SET,
+    DECISION_MADE, SESSION_EXPIRED, SESSION_EVICTED, SESSION_CLEARED,
+    INPUT_REJECTED, SHARD_RESTARTED, LOG_SNAPSHOT,
+)

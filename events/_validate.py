@@ -1,0 +1,41 @@
+"""Field checks used by the events' constructors. Messages never echo the value."""
+
+from __future__ import annotations
+
+import re
+
+from events._errors import InvalidEvent
+
+MAX_ID_LEN = 256
+MAX_TEXT_LEN = 256
+# One event may add at most a billion dollars; keeps every sum inside a JSON-safe int64.
+MAX_MICROS = 10**15
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def check_text(value: object, field: str, max_len: int = MAX_TEXT_LEN) -> None:
+    if type(value) is not str:
+        raise InvalidEvent(field, f"must be a str, got {type(value).__name__}")
+    if len(value) > max_len:
+        raise InvalidEvent(field, f"must be at most {max_len} characters, got {len(value)}")
+    if _CONTROL.search(value) is not None:
+        raise InvalidEvent(field, "must not contain control characters")
+
+
+def check_session_id(value: object, field: str = "session_id") -> None:
+    check_text(value, field, MAX_ID_LEN)
+
+
+def check_bool(value: object, field: str) -> None:
+    if type(value) is not bool:
+        raise InvalidEvent(field, f"must be a bool, got {type(value).__name__}")
+
+
+def check_micros(value: object, field: str = "micros") -> None:
+    if type(value) is not int:
+        raise InvalidEvent(field, f"must be a non-negative int, got {type(value).__name__}")
+    if value < 0:
+        raise InvalidEvent(field, "must be a non-negative int, got a negative int")
+    if value > MAX_MICROS:
+        raise InvalidEvent(field, f"must be at most {MAX_MICROS} per event")

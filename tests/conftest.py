@@ -1,0 +1,47 @@
+"""Shared fixtures: every store a test opens is closed, and no thread outlives its test."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from engine import Config, SessionStore
+
+
+@pytest.fixture
+def make_store(tmp_path: Path) -> Iterator[Callable[..., SessionStore]]:
+    """Build enabled stores (background clock off unless asked); all are closed afterwards."""
+    stores: list[SessionStore] = []
+
+    def make(**overrides: Any) -> SessionStore:
+        settings: dict[str, Any] = {"enabled": True, "tick_ms": 0}
+        settings.update(overrides)
+        store = SessionStore(Config(**settings))
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "audit.jsonl"
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    leaked = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert not leaked, f"threads leaked by the test: {[t.name for t in leaked]}"
