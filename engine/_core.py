@@ -237,7 +237,7 @@ def apply(state: Entry | None, event: SessionEvent, now: int, config: Config) ->
     elif t is Decision:
         out = _decision(s, event)  # type: ignore[arg-type]
     elif t is Expire:
-        out = Outcome(None, state is not None and s is None, _NO_RECORDS)
+        out = Outcome(s, state is not None and s is None, _NO_RECORDS)
     elif t is Clear:
         out = _end(s, R.SESSION_CLEARED, "cleared")
     elif t is Evict:
