@@ -1,0 +1,257 @@
+"""Prometheus metrics for a SessionStore (prometheus-client).
+
+``Metrics`` implements the runtime's ``Observer`` protocol: each shard calls
+``on_batch`` after every batch it applied, with that batch's audit records,
+so every number here is derived from what the engine actually did (the same
+records the audit log holds), never from what a caller asked for.
+
+Usage::
+
+    metrics = Metrics()                      # its own CollectorRegistry
+    store = SessionStore(config, observer=metrics)
+    metrics.attach(store)                    # log-write latency + restored sessions
+    body, content_type = metrics.render()    # serve on /metrics
+
+Each ``Metrics`` owns a dedicated ``CollectorRegistry`` unless one is passed,
+so two stores (or two tests) never collide on metric names; pass
+``prometheus_client.REGISTRY`` to publish on the process-wide default.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from events import records as R
+
+if TYPE_CHECKING:
+    from engine._log import EventDict, LogSink
+    from engine.store import SessionStore
+
+log = logging.getLogger("engine.metrics")
+
+#: Batches take microseconds to a few milliseconds; the tail (fsync, GC) reaches further.
+LATENCY_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Label values come from the engine's own records, but a caller-chosen escalation
+#: reason could still be anything: past this many distinct values they count as "other".
+MAX_LABEL_VALUES = 32
+ENDED = {R.SESSION_EXPIRED: "expired", R.SESSION_EVICTED: "evicted", R.SESSION_CLEARED: "cleared"}
+
+
+class _Labels:
+    """A bounded label-value cache for one labelled metric (``.labels()`` is slow and unbounded)."""
+
+    __slots__ = ("_children", "_lock", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, value: Any) -> Any:
+        key = value if isinstance(value, str) and value else "unknown"
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                if key not in self._children and len(self._children) >= MAX_LABEL_VALUES:
+                    key = "other"
+                child = self._children.get(key)
+                if child is None:
+                    child = self._children[key] = self._metric.labels(key)
+        return child
+
+
+class Metrics:
+    """The engine's Prometheus metrics; pass it as ``SessionStore(config, observer=metrics)``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, namespace: str = "session_engine") -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        ns, reg = namespace, self.registry
+        self.live_sessions = Gauge(
+            "live_sessions", "Sessions alive now: created minus ended (expired, evicted, cleared).",
+            namespace=ns, registry=reg)
+        self.events = Counter(
+            "events", "Audit records written, by record name (docs/events.md).",
+            ["event"], namespace=ns, registry=reg)
+        self.applied = Counter(
+            "applied_events", "Events applied by shards (reads included), by shard.",
+            ["shard"], namespace=ns, registry=reg)
+        self.escalations = Counter(
+            "escalations", "Sessions escalated one tier, by reason (strikes, requested, ...).",
+            ["reason"], namespace=ns, registry=reg)
+        self.expiries = Counter(
+            "expiries", "Sessions ended by idle expiry, by reason.",
+            ["reason"], namespace=ns, registry=reg)
+        self.evictions = Counter(
+            "evictions", "Sessions evicted to stay within max_sessions, by reason.",
+            ["reason"], namespace=ns, registry=reg)
+        self.sessions_ended = Counter(
+            "sessions_ended", "Sessions ended, by how (expired, evicted, cleared).",
+            ["how"], namespace=ns, registry=reg)
+        self.decisions = Counter(
+            "decisions", "Routing decisions logged by the policy, by kind.",
+            ["kind"], namespace=ns, registry=reg)
+        self.unavailable = Counter(
+            "policy_unavailable", "Requests routed on the router's own choice because the engine "
+            "did not answer in time or failed, by reason.",
+            ["reason"], namespace=ns, registry=reg)
+        self.cost = Counter(
+            "cost_usd", "Spend recorded on sessions, in USD (summed from micros).",
+            namespace=ns, registry=reg)
+        self.mailbox_depth = Gauge(
+            "mailbox_depth", "Events waiting in a shard's mailbox after its last batch.",
+            ["shard"], namespace=ns, registry=reg)
+        self.apply_seconds = Histogram(
+            "event_apply_seconds", "Time a shard took to apply one batch of events and commit its "
+            "records; every event of the batch is answered after it.",
+            ["shard"], namespace=ns, registry=reg, buckets=LATENCY_BUCKETS)
+        self.batch_size = Histogram(
+            "batch_events", "Events applied per shard batch.",
+            namespace=ns, registry=reg, buckets=BATCH_SIZE_BUCKETS)
+        self.log_write_seconds = Histogram(
+            "log_write_seconds", "Time of one audit-log write (one batch of records), including an "
+            "fsync when the durability policy does it inline.",
+            namespace=ns, registry=reg, buckets=LATENCY_BUCKETS)
+        self.log_sync_seconds = Histogram(
+            "log_sync_seconds", "Time of one explicit audit-log sync (group commit) call.",
+            namespace=ns, registry=reg, buckets=LATENCY_BUCKETS)
+        self.observer_errors = Counter(
+            "observer_errors", "Batches the metrics observer failed to account for (see the log).",
+            namespace=ns, registry=reg)
+        self._events = _Labels(self.events)
+        self._escalations = _Labels(self.escalations)
+        self._expiries = _Labels(self.expiries)
+        self._evictions = _Labels(self.evictions)
+        self._ended = _Labels(self.sessions_ended)
+        self._decisions = _Labels(self.decisions)
+        self._unavailable = _Labels(self.unavailable)
+        self._shards: dict[int, tuple[Any, Any, Any]] = {}
+
+    # -- the Observer protocol ---------------------------------------------------------
+    def on_batch(self, shard: int, n_events: int, records: list[dict[str, Any]],
+                 apply_seconds: float, queue_depth: int) -> None:
+        """Account for one shard batch. Never raises: a metrics bug must not fail a shard."""
+        try:
+            self._on_batch(shard, n_events, records, apply_seconds, queue_depth)
+        except Exception:
+            self.observer_errors.inc()
+            log.exception("session-engine metrics: a batch could not be accounted for")
+
+    def _on_batch(self, shard: int, n_events: int, records: list[dict[str, Any]],
+                  apply_seconds: float, queue_depth: int) -> None:
+        children = self._shards.get(shard)
+        if children is None:
+            key = str(shard)
+            children = self._shards[shard] = (
+                self.applied.labels(key), self.mailbox_depth.labels(key), self.apply_seconds.labels(key))
+        applied, depth, latency = children
+        applied.inc(n_events)
+        depth.set(queue_depth)
+        latency.observe(apply_seconds)
+        self.batch_size.observe(n_events)
+        live = 0
+        micros = 0
+        for record in records:
+            name = record.get("event")
+            self._events(name).inc()
+            if name == R.SESSION_CREATED:
+                live += 1
+            elif name in ENDED:
+                live -= 1
+                self._ended(ENDED[name]).inc()
+                if name == R.SESSION_EXPIRED:
+                    self._expiries(record.get("reason")).inc()
+                elif name == R.SESSION_EVICTED:
+                    self._evictions(record.get("reason")).inc()
+            elif name == R.SESSION_ESCALATED:
+                self._escalations(record.get("reason")).inc()
+            elif name == R.COST_ADDED:
+                value = record.get("micros")
+                if type(value) is int and value > 0:
+                    micros += value
+            elif name == R.DECISION_MADE:
+                self._decisions(record.get("kind")).inc()
+        if live:
+            self.live_sessions.inc(live)
+        if micros:
+            self.cost.inc(micros / 1_000_000)
+
+    # -- what the policy reports directly ------------------------------------------------
+    def count_unavailable(self, reason: str) -> None:
+        """Count a request served on the router's own choice because the engine did not answer."""
+        self._unavailable(reason).inc()
+
+    # -- log latency --------------------------------------------------------------------
+    def observe_log_write(self, seconds: float) -> None:
+        self.log_write_seconds.observe(seconds)
+
+    def observe_log_sync(self, seconds: float) -> None:
+        self.log_sync_seconds.observe(seconds)
+
+    def attach(self, store: SessionStore) -> SessionStore:
+        """Finish instrumenting a store built with ``observer=self``; returns the store.
+
+        Times every audit-log write by wrapping the store's log sink (records
+        reach the log unchanged), and starts the live-sessions gauge at the
+        number of sessions the store restored from an existing ``event_log``.
+        Call it once, right after constructing the store.
+        """
+        rt = getattr(store, "_rt", None)
+        if rt is None:
+            return store
+        if store.config.event_log is not None and not isinstance(rt.log, TimedLog):
+            # The shards look the sink up on the runtime at every commit, so swapping it is enough.
+            rt.log = TimedLog(rt.log, self)
+        restored = store.get_stats().count
+        if restored:
+            self.live_sessions.inc(restored)
+        return store
+
+    # -- exposition ---------------------------------------------------------------------
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type, for a ``/metrics`` endpoint."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """One sample's current value (0.0 when absent): handy in tests and health checks."""
+        got = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if got is None else got
+
+
+class TimedLog:
+    """A LogSink wrapper that times each write and sync into ``Metrics``."""
+
+    __slots__ = ("_inner", "_metrics")
+
+    def __init__(self, inner: LogSink, metrics: Metrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    def append(self, records: list[EventDict]) -> int:
+        started = time.perf_counter()
+        try:
+            return self._inner.append(records)
+        finally:
+            self._metrics.observe_log_write(time.perf_counter() - started)
+
+    def sync(self, seq: int) -> None:
+        started = time.perf_counter()
+        try:
+            self._inner.sync(seq)
+        finally:
+            self._metrics.observe_log_sync(time.perf_counter() - started)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else the runtime reads from its sink (seq, path, ...) comes from the real one.
+        return getattr(self._inner, name)
