@@ -69,6 +69,7 @@ class _TickPass:
     """Continuation of a clock pass that had more due sessions than one batch."""
 
     __slots__ = ("count",)
+    session_id = None  # store-wide, like Tick
 
     def __init__(self, count: int) -> None:
         self.count = count

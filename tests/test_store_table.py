@@ -301,3 +301,18 @@ def test_store_is_a_context_manager_and_close_is_idempotent():
     with SessionStore(Config(enabled=True)) as store:
         store.set_session("s", "m")
     store.close()
+
+
+def test_mass_expiry_runs_in_bounded_batches_and_expires_everything(log_path):
+    """expiry_batch bounds one turn; the rest is queued behind other sessions' events."""
+    with freeze_time(T0) as clock, SessionStore(Config(enabled=True, tick_ms=0, timeout_ms=1000, shards=1,
+                                                       expiry_batch=10, event_log=str(log_path))) as store:
+        from events import SetSession
+
+        store.tell_many(SetSession(f"idle{i}", "m") for i in range(95))
+        assert store.get_stats().count == 95
+        clock.tick(2)
+        store.set_session("live", "m")
+        assert store.tick() == 95
+        assert store.get_stats().count == 1
+    assert sum(r["event"] == "session.expired" for r in read_log(log_path)) == 95
