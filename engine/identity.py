@@ -1,0 +1,236 @@
+"""Session identity: find a request's session id in its headers and body, and say where it came from.
+
+``IdentityResolver.resolve(headers, body, tenant=...)`` walks a configurable
+chain of sources and returns ``(session_id, source)``. The default order:
+
+1. the configured header (``x-session-id``);
+2. headers that agent harnesses send on their own (``x-session-affinity``, ...);
+3. the OpenAI-compatible body field ``prompt_cache_key``, then ``user``;
+4. an Anthropic Messages body's ``metadata.user_id`` when it holds JSON with a ``session_id``;
+5. a fingerprint of the system prompt plus the first user message, keyed per tenant (HMAC).
+
+An explicit id that is invalid (too long, control characters) gives *no*
+session, ``("", "invalid:<source>")``, rather than silently falling back to
+a weaker source: a caller that meant to name its session must not be merged
+into a fingerprint it did not choose. docs/identity.md explains each source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from engine._helpers import DEFAULT_HEADER, get_session_id
+from events import InvalidEvent
+from events._validate import MAX_ID_LEN, check_text
+
+#: Source names, in the default resolution order. A resolved source is one of these,
+#: with the header's name appended for header sources ("header:x-session-id").
+HEADER = "header"
+AFFINITY_HEADER = "affinity_header"
+PROMPT_CACHE_KEY = "prompt_cache_key"
+USER = "user"
+METADATA_USER_ID = "metadata.user_id"
+FINGERPRINT = "fingerprint"
+NONE = "none"
+INVALID_PREFIX = "invalid:"
+
+DEFAULT_ORDER: tuple[str, ...] = (HEADER, AFFINITY_HEADER, PROMPT_CACHE_KEY, USER, METADATA_USER_ID, FINGERPRINT)
+_KNOWN = frozenset(DEFAULT_ORDER)
+
+#: Headers harnesses and gateways send on their own (docs/identity.md cites where each comes from).
+DEFAULT_AFFINITY_HEADERS: tuple[str, ...] = (
+    "x-session-affinity",
+    "x-claude-code-session-id",
+    "session_id",
+    "x-litellm-session-id",
+)
+
+_SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+# -- message text -----------------------------------------------------------------
+def message_text(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a content-part list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "\n".join(parts)
+    return ""
+
+
+def _field(message: Any, name: str) -> Any:
+    if isinstance(message, Mapping):
+        return message.get(name)
+    return getattr(message, name, None)
+
+
+def first_user_message(messages: Iterable[Any]) -> str:
+    """Text of the first message whose role is ``user`` ("" when there is none)."""
+    for message in messages or ():
+        if _field(message, "role") == "user":
+            return message_text(_field(message, "content"))
+    return ""
+
+
+def system_prompt(messages: Iterable[Any], system: Any = None) -> str:
+    """The system prompt: an Anthropic top-level ``system`` plus any system/developer messages."""
+    parts = [message_text(system)] if system else []
+    for message in messages or ():
+        if _field(message, "role") in _SYSTEM_ROLES:
+            parts.append(message_text(_field(message, "content")))
+    return "\n".join(p for p in parts if p)
+
+
+# -- keyed and scoped ids ---------------------------------------------------------------
+def _key_bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+def keyed_session_id(first_user_message: str, *, secret: str | bytes = b"", tenant: str = "",
+                     system_prompt: str = "") -> str:
+    """HMAC-SHA256 (hex, 64 characters) of the conversation's opening, keyed by secret and tenant.
+
+    Unlike ``derive_session_id`` two tenants (or users, if the tenant names the
+    user) whose first message is "hi" get different ids, and without the secret
+    nobody can compute another caller's id offline. The parts are length-prefixed
+    so that moving text between the system prompt and the first message never
+    yields the same input.
+    """
+    key = _key_bytes(secret) + b"\x00" + tenant.encode()
+    system = system_prompt.encode()
+    first = first_user_message.encode()
+    msg = b"%d:%b|%d:%b" % (len(system), system, len(first), first)
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def scoped_session_id(tenant: str, session_id: str) -> str:
+    """Composite identity ``tenant:session_id``: two tenants' ids never meet.
+
+    ``tenant`` may not contain ":", so the split is unambiguous. Raises
+    ``InvalidEvent`` when the result is not a valid session id (e.g. too long).
+    """
+    check_text(tenant, "tenant", 64)
+    if ":" in tenant:
+        raise InvalidEvent("tenant", "must not contain ':'")
+    scoped = f"{tenant}:{session_id}" if tenant else session_id
+    check_text(scoped, "session_id", MAX_ID_LEN)
+    return scoped
+
+
+def _valid(session_id: str) -> bool:
+    try:
+        check_text(session_id, "session_id", MAX_ID_LEN)
+    except InvalidEvent:
+        return False
+    return True
+
+
+# -- the chain ------------------------------------------------------------------------
+def _metadata_session(body: Mapping[str, Any]) -> str | None:
+    metadata = body.get("metadata")
+    if not isinstance(metadata, Mapping):
+        return None
+    raw = metadata.get("user_id")
+    if not isinstance(raw, str) or not raw.lstrip().startswith("{"):
+        return None
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    value = parsed.get("session_id") if isinstance(parsed, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+class IdentityResolver:
+    """The identity resolution chain; immutable after construction, safe to share between threads.
+
+    ``order``: the sources to try, a subsequence of ``DEFAULT_ORDER``.
+    ``header_name``: the configured session header. ``affinity_headers``: harness headers.
+    ``secret``: key of the fingerprint HMAC (keep it out of source control).
+    ``composite``: when True, explicit ids are scoped by tenant (``tenant:id``).
+    """
+
+    __slots__ = ("affinity_headers", "composite", "header_name", "order", "secret")
+
+    def __init__(self, order: Sequence[str] = DEFAULT_ORDER, *, header_name: str = DEFAULT_HEADER,
+                 affinity_headers: Sequence[str] = DEFAULT_AFFINITY_HEADERS, secret: str | bytes = b"",
+                 composite: bool = False) -> None:
+        unknown = [name for name in order if name not in _KNOWN]
+        if unknown or len(set(order)) != len(order):
+            raise InvalidEvent("order", f"must be distinct names from {', '.join(DEFAULT_ORDER)}")
+        check_text(header_name, "header_name", 128)
+        for name in affinity_headers:
+            check_text(name, "affinity_headers", 128)
+        if not isinstance(secret, (str, bytes)):
+            raise InvalidEvent("secret", f"must be str or bytes, got {type(secret).__name__}")
+        self.order = tuple(order)
+        self.header_name = header_name.lower()
+        self.affinity_headers = tuple(h.lower() for h in affinity_headers)
+        self.secret = secret
+        self.composite = composite
+
+    def fingerprint(self, messages: Iterable[Any], *, tenant: str = "", system: Any = None) -> str:
+        """Keyed fingerprint of a conversation's opening; "" when it has no user message."""
+        messages = list(messages or ())
+        first = first_user_message(messages)
+        if not first:
+            return ""
+        return keyed_session_id(first, secret=self.secret, tenant=tenant,
+                                system_prompt=system_prompt(messages, system))
+
+    def _explicit(self, value: str, source: str, tenant: str) -> tuple[str, str]:
+        if not _valid(value):
+            return "", INVALID_PREFIX + source
+        if self.composite:
+            try:
+                return scoped_session_id(tenant, value), source
+            except InvalidEvent:
+                return "", INVALID_PREFIX + source
+        return value, source
+
+    def resolve(self, headers: Any = None, body: Mapping[str, Any] | None = None, *,
+                tenant: str = "") -> tuple[str, str]:
+        """``(session_id, source)``; ``("", "none")`` when no source applies."""
+        body = body if isinstance(body, Mapping) else {}
+        for name in self.order:
+            if name == HEADER:
+                value = get_session_id(headers, self.header_name)
+                if value:
+                    return self._explicit(value, f"{HEADER}:{self.header_name}", tenant)
+            elif name == AFFINITY_HEADER:
+                for header in self.affinity_headers:
+                    value = get_session_id(headers, header)
+                    if value:
+                        return self._explicit(value, f"{HEADER}:{header}", tenant)
+            elif name in (PROMPT_CACHE_KEY, USER):
+                value = body.get(name)
+                if isinstance(value, str) and value:
+                    return self._explicit(value, name, tenant)
+            elif name == METADATA_USER_ID:
+                value = _metadata_session(body)
+                if value:
+                    return self._explicit(value, name, tenant)
+            elif name == FINGERPRINT:
+                messages = body.get("messages")
+                if isinstance(messages, Sequence):
+                    fp = self.fingerprint(messages, tenant=tenant, system=body.get("system"))
+                    if fp:
+                        return fp, FINGERPRINT
+        return "", NONE
+
+
+def resolve_session(headers: Any = None, body: Mapping[str, Any] | None = None, *, tenant: str = "",
+                    secret: str | bytes = b"") -> tuple[str, str]:
+    """The default chain in one call: ``IdentityResolver(secret=secret).resolve(headers, body, tenant=...)``."""
+    return IdentityResolver(secret=secret).resolve(headers, body, tenant=tenant)
