@@ -38,11 +38,12 @@ def test_background_clock_and_actors_only_see_frozen_time(log_path):
                 store.tick()
             clock.tick(61)
             expired = threading.Event()
-            while not expired.is_set():  # the background clock, not us, must expire it
+            for _ in range(1000):  # bounded wait: the background clock, not us, must expire it
                 if any(r["event"] == "session.expired" for r in read_log(log_path)):
                     expired.set()
-                else:
-                    expired.wait(0.01)
+                    break
+                expired.wait(0.01)
+            assert expired.is_set(), "the background clock did not expire the session"
         finally:
             store.close()
     records = read_log(log_path)
