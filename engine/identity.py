@@ -44,10 +44,11 @@ _KNOWN = frozenset(DEFAULT_ORDER)
 
 #: Headers harnesses and gateways send on their own (docs/identity.md cites where each comes from).
 DEFAULT_AFFINITY_HEADERS: tuple[str, ...] = (
-    "x-session-affinity",
-    "x-claude-code-session-id",
-    "session_id",
-    "x-litellm-session-id",
+    "x-session-affinity",  # opencode
+    "x-claude-code-session-id",  # Claude Code
+    "session_id",  # Codex CLI
+    "session-id",  # Codex CLI, as some proxies normalise it
+    "x-model-affinity",  # Plano's affinity header, sent by its clients
 )
 
 _SYSTEM_ROLES = frozenset({"system", "developer"})
