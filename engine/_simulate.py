@@ -1,0 +1,601 @@
+"""``session-engine simulate``: a realistic LLM-router workload driven through a real SessionStore.
+
+The workload (docs/simulate.md gives the numbers): a population of
+conversations with Zipf-skewed popularity sends follow-up turns; some turns
+are repeated verbatim (a user retrying, an agent stuck in a loop), which
+strikes and, on the third identical request, auto-escalates the session; some
+users pin a model explicitly; long contexts pin a provider's prefix cache;
+every request is charged in micro-USD; idle conversations expire.
+
+The clock. The engine reads time in exactly one place, ``engine._time._read``
+(reached through ``now_ms``). The simulator replaces that one function, for
+the duration of the run only, with a simulated clock: request number ``i``
+happens at ``start + i * clock_speed`` simulated seconds, and the clock
+value is thread-local, so each worker stamps its request with the request's
+own time whatever the interleaving. This is a seam for the simulator only,
+not an engine option: nothing is added to the engine, and the real store
+code runs unchanged, it just sees a clock that moves at ``clock_speed``
+simulated seconds per request instead of the wall clock. (freezegun would do
+the same but is a test dependency; shortening the real timeout would make
+the run depend on machine speed.)
+
+Determinism. The background clock is off (``tick_ms=0``). The request
+sequence is generated from ``seed`` in the main thread, one chunk of
+``TICK_EVERY_S`` simulated seconds at a time. Within a chunk, each
+conversation's requests are handed to one worker in order; different
+conversations run concurrently. At the end of a chunk every request has
+been applied (store methods wait for their result), and the main thread
+runs one clock pass (``store.tick()``) at the chunk's end time. So every
+session sees the same events at the same times for a given seed, and the
+counts in the summary (requests, strikes, escalations, expiries, pins, cost,
+records) repeat exactly; only the order of records in the log (their
+``seq``) depends on thread interleaving. With ``max_sessions`` set,
+evictions depend on that interleaving too.
+
+The counts come from the engine: strikes from ``record_request_hash``'s
+return values, everything else from the records the shards commit to the
+audit log (an ``Observer``), and the log file is read back at the end to
+check that ``seq`` runs 1..N without a gap.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import itertools
+import queue
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import engine._time as engine_time
+from engine._config import Config
+from engine._entry import MessageInfo
+from engine._helpers import derive_session_id, hash_request_content, provider_from_model, should_cache_sticky
+from engine.store import SessionStore
+from events import Cost, EngineError, InvalidEvent, Tier
+from events import records as R
+
+#: Simulated seconds between two clock passes (``store.tick()``).
+TICK_EVERY_S = 30.0
+#: Fewest requests between two clock passes, so a slow clock still leaves work to run concurrently.
+MIN_CHUNK = 64
+#: The simulated clock starts at 2025-01-01T00:00:00Z, so a seed gives the same timestamps on every run.
+START_MS = 1_735_689_600_000
+#: Popularity of the conversation of rank r is proportional to 1 / (r + 1) ** ZIPF_S.
+ZIPF_S = 1.1
+
+#: (model, input USD per million tokens, output USD per million tokens), by tier.
+CATALOGUE: dict[Tier, tuple[tuple[str, float, float], ...]] = {
+    Tier.SIMPLE: (("openai/gpt-4o-mini", 0.15, 0.60), ("google/gemini-2.0-flash", 0.10, 0.40)),
+    Tier.MEDIUM: (("anthropic/claude-sonnet-4.5", 3.00, 15.00), ("openai/gpt-4.1", 2.00, 8.00)),
+    Tier.COMPLEX: (("anthropic/claude-opus-4.1", 15.00, 75.00), ("vllm/llama-3.3-70b", 0.60, 0.60)),
+    Tier.REASONING: (("openai/o3", 2.00, 8.00), ("deepseek/deepseek-reasoner", 0.55, 2.19)),
+}
+PRICES = {model: (p_in, p_out) for models in CATALOGUE.values() for model, p_in, p_out in models}
+TIER_OF = {model: tier for tier, models in CATALOGUE.items() for model, _, _ in models}
+TIERS = (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING)
+#: Share of new conversations the complexity router starts at each tier.
+TIER_WEIGHTS = (0.45, 0.33, 0.16, 0.06)
+#: A new conversation's user picked the model explicitly (the router must never escalate it).
+P_EXPLICIT = 0.08
+#: A later turn where the user switches model explicitly.
+P_EXPLICIT_SWITCH = 0.004
+#: A conversation opens with a long document or system prompt (pins the provider cache at once).
+P_LONG_CONTEXT = 0.12
+#: An agent conversation: its requests carry tool names, which are part of the request hash.
+P_AGENT = 0.25
+#: After a turn, the same request is sent twice more (third identical request: escalation) ...
+P_STUCK = 0.03
+#: ... or once more (one strike, no escalation).
+P_RETRY = 0.04
+#: The router keeps this many recent messages of the history (plus the system prompt).
+CONTEXT_MESSAGES = 40
+#: Cached input tokens cost this share of the list price while the provider cache is pinned.
+CACHED_PRICE = 0.1
+AGENT_TOOLS = ("read_file", "run_tests", "search")
+_FILLER = ("lorem ipsum dolor sit amet,\tconsectetur adipiscing elit\n" * 1200)
+
+
+class SimulationError(EngineError):
+    """The simulation cannot run as asked (bad option or log path)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationConfig:
+    """Sizes and knobs of one run; the CLI options map one to one."""
+
+    sessions: int = 2_000
+    requests: int = 40_000
+    concurrency: int = 8
+    seed: int = 7
+    log: Path | str = "session-engine-audit.jsonl"
+    timeout_s: int = 600
+    clock_speed: float = 0.05
+    shards: int = 4
+    max_sessions: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("sessions", "requests", "concurrency", "timeout_s", "shards"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise InvalidEvent(name, "must be an int >= 1")
+        if type(self.seed) is not int:
+            raise InvalidEvent("seed", "must be an int")
+        if type(self.clock_speed) not in (int, float) or not self.clock_speed > 0:
+            raise InvalidEvent("clock_speed", "must be a positive number of simulated seconds")
+        if self.max_sessions is not None and (type(self.max_sessions) is not int or self.max_sessions < 1):
+            raise InvalidEvent("max_sessions", "must be an int >= 1 or None")
+        if not isinstance(self.log, (str, Path)) or not str(self.log):
+            raise InvalidEvent("log", "must be a file path")
+
+    @property
+    def chunk(self) -> int:
+        """Requests between two clock passes."""
+        return max(MIN_CHUNK, round(TICK_EVERY_S / self.clock_speed))
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationResult:
+    """What the run did; every count but ``strikes`` is read from the engine's own records."""
+
+    requests: int
+    sessions_seen: int
+    sessions_created: int
+    live_sessions: int
+    strikes: int
+    escalations: int
+    expiries: int
+    expiries_by_clock: int
+    resumed_after_expiry: int
+    evictions: int
+    cache_pins: int
+    cache_pins_lapsed: int
+    explicit_pins: int
+    cost_micros: int
+    #: Records in the audit log, read back from the file.
+    records: int
+    log_seq_ok: bool
+    simulated_ms: int
+    wall_s: float
+    peak_threads: int
+    record_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.records / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# -- the simulated clock ---------------------------------------------------------------------------
+class SimClock:
+    """A thread-local simulated clock, installed as the engine's clock source for one run."""
+
+    def __init__(self, start_ms: int) -> None:
+        self._local = threading.local()
+        self._default = start_ms
+
+    def set(self, ms: int) -> None:
+        """The time this thread's next engine calls see."""
+        self._local.ms = ms
+        if ms > self._default:
+            self._default = ms
+
+    def read(self) -> float:
+        # Threads that never set a time (the engine's own) see the latest time handed out.
+        # The half millisecond keeps int(seconds * 1000) from rounding down a float error.
+        return (getattr(self._local, "ms", self._default) + 0.5) / 1000
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[SimClock]:
+        """Route every clock read of the engine here until the block ends (simulator only)."""
+        saved: Callable[[], float] = engine_time._read
+        engine_time._read = self.read
+        try:
+            yield self
+        finally:
+            engine_time._read = saved
+
+
+# -- the workload ---------------------------------------------------------------------------------
+class Conversation:
+    """One conversation as the client and the router see it.
+
+    The plan fields are written only by the generator (main thread); the router
+    fields only by the worker that holds the conversation during a chunk.
+    """
+
+    __slots__ = ("agent", "explicit", "history", "index", "long_context", "model", "pending", "reply_bytes",
+                 "retries_left", "session_id", "started", "strikes", "tier", "turn", "user_bytes")
+
+    def __init__(self, index: int, seed: int, rng: random.Random) -> None:
+        self.index = index
+        self.session_id = derive_session_id(f"seed {seed} conversation {index}: hello, I need help with")
+        # Plan side.
+        self.tier = rng.choices(TIERS, TIER_WEIGHTS)[0]
+        self.model = rng.choice(CATALOGUE[self.tier])[0]
+        self.explicit = rng.random() < P_EXPLICIT
+        self.long_context = rng.random() < P_LONG_CONTEXT
+        self.agent = rng.random() < P_AGENT
+        self.turn = 0
+        self.retries_left = 0
+        self.user_bytes = 0
+        # Router side.
+        self.history: list[MessageInfo] = []
+        if self.long_context:
+            self.history.append(MessageInfo("system", _FILLER[: rng.randint(12_000, 48_000)]))
+        self.started = False
+        self.strikes = 0
+        self.reply_bytes = 0
+        self.pending = False
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request of the plan: everything random about it is decided here, from the seed."""
+
+    conversation: Conversation
+    number: int
+    turn: int
+    repeat: bool
+    user_bytes: int
+    output_tokens: int
+    model: str
+    tier: Tier
+    explicit: bool
+    switch: bool
+
+
+class Workload:
+    """Generates the request sequence chunk by chunk from one seeded RNG (main thread only)."""
+
+    def __init__(self, cfg: SimulationConfig) -> None:
+        self._cfg = cfg
+        self._rng = random.Random(cfg.seed)
+        # Popularity ranks are shuffled over conversation numbers, so the busiest are not 0, 1, 2...
+        ranks = list(range(cfg.sessions))
+        self._rng.shuffle(ranks)
+        self._by_rank = ranks
+        self._cum = list(itertools.accumulate(1.0 / (r + 1) ** ZIPF_S for r in range(cfg.sessions)))
+        self.conversations: dict[int, Conversation] = {}
+        self._next = 0
+
+    def _pick(self) -> Conversation:
+        rng = self._rng
+        rank = bisect.bisect_right(self._cum, rng.random() * self._cum[-1])
+        index = self._by_rank[min(rank, len(self._by_rank) - 1)]
+        conv = self.conversations.get(index)
+        if conv is None:
+            conv = self.conversations[index] = Conversation(index, self._cfg.seed, rng)
+        return conv
+
+    def chunk(self, size: int) -> list[Request]:
+        rng = self._rng
+        out = []
+        for _ in range(min(size, self._cfg.requests - self._next)):
+            conv = self._pick()
+            switch = False
+            if conv.retries_left:
+                conv.retries_left -= 1
+                repeat = True
+            else:
+                repeat = False
+                conv.turn += 1
+                conv.user_bytes = rng.randint(80, 2_400)
+                roll = rng.random()
+                if roll < P_STUCK:
+                    conv.retries_left = 2
+                elif roll < P_STUCK + P_RETRY:
+                    conv.retries_left = 1
+                if conv.turn > 1 and rng.random() < P_EXPLICIT_SWITCH:
+                    conv.tier = rng.choice(TIERS)
+                    conv.model = rng.choice(CATALOGUE[conv.tier])[0]
+                    conv.explicit = switch = True
+            out.append(Request(conv, self._next, conv.turn, repeat, conv.user_bytes, rng.randint(40, 1_200),
+                               conv.model, conv.tier, conv.explicit, switch))
+            self._next += 1
+        return out
+
+
+# -- the router --------------------------------------------------------------------------------------
+def _model_for(tier: Tier, current: str) -> str:
+    """The router's model for a tier: keep the provider of the current model where it offers one."""
+    models = [m for m, _, _ in CATALOGUE[tier]]
+    provider = provider_from_model(current)
+    return next((m for m in models if provider_from_model(m) == provider), models[0])
+
+
+class Router:
+    """What a router does with the session store on every request; one instance per worker."""
+
+    def __init__(self, store: SessionStore, clock: SimClock, start_ms: int, step_ms: float) -> None:
+        self.store = store
+        self.clock = clock
+        self.start_ms = start_ms
+        self.step_ms = step_ms
+        self.strikes = 0
+        self.resumed = 0
+
+    def route(self, req: Request) -> None:
+        store = self.store
+        conv = req.conversation
+        sid = conv.session_id
+        self.clock.set(self.start_ms + int(req.number * self.step_ms))
+        if not req.repeat:
+            # The client sends the whole history: last reply, then the new user message.
+            if conv.pending:
+                conv.history.append(MessageInfo("assistant", _FILLER[: conv.reply_bytes]))
+            conv.history.append(MessageInfo("user", f"[{conv.index}:{req.turn}] " + _FILLER[: req.user_bytes]))
+            if len(conv.history) > CONTEXT_MESSAGES + 1:
+                keep = conv.history[:1] if conv.history[0].role == "system" else []
+                conv.history = keep + conv.history[-CONTEXT_MESSAGES:]
+        entry = store.get_session(sid)
+        if entry is None or req.switch:
+            if entry is None:
+                if conv.started:
+                    self.resumed += 1  # the session expired (or was evicted) while the user was away
+                conv.strikes = 0
+            model, tier = req.model, req.tier
+            store.set_session(sid, model, tier, user_explicit=req.explicit)
+        else:
+            model, tier = entry.model, entry.tier or req.tier
+            if TIER_OF.get(model) != tier:
+                model = _model_for(tier, model)  # the session was escalated: route to its new tier
+            store.set_session(sid, model, tier)
+        conv.started = True
+        tools = AGENT_TOOLS if conv.agent else None
+        strikes = store.record_request_hash(sid, hash_request_content(conv.history[-1].content, tools))
+        if strikes > conv.strikes:
+            self.strikes += strikes - conv.strikes
+        conv.strikes = strikes
+        input_tokens = sum(len(m.content) for m in conv.history) // 3
+        cached = 0
+        if entry is not None and entry.cache_sticky:
+            cached = input_tokens * 3 // 4  # the pinned provider still holds most of the prefix
+        elif should_cache_sticky(conv.history):
+            store.set_cache_sticky(sid, provider_from_model(model))
+        p_in, p_out = PRICES[model]
+        micros = int((input_tokens - cached) * p_in + cached * p_in * CACHED_PRICE + req.output_tokens * p_out)
+        # Cost arrives after the response, from a success callback: fire and forget.
+        store.tell(Cost(sid, micros))
+        conv.reply_bytes = req.output_tokens * 3
+        conv.pending = True
+
+
+class RecordCounter:
+    """Observer counting the records each shard commits (one Counter per shard: no shared writes)."""
+
+    def __init__(self, shards: int) -> None:
+        self._counts = [Counter[str]() for _ in range(shards)]
+        self._explicit = [0] * shards
+        self._cost = [0] * shards
+
+    def on_batch(self, shard: int, n_events: int, records: list[dict[str, Any]], apply_seconds: float,
+                 queue_depth: int) -> None:
+        counts = self._counts[shard]
+        for record in records:
+            name = record["event"]
+            counts[name] += 1
+            if name == R.COST_ADDED:
+                self._cost[shard] += record["micros"]
+            elif record.get("user_explicit") is True and name in (R.SESSION_CREATED, R.SESSION_UPDATED):
+                self._explicit[shard] += 1
+
+    def get(self, name: str) -> int:
+        return sum(c.get(name, 0) for c in self._counts)
+
+    def totals(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for counts in self._counts:
+            total.update(counts)
+        return dict(sorted(total.items()))
+
+    @property
+    def explicit(self) -> int:
+        return sum(self._explicit)
+
+    @property
+    def cost(self) -> int:
+        return sum(self._cost)
+
+
+# -- the run -------------------------------------------------------------------------------------------
+class _Workers:
+    """``concurrency`` threads routing one conversation's requests at a time, in order."""
+
+    def __init__(self, routers: list[Router]) -> None:
+        self.routers = routers
+        self.queue: queue.Queue[list[Request] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.threads = [threading.Thread(target=self._run, args=(r,), name=f"simulate-worker-{i}", daemon=True)
+                        for i, r in enumerate(routers)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, router: Router) -> None:
+        while True:
+            group = self.queue.get()
+            try:
+                if group is None:
+                    return
+                if self.error is None:
+                    for req in group:
+                        router.route(req)
+            except BaseException as exc:  # handed to the main thread, which raises it
+                if self.error is None:
+                    self.error = exc
+            finally:
+                self.queue.task_done()
+
+    def run_chunk(self, requests: list[Request]) -> None:
+        groups: dict[int, list[Request]] = {}
+        for req in requests:
+            groups.setdefault(req.conversation.index, []).append(req)
+        # Longest first, so the busiest conversation does not start last and hold up the clock pass.
+        for group in sorted(groups.values(), key=len, reverse=True):
+            self.queue.put(group)
+        self.queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if self.error is None:
+            self.error = SimulationError("stopped")  # workers skip whatever is still queued
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+
+def prepare_log(path: Path) -> None:
+    """Refuse a path we cannot write to; remove an earlier run's log (the run replaces it)."""
+    parent = path.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise SimulationError(f"cannot write the audit log {path}: directory {parent} {what}")
+    if path.is_dir():
+        raise SimulationError(f"cannot write the audit log {path}: it is a directory")
+    if path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def check_log(path: Path) -> tuple[int, bool]:
+    """Read the log back: the number of records, and whether their seq runs 1..N in order."""
+    count = 0
+    ok = True
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                count += 1
+                ok = ok and orjson.loads(line).get("seq") == count
+    return count, ok
+
+
+def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console | None = None,
+                   err: TextIO | None = None) -> SimulationResult:
+    """Run the workload, print the summary to ``out`` (stdout by default), and return the counts.
+
+    Raises ``EngineError`` (a bad option or log path, an engine failure) or ``OSError``.
+    """
+    log_path = Path(cfg.log)
+    prepare_log(log_path)
+    out = out or Console()
+    err_console = Console(file=err or sys.stderr)
+    show_progress = progress and err_console.is_terminal
+    step_ms = cfg.clock_speed * 1000
+    config = Config(enabled=True, timeout_ms=cfg.timeout_s * 1000, event_log=log_path, tick_ms=0,
+                    max_sessions=cfg.max_sessions, auto_escalate=True, shards=cfg.shards)
+    counter = RecordCounter(cfg.shards)
+    workload = Workload(cfg)
+    clock = SimClock(START_MS)
+    by_clock = 0
+    peak_threads = threading.active_count()
+    done = 0
+    started = time.perf_counter()
+    with clock.installed():
+        clock.set(START_MS)
+        store = SessionStore(config, observer=counter)
+        routers = [Router(store, clock, START_MS, step_ms) for _ in range(cfg.concurrency)]
+        workers = None
+        bar = Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
+                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                       console=err_console, disable=not show_progress, transient=True)
+        try:
+            workers = _Workers(routers)
+            with bar:
+                task = bar.add_task("simulate", total=cfg.requests, status="")
+                while done < cfg.requests:
+                    chunk = workload.chunk(cfg.chunk)
+                    workers.run_chunk(chunk)
+                    done += len(chunk)
+                    peak_threads = max(peak_threads, threading.active_count())
+                    # The clock pass at the chunk's end time, after every request of the chunk.
+                    clock.set(START_MS + int(done * step_ms))
+                    by_clock += store.tick()
+                    bar.update(task, completed=done, status=(
+                        f"escalations {counter.get(R.SESSION_ESCALATED):,}  "
+                        f"expiries {counter.get(R.SESSION_EXPIRED):,}"))
+            live = store.get_stats().count
+        finally:
+            if workers is not None:
+                workers.stop()
+            store.close()
+    wall = time.perf_counter() - started
+    records, seq_ok = check_log(log_path)
+    result = SimulationResult(
+        requests=done,
+        sessions_seen=len(workload.conversations),
+        sessions_created=counter.get(R.SESSION_CREATED),
+        live_sessions=live,
+        strikes=sum(r.strikes for r in routers),
+        escalations=counter.get(R.SESSION_ESCALATED),
+        expiries=counter.get(R.SESSION_EXPIRED),
+        expiries_by_clock=by_clock,
+        resumed_after_expiry=sum(r.resumed for r in routers),
+        evictions=counter.get(R.SESSION_EVICTED),
+        cache_pins=counter.get(R.STICKY_PINNED),
+        cache_pins_lapsed=counter.get(R.STICKY_EXPIRED),
+        explicit_pins=counter.explicit,
+        cost_micros=counter.cost,
+        records=records,
+        log_seq_ok=seq_ok,
+        simulated_ms=int(done * step_ms),
+        wall_s=wall,
+        peak_threads=peak_threads,
+        record_counts=counter.totals(),
+    )
+    out.print(summary_table(cfg, result, log_path))
+    return result
+
+
+def _duration(ms: int) -> str:
+    s = ms // 1000
+    return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def summary_table(cfg: SimulationConfig, r: SimulationResult, log_path: Path) -> Table:
+    """The readable end of a run: one row per count."""
+    table = Table(title=f"session-engine simulate (seed {cfg.seed})", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    engine_threads = r.peak_threads - cfg.concurrency - 1
+    rows = [
+        ("requests routed", f"{r.requests:,}"),
+        ("sessions seen (distinct conversations)", f"{r.sessions_seen:,} of {cfg.sessions:,}"),
+        ("sessions created (incl. after expiry)", f"{r.sessions_created:,}"),
+        ("live sessions at the end", f"{r.live_sessions:,}"),
+        ("strikes (repeated identical requests)", f"{r.strikes:,}"),
+        ("escalations", f"{r.escalations:,}"),
+        ("idle expiries (by clock pass)", f"{r.expiries:,} ({r.expiries_by_clock:,})"),
+        ("conversations resumed after expiry", f"{r.resumed_after_expiry:,}"),
+    ]
+    if cfg.max_sessions is not None or r.evictions:
+        rows.append(("evictions (max sessions)", f"{r.evictions:,}"))
+    rows += [
+        ("provider cache pins (lapsed)", f"{r.cache_pins:,} ({r.cache_pins_lapsed:,})"),
+        ("user-explicit pins", f"{r.explicit_pins:,}"),
+        ("total cost", f"${r.cost_micros / 1_000_000:,.2f}"),
+        ("simulated time", _duration(r.simulated_ms)),
+        ("audit log", str(log_path)),
+        ("log records written", f"{r.records:,} ({'seq 1..N, no gaps' if r.log_seq_ok else 'SEQ CHECK FAILED'})"),
+        ("wall time", f"{r.wall_s:.1f} s"),
+        ("throughput", f"{r.requests_per_s:,.0f} requests/s, {r.events_per_s:,.0f} events/s"),
+        ("threads (peak)", f"{r.peak_threads} ({cfg.concurrency} workers + main + {engine_threads} engine)"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
