@@ -262,18 +262,19 @@ def tool_call_names(message: Any) -> list[str]:
 
 def request_hash(messages: Sequence[Any]) -> str:
     """Three-strike hash: the last user message plus the tool-call names of the last assistant message."""
-    last_user = ""
-    tools: list[str] = []
+    # In an agent loop the last user message stays the same while the assistant
+    # keeps calling tools: the same text plus the same tool calls is a stall.
+    last_user: str | None = None
+    tools: list[str] | None = None
     for message in reversed(list(messages)):
         role = _get(message, "role")
-        if role == "user" and not last_user:
+        if role == "user" and last_user is None:
             last_user = message_text(_get(message, "content"))
-        elif role == "assistant" and not tools and not last_user:
-            # Only the assistant turn that the last user message answers counts.
+        elif role == "assistant" and tools is None:
             tools = tool_call_names(message)
-        if last_user:
+        if last_user is not None and tools is not None:
             break
-    return hash_request_content(last_user, tools)
+    return hash_request_content(last_user or "", tools)
 
 
 # -- the pure decision --------------------------------------------------------------------
@@ -400,8 +401,8 @@ def decide(request: Request, state: Entry | None, models: TierModels, options: O
         events += hashed
         model = _pick(models, r_tier, r_model, cache_provider) if cache_provider else r_model
         kind, tier, reason = Kind.BYPASS, r_tier, f"warmup turn {turn} of {options.warmup_turns}"
-    # 4. No pin yet: the router's choice becomes the pin.
-    elif pinned is None or not pinned.model:
+    # 4. No pin yet (or warmup just ended): the router's choice becomes the pin.
+    elif pinned is None or not pinned.model or (options.warmup_turns and turn == options.warmup_turns + 1):
         model = _pick(models, r_tier, r_model, cache_provider) if cache_provider else r_model
         events.append(SetSession(sid, model, r_tier))
         _, hashed = strikes_rule(None)
