@@ -1,15 +1,19 @@
 """The audit log: a structlog processor chain rendering JSON lines, and a writer.
 
 Each record is a dict ``{"seq", "ts", "event", "session_id", <changed fields>}``.
-The writer owns ``seq`` (one counter, no gaps) and durability; shards hand it
-whole batches so the lock, the write and the flush are paid once per batch.
+The writer owns ``seq`` (one counter, no gaps), durability (group commit,
+interval fsync), and growth (segments that start with a snapshot); shards
+hand it whole batches so the lock and the write are paid once per batch.
+docs/audit-log.md describes the format and the policies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +21,12 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
+from engine._recovery import Layout, Recovered, recover
+from engine._replay import State, entry_fields, fold
 from events import EngineError
+from events import records as R
+
+logger = logging.getLogger("engine")
 
 EventDict = dict[str, Any]
 Processor = Callable[[Any, str, EventDict], Any]
@@ -76,55 +85,307 @@ class AuditLogError(EngineError):
     """The audit log cannot be opened or written."""
 
 
+#: Sessions per ``log.snapshot`` record: keeps each line a bounded size however many sessions live.
+SNAPSHOT_PART = 1_000
+
+
 class FileLog:
-    """Appends rendered records to one JSON-lines file under a durability policy."""
+    """Appends rendered records to a JSON-lines log under a durability policy.
+
+    Opening it recovers what the log already holds (``recovered_state``),
+    cuts a torn last line off and continues ``seq``. Durability (``fsync``):
+
+    - ``"always"``: ``sync(seq)`` returns once ``seq`` is on disk. Writers that
+      wait at the same time share one fsync (group commit): the first waiter
+      becomes the leader and fsyncs everything written so far; the others
+      wait on a condition and usually find their record covered.
+    - ``"interval"``: a background thread fsyncs at most every
+      ``fsync_interval_ms`` when something is unsynced; ``close()`` stops it
+      and fsyncs the rest.
+    - ``"never"``: the OS decides; ``close()`` does not fsync either.
+
+    The log keeps the live sessions' fields folded as it appends (it sees
+    every record under its lock), so when the active segment passes
+    ``segment_bytes`` it starts a new one with a ``log.snapshot`` that is
+    consistent with its ``seq``.
+    """
 
     def __init__(self, path: str | Path, *, fsync: str = "interval", fsync_interval_ms: int = 1000,
-                 start_seq: int = 0, processors: list[Processor] | None = None) -> None:
-        self.path = Path(path)
+                 segment_bytes: int = 64 * 1024 * 1024, processors: list[Processor] | None = None) -> None:
+        if fsync not in ("always", "interval", "never"):
+            raise AuditLogError(f"fsync must be always, interval or never, got {fsync!r}")
+        self.layout = Layout.of(path)
+        self.path = self.layout.path
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")  # noqa: SIM115 - owned until close()
+            if not self.layout.directory:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            found = recover(self.layout)
+            self._fd = self._open_active(found)
         except OSError as exc:
-            raise AuditLogError(f"event_log cannot be opened: {exc.strerror}") from None
-        self.seq = start_seq
-        self._fsync = fsync
-        self._interval = fsync_interval_ms / 1000
-        self._last_sync = time.monotonic()
-        self._processors = processors or default_processors()
+            raise AuditLogError(f"event_log {path} cannot be opened: {exc.strerror or exc}") from None
+        self.seq = found.last_seq
+        self.active = found.active
+        self._active_first = found.active_first_seq
+        self._live: State = found.state
+        self._size = os.fstat(self._fd).st_size
+        self._segment_bytes = segment_bytes
+        self._rotate_at = self._next_rotation(found.snapshot_bytes)
+        self._last_ts = 0
+        self._policy = fsync
+        self._processors = processors
         self._lock = threading.Lock()
+        # Group commit: guarded by its own lock so writers keep appending while a leader fsyncs.
+        self._sync_cond = threading.Condition(threading.Lock())
+        self._written = self.seq
+        self._synced = self.seq
+        self._syncing = False
         self._closed = False
+        self._flusher: _Flusher | None = None
+        if fsync == "interval":
+            self._flusher = _Flusher(self, fsync_interval_ms / 1000)
+            self._flusher.start()
 
+    def _open_active(self, found: Recovered) -> int:
+        fd = os.open(found.active, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        tail = found.tail
+        if tail.torn_bytes:
+            # A record cut by a crash: drop it so the next record starts on a line of its own.
+            os.ftruncate(fd, tail.good_end)
+        if tail.newline_missing:
+            _write_all(fd, b"\n")  # a complete record whose newline was cut off
+        if tail.torn_bytes or tail.newline_missing:
+            os.fsync(fd)
+        return fd
+
+    # -- writing ----------------------------------------------------------------------
     def append(self, records: list[EventDict]) -> int:
+        """Number, render and write a batch of records with one write; returns the last seq."""
         with self._lock:
             if self._closed:
                 raise AuditLogError("event_log is closed")
             seq = self.seq
             lines = []
-            for record in records:
-                seq += 1
-                record["seq"] = seq
-                lines.append(render(record, self._processors))
+            if self._processors is None:
+                # The default chain (drop_forbidden, then orjson) inlined: this is the hot path.
+                forbidden = FORBIDDEN_KEYS
+                dumps = orjson.dumps
+                for record in records:
+                    seq += 1
+                    record["seq"] = seq
+                    if not forbidden.isdisjoint(record):
+                        drop_forbidden(None, "info", record)
+                    lines.append(dumps(record))
+            else:
+                for record in records:
+                    seq += 1
+                    record["seq"] = seq
+                    lines.append(render(record, self._processors))
             lines.append(b"")
-            self._file.write(b"\n".join(lines))
-            self._file.flush()
+            data = b"\n".join(lines)
+            try:
+                _write_all(self._fd, data)
+            except OSError as exc:
+                # Leave no partial line behind; the batch was not written.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+                raise AuditLogError(f"event_log cannot be written: {exc.strerror or exc}") from None
+            self._size += len(data)
             self.seq = seq
-            if self._fsync == "always" or (
-                self._fsync == "interval" and time.monotonic() - self._last_sync >= self._interval
-            ):
-                os.fsync(self._file.fileno())
-                self._last_sync = time.monotonic()
+            self._written = seq
+            live = self._live
+            for record in records:
+                fold(live, record)
+            self._last_ts = records[-1].get("ts", self._last_ts) if records else self._last_ts
+            if self._size >= self._rotate_at:
+                try:
+                    self._rotate()
+                except AuditLogError:
+                    # The records are written; keep appending here and try again one segment later.
+                    logger.exception("session-engine: audit log rotation failed")
+                    self._rotate_at = self._size + self._segment_bytes
             return seq
 
     def sync(self, seq: int) -> None:
-        return None
+        """Return once every record up to ``seq`` is on disk (policy ``"always"``; otherwise at once)."""
+        if self._policy == "always":
+            self._sync_to(seq)
+
+    def _sync_to(self, seq: int) -> None:
+        cond = self._sync_cond
+        with cond:
+            while self._synced < seq:
+                if self._syncing:
+                    cond.wait()
+                    continue
+                if self._closed_fd():
+                    return
+                # Leader: one fsync covers every record written so far, for every waiter.
+                self._syncing = True
+                target = self._written
+                fd = self._fd
+                cond.release()
+                ok = False
+                try:
+                    os.fsync(fd)
+                    ok = True
+                finally:
+                    cond.acquire()
+                    self._syncing = False
+                    if ok and target > self._synced:
+                        self._synced = target
+                    cond.notify_all()
+
+    def _closed_fd(self) -> bool:
+        return self._fd < 0
+
+    def flush_due(self) -> None:
+        """fsync what was written since the last fsync (the interval policy's timer)."""
+        if self._synced < self._written:
+            self._sync_to(self._written)
+
+    # -- segments -------------------------------------------------------------------------
+    def _rotate(self) -> None:
+        """Start a new segment that opens with a snapshot of every live session (under ``_lock``)."""
+        first = self.seq + 1
+        live = self._live
+        parts = max(1, -(-len(live) // SNAPSHOT_PART))
+        items = iter(live.items())
+        lines = []
+        seq = self.seq
+        for part in range(1, parts + 1):
+            chunk = {}
+            for sid, fields in items:
+                chunk[sid] = entry_fields(fields)
+                if len(chunk) == SNAPSHOT_PART:
+                    break
+            seq += 1
+            lines.append(orjson.dumps({"seq": seq, "ts": self._last_ts, "event": R.LOG_SNAPSHOT, "part": part,
+                                       "parts": parts, "live": len(live), "sessions": chunk}))
+        lines.append(b"")
+        data = b"\n".join(lines)
+        durable = self._policy != "never"
+        staging = self.layout.staging(first)
+        cond = self._sync_cond
+        with cond:
+            while self._syncing:
+                cond.wait()
+            self._syncing = True  # keeps group-commit leaders off the descriptor being retired
+        try:
+            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+            try:
+                _write_all(fd, data)
+                if durable:
+                    os.fsync(fd)
+                    os.fsync(self._fd)
+                target = self.layout.segment(first)
+                if not self.layout.directory:
+                    # Keep the old segment under its archive name, then swap the new one in
+                    # atomically: the configured path always names a complete log.
+                    archive = self.layout.archive(self._active_first)
+                    archive.unlink(missing_ok=True)
+                    _link_or_copy(self.active, archive)
+                os.replace(staging, target)
+                if durable:
+                    _fsync_dir(target.parent)
+            except BaseException:
+                os.close(fd)
+                staging.unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            with cond:
+                self._syncing = False
+                cond.notify_all()
+            raise AuditLogError(f"event_log segment cannot be started: {exc.strerror or exc}") from None
+        old = self._fd
+        with cond:
+            self._fd = fd
+            self.seq = self._written = seq
+            if durable:
+                self._synced = seq
+            self._syncing = False
+            cond.notify_all()
+        os.close(old)
+        self.active = target
+        self._active_first = first
+        self._size = len(data)
+        self._rotate_at = self._next_rotation(len(data))
+
+    def _next_rotation(self, snapshot_bytes: int) -> int:
+        """Segment size that triggers rotation: records after the snapshot reach ``segment_bytes``,
+        and at least the snapshot's own size, so a large snapshot is not rewritten after every batch."""
+        return snapshot_bytes + max(self._segment_bytes, snapshot_bytes)
+
+    # -- recovery and lifecycle ---------------------------------------------------------------
+    def recovered_state(self) -> State:
+        """The live sessions' fields as the log holds them (read at start-up, before serving)."""
+        return self._live
 
     def close(self) -> None:
+        """Stop the fsync timer, fsync what is left (unless ``"never"``) and close; idempotent."""
+        if self._flusher is not None:
+            self._flusher.stop()
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._file.flush()
-            if self._fsync != "never":
-                os.fsync(self._file.fileno())
-            self._file.close()
+            cond = self._sync_cond
+            with cond:
+                while self._syncing:
+                    cond.wait()
+                fd, self._fd = self._fd, -1
+                cond.notify_all()
+            try:
+                if self._policy != "never":
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+class _Flusher(threading.Thread):
+    """The interval policy's timer: fsyncs the log every period while something is unsynced."""
+
+    def __init__(self, log: FileLog, period: float) -> None:
+        super().__init__(name="session-engine-fsync", daemon=True)
+        self._log = log
+        self._period = period
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._period):
+            try:
+                self._log.flush_due()
+            except OSError:
+                logger.exception("session-engine: audit log fsync failed")
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

@@ -1,8 +1,21 @@
-"""Rebuild live sessions from the audit log by folding each record's changed fields."""
+"""Read the audit log back: stream its records, fold their changed fields, rebuild live sessions.
+
+Replay never re-runs the rules: each record carries the new values of the
+fields it changed, so folding them in ``seq`` order rebuilds the state even
+for logs an older version wrote. Reading streams line by line; memory holds
+the live sessions, not the log.
+
+A log is one file, or a directory of segments named ``<first seq, 20
+digits>.jsonl`` (docs/audit-log.md). Every segment after the first starts
+with a ``log.snapshot`` of all live sessions, so a directory is replayed
+from its newest snapshot onwards.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,56 +27,180 @@ from events import records as R
 
 
 class LogCorrupt(EngineError):
-    """A line in the middle of the log is not a valid record."""
+    """The log cannot be read: a line in the middle is not a record, or ``seq`` jumps."""
 
 
-_FIELDS = set(Entry.__slots__)
+#: Entry field names in declaration order (a snapshot and ``session.created`` carry all of them).
+ENTRY_FIELDS: tuple[str, ...] = tuple(Entry.__slots__)  # type: ignore[arg-type]
+#: Records that never change a session's state (their ``model``/``tier`` describe a decision, not the pin).
+STATELESS_RECORDS = frozenset({R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED})
+SEGMENT_NAME = re.compile(r"^(\d{20})\.jsonl$")
+
+Fields = dict[str, Any]
+State = dict[str, Fields]
 
 
-def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield each record; a torn or garbage *last* line is skipped, one in the middle is an error."""
-    with open(path, "rb") as f:
-        pending: tuple[int, bytes] | None = None
-        for number, line in enumerate(f, 1):
-            if pending is not None:
-                yield _parse(*pending)
-            pending = (number, line)
-        if pending is not None:
+@dataclass(slots=True)
+class Tail:
+    """What reading one file learned about it (filled in when its records are exhausted)."""
+
+    first: dict[str, Any] | None = None
+    last_seq: int | None = None
+    #: Byte offset just past the last good record line: where appending resumes.
+    good_end: int = 0
+    #: Bytes after ``good_end`` (a torn or garbage last line) that were skipped.
+    torn_bytes: int = 0
+    #: The last good record line has no trailing newline (cut just after its closing brace).
+    newline_missing: bool = False
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}.jsonl"
+
+
+def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool = True) -> Iterator[dict[str, Any]]:
+    """Yield each record of one file, checking that ``seq`` counts up by one.
+
+    ``expect`` is the ``seq`` the previous file ended on (None: any start).
+    Only when ``last`` is set may the final line be torn or garbage: it is
+    skipped and measured in ``tail``. A bad line anywhere else raises
+    ``LogCorrupt`` naming the file and the line number.
+    """
+    loads = orjson.loads
+    decode_error = orjson.JSONDecodeError
+    prev = expect
+    pos = 0
+    number = 0
+    line = b""
+    with open(path, "rb", buffering=1 << 20) as f:
+        for line in f:
+            number += 1
             try:
-                yield _parse(*pending)
-            except LogCorrupt:
-                return
+                record = loads(line)
+                seq = record["seq"]
+                record["event"]
+            except (decode_error, KeyError, TypeError):
+                if not line.strip():
+                    pos += len(line)  # a blank line carries nothing
+                    continue
+                if f.read(1):
+                    raise LogCorrupt(f"{path} line {number}: not a JSON log record (needs seq and event)") from None
+                if not last:
+                    raise LogCorrupt(f"{path} line {number}: torn record at the end of a segment that is "
+                                     f"not the newest") from None
+                if tail.last_seq is None and not line.lstrip().startswith(b"{"):
+                    raise LogCorrupt(f"{path}: not an audit log (line {number} is not a JSON record)") from None
+                tail.torn_bytes = len(line)
+                break
+            if tail.first is None:
+                if type(seq) is not int:
+                    raise LogCorrupt(f"{path} line {number}: seq must be an int")
+                tail.first = record
+            if prev is not None and seq != prev + 1:
+                raise LogCorrupt(f"{path} line {number}: seq {seq!r} does not follow {prev}")
+            prev = seq
+            pos += len(line)
+            tail.last_seq = seq
+            tail.good_end = pos
+            yield record
+    if tail.last_seq is not None and tail.torn_bytes == 0 and not line.endswith(b"\n"):
+        tail.newline_missing = True
 
 
-def _parse(number: int, line: bytes) -> dict[str, Any]:
+def read_head(path: Path) -> dict[str, Any] | None:
+    """The first record of a file, or None when it has none yet."""
+    with open(path, "rb") as f:
+        line = f.readline()
     try:
         record = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        raise LogCorrupt(f"line {number}: not a JSON record") from None
-    if not isinstance(record, dict) or "event" not in record or "seq" not in record:
-        raise LogCorrupt(f"line {number}: not a log record (needs seq and event)")
+        record["seq"], record["event"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
     return record
 
 
-def fold(state: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
-    """Apply one record's changed fields to the per-session field maps."""
+def starts_snapshot(record: dict[str, Any] | None) -> bool:
+    return record is not None and record["event"] == R.LOG_SNAPSHOT and record.get("part", 1) == 1
+
+
+def list_segments(directory: Path) -> list[Path]:
+    """The segment files of a directory, oldest first (by the first seq in their names)."""
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := SEGMENT_NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def replay_start(segments: list[Path]) -> int:
+    """Index of the newest segment that starts with a snapshot (0 when none does)."""
+    for index in range(len(segments) - 1, 0, -1):
+        if starts_snapshot(read_head(segments[index])):
+            return index
+    return 0
+
+
+def log_files(path: str | Path, *, history: bool = False) -> list[Path]:
+    """The files to read for a log: the file itself, or a directory's segments.
+
+    By default a directory is read from its newest snapshot; ``history``
+    reads every segment still on disk (the audit report wants the past).
+    """
+    path = Path(path)
+    if path.is_dir():
+        segments = list_segments(path)
+        return segments if history else segments[replay_start(segments):]
+    if not path.exists():
+        raise FileNotFoundError(2, "no such file or directory", str(path))
+    return [path]
+
+
+def read_log(path: str | Path, tail: Tail | None = None, *, history: bool = False) -> Iterator[dict[str, Any]]:
+    """Every record of a log (file or segment directory), in seq order, across segments."""
+    files = log_files(path, history=history)
+    tail = tail if tail is not None else Tail()
+    expect: int | None = None
+    for index, file in enumerate(files):
+        part = Tail()
+        yield from read_file(file, part, expect=expect, last=index == len(files) - 1)
+        if part.last_seq is not None:
+            expect = part.last_seq
+            if tail.first is None:
+                tail.first = part.first
+            tail.last_seq = part.last_seq
+        tail.good_end, tail.torn_bytes, tail.newline_missing = part.good_end, part.torn_bytes, part.newline_missing
+
+
+def fold(state: State, record: dict[str, Any]) -> None:
+    """Apply one record's changed fields to the per-session field maps.
+
+    Field maps may hold a record's other keys (``seq``, ``reason``...) too:
+    copying the whole record is cheaper than filtering it, and ``to_entry``
+    and snapshots read only the Entry fields.
+    """
     name = record["event"]
     sid = record.get("session_id")
     if sid is None:
+        if name == R.LOG_SNAPSHOT:
+            if record.get("part", 1) == 1:
+                state.clear()
+            state.update(record["sessions"])
+        return
+    if name in STATELESS_RECORDS:
         return
     if name == R.SESSION_CREATED:
-        state[sid] = {k: v for k, v in record.items() if k in _FIELDS}
+        state[sid] = dict(record)
     elif name in R.ENDING_RECORDS:
         state.pop(sid, None)
     else:
         fields = state.get(sid)
         if fields is not None:
-            for key, value in record.items():
-                if key in _FIELDS:
-                    fields[key] = value
+            fields.update(record)
 
 
-def to_entry(fields: dict[str, Any]) -> Entry:
+def entry_fields(fields: Fields) -> Fields:
+    """Only the Entry fields of a field map, as a snapshot stores them."""
+    return {k: fields[k] for k in ENTRY_FIELDS if k in fields}
+
+
+def to_entry(fields: Fields) -> Entry:
     tier = fields.get("tier")
     return Entry(
         model=fields.get("model", ""), tier=Tier(tier) if tier else None,
@@ -77,9 +214,19 @@ def to_entry(fields: dict[str, Any]) -> Entry:
     )
 
 
-def replay(path: str | Path) -> dict[str, Entry]:
-    """The live sessions as they stood when the log ends."""
-    state: dict[str, dict[str, Any]] = {}
-    for record in read_records(path):
+def fold_log(path: str | Path, tail: Tail | None = None) -> State:
+    """The field maps of the live sessions when the log ends."""
+    state: State = {}
+    for record in read_log(path, tail):
         fold(state, record)
-    return {sid: to_entry(fields) for sid, fields in state.items()}
+    return state
+
+
+def replay(path: str | Path) -> dict[str, Entry]:
+    """The live sessions as they stood when the log ends (a file or a segment directory).
+
+    Expired, cleared and evicted sessions are gone. A torn or garbage last
+    line is skipped; a bad line in the middle raises ``LogCorrupt`` naming it.
+    A missing path raises ``FileNotFoundError``.
+    """
+    return {sid: to_entry(fields) for sid, fields in fold_log(path).items()}

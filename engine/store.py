@@ -9,6 +9,7 @@ from typing import Any
 from engine._config import Config, default_config
 from engine._entry import Entry, SessionInfo, Stats
 from engine._log import FileLog, LogSink, NullLog
+from engine._recovery import restored_states
 from engine._reply import Reply
 from engine._runtime import Observer, Runtime
 from engine._time import now_ms
@@ -43,7 +44,9 @@ def open_log(config: Config) -> LogSink:
     """The audit log the config asks for (a no-op sink when ``event_log`` is None)."""
     if config.event_log is None:
         return NullLog()
-    return FileLog(config.event_log, fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms)
+    # Opening the log recovers what it holds: restored_states() hands that to the shards.
+    return FileLog(config.event_log, fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms,
+                   segment_bytes=config.segment_bytes)
 
 
 def _short_id(session_id: str) -> str:
@@ -67,7 +70,8 @@ class SessionStore:
         self._rt: Runtime | None = None
         self._closed = False
         if config.enabled:
-            self._rt = Runtime(config, open_log(config), observer)
+            log = open_log(config)
+            self._rt = Runtime(config, log, observer, states=restored_states(log, config))
 
     # -- context manager / lifecycle -------------------------------------------------
     def __enter__(self) -> SessionStore:

@@ -1,0 +1,150 @@
+"""Restart recovery: where a log lives on disk, what it holds, and the shard tables it restores.
+
+A store opened on an existing ``event_log`` reads the newest snapshot and
+the records after it, cuts off a torn last line (a process killed
+mid-write) so new records never fuse with it, and hands every live session,
+with its expiry and cache-pin deadlines, to the shards before serving.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine._config import Config
+from engine._core import idle_deadline, pin_deadline
+from engine._entry import Entry
+from engine._replay import (
+    State,
+    Tail,
+    fold,
+    list_segments,
+    read_file,
+    read_log,
+    segment_name,
+    to_entry,
+)
+from engine._shard import ShardState
+from events import records as R
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where the segments of a log live.
+
+    A file path is a single-file log: the active segment always keeps that
+    name, and rotation leaves the old one beside it as ``<name>.<first seq>``.
+    A directory (an existing one, or a path ending in ``/``) holds segments
+    named ``<first seq>.jsonl``; the newest is the active one.
+    """
+
+    path: Path
+    directory: bool
+
+    @classmethod
+    def of(cls, event_log: str | Path) -> Layout:
+        text = str(event_log)
+        path = Path(event_log)
+        return cls(path, path.is_dir() or text.endswith(("/", os.sep)))
+
+    def archive(self, first_seq: int) -> Path:
+        """The name a retired single-file segment keeps (directory segments keep theirs)."""
+        return self.path.with_name(f"{self.path.name}.{first_seq:020d}")
+
+    def segment(self, first_seq: int) -> Path:
+        return self.path / segment_name(first_seq) if self.directory else self.path
+
+    def staging(self, first_seq: int) -> Path:
+        """Where a new segment is written before it is renamed into place (hidden: replay ignores it)."""
+        if self.directory:
+            return self.path / f".{segment_name(first_seq)}.tmp"
+        return self.path.with_name(f".{self.path.name}.{first_seq:020d}.tmp")
+
+    def clean_staging(self) -> None:
+        """Remove segments a crash left half-written: they were never renamed into place."""
+        folder, pattern = (self.path, ".*.jsonl.tmp") if self.directory else (
+            self.path.parent, f".{self.path.name}.*.tmp")
+        if folder.is_dir():
+            for leftover in folder.glob(pattern):
+                leftover.unlink(missing_ok=True)
+
+
+@dataclass(slots=True)
+class Recovered:
+    """The state of a log found on disk, and where appending resumes."""
+
+    state: State
+    last_seq: int
+    active: Path
+    active_first_seq: int
+    tail: Tail
+    #: Size of the snapshot at the head of the active segment (0 when it has none).
+    snapshot_bytes: int
+
+
+def recover(layout: Layout) -> Recovered:
+    """Fold what the log holds; raises ``LogCorrupt`` (naming file and line) on a bad middle line."""
+    layout.clean_staging()
+    state: State = {}
+    tail = Tail()
+    if layout.directory:
+        layout.path.mkdir(parents=True, exist_ok=True)
+        segments = list_segments(layout.path)
+        if not segments:
+            return Recovered(state, 0, layout.segment(1), 1, tail, 0)
+        for record in read_log(layout.path, tail):
+            fold(state, record)
+        active = segments[-1]
+        first = int(active.name.split(".")[0])
+    else:
+        active = layout.path
+        if not active.exists():
+            return Recovered(state, 0, active, 1, tail, 0)
+        for record in read_file(active, tail):
+            fold(state, record)
+        first = tail.first["seq"] if tail.first else (tail.last_seq or 0) + 1
+    last = tail.last_seq or 0
+    return Recovered(state, last, active, first if tail.last_seq is not None else last + 1, tail,
+                     _snapshot_bytes(active))
+
+
+def _snapshot_bytes(path: Path) -> int:
+    """Bytes of the leading ``log.snapshot`` lines (rotation keeps segments at least this long)."""
+    size = 0
+    marker = f'"event":"{R.LOG_SNAPSHOT}"'.encode()
+    with open(path, "rb") as f:
+        for line in f:
+            if marker not in line:
+                break
+            size += len(line)
+    return size
+
+
+def shard_states(state: State, config: Config) -> list[ShardState] | None:
+    """Shard tables holding the recovered sessions, with their idle and pin deadlines (None: nothing)."""
+    if not state:
+        return None
+    states = [ShardState() for _ in range(config.shards)]
+    for sid, fields in state.items():
+        entry = to_entry(fields)
+        table = states[hash(sid) % config.shards]
+        table.sessions[sid] = entry
+        # The same heap entries the shard pushes when it creates a session or pins it.
+        table.deadlines.append((idle_deadline(entry, config), sid, entry.created_at))
+        if entry.cache_sticky:
+            table.deadlines.append((pin_deadline(entry), sid, -entry.cache_sticky_at - 1))
+    for table in states:
+        heapq.heapify(table.deadlines)
+    return states
+
+
+def restored_states(log: object, config: Config) -> list[ShardState] | None:
+    """The shard tables a store starts with: what its log recovered, if it has one."""
+    live = getattr(log, "recovered_state", None)
+    return shard_states(live(), config) if callable(live) else None
+
+
+def entries(state: State) -> dict[str, Entry]:
+    return {sid: to_entry(fields) for sid, fields in state.items()}
