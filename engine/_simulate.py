@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import glob
 import itertools
 import queue
 import random
@@ -117,7 +118,7 @@ class SimulationConfig:
     """Sizes and knobs of one run; the CLI options map one to one."""
 
     sessions: int = 2_000
-    requests: int = 40_000
+    requests: int = 60_000
     concurrency: int = 8
     seed: int = 7
     log: Path | str = "session-engine-audit.jsonl"
@@ -461,15 +462,25 @@ class _Workers:
             thread.join(timeout=30)
 
 
+def log_files(path: Path) -> list[Path]:
+    """The log's segments, oldest first: rotated ones (``<name>.<first seq>``) then the active file."""
+    # The engine names a rotated segment after its first seq, 20 digits (engine._recovery.Layout).
+    rotated = sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.*")
+                     if len(p.name) == len(path.name) + 21 and p.name[len(path.name) + 1:].isdigit())
+    return [*rotated, path] if path.exists() else rotated
+
+
 def prepare_log(path: Path) -> None:
-    """Refuse a path we cannot write to; remove an earlier run's log (the run replaces it)."""
+    """Refuse a path we cannot write to; remove an earlier run's log and segments (the run replaces them)."""
     parent = path.parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise SimulationError(f"cannot write the audit log {path}: directory {parent} {what}")
     if path.is_dir():
         raise SimulationError(f"cannot write the audit log {path}: it is a directory")
-    if path.exists() or path.is_symlink():
+    for old in log_files(path):
+        old.unlink()
+    if path.is_symlink():
         path.unlink()
 
 
@@ -477,11 +488,12 @@ def check_log(path: Path) -> tuple[int, bool]:
     """Read the log back: the number of records, and whether their seq runs 1..N in order."""
     count = 0
     ok = True
-    with path.open("rb") as f:
-        for line in f:
-            if line.strip():
-                count += 1
-                ok = ok and orjson.loads(line).get("seq") == count
+    for part in log_files(path):
+        with part.open("rb") as f:
+            for line in f:
+                if line.strip():
+                    count += 1
+                    ok = ok and orjson.loads(line).get("seq") == count
     return count, ok
 
 
@@ -511,8 +523,8 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
         store = SessionStore(config, observer=counter)
         routers = [Router(store, clock, START_MS, step_ms) for _ in range(cfg.concurrency)]
         workers = None
-        bar = Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TextColumn("requests"),
-                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        bar = Progress(TextColumn("[bold]simulate"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                       TextColumn("requests {task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                        console=err_console, disable=not show_progress, transient=True)
         try:
             workers = _Workers(routers)

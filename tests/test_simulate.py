@@ -1,0 +1,177 @@
+"""The main job: ``session-engine simulate`` drives a router workload through a real store."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+import engine._time as engine_time
+from engine._simulate import Request, Router, SimulationConfig, SimulationResult, run_simulation
+from events import EngineError, InvalidEvent
+from events import records as R
+from tests.conftest import read_log
+
+# Small enough for a test, with a clock fast enough that quiet conversations expire.
+SMALL = {"sessions": 50, "requests": 2_000, "concurrency": 4, "shards": 2, "timeout_s": 60, "clock_speed": 0.5}
+
+
+def simulate(tmp_path: Path, **overrides: object) -> tuple[SimulationResult, str]:
+    settings = {**SMALL, "log": tmp_path / "audit.jsonl", **overrides}
+    out = io.StringIO()
+    result = run_simulation(SimulationConfig(**settings), out=Console(file=out, width=120))  # type: ignore[arg-type]
+    return result, out.getvalue()
+
+
+def counts(result: SimulationResult) -> dict[str, object]:
+    """Everything a run reports except what depends on the machine."""
+    fields = dataclasses.asdict(result)
+    del fields["wall_s"], fields["peak_threads"]
+    return fields
+
+
+def session_engine() -> list[str]:
+    script = Path(sys.executable).with_name("session-engine")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "engine"]
+
+
+def test_workload_escalates_expires_pins_and_charges(tmp_path: Path) -> None:
+    result, _ = simulate(tmp_path)
+    assert result.requests == 2_000
+    assert result.escalations > 0
+    assert result.strikes >= 2 * result.escalations  # the third identical request in a row escalates
+    assert result.expiries > 0 and result.expiries_by_clock > 0
+    assert result.resumed_after_expiry > 0
+    assert result.cache_pins > 0
+    assert result.explicit_pins > 0
+    assert result.cost_micros > 0
+    assert 0 < result.live_sessions <= result.sessions_seen <= 50
+
+
+def test_audit_log_holds_every_transition_with_seq_1_to_n(tmp_path: Path) -> None:
+    result, _ = simulate(tmp_path)
+    records = read_log(tmp_path / "audit.jsonl")
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    assert result.records == len(records) and result.log_seq_ok
+    by_name = Counter(r["event"] for r in records)
+    assert by_name[R.HASH_RECORDED] == result.requests
+    assert by_name[R.COST_ADDED] == result.requests
+    assert by_name[R.SESSION_ESCALATED] == result.escalations
+    assert by_name[R.SESSION_EXPIRED] == result.expiries
+    assert by_name[R.STICKY_PINNED] == result.cache_pins
+    assert sum(r["micros"] for r in records if r["event"] == R.COST_ADDED) == result.cost_micros
+    assert all("escalat" in r["event"] for r in records if r["event"] == R.SESSION_ESCALATED)
+
+
+def test_audit_log_never_holds_message_content(tmp_path: Path) -> None:
+    simulate(tmp_path)
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert "lorem" not in text and "ipsum" not in text
+
+
+def test_summary_names_every_count(tmp_path: Path) -> None:
+    result, summary = simulate(tmp_path)
+    for label in ("requests routed", "sessions seen", "live sessions", "strikes", "escalations", "expiries",
+                  "cache pins", "user-explicit pins", "total cost", "log records written", "events/s", "threads"):
+        assert label in summary
+    assert f"{result.escalations:,}" in summary
+    assert f"${result.cost_micros / 1_000_000:,.2f}" in summary
+    assert "no gaps" in summary
+
+
+def test_same_seed_gives_same_counts_whatever_the_concurrency(tmp_path: Path) -> None:
+    first, _ = simulate(tmp_path, concurrency=1)
+    second, _ = simulate(tmp_path, concurrency=6, shards=3)
+    assert counts(first) == counts(second)
+
+
+def test_another_seed_gives_another_workload(tmp_path: Path) -> None:
+    first, _ = simulate(tmp_path, seed=1)
+    second, _ = simulate(tmp_path, seed=2)
+    assert first.requests == second.requests
+    assert counts(first) != counts(second)
+
+
+def test_existing_log_and_its_rotated_segments_are_replaced(tmp_path: Path) -> None:
+    (tmp_path / "audit.jsonl").write_text("an older run\n" * 10)
+    rotated = tmp_path / f"audit.jsonl.{1:020d}"
+    rotated.write_text("an older segment\n")
+    unrelated = tmp_path / "audit.jsonl.bak"
+    unrelated.write_text("keep me\n")
+    result, _ = simulate(tmp_path)
+    records = read_log(tmp_path / "audit.jsonl")
+    assert records[0]["seq"] == 1 and len(records) == result.records
+    assert not rotated.exists()
+    assert unrelated.read_text() == "keep me\n"
+
+
+def test_capacity_evicts_least_recently_used_sessions(tmp_path: Path) -> None:
+    result, summary = simulate(tmp_path, max_sessions=10)
+    assert result.evictions > 0
+    assert result.live_sessions <= 10
+    assert "evictions" in summary
+
+
+def test_engine_clock_is_restored_after_the_run(tmp_path: Path) -> None:
+    original = engine_time._read
+    simulate(tmp_path, requests=200)
+    assert engine_time._read is original
+
+
+def test_worker_failure_stops_the_run_with_that_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = engine_time._read
+    route = Router.route
+    seen = []
+
+    def failing(self: Router, req: Request) -> None:
+        seen.append(req.number)
+        if len(seen) == 300:
+            raise EngineError("upstream router broke")
+        route(self, req)
+
+    monkeypatch.setattr(Router, "route", failing)
+    with pytest.raises(EngineError, match="upstream router broke"):
+        simulate(tmp_path)
+    assert engine_time._read is original  # and no thread survives (the autouse fixture checks)
+    assert len(seen) < SMALL["requests"]
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("sessions", 0), ("requests", -1), ("concurrency", True), ("clock_speed", 0.0), ("max_sessions", 0),
+    ("timeout_s", 1.5),
+])
+def test_bad_option_names_the_field(tmp_path: Path, field: str, value: object) -> None:
+    with pytest.raises(InvalidEvent, match=field):
+        SimulationConfig(**{field: value, "log": tmp_path / "a.jsonl"})  # type: ignore[arg-type]
+
+
+def test_cli_prints_summary_and_writes_log(tmp_path: Path) -> None:
+    log = tmp_path / "run.jsonl"
+    proc = subprocess.run(
+        [*session_engine(), "simulate", "--sessions", "50", "--requests", "2000", "--timeout-s", "60",
+         "--clock-speed", "0.5", "--log", str(log)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "escalations" in proc.stdout and "total cost" in proc.stdout
+    assert proc.stderr == ""  # no progress bar garbage when stderr is not a terminal
+    records = read_log(log)
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+
+
+@pytest.mark.parametrize("where", ["missing/dir/audit.jsonl", "a-file/audit.jsonl"])
+def test_cli_bad_log_directory_is_one_line_error(tmp_path: Path, where: str) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    proc = subprocess.run([*session_engine(), "simulate", "--requests", "100", "--log", str(tmp_path / where)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("session-engine: error:"), proc.stderr
+    assert "audit log" in lines[0] and where.split("/")[0] in lines[0]
+    assert "Traceback" not in proc.stderr
