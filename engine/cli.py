@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
+import orjson
 import typer
 
 from events import EngineError
@@ -54,6 +56,100 @@ def simulate(
     cfg = SimulationConfig(sessions=sessions, requests=requests, concurrency=concurrency, seed=seed, log=log,
                            timeout_s=timeout_s, clock_speed=clock_speed, shards=shards, max_sessions=max_sessions)
     run_simulation(cfg, progress=progress)
+
+
+def _stop(message: str) -> NoReturn:
+    """``fail()``, as a SystemExit: ``main()`` runs click with standalone_mode=False, which turns
+    ``typer.Exit`` into a return value that it then drops (exit status 0)."""
+    try:
+        fail(message)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    raise AssertionError("fail() always raises")
+
+
+def _open_records(log: Path, *, history: bool) -> Iterator[dict[str, Any]]:
+    """The log's records, streamed; a missing path is one clear error."""
+    from engine._replay import read_log
+
+    if not log.exists():
+        _stop(f"{log}: no such file or directory")
+    if log.is_dir() and not any(log.glob("*.jsonl")):
+        _stop(f"{log}: a directory without log segments")
+    return read_log(log, history=history)
+
+
+def _streamed(log: Path, write: Callable[[Iterator[dict[str, Any]]], None], *, history: bool) -> None:
+    """Run one report over the log; a corrupt or unreadable log becomes one line on stderr."""
+    from engine._replay import LogCorrupt
+
+    try:
+        write(_open_records(log, history=history))
+    except LogCorrupt as exc:
+        _stop(str(exc))
+    except OSError as exc:
+        _stop(f"{log}: {exc.strerror or exc}")
+
+
+@app.command()
+def audit(
+    log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
+    session: Annotated[str | None, typer.Option(help="Explain one session's timeline, record by record.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of text.")] = False,
+) -> None:
+    """Per-session summary of a log: requests, models, tiers, strikes, escalations, cost, pins, how it ended."""
+    from engine import _audit as A
+
+    def write_table(records: Iterator[dict[str, Any]]) -> None:
+        if json_out:
+            first = True
+            sys.stdout.write("[")
+            for life in A.lives(records):
+                sys.stdout.write(("\n" if first else ",\n") + orjson.dumps(life.to_json()).decode())
+                first = False
+            sys.stdout.write("\n]\n" if not first else "]\n")
+            return
+        typer.echo(A.table_header())
+        count = 0
+        for life in A.lives(records):
+            typer.echo(A.table_row(life))
+            count += 1
+        typer.echo(f"{count} session lifetime(s); times are UTC")
+
+    def write_timeline(records: Iterator[dict[str, Any]]) -> None:
+        assert session is not None
+        found = 0
+        if json_out:
+            sys.stdout.write("[")
+        for step in A.timeline(records, session):
+            if json_out:
+                sys.stdout.write(("\n" if not found else ",\n") + orjson.dumps(step).decode())
+            else:
+                typer.echo(f"{A.fmt_ts(step['ts'])}  #{step['seq']:<7} {step['event']:<18} {step['text']}")
+            found += 1
+        if json_out:
+            sys.stdout.write("\n]\n" if found else "]\n")
+        if not found:
+            _stop(f"no records for session {session!r} in {log}")
+
+    _streamed(log, write_timeline if session is not None else write_table, history=True)
+
+
+@app.command("replay")
+def replay_command(
+    log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
+) -> None:
+    """Print the sessions rebuilt from the log alone, as JSON (session id -> every Entry field)."""
+    from engine._replay import ENTRY_FIELDS, fold
+
+    def write(records: Iterator[dict[str, Any]]) -> None:
+        state: dict[str, dict[str, Any]] = {}
+        for record in records:
+            fold(state, record)
+        out = {sid: {k: fields.get(k) for k in ENTRY_FIELDS} for sid, fields in sorted(state.items())}
+        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+    _streamed(log, write, history=False)
 
 
 def main() -> None:
