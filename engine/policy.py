@@ -477,7 +477,10 @@ def decide(request: Request, state: Entry | None, models: TierModels, options: O
         kind, model, tier, reason = Kind.BYPASS, cheap, cheap_tier, f"{over}; cheapest tier"
         budget["estimate_usd"] = cheap_estimate
 
-    # 7. Deployment affinity: the deployment that served the session goes first.
+    # 7. Deployment affinity: the deployment that served the session goes first. The
+    # candidates are the chosen model's deployments, so only a turn that keeps the
+    # pinned model can find its deployment gone (a switch); a new pin records its
+    # first deployment, and a bypass leaves the pin's deployment alone.
     candidates = request.candidates
     deployment = ""
     if candidates and strategy is not Strategy.NONE:
@@ -487,11 +490,11 @@ def decide(request: Request, state: Entry | None, models: TierModels, options: O
             candidates = (served, *(c for c in candidates if c != served))
         else:
             deployment = candidates[0]
-            if served:
-                if kind is Kind.RETAIN:
+            if kind is not Kind.BYPASS:
+                if served and kind is Kind.RETAIN:
                     kind = Kind.SWITCH
-                reason += "; deployment gone, switched"
-            events.append(SetDeployment(sid, deployment))
+                    reason += "; deployment gone, switched"
+                events.append(SetDeployment(sid, deployment))
 
     events.append(DecisionEvent(sid, kind.value, model, tier, provider_from_model(model), reason[:256],
                                 strategy.value, request.source, deployment))
@@ -546,11 +549,17 @@ class _Base:
         log.warning("session-engine policy: engine %s for a request; serving the router's choice", why)
         return unavailable(request, self.options, why)
 
-    def _cost_event(self, session_id: str, cost_usd: float | None, micros: int | None) -> Cost | None:
+    def _response_events(self, session_id: str, cost_usd: float | None, micros: int | None, deployment: str,
+                         decision: RouteDecision | None) -> list[SessionEvent]:
+        if not session_id or not _valid_id(session_id):
+            return []
+        events: list[SessionEvent] = []
         amount = micros if micros is not None else cost_micros(cost_usd or 0.0)
-        if not session_id or not amount or not _valid_id(session_id):
-            return None
-        return Cost(session_id, amount)
+        if amount:
+            events.append(Cost(session_id, amount))
+        if deployment and (decision is None or decision.kind is not Kind.BYPASS):
+            events.append(SetDeployment(session_id, deployment))
+        return events
 
 
 def _replace(request: Request, **changes: Any) -> Request:
@@ -606,15 +615,13 @@ class Policy(_Base):
             log.warning("session-engine policy: could not record a decision (%s)", type(exc).__name__)
 
     def record_response(self, session_id: str, *, cost_usd: float | None = None, micros: int | None = None,
-                        deployment: str = "") -> None:
-        """After the response: add its cost (USD, or micros) and remember the deployment that served it."""
-        events: list[SessionEvent] = []
-        cost = self._cost_event(session_id, cost_usd, micros)
-        if cost is not None:
-            events.append(cost)
-        if deployment and session_id and _valid_id(session_id):
-            events.append(SetDeployment(session_id, deployment))
-        self._tell(events)
+                        deployment: str = "", decision: RouteDecision | None = None) -> None:
+        """After the response: add its cost (USD, or micros) and remember the deployment that served it.
+
+        Pass the request's ``decision`` so that a bypass (a model other than the
+        pin served) does not replace the pinned model's deployment.
+        """
+        self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision))
 
     def record_cost(self, session_id: str, cost_usd: float) -> None:
         """Add a response's cost in USD (stored in micros)."""
@@ -663,14 +670,9 @@ class AsyncPolicy(_Base):
             log.warning("session-engine policy: could not record a decision (%s)", type(exc).__name__)
 
     async def record_response(self, session_id: str, *, cost_usd: float | None = None, micros: int | None = None,
-                              deployment: str = "") -> None:
-        events: list[SessionEvent] = []
-        cost = self._cost_event(session_id, cost_usd, micros)
-        if cost is not None:
-            events.append(cost)
-        if deployment and session_id and _valid_id(session_id):
-            events.append(SetDeployment(session_id, deployment))
-        self._tell(events)
+                              deployment: str = "", decision: RouteDecision | None = None) -> None:
+        """After the response: add its cost and remember the deployment (see ``Policy.record_response``)."""
+        self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision))
 
     async def record_cost(self, session_id: str, cost_usd: float) -> None:
         await self.record_response(session_id, cost_usd=cost_usd)

@@ -229,3 +229,20 @@ def test_bad_options_name_the_field(kwargs, field):
 def test_hash_event_is_always_recorded_for_a_message():
     d = decide(ask(Tier.MEDIUM), pinned("openai/gpt-4o", Tier.MEDIUM), MODELS)
     assert Hash("s", request_hash([{"role": "user", "content": "next step"}])) in d.events
+
+
+def test_bypass_leaves_the_pinned_models_deployment_alone():
+    pin, cheap = deployment_key("openai", "sk-pin"), deployment_key("openai", "sk-cheap")
+    state = pinned("openai/o3", Tier.COMPLEX, deployment=pin)
+    d = decide(ask(Tier.SIMPLE, "thanks", candidates=[cheap]), state, MODELS)
+    assert (d.kind, d.deployment) == (Kind.BYPASS, cheap)
+    assert not any(isinstance(e, SetDeployment) for e in d.events)
+    back = decide(ask(Tier.COMPLEX, candidates=[pin]), state, MODELS)
+    assert (back.kind, back.deployment) == (Kind.RETAIN, pin)  # not a switch
+
+
+def test_a_new_pin_records_its_deployment_without_calling_it_a_switch():
+    old, new = deployment_key("openai", "sk-mid"), deployment_key("openai", "sk-strong")
+    d = decide(ask(Tier.COMPLEX, candidates=[new]), pinned("openai/gpt-4o", Tier.MEDIUM, deployment=old), MODELS)
+    assert (d.kind, d.deployment) == (Kind.UPGRADE, new)
+    assert SetDeployment("s", new) in d.events and "switched" not in d.reason

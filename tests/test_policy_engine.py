@@ -200,6 +200,9 @@ def test_deployment_affinity_follows_what_served_and_switches_when_it_is_gone(ma
         third = policy.route(req("k", Tier.MEDIUM, "3", candidates=[a]))  # b was removed
         assert (third.kind, third.deployment) == (Kind.SWITCH, a)
         assert store.get_session("k").deployment == a
+        cheap = policy.route(req("k", Tier.SIMPLE, "thanks", candidates=[b]))
+        policy.record_response("k", deployment=b, decision=cheap)  # a bypass served it: the pin keeps a
+        assert store.get_session("k").deployment == a
 
 
 def test_cost_is_recorded_in_micros_and_feeds_the_budget(make_store):
