@@ -16,12 +16,14 @@ from engine._helpers import (
 from engine._replay import LogCorrupt, replay
 from engine._reply import AskTimeout
 from engine._shard import ShardFailed
+from engine.identity import keyed_session_id
+from engine.policy import BudgetExceeded
 from engine.store import SessionStore, StoreClosed
 from events import EngineError, InvalidEvent, Tier
 
 __all__ = [
-    "AskTimeout", "Config", "EngineError", "Entry", "InvalidEvent", "LogCorrupt", "MessageInfo",
+    "AskTimeout", "BudgetExceeded", "Config", "EngineError", "Entry", "InvalidEvent", "LogCorrupt", "MessageInfo",
     "SessionInfo", "SessionStore", "ShardFailed", "Stats", "StoreClosed", "Tier",
     "cache_ttl_for_provider", "default_config", "derive_session_id", "get_session_id",
-    "hash_request_content", "provider_from_model", "replay", "should_cache_sticky",
+    "hash_request_content", "keyed_session_id", "provider_from_model", "replay", "should_cache_sticky",
 ]
