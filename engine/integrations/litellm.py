@@ -1,0 +1,357 @@
+"""LiteLLM integration: the routing policy as one ``CustomLogger`` (extra ``session-engine[litellm]``).
+
+``SessionEngineCallback`` brings ``engine.policy`` to LiteLLM wherever it runs:
+
+- ``async_pre_routing_hook`` (``litellm.Router``): rewrites the requested model
+  group to the one the policy chose (pin, never-downgrade, SIMPLE bypass,
+  three-strike escalation, budget downgrade) and raises ``BudgetExceeded``
+  when the budget refuses the request;
+- ``async_filter_deployments`` (``Router``, after health filtering): keeps the
+  deployment that served the session (or puts it first), so provider caches
+  stay warm; when it is gone, another one takes over and a ``switch`` is logged;
+  ``async_pre_call_deployment_hook`` remembers the deployment LiteLLM picked;
+- ``async_pre_call_hook`` (the LiteLLM proxy server): the same decision, with
+  the refusal turned into HTTP 429;
+- ``async_log_success_event`` (every successful call): records
+  ``response_cost`` in micros.
+
+Routers built on LiteLLM's Rust core (1.9x and later) no longer call a
+callback's ``async_pre_routing_hook``: there, send requests through
+``callback.acompletion(router, model=..., messages=...)``, which runs the hook
+and then ``router.acompletion`` on the chosen group. The hook is idempotent
+per request (the decision travels in the request's metadata under
+``"session_engine"``), so a Router that does call it never decides twice,
+and a LiteLLM fallback to another group is left alone.
+
+The session id comes from ``litellm_session_id``, ``metadata["session_id"]``,
+or the identity chain over the request's headers and body (docs/identity.md).
+The policy's tier table names LiteLLM *model groups*; name groups
+``provider/model`` for cache stickiness to prefer a provider.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from litellm.integrations.custom_logger import CustomLogger
+from litellm.types.router import PreRoutingHookResponse
+
+from engine._config import Config
+from engine.aio import AsyncSessionStore
+from engine.identity import DEFAULT_ORDER, FINGERPRINT, IdentityResolver
+from engine.policy import AsyncPolicy, BudgetExceeded, Options, Request, RouteDecision, TierModels
+from engine.store import SessionStore
+from events import Decision, EngineError, GetSession, InvalidEvent, SessionEvent, SetDeployment, Tier, parse_tier
+
+log = logging.getLogger("engine.integrations.litellm")
+
+#: Metadata key under which the decision travels with the request (read by the later hooks).
+DECISION_KEY = "session_engine"
+#: "only": keep just the session's deployment while it is healthy (LiteLLM's shuffle strategies do
+#: not honour order, so this is what makes affinity real); "first": put it first; "off".
+AFFINITY_MODES = ("only", "first", "off")
+#: Proxy call types whose body is a chat conversation.
+CHAT_CALL_TYPES = frozenset({"completion", "acompletion", "text_completion", "anthropic_messages"})
+_METADATA_KEYS = ("metadata", "litellm_metadata")
+#: Decisions after which the request is served by the session's pin (a bypass or a refusal is not).
+_PINNING = frozenset({"initialize", "retain", "upgrade", "escalate", "switch"})
+_RETAINED = frozenset({"retain", "switch"})
+
+
+def _metadata(kwargs: Mapping[str, Any] | None, create: bool = False) -> dict[str, Any]:
+    """The request's metadata dict (LiteLLM uses ``metadata`` or ``litellm_metadata``)."""
+    if not isinstance(kwargs, Mapping):
+        return {}
+    for key in _METADATA_KEYS:
+        value = kwargs.get(key)
+        if isinstance(value, dict):
+            return value
+    if create and isinstance(kwargs, dict):
+        kwargs["metadata"] = {}
+        return kwargs["metadata"]
+    return {}
+
+
+def _headers(kwargs: Mapping[str, Any], metadata: Mapping[str, Any]) -> Any:
+    """Request headers where the proxy leaves them (none for SDK calls)."""
+    server = kwargs.get("proxy_server_request")
+    if isinstance(server, Mapping) and server.get("headers"):
+        return server["headers"]
+    return metadata.get("headers") or None
+
+
+def deployment_id(deployment: Mapping[str, Any]) -> str:
+    """A Router deployment's identity: its provider model plus LiteLLM's id (a hash of its params).
+
+    The id changes with the API key or base URL, so affinity is per key, as
+    provider prefix caches are; the key itself never appears.
+    """
+    params = deployment.get("litellm_params") or {}
+    info = deployment.get("model_info") or {}
+    return _compose(params.get("model"), info.get("id"))
+
+
+def _compose(model: Any, ident: Any) -> str:
+    if not isinstance(model, str) or not model:
+        return ""
+    return f"{model}#{ident[:12]}" if isinstance(ident, str) and ident else model
+
+
+def tiers_of(models: TierModels) -> dict[str, Tier]:
+    """Invert the policy's tier table: model group -> the lowest tier that lists it."""
+    out: dict[str, Tier] = {}
+    for key, value in models.items():
+        tier = parse_tier(key, "models")
+        for group in (value,) if isinstance(value, str) else tuple(value):
+            if tier is not None and (group not in out or _rank(tier) < _rank(out[group])):
+                out[group] = tier
+    return out
+
+
+def _rank(tier: Tier) -> int:
+    return (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING).index(tier)
+
+
+def budget_http_error(exc: BudgetExceeded) -> Exception:
+    """The refusal as the proxy returns it: HTTP 429 with a JSON error body (FastAPI's HTTPException)."""
+    body = {"error": {
+        "message": str(exc), "type": "budget_exceeded", "code": "session_budget_exceeded",
+        "session_id": exc.session_id, "spent_usd": exc.spent_usd, "estimate_usd": exc.estimate_usd,
+        "limit_usd": exc.limit_usd,
+    }}
+    try:
+        from fastapi import HTTPException
+    except ImportError:  # the proxy always has FastAPI; a bare SDK install may not
+        exc.status_code = 429  # type: ignore[attr-defined]
+        return exc
+    return HTTPException(status_code=429, detail=body)
+
+
+class SessionEngineCallback(CustomLogger):
+    """The routing policy for LiteLLM; register it in ``litellm.callbacks``.
+
+    ``policy``: an ``AsyncPolicy`` whose tier table names model groups.
+    ``tiers``: model group -> the tier the router means by asking for it
+    (default: inverted from the policy's table); a request may say its own
+    with ``metadata["tier"]``. ``identity``: the chain for requests without an
+    explicit id (default: the policy's resolver, else explicit sources only,
+    no fingerprint). ``affinity``: one of ``AFFINITY_MODES``.
+    """
+
+    def __init__(self, policy: AsyncPolicy, *, tiers: Mapping[str, Tier | str] | None = None,
+                 identity: IdentityResolver | None = None, affinity: str = "only") -> None:
+        super().__init__()
+        if not isinstance(policy, AsyncPolicy):
+            raise InvalidEvent("policy", f"must be an engine.policy.AsyncPolicy, got {type(policy).__name__}")
+        if affinity not in AFFINITY_MODES:
+            raise InvalidEvent("affinity", "must be one of only, first, off")
+        self.policy = policy
+        self.tiers: dict[str, Tier] = (
+            tiers_of(policy.models) if tiers is None
+            else {group: tier for group, value in tiers.items() if (tier := parse_tier(value, "tiers")) is not None})
+        if identity is None:
+            identity = policy.identity or IdentityResolver(tuple(s for s in DEFAULT_ORDER if s != FINGERPRINT))
+        self.identity = identity
+        self.affinity = affinity
+        self._owned: SessionStore | None = None
+
+    @classmethod
+    def create(cls, models: TierModels, config: Config | None = None, options: Options | None = None, *,
+               identity: IdentityResolver | None = None, observer: Any = None,
+               affinity: str = "only") -> SessionEngineCallback:
+        """A callback with its own store (enabled by default); ``close()`` stops it."""
+        store = SessionStore(config or Config(enabled=True), observer=observer)
+        try:
+            hook = cls(AsyncPolicy(AsyncSessionStore(store), models, options, identity=identity),
+                       identity=identity, affinity=affinity)
+        except BaseException:
+            store.close()
+            raise
+        hook._owned = store
+        return hook
+
+    def close(self) -> None:
+        """Stop the store this callback created (a store passed in is the caller's to close)."""
+        if self._owned is not None:
+            self._owned.close()
+
+    # -- reading a request --------------------------------------------------------------
+    def session_of(self, kwargs: Mapping[str, Any], messages: Any = None, tenant: str = "") -> tuple[str, str]:
+        """``(session_id, source)`` of a request's kwargs: the decision's, explicit, or the identity chain."""
+        metadata = _metadata(kwargs)
+        stashed = metadata.get(DECISION_KEY)
+        if isinstance(stashed, Mapping) and isinstance(stashed.get("session_id"), str):
+            return stashed["session_id"], stashed.get("source", "")
+        for source, value in (("litellm_session_id", kwargs.get("litellm_session_id")),
+                              ("metadata.session_id", metadata.get("session_id"))):
+            if isinstance(value, str) and value:
+                return value, source
+        body = {k: kwargs[k] for k in ("user", "prompt_cache_key", "system") if k in kwargs}
+        if isinstance(metadata.get("user_id"), str):
+            body["metadata"] = {"user_id": metadata["user_id"]}
+        if messages is not None:
+            body["messages"] = messages
+        return self.identity.resolve(_headers(kwargs, metadata), body, tenant=tenant)
+
+    def _request(self, model: str, kwargs: Mapping[str, Any], messages: Any, tenant: str) -> Request | None:
+        metadata = _metadata(kwargs)
+        tenant = tenant or _text(metadata.get("tenant")) or _text(metadata.get("user_api_key_hash"))
+        sid, source = self.session_of(kwargs, messages, tenant)
+        estimate = metadata.get("estimate_usd", 0.0)
+        try:
+            return Request(
+                model=model, tier=metadata.get("tier") or self.tiers.get(model), session_id=sid,
+                messages=messages if isinstance(messages, Sequence) and not isinstance(messages, str) else (),
+                tools=kwargs.get("tools") or (), user_explicit=metadata.get("user_explicit") is True,
+                estimate_usd=estimate if type(estimate) in (int, float) else 0.0, source=source[:64], tenant=tenant)
+        except InvalidEvent as exc:
+            # A malformed hint from the caller must not fail the request: LiteLLM routes it as asked.
+            log.warning("session-engine litellm: request not routed by the policy (%s: %s)", exc.field, exc.rule)
+            return None
+
+    async def decide(self, model: str, kwargs: dict[str, Any], messages: Any = None,
+                     tenant: str = "") -> RouteDecision | None:
+        """Decide once per request and stash the decision in its metadata; raises ``BudgetExceeded``.
+
+        None when the request is not the policy's to route: a re-entry for a
+        request already decided (retry, fallback), or a malformed hint.
+        """
+        metadata = _metadata(kwargs, create=True)
+        if isinstance(metadata.get(DECISION_KEY), Mapping):
+            return None
+        request = self._request(model, kwargs, messages, tenant)
+        if request is None:
+            return None
+        decision = await self.policy.decide(request)
+        metadata[DECISION_KEY] = {
+            "requested": model, "model": decision.model, "kind": decision.kind.value,
+            "tier": decision.tier.value if decision.tier else None, "reason": decision.reason,
+            "session_id": decision.session_id, "source": decision.source,
+        }
+        if decision.refused:
+            raise decision.budget_error()
+        return decision
+
+    def _target(self, model: str, kwargs: Mapping[str, Any]) -> str | None:
+        """The group the stashed decision sends ``model`` to; None: leave it (a fallback, or unchanged)."""
+        stashed = _metadata(kwargs).get(DECISION_KEY)
+        if not isinstance(stashed, Mapping) or stashed.get("requested") != model:
+            return None
+        target = stashed.get("model")
+        return target if isinstance(target, str) and target and target != model else None
+
+    # -- litellm.Router -----------------------------------------------------------------
+    async def async_pre_routing_hook(self, model: str, request_kwargs: dict,
+                                     messages: list[dict[str, object]] | None = None,
+                                     input: str | list | None = None, specific_deployment: bool | None = False,
+                                     **_: Any) -> PreRoutingHookResponse | None:
+        """Rewrite the model group per the policy; raises ``BudgetExceeded`` when refused."""
+        if specific_deployment:
+            return None  # the caller named one deployment: nothing to route
+        await self.decide(model, request_kwargs, messages)
+        target = self._target(model, request_kwargs)
+        return PreRoutingHookResponse(model=target, messages=messages) if target else None
+
+    async def acompletion(self, router: Any, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        """``router.acompletion`` with the policy applied first: the entry point for Routers that do
+        not call a callback's pre-routing hook. Raises ``BudgetExceeded`` when refused."""
+        kwargs["metadata"] = dict(kwargs.get("metadata") or {})
+        request_kwargs = {**kwargs, "model": model, "messages": messages}  # shares the metadata dict
+        routed = await self.async_pre_routing_hook(model, request_kwargs, messages)
+        return await router.acompletion(model=routed.model if routed else model, messages=messages, **kwargs)
+
+    def _pinned(self, model: str, kwargs: Mapping[str, Any] | None, kinds: frozenset[str]) -> str:
+        """The session id when this request is served by its session's pinned group with a decision
+        of one of ``kinds``; "" otherwise (a bypass, a fallback group, no decision)."""
+        stashed = _metadata(kwargs).get(DECISION_KEY)
+        if (not isinstance(stashed, Mapping) or stashed.get("kind") not in kinds
+                or stashed.get("model") != model or not isinstance(stashed.get("session_id"), str)):
+            return ""
+        return stashed["session_id"]
+
+    async def async_filter_deployments(self, model: str, healthy_deployments: list, messages: list | None,
+                                       request_kwargs: dict | None = None,
+                                       parent_otel_span: Any = None) -> list[dict]:
+        """Keep (or put first) the healthy deployment that served the session; log a switch when it is gone."""
+        if self.affinity == "off" or not healthy_deployments:
+            return healthy_deployments
+        # Only a retained pin has a deployment of this group to return to.
+        sid = self._pinned(model, request_kwargs, _RETAINED)
+        if not sid:
+            return healthy_deployments
+        try:
+            state = await self.policy.store.ask(GetSession(sid), timeout=self.policy.options.deadline_s)
+        except (EngineError, TimeoutError):  # best effort: LiteLLM's own choice
+            return healthy_deployments
+        served = state.deployment if state is not None else ""
+        if not served:
+            return healthy_deployments
+        ids = [deployment_id(d) for d in healthy_deployments]
+        if served in ids:
+            chosen = healthy_deployments[ids.index(served)]
+            if self.affinity == "only":
+                return [chosen]
+            return [chosen, *(d for d in healthy_deployments if d is not chosen)]
+        self._tell(Decision(sid, "switch", model=model[:256], reason="deployment that served the session "
+                            "is not a healthy candidate; LiteLLM picks another", deployment=served[:256]))
+        return healthy_deployments
+
+    async def async_pre_call_deployment_hook(self, kwargs: dict[str, object], call_type: Any) -> dict | None:
+        """Remember the deployment LiteLLM picked for the pinned group, before the call, so that the
+        session's next request (often sent before this one's success is logged) returns to it."""
+        metadata = _metadata(kwargs)
+        group = metadata.get("model_group")
+        if not isinstance(group, str):
+            return None
+        sid = self._pinned(group, kwargs, _PINNING)
+        info = metadata.get("model_info") or kwargs.get("model_info")
+        deployment = _compose(metadata.get("deployment"), info.get("id") if isinstance(info, Mapping) else None)
+        if sid and deployment:
+            self._tell(SetDeployment(sid, deployment[:256]))
+        return None
+
+    # -- the LiteLLM proxy server -------------------------------------------------------
+    async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict,
+                                  call_type: str) -> dict | Exception | str | None:
+        """The proxy's hook: route ``data["model"]`` per the policy; a refusal becomes HTTP 429."""
+        model = data.get("model")
+        if call_type not in CHAT_CALL_TYPES or not isinstance(model, str) or not model:
+            return data
+        tenant = _text(getattr(user_api_key_dict, "token", None))
+        try:
+            await self.decide(model, data, data.get("messages"), tenant=tenant)
+        except BudgetExceeded as exc:
+            raise budget_http_error(exc) from exc
+        target = self._target(model, data)
+        if target:
+            data["model"] = target
+        return data
+
+    # -- outcomes -------------------------------------------------------------------------
+    async def async_log_success_event(self, kwargs: dict, response_obj: Any, start_time: Any,
+                                      end_time: Any) -> None:
+        """Record the call's ``response_cost`` (USD) in micros."""
+        try:
+            params = kwargs.get("litellm_params") or {}
+            source = params if _metadata(params) else kwargs
+            sid, _ = self.session_of({**source, "litellm_session_id": params.get("litellm_session_id")
+                                      or kwargs.get("litellm_session_id")})
+            if not sid:
+                return
+            cost = kwargs.get("response_cost")
+            if type(cost) in (int, float) and cost > 0:
+                await self.policy.record_response(sid, cost_usd=float(cost))
+        except Exception as exc:  # logging must never break LiteLLM's call path
+            log.warning("session-engine litellm: outcome not recorded (%s)", type(exc).__name__)
+
+    def _tell(self, event: SessionEvent) -> None:
+        try:
+            self.policy.store.store.tell(event)
+        except EngineError as exc:
+            log.warning("session-engine litellm: could not record a decision (%s)", type(exc).__name__)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
