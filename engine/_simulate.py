@@ -433,9 +433,10 @@ class _Workers:
             try:
                 if group is None:
                     return
-                if self.error is None:
-                    for req in group:
-                        router.route(req)
+                for req in group:
+                    if self.error is not None:
+                        break  # the run is failing or stopping: skip what is left
+                    router.route(req)
             except BaseException as exc:  # handed to the main thread, which raises it
                 if self.error is None:
                     self.error = exc

@@ -175,3 +175,25 @@ def test_cli_bad_log_directory_is_one_line_error(tmp_path: Path, where: str) -> 
     assert len(lines) == 1 and lines[0].startswith("session-engine: error:"), proc.stderr
     assert "audit log" in lines[0] and where.split("/")[0] in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_interrupted_run_exits_130_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    route = Router.route
+    seen = []
+
+    def interrupted(self: Router, req: Request) -> None:
+        seen.append(req.number)
+        if len(seen) == 100:
+            raise KeyboardInterrupt  # as if ^C arrived while this request was routed
+        route(self, req)
+
+    monkeypatch.setattr(Router, "route", interrupted)
+    result = CliRunner().invoke(app, ["simulate", "--requests", "2000", "--log", str(tmp_path / "a.jsonl")])
+    assert result.exit_code == 130
+    assert "interrupted" in result.output and "Traceback" not in result.output
+    records = read_log(tmp_path / "a.jsonl")
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
