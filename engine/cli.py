@@ -55,7 +55,12 @@ def simulate(
 
     cfg = SimulationConfig(sessions=sessions, requests=requests, concurrency=concurrency, seed=seed, log=log,
                            timeout_s=timeout_s, clock_speed=clock_speed, shards=shards, max_sessions=max_sessions)
-    run_simulation(cfg, progress=progress)
+    try:
+        run_simulation(cfg, progress=progress)
+    except KeyboardInterrupt:
+        # typer turns ^C into an exit status that main() (standalone_mode=False) would drop: exit here.
+        typer.echo("session-engine: simulate interrupted; the audit log holds what was applied", err=True)
+        sys.exit(130)
 
 
 def _stop(message: str) -> NoReturn:
