@@ -164,8 +164,10 @@ class SessionEngineCallback(CustomLogger):
         """A callback with its own store (enabled by default); ``close()`` stops it."""
         store = SessionStore(config or Config(enabled=True), observer=observer)
         try:
-            hook = cls(AsyncPolicy(AsyncSessionStore(store), models, options, identity=identity),
-                       identity=identity, affinity=affinity)
+            # The callback runs the identity chain itself; the policy gets no resolver so that an invalid
+            # explicit id gives no session rather than a fingerprint.
+            hook = cls(AsyncPolicy(AsyncSessionStore(store), models, options), identity=identity,
+                       affinity=affinity)
         except BaseException:
             store.close()
             raise

@@ -1,0 +1,164 @@
+"""docs/examples/asgi_router.py end to end over HTTP (Starlette's TestClient, lifespan included)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from engine import Config
+from engine.policy import Options
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "asgi_router.py"
+
+
+def _load() -> Any:
+    spec = importlib.util.spec_from_file_location("asgi_router_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+router = _load()
+SONNET, HAIKU, MINI, O3 = (router.MODELS[t] for t in (router.Tier.COMPLEX, router.Tier.MEDIUM,
+                                                     router.Tier.SIMPLE, router.Tier.REASONING))
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
+    """Start the example app (its store included); every app is shut down afterwards."""
+    clients: list[TestClient] = []
+
+    def start(event_log: Path | None = None, **options: Any) -> TestClient:
+        options.setdefault("estimator", router.estimate)
+        options.setdefault("deadline_s", 5.0)  # a loaded CI box must not turn decisions into "unavailable"
+        app = router.create_app(Config(enabled=True, tick_ms=0, event_log=str(event_log) if event_log else None),
+                                options=Options(**options))
+        client = TestClient(app)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def chat(client: TestClient, text: str, *, session: str | None = "s1", tier: str | None = None,
+         model: str = "auto", **headers: str) -> Any:
+    sent = {k.replace("_", "-"): v for k, v in headers.items()}
+    if session is not None:
+        sent["x-session-id"] = session
+    if tier is not None:
+        sent["x-router-tier"] = tier
+    body = {"model": model, "messages": [{"role": "system", "content": "You help with code."},
+                                         {"role": "user", "content": text}]}
+    return client.post("/v1/chat/completions", json=body, headers=sent)
+
+
+def served(response: Any) -> tuple[str, str]:
+    assert response.status_code == 200, response.text
+    return response.json()["model"], response.headers["x-session-decision"]
+
+
+def test_first_turn_pins_and_later_turns_keep_the_model(serve):
+    client = serve()
+    assert served(chat(client, "write a parser", tier="MEDIUM")) == (HAIKU, "initialize")
+    assert served(chat(client, "now add error handling", tier="MEDIUM")) == (HAIKU, "retain")
+    response = chat(client, "and a docstring", tier="MEDIUM")
+    assert response.headers["x-session-id"] == "s1"
+    assert response.headers["x-session-source"] == "header:x-session-id"
+    assert response.headers["x-session-model"] == HAIKU and response.headers["x-session-tier"] == "MEDIUM"
+
+
+def test_a_lower_tier_never_downgrades_and_a_higher_one_upgrades(serve):
+    client = serve()
+    assert served(chat(client, "design the storage layer", tier="COMPLEX")) == (SONNET, "initialize")
+    assert served(chat(client, "rename a variable", tier="MEDIUM")) == (SONNET, "retain")
+    assert served(chat(client, "prove the invariant holds", tier="REASONING")) == (O3, "upgrade")
+    assert client.get("/v1/sessions/s1").json()["model"] == O3
+
+
+def test_a_simple_follow_up_uses_the_cheap_model_and_keeps_the_pin(serve):
+    client = serve()
+    served(chat(client, "design the storage layer", tier="COMPLEX"))
+    assert served(chat(client, "thanks!")) == (MINI, "bypass")  # the toy classifier says SIMPLE
+    assert client.get("/v1/sessions/s1").json()["model"] == SONNET
+    assert served(chat(client, "next: the cache", tier="MEDIUM")) == (SONNET, "retain")
+
+
+def test_third_identical_request_escalates(serve):
+    client = serve()
+    kinds = [served(chat(client, "the test still fails", tier="MEDIUM")) for _ in range(3)]
+    assert kinds == [(HAIKU, "initialize"), (HAIKU, "retain"), (SONNET, "escalate")]
+    state = client.get("/v1/sessions/s1").json()
+    assert state["escalated"] is True and state["tier"] == "COMPLEX"
+
+
+def test_strict_budget_refuses_with_429_and_a_json_error(serve):
+    client = serve(max_cost_usd=0.0004, budget_mode="strict")
+    first = chat(client, "write a parser", tier="MEDIUM")
+    assert served(first) == (HAIKU, "initialize")
+    refused = chat(client, "and another one", tier="MEDIUM")
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["type"] == "budget_exceeded" and error["code"] == "session_budget_exceeded"
+    assert error["spent_usd"] == pytest.approx(float(first.headers["x-session-cost-usd"]))
+    assert error["limit_usd"] == 0.0004 and error["estimate_usd"] > 0
+    assert refused.headers["x-session-decision"] == "refuse"
+    assert client.app.state.upstream.calls == [HAIKU]  # the refused request never reached upstream
+
+
+def test_sessions_survive_an_app_restart_with_the_durable_log(serve, tmp_path: Path):
+    log = tmp_path / "sessions.jsonl"
+    first = serve(event_log=log)
+    served(chat(first, "design the storage layer", tier="COMPLEX"))
+    served(chat(first, "rename a variable", tier="MEDIUM"))
+    before = first.get("/v1/sessions/s1").json()
+    first.__exit__(None, None, None)  # shut the app down: its store closes and the log is flushed
+
+    second = serve(event_log=log)
+    assert second.get("/v1/sessions/s1").json() == before
+    assert served(chat(second, "and the tests", tier="MEDIUM")) == (SONNET, "retain")
+    assert second.get("/v1/sessions/s1").json()["request_count"] == before["request_count"] + 1
+
+
+def test_without_a_header_the_session_is_a_fingerprint_scoped_by_tenant(serve):
+    client = serve()
+    one = chat(client, "hi", session=None, tier="MEDIUM", x_tenant="acme")
+    again = chat(client, "hi", session=None, tier="MEDIUM", x_tenant="acme")
+    other = chat(client, "hi", session=None, tier="MEDIUM", x_tenant="globex")
+    assert one.headers["x-session-source"] == "fingerprint"
+    assert one.headers["x-session-id"] == again.headers["x-session-id"] != other.headers["x-session-id"]
+    assert (one.headers["x-session-decision"], again.headers["x-session-decision"]) == ("initialize", "retain")
+
+
+def test_an_invalid_explicit_session_id_gets_no_session(serve):
+    client = serve()
+    response = chat(client, "hello there", session="x" * 300, tier="MEDIUM")
+    assert served(response) == (HAIKU, "bypass")
+    assert "x-session-id" not in response.headers
+
+
+def test_metrics_endpoint_exposes_the_engine(serve):
+    client = serve()
+    for text in ("a", "a", "a"):
+        chat(client, text, tier="MEDIUM")
+    chat(client, "b", session="s2", tier="COMPLEX")
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}
+    assert samples[("session_engine_live_sessions", ())] == 2
+    assert samples[("session_engine_decisions_total", (("kind", "initialize"),))] == 2
+    assert samples[("session_engine_decisions_total", (("kind", "escalate"),))] == 1
+    assert samples[("session_engine_escalations_total", (("reason", "strikes"),))] == 1
+    assert samples[("session_engine_cost_usd_total", ())] > 0
