@@ -10,11 +10,14 @@ import engine
 import events
 
 SPEC_ENGINE_NAMES = (
-    "SessionStore Config default_config Entry Stats SessionInfo MessageInfo Tier replay "
-    "cache_ttl_for_provider derive_session_id get_session_id hash_request_content provider_from_model "
-    "should_cache_sticky EngineError InvalidEvent"
-).split()
-SPEC_EVENTS = "Touch Hash Escalate Cost Expire SetSession GetSession SetCacheSticky IsCacheSticky Clear ClearAll".split()
+    "SessionStore", "Config", "default_config", "Entry", "Stats", "SessionInfo", "MessageInfo", "Tier", "replay",
+    "cache_ttl_for_provider", "derive_session_id", "get_session_id", "hash_request_content", "provider_from_model",
+    "should_cache_sticky", "EngineError", "InvalidEvent",
+)
+SPEC_EVENTS = (
+    "Touch", "Hash", "Escalate", "Cost", "Expire", "SetSession", "GetSession", "SetCacheSticky", "IsCacheSticky",
+    "Clear", "ClearAll",
+)
 
 
 def test_engine_exports_every_spec_name():
