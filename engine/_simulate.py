@@ -1,6 +1,6 @@
 """``session-engine simulate``: a realistic LLM-router workload driven through a real SessionStore.
 
-The workload (docs/simulate.md gives the numbers): a population of
+The workload (engine/_workload.py; docs/simulate.md gives the numbers): a population of
 conversations with Zipf-skewed popularity sends follow-up turns; some turns
 are repeated verbatim (a user retrying, an agent stuck in a loop), which
 strikes and, on the third identical request, auto-escalates the session; some
@@ -40,12 +40,9 @@ check that ``seq`` runs 1..N without a gap.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import glob
-import itertools
 import queue
-import random
 import sys
 import threading
 import time
@@ -62,10 +59,9 @@ from rich.table import Table
 
 import engine._time as engine_time
 from engine._config import Config
-from engine._entry import MessageInfo
-from engine._helpers import derive_session_id, hash_request_content, provider_from_model, should_cache_sticky
+from engine._workload import Request, Router, Workload
 from engine.store import SessionStore
-from events import Cost, EngineError, InvalidEvent, Tier
+from events import EngineError, InvalidEvent
 from events import records as R
 
 #: Simulated seconds between two clock passes (``store.tick()``).
@@ -74,39 +70,6 @@ TICK_EVERY_S = 30.0
 MIN_CHUNK = 64
 #: The simulated clock starts at 2025-01-01T00:00:00Z, so a seed gives the same timestamps on every run.
 START_MS = 1_735_689_600_000
-#: Popularity of the conversation of rank r is proportional to 1 / (r + 1) ** ZIPF_S.
-ZIPF_S = 1.1
-
-#: (model, input USD per million tokens, output USD per million tokens), by tier.
-CATALOGUE: dict[Tier, tuple[tuple[str, float, float], ...]] = {
-    Tier.SIMPLE: (("openai/gpt-4o-mini", 0.15, 0.60), ("google/gemini-2.0-flash", 0.10, 0.40)),
-    Tier.MEDIUM: (("anthropic/claude-sonnet-4.5", 3.00, 15.00), ("openai/gpt-4.1", 2.00, 8.00)),
-    Tier.COMPLEX: (("anthropic/claude-opus-4.1", 15.00, 75.00), ("vllm/llama-3.3-70b", 0.60, 0.60)),
-    Tier.REASONING: (("openai/o3", 2.00, 8.00), ("deepseek/deepseek-reasoner", 0.55, 2.19)),
-}
-PRICES = {model: (p_in, p_out) for models in CATALOGUE.values() for model, p_in, p_out in models}
-TIER_OF = {model: tier for tier, models in CATALOGUE.items() for model, _, _ in models}
-TIERS = (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING)
-#: Share of new conversations the complexity router starts at each tier.
-TIER_WEIGHTS = (0.45, 0.33, 0.16, 0.06)
-#: A new conversation's user picked the model explicitly (the router must never escalate it).
-P_EXPLICIT = 0.08
-#: A later turn where the user switches model explicitly.
-P_EXPLICIT_SWITCH = 0.004
-#: A conversation opens with a long document or system prompt (pins the provider cache at once).
-P_LONG_CONTEXT = 0.12
-#: An agent conversation: its requests carry tool names, which are part of the request hash.
-P_AGENT = 0.25
-#: After a turn, the same request is sent twice more (third identical request: escalation) ...
-P_STUCK = 0.03
-#: ... or once more (one strike, no escalation).
-P_RETRY = 0.04
-#: The router keeps this many recent messages of the history (plus the system prompt).
-CONTEXT_MESSAGES = 40
-#: Cached input tokens cost this share of the list price while the provider cache is pinned.
-CACHED_PRICE = 0.1
-AGENT_TOOLS = ("read_file", "run_tests", "search")
-_FILLER = ("lorem ipsum dolor sit amet,\tconsectetur adipiscing elit\n" * 1200)
 
 
 class SimulationError(EngineError):
@@ -210,171 +173,6 @@ class SimClock:
             yield self
         finally:
             engine_time._read = saved
-
-
-# -- the workload ---------------------------------------------------------------------------------
-class Conversation:
-    """One conversation as the client and the router see it.
-
-    The plan fields are written only by the generator (main thread); the router
-    fields only by the worker that holds the conversation during a chunk.
-    """
-
-    __slots__ = ("agent", "explicit", "history", "index", "long_context", "model", "pending", "reply_bytes",
-                 "retries_left", "session_id", "started", "strikes", "tier", "turn", "user_bytes")
-
-    def __init__(self, index: int, seed: int, rng: random.Random) -> None:
-        self.index = index
-        self.session_id = derive_session_id(f"seed {seed} conversation {index}: hello, I need help with")
-        # Plan side.
-        self.tier = rng.choices(TIERS, TIER_WEIGHTS)[0]
-        self.model = rng.choice(CATALOGUE[self.tier])[0]
-        self.explicit = rng.random() < P_EXPLICIT
-        self.long_context = rng.random() < P_LONG_CONTEXT
-        self.agent = rng.random() < P_AGENT
-        self.turn = 0
-        self.retries_left = 0
-        self.user_bytes = 0
-        # Router side.
-        self.history: list[MessageInfo] = []
-        if self.long_context:
-            self.history.append(MessageInfo("system", _FILLER[: rng.randint(12_000, 48_000)]))
-        self.started = False
-        self.strikes = 0
-        self.reply_bytes = 0
-        self.pending = False
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request of the plan: everything random about it is decided here, from the seed."""
-
-    conversation: Conversation
-    number: int
-    turn: int
-    repeat: bool
-    user_bytes: int
-    output_tokens: int
-    model: str
-    tier: Tier
-    explicit: bool
-    switch: bool
-
-
-class Workload:
-    """Generates the request sequence chunk by chunk from one seeded RNG (main thread only)."""
-
-    def __init__(self, cfg: SimulationConfig) -> None:
-        self._cfg = cfg
-        self._rng = random.Random(cfg.seed)
-        # Popularity ranks are shuffled over conversation numbers, so the busiest are not 0, 1, 2...
-        ranks = list(range(cfg.sessions))
-        self._rng.shuffle(ranks)
-        self._by_rank = ranks
-        self._cum = list(itertools.accumulate(1.0 / (r + 1) ** ZIPF_S for r in range(cfg.sessions)))
-        self.conversations: dict[int, Conversation] = {}
-        self._next = 0
-
-    def _pick(self) -> Conversation:
-        rng = self._rng
-        rank = bisect.bisect_right(self._cum, rng.random() * self._cum[-1])
-        index = self._by_rank[min(rank, len(self._by_rank) - 1)]
-        conv = self.conversations.get(index)
-        if conv is None:
-            conv = self.conversations[index] = Conversation(index, self._cfg.seed, rng)
-        return conv
-
-    def chunk(self, size: int) -> list[Request]:
-        rng = self._rng
-        out = []
-        for _ in range(min(size, self._cfg.requests - self._next)):
-            conv = self._pick()
-            switch = False
-            if conv.retries_left:
-                conv.retries_left -= 1
-                repeat = True
-            else:
-                repeat = False
-                conv.turn += 1
-                conv.user_bytes = rng.randint(80, 2_400)
-                roll = rng.random()
-                if roll < P_STUCK:
-                    conv.retries_left = 2
-                elif roll < P_STUCK + P_RETRY:
-                    conv.retries_left = 1
-                if conv.turn > 1 and rng.random() < P_EXPLICIT_SWITCH:
-                    conv.tier = rng.choice(TIERS)
-                    conv.model = rng.choice(CATALOGUE[conv.tier])[0]
-                    conv.explicit = switch = True
-            out.append(Request(conv, self._next, conv.turn, repeat, conv.user_bytes, rng.randint(40, 1_200),
-                               conv.model, conv.tier, conv.explicit, switch))
-            self._next += 1
-        return out
-
-
-# -- the router --------------------------------------------------------------------------------------
-def _model_for(tier: Tier, current: str) -> str:
-    """The router's model for a tier: keep the provider of the current model where it offers one."""
-    models = [m for m, _, _ in CATALOGUE[tier]]
-    provider = provider_from_model(current)
-    return next((m for m in models if provider_from_model(m) == provider), models[0])
-
-
-class Router:
-    """What a router does with the session store on every request; one instance per worker."""
-
-    def __init__(self, store: SessionStore, clock: SimClock, start_ms: int, step_ms: float) -> None:
-        self.store = store
-        self.clock = clock
-        self.start_ms = start_ms
-        self.step_ms = step_ms
-        self.strikes = 0
-        self.resumed = 0
-
-    def route(self, req: Request) -> None:
-        store = self.store
-        conv = req.conversation
-        sid = conv.session_id
-        self.clock.set(self.start_ms + int(req.number * self.step_ms))
-        if not req.repeat:
-            # The client sends the whole history: last reply, then the new user message.
-            if conv.pending:
-                conv.history.append(MessageInfo("assistant", _FILLER[: conv.reply_bytes]))
-            conv.history.append(MessageInfo("user", f"[{conv.index}:{req.turn}] " + _FILLER[: req.user_bytes]))
-            if len(conv.history) > CONTEXT_MESSAGES + 1:
-                keep = conv.history[:1] if conv.history[0].role == "system" else []
-                conv.history = keep + conv.history[-CONTEXT_MESSAGES:]
-        entry = store.get_session(sid)
-        if entry is None or req.switch:
-            if entry is None:
-                if conv.started:
-                    self.resumed += 1  # the session expired (or was evicted) while the user was away
-                conv.strikes = 0
-            model, tier = req.model, req.tier
-            store.set_session(sid, model, tier, user_explicit=req.explicit)
-        else:
-            model, tier = entry.model, entry.tier or req.tier
-            if TIER_OF.get(model) != tier:
-                model = _model_for(tier, model)  # the session was escalated: route to its new tier
-            store.set_session(sid, model, tier)
-        conv.started = True
-        tools = AGENT_TOOLS if conv.agent else None
-        strikes = store.record_request_hash(sid, hash_request_content(conv.history[-1].content, tools))
-        if strikes > conv.strikes:
-            self.strikes += strikes - conv.strikes
-        conv.strikes = strikes
-        input_tokens = sum(len(m.content) for m in conv.history) // 3
-        cached = 0
-        if entry is not None and entry.cache_sticky:
-            cached = input_tokens * 3 // 4  # the pinned provider still holds most of the prefix
-        elif should_cache_sticky(conv.history):
-            store.set_cache_sticky(sid, provider_from_model(model))
-        p_in, p_out = PRICES[model]
-        micros = int((input_tokens - cached) * p_in + cached * p_in * CACHED_PRICE + req.output_tokens * p_out)
-        # Cost arrives after the response, from a success callback: fire and forget.
-        store.tell(Cost(sid, micros))
-        conv.reply_bytes = req.output_tokens * 3
-        conv.pending = True
 
 
 class RecordCounter:
@@ -513,7 +311,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
     config = Config(enabled=True, timeout_ms=cfg.timeout_s * 1000, event_log=log_path, tick_ms=0,
                     max_sessions=cfg.max_sessions, auto_escalate=True, shards=cfg.shards)
     counter = RecordCounter(cfg.shards)
-    workload = Workload(cfg)
+    workload = Workload(cfg.sessions, cfg.requests, cfg.seed)
     clock = SimClock(START_MS)
     by_clock = 0
     peak_threads = threading.active_count()
@@ -522,7 +320,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
     with clock.installed():
         clock.set(START_MS)
         store = SessionStore(config, observer=counter)
-        routers = [Router(store, clock, START_MS, step_ms) for _ in range(cfg.concurrency)]
+        routers = [Router(store, clock.set, START_MS, step_ms) for _ in range(cfg.concurrency)]
         workers = None
         bar = Progress(TextColumn("[bold]simulate"), BarColumn(bar_width=24), MofNCompleteColumn(),
                        TextColumn("requests {task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -607,7 +405,8 @@ def summary_table(cfg: SimulationConfig, r: SimulationResult, log_path: Path) ->
         ("log records written", f"{r.records:,} ({'seq 1..N, no gaps' if r.log_seq_ok else 'SEQ CHECK FAILED'})"),
         ("wall time", f"{r.wall_s:.1f} s"),
         ("throughput", f"{r.requests_per_s:,.0f} requests/s, {r.events_per_s:,.0f} events/s"),
-        ("threads (peak)", f"{r.peak_threads} ({cfg.concurrency} workers + main + {engine_threads} engine)"),
+        ("threads (peak)", f"{r.peak_threads} ({cfg.concurrency} worker{'s' * (cfg.concurrency != 1)} + main"
+                           f" + {engine_threads} engine)"),
     ]
     for name, value in rows:
         table.add_row(name, value)

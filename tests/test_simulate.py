@@ -13,7 +13,8 @@ import pytest
 from rich.console import Console
 
 import engine._time as engine_time
-from engine._simulate import Request, Router, SimulationConfig, SimulationResult, run_simulation
+from engine._simulate import SimulationConfig, SimulationResult, run_simulation
+from engine._workload import Request, Router
 from events import EngineError, InvalidEvent
 from events import records as R
 from tests.conftest import read_log
