@@ -158,10 +158,15 @@ def replay_command(
 
 
 def main() -> None:
-    """Console entry point: library errors become one line on stderr."""
+    """Console entry point: usage and library errors become one line on stderr, never a traceback."""
+    from typer import _click  # the click that typer bundles: its usage errors are these classes
+
     try:
-        app(standalone_mode=False)
-    except typer.Exit as exc:
+        code = app(standalone_mode=False)  # returns the exit status of typer.Exit instead of exiting
+    except _click.exceptions.NoArgsIsHelpError:
+        sys.exit(2)  # the help was printed
+    except _click.exceptions.ClickException as exc:
+        typer.echo(f"session-engine: error: {exc.format_message()} (see --help)", err=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         typer.echo("session-engine: aborted", err=True)
@@ -172,11 +177,7 @@ def main() -> None:
     except OSError as exc:
         typer.echo(f"session-engine: error: {exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}", err=True)
         sys.exit(1)
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # anything unexpected: still one line
         typer.echo(f"session-engine: error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
