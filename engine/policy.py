@@ -25,7 +25,7 @@ from engine._config import Config, default_config
 from engine._core import apply
 from engine._entry import Entry
 from engine._helpers import hash_request_content, provider_from_model, should_cache_sticky
-from engine.identity import FINGERPRINT, IdentityResolver, message_text
+from engine.identity import FINGERPRINT, INVALID_PREFIX, IdentityResolver, message_text
 from engine.store import SessionStore
 from events import (
     Cost,
@@ -535,7 +535,9 @@ class _Base:
         self.unavailable_count = 0
 
     def _identify(self, request: Request) -> Request:
-        if request.session_id or self.identity is None or not request.messages:
+        # An explicit id the chain rejected gives no session, never a weaker fingerprint.
+        if (request.session_id or self.identity is None or not request.messages
+                or request.source.startswith(INVALID_PREFIX)):
             return request
         sid = self.identity.fingerprint(request.messages, tenant=request.tenant)
         if not sid:

@@ -256,3 +256,17 @@ def test_async_policy_routes_and_survives_a_stalled_shard(faults):
             return kinds
 
     assert asyncio.run(main()) == [Kind.INITIALIZE, Kind.RETAIN, Kind.UNAVAILABLE, Kind.UPGRADE]
+
+
+def test_rejected_explicit_id_is_not_replaced_by_a_fingerprint(make_store):
+    from engine.identity import IdentityResolver
+    from engine.policy import Policy, Request
+
+    store = make_store()
+    policy = Policy(store, {"SIMPLE": "cheap", "MEDIUM": "mid", "COMPLEX": "big", "REASONING": "deep"},
+                    identity=IdentityResolver())
+    request = Request(model="mid", tier="MEDIUM", messages=({"role": "user", "content": "hi"},),
+                      source="invalid:header")
+    decision = policy.route(request)
+    assert decision.session_id == ""
+    assert store.get_stats().count == 0
