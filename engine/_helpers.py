@@ -62,13 +62,31 @@ def get_session_id(headers: Any, header_name: str = "") -> str:
     return value if isinstance(value, str) else ""
 
 
+_HASHED_CHARS = 500
+
+
+def _normalized_prefix(content: str) -> str:
+    r"""``re.sub(r"\s+", " ", content).strip()[:500]`` without collapsing a long prompt whole.
+
+    Collapsing a prefix gives the same first characters as collapsing everything, so once a
+    prefix yields more than 500 characters its first 500 are the answer.
+    """
+    size = 1024
+    while size < len(content):
+        text = _WHITESPACE.sub(" ", content[:size]).lstrip()
+        if len(text) > _HASHED_CHARS:
+            return text[:_HASHED_CHARS]
+        size *= 4
+    return _WHITESPACE.sub(" ", content).strip()[:_HASHED_CHARS]
+
+
 def hash_request_content(content: str, tool_names: Iterable[str] | None = None) -> str:
     """Short hash of a request: whitespace collapsed, first 500 chars, tool names appended.
 
     The seed's regular expression ``s+`` matched the letter s; this collapses
     real whitespace, as the seed's documentation says.
     """
-    text = _WHITESPACE.sub(" ", content).strip()[:500]
+    text = _normalized_prefix(content)
     names = sorted(tool_names or ())
     if names:
         text += "|tools:" + ",".join(names)

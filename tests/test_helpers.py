@@ -89,3 +89,23 @@ def test_should_cache_sticky_thresholds():
     assert should_cache_sticky([*history[:2], {"role": "user", "content": "y" * 4997}]) is False
     assert should_cache_sticky([MessageInfo("user", "é" * 4500)]) is True  # bytes, not characters
     assert should_cache_sticky([]) is False
+
+
+def test_normalisation_of_long_prompts_equals_collapsing_everything():
+    import re
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from engine._helpers import _normalized_prefix
+
+    pieces = st.lists(st.one_of(st.text("ab", min_size=1, max_size=300), st.text(" \t\n\r", min_size=1,
+                                                                                  max_size=3000)), max_size=40)
+
+    @settings(max_examples=300, deadline=None)
+    @given(pieces)
+    def check(parts):
+        content = "".join(parts)
+        assert _normalized_prefix(content) == re.sub(r"\s+", " ", content).strip()[:500]
+
+    check()
