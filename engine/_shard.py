@@ -165,12 +165,12 @@ class Shard(pykka.ThreadingActor):
     def _commit(self, records: list[dict[str, Any]], answers: list[tuple[Any, Any]],
                 used: list[tuple[str, int]], ended: list[str], started: float, n_events: int) -> None:
         rt = self._rt
+        applied = time.perf_counter() - started  # the core's work only; the log is timed by the observer
         if records:
             seq = rt.log.append(records)
             rt.log.sync(seq)
         if rt.observer is not None:
-            rt.observer.on_batch(self._index, n_events, records, time.perf_counter() - started,
-                                 len(self._mailbox.queue))
+            rt.observer.on_batch(self._index, n_events, records, applied, len(self._mailbox.queue))
         if rt.capacity is not None and (used or ended):
             for sid, last_used in rt.capacity.note(used, ended):
                 rt.route(Evict(sid, last_used), last_used, None)
