@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
+from engine._core import entry_fields as core_entry_fields
+from engine._entry import Entry
 from engine._recovery import Layout, Recovered, recover
 from engine._replay import State, entry_fields, fold
 from events import EngineError
@@ -104,10 +106,10 @@ class FileLog:
       and fsyncs the rest.
     - ``"never"``: the OS decides; ``close()`` does not fsync either.
 
-    The log keeps the live sessions' fields folded as it appends (it sees
-    every record under its lock), so when the active segment passes
-    ``segment_bytes`` it starts a new one with a ``log.snapshot`` that is
-    consistent with its ``seq``.
+    When the active segment passes ``segment_bytes`` it starts a new one
+    with a ``log.snapshot`` of every live session, read from the shard
+    tables a store ``attach``-es (or, for a log used on its own, from the
+    fields it folds as it appends).
     """
 
     def __init__(self, path: str | Path, *, fsync: str = "interval", fsync_interval_ms: int = 1000,
@@ -127,6 +129,7 @@ class FileLog:
         self.active = found.active
         self._active_first = found.active_first_seq
         self._live: State = found.state
+        self._source: Callable[[], list[tuple[str, Entry]]] | None = None
         self._size = os.fstat(self._fd).st_size
         self._segment_bytes = segment_bytes
         self._rotate_at = self._next_rotation(found.snapshot_bytes)
@@ -192,9 +195,10 @@ class FileLog:
             self._size += len(data)
             self.seq = seq
             self._written = seq
-            live = self._live
-            for record in records:
-                fold(live, record)
+            if self._source is None:
+                live = self._live
+                for record in records:
+                    fold(live, record)
             self._last_ts = records[-1].get("ts", self._last_ts) if records else self._last_ts
             if self._size >= self._rotate_at:
                 try:
@@ -247,15 +251,18 @@ class FileLog:
     def _rotate(self) -> None:
         """Start a new segment that opens with a snapshot of every live session (under ``_lock``)."""
         first = self.seq + 1
-        live = self._live
+        if self._source is not None:
+            live = [(sid, core_entry_fields(entry)) for sid, entry in self._source()]
+        else:
+            live = [(sid, entry_fields(fields)) for sid, fields in self._live.items()]
         parts = max(1, -(-len(live) // SNAPSHOT_PART))
-        items = iter(live.items())
+        items = iter(live)
         lines = []
         seq = self.seq
         for part in range(1, parts + 1):
             chunk = {}
             for sid, fields in items:
-                chunk[sid] = entry_fields(fields)
+                chunk[sid] = fields
                 if len(chunk) == SNAPSHOT_PART:
                     break
             seq += 1
@@ -319,6 +326,21 @@ class FileLog:
     def recovered_state(self) -> State:
         """The live sessions' fields as the log holds them (read at start-up, before serving)."""
         return self._live
+
+    def attach(self, source: Callable[[], list[tuple[str, Entry]]]) -> None:
+        """Take snapshots from the shards' session tables instead of folding every record.
+
+        This keeps the hot path free of bookkeeping: a store attaches its
+        shard tables at start-up. The tables are read, one atomic copy each,
+        under the log's lock; a shard may already have applied records it has
+        not written yet, so a snapshot can be slightly *ahead* of its seq.
+        That is harmless: every record carries the new absolute values of the
+        fields it changed, so folding those records again after the snapshot
+        yields the same state (docs/audit-log.md, "Snapshots").
+        """
+        with self._lock:
+            self._source = source
+            self._live = {}
 
     def close(self) -> None:
         """Stop the fsync timer, fsync what is left (unless ``"never"``) and close; idempotent."""

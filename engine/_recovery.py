@@ -19,10 +19,10 @@ from engine._entry import Entry
 from engine._replay import (
     State,
     Tail,
-    fold,
+    fold_file,
+    fold_files,
     list_segments,
-    read_file,
-    read_log,
+    log_files,
     segment_name,
     to_entry,
 )
@@ -94,16 +94,14 @@ def recover(layout: Layout) -> Recovered:
         segments = list_segments(layout.path)
         if not segments:
             return Recovered(state, 0, layout.segment(1), 1, tail, 0)
-        for record in read_log(layout.path, tail):
-            fold(state, record)
+        fold_files(log_files(layout.path), state, tail)
         active = segments[-1]
         first = int(active.name.split(".")[0])
     else:
         active = layout.path
         if not active.exists():
             return Recovered(state, 0, active, 1, tail, 0)
-        for record in read_file(active, tail):
-            fold(state, record)
+        fold_file(active, state, tail)
         first = tail.first["seq"] if tail.first else (tail.last_seq or 0) + 1
     last = tail.last_seq or 0
     return Recovered(state, last, active, first if tail.last_seq is not None else last + 1, tail,
@@ -141,9 +139,22 @@ def shard_states(state: State, config: Config) -> list[ShardState] | None:
 
 
 def restored_states(log: object, config: Config) -> list[ShardState] | None:
-    """The shard tables a store starts with: what its log recovered, if it has one."""
-    live = getattr(log, "recovered_state", None)
-    return shard_states(live(), config) if callable(live) else None
+    """The shard tables a store starts with: what its log recovered, if it has one.
+
+    The log is attached to the same tables, so its snapshots read the live
+    sessions from the shards rather than tracking every record itself.
+    """
+    recovered = getattr(log, "recovered_state", None)
+    if not callable(recovered):
+        return None
+    states = shard_states(recovered(), config) or [ShardState() for _ in range(config.shards)]
+
+    def live_sessions() -> list[tuple[str, Entry]]:
+        # list(dict.items()) of str keys runs without releasing the GIL: an atomic copy per shard.
+        return [item for state in states for item in list(state.sessions.items())]
+
+    log.attach(live_sessions)  # type: ignore[attr-defined]
+    return states
 
 
 def entries(state: State) -> dict[str, Entry]:

@@ -70,9 +70,9 @@ def drive(store: SessionStore, rng: random.Random, frozen: Any, ops: int) -> Non
             store.get_session_cost_usd(sid)
 
 
-def live_state(store: SessionStore) -> dict[str, Entry]:
+def live_state(store: SessionStore, sids: list[str] = SIDS) -> dict[str, Entry]:
     """What the store serves now, read through get_session for every id the driver uses."""
-    return {sid: entry for sid in SIDS if (entry := store.get_session(sid)) is not None}
+    return {sid: entry for sid in sids if (entry := store.get_session(sid)) is not None}
 
 
 def last_seq(log: Path) -> int:
@@ -190,3 +190,38 @@ def test_deleting_archived_segments_of_a_file_log_changes_nothing(
     restarted = make_store(event_log=log, timeout_ms=TIMEOUT_MS)
     with freeze_time(end):
         assert live_state(restarted) == expected
+
+
+def test_snapshots_taken_while_many_callers_write_recover_the_live_state(
+        make_store: Callable[..., SessionStore], tmp_path: Path) -> None:
+    """Rotation reads the shard tables while other shards are mid-batch; recovery still matches."""
+    import threading
+
+    log = tmp_path / "segments"
+    log.mkdir()
+    with freeze_time("2025-03-01 09:00:00"):
+        store = make_store(event_log=log, timeout_ms=TIMEOUT_MS, segment_bytes=4096, shards=4)
+
+        def caller(n: int) -> None:
+            rng = random.Random(n)
+            for i in range(400):
+                sid = f"c{n}-{rng.randrange(12)}"
+                if i % 3 == 0:
+                    store.set_session(sid, rng.choice(MODELS), rng.choice(TIERS))
+                elif i % 3 == 1:
+                    store.add_session_cost(sid, rng.randint(1, 500))
+                else:
+                    store.tell(SetDeployment(sid, f"d{i}"))
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        sids = [f"c{n}-{k}" for n in range(6) for k in range(12)]
+        live = live_state(store, sids)
+        store.close()
+        assert len(list(log.glob("*.jsonl"))) >= 5
+        assert replay(log) == live
+        restarted = make_store(event_log=log, timeout_ms=TIMEOUT_MS)
+        assert live_state(restarted, sids) == live
