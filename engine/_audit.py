@@ -252,7 +252,8 @@ def explain(record: dict[str, Any], before: dict[str, Any]) -> str:
     elif name == R.STICKY_EXPIRED:
         text = f"cache pin ended: idle {_secs(r('idle_ms'))}, past the provider's cache TTL"
     elif name == R.DEPLOYMENT_SET:
-        text = f"served by deployment {r('deployment')!r} (was {r('previous') or 'none'!r})"
+        was = f"was {r('previous')!r}" if r("previous") else "none before"
+        text = f"served by deployment {r('deployment')!r} ({was})"
     elif name == R.DECISION_MADE:
         parts = [f"{k} {r(k)}" for k in ("model", "tier", "provider", "deployment", "strategy", "source")
                  if r(k)]
