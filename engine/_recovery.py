@@ -23,6 +23,7 @@ from engine._replay import (
     fold_files,
     list_segments,
     log_files,
+    paused_gc,
     segment_name,
     to_entry,
 )
@@ -125,6 +126,12 @@ def shard_states(state: State, config: Config) -> list[ShardState] | None:
     if not state:
         return None
     states = [ShardState() for _ in range(config.shards)]
+    with paused_gc():
+        _fill(states, state, config)
+    return states
+
+
+def _fill(states: list[ShardState], state: State, config: Config) -> None:
     for sid, fields in state.items():
         entry = to_entry(fields)
         table = states[hash(sid) % config.shards]
@@ -135,7 +142,6 @@ def shard_states(state: State, config: Config) -> list[ShardState] | None:
             table.deadlines.append((pin_deadline(entry), sid, -entry.cache_sticky_at - 1))
     for table in states:
         heapq.heapify(table.deadlines)
-    return states
 
 
 def restored_states(log: object, config: Config) -> list[ShardState] | None:

@@ -145,13 +145,13 @@ def replay_command(
     log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
 ) -> None:
     """Print the sessions rebuilt from the log alone, as JSON (session id -> every Entry field)."""
-    from engine._replay import ENTRY_FIELDS, fold
+    from engine._replay import entry_fields, fold
 
     def write(records: Iterator[dict[str, Any]]) -> None:
         state: dict[str, dict[str, Any]] = {}
         for record in records:
             fold(state, record)
-        out = {sid: {k: fields.get(k) for k in ENTRY_FIELDS} for sid, fields in sorted(state.items())}
+        out = {sid: entry_fields(fields) for sid, fields in sorted(state.items())}
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
 
     _streamed(log, write, history=False)
