@@ -13,6 +13,7 @@ from engine._helpers import (
     provider_from_model,
     should_cache_sticky,
 )
+from engine._log import AuditLogError
 from engine._replay import LogCorrupt, replay
 from engine._reply import AskTimeout
 from engine._shard import ShardFailed
@@ -22,7 +23,8 @@ from engine.store import SessionStore, StoreClosed
 from events import EngineError, InvalidEvent, Tier
 
 __all__ = [
-    "AskTimeout", "BudgetExceeded", "Config", "EngineError", "Entry", "InvalidEvent", "LogCorrupt", "MessageInfo",
+    "AskTimeout", "AuditLogError", "BudgetExceeded", "Config", "EngineError", "Entry", "InvalidEvent", "LogCorrupt",
+    "MessageInfo",
     "SessionInfo", "SessionStore", "ShardFailed", "Stats", "StoreClosed", "Tier",
     "cache_ttl_for_provider", "default_config", "derive_session_id", "get_session_id",
     "hash_request_content", "keyed_session_id", "provider_from_model", "replay", "should_cache_sticky",
