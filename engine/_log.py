@@ -298,11 +298,13 @@ class FileLog:
                 os.close(fd)
                 staging.unlink(missing_ok=True)
                 raise
-        except OSError as exc:
+        except BaseException as exc:
             with cond:
                 self._syncing = False
                 cond.notify_all()
-            raise AuditLogError(f"event_log segment cannot be started: {exc.strerror or exc}") from None
+            if isinstance(exc, OSError):
+                raise AuditLogError(f"event_log segment cannot be started: {exc.strerror or exc}") from None
+            raise
         old = self._fd
         with cond:
             self._fd = fd
