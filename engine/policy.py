@@ -17,7 +17,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -542,14 +542,45 @@ class _Base:
         sid = self.identity.fingerprint(request.messages, tenant=request.tenant)
         if not sid:
             return request
-        return _replace(request, session_id=sid, source=request.source or FINGERPRINT)
+        return replace(request, session_id=sid, source=request.source or FINGERPRINT)
+
+    def _sync_store(self) -> SessionStore:
+        raise NotImplementedError
+
+    def _without_lookup(self, request: Request) -> RouteDecision | None:
+        """The decision when there is no session to look up (no id, invalid id, store disabled)."""
+        store = self._sync_store()
+        if request.session_id and _valid_id(request.session_id) and store.enabled:
+            return None
+        decision = decide(request, None, self.models, self.options, self._config)
+        if not store.enabled and request.session_id:
+            decision = _no_events(decision, "session store disabled")
+        return decision
+
+    def _decided(self, request: Request, state: Entry | None) -> RouteDecision:
+        """Decide on the session's snapshot and tell the events the decision implies."""
+        decision = decide(request, state, self.models, self.options, self._config)
+        self._tell(decision.events)
+        return decision
 
     def _unavailable(self, request: Request, exc: BaseException) -> RouteDecision:
+        """The engine was too slow or failed: serve the router's own choice, count and log it."""
         with self._lock:
             self.unavailable_count += 1
         why = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
         log.warning("session-engine policy: engine %s for a request; serving the router's choice", why)
-        return unavailable(request, self.options, why)
+        decision = unavailable(request, self.options, why)
+        self._tell([_decision_event(decision)])
+        return decision
+
+    def _tell(self, events: Sequence[SessionEvent]) -> None:
+        # tell_many only appends to mailboxes: safe and quick, also on an event loop's thread.
+        if not events:
+            return
+        try:
+            self._sync_store().tell_many(events)
+        except EngineError as exc:  # a closed store: the request still goes on
+            log.warning("session-engine policy: could not record a decision (%s)", type(exc).__name__)
 
     def _response_events(self, session_id: str, cost_usd: float | None, micros: int | None, deployment: str,
                          decision: RouteDecision | None) -> list[SessionEvent]:
@@ -564,12 +595,6 @@ class _Base:
         return events
 
 
-def _replace(request: Request, **changes: Any) -> Request:
-    values = {name: getattr(request, name) for name in Request.__dataclass_fields__}
-    values.update(changes)
-    return Request(**values)
-
-
 class Policy(_Base):
     """The policy over a ``SessionStore``: ``route`` before the call, ``record_response`` after it.
 
@@ -582,24 +607,20 @@ class Policy(_Base):
         super().__init__(models, options, identity, store.config)
         self.store = store
 
+    def _sync_store(self) -> SessionStore:
+        return self.store
+
     def decide(self, request: Request) -> RouteDecision:
         """Like ``route`` but never raises ``BudgetExceeded``: a refusal is returned as a decision."""
         request = self._identify(request)
-        store = self.store
-        if not request.session_id or not _valid_id(request.session_id) or not store.enabled:
-            decision = decide(request, None, self.models, self.options, self._config)
-            if not store.enabled and request.session_id:
-                decision = _no_events(decision, "session store disabled")
+        decision = self._without_lookup(request)
+        if decision is not None:
             return decision
         try:
-            state = store.ask(GetSession(request.session_id), timeout=self.options.deadline_s)
+            state = self.store.ask(GetSession(request.session_id), timeout=self.options.deadline_s)
         except (EngineError, TimeoutError) as exc:
-            decision = self._unavailable(request, exc)
-            self._tell([_decision_event(decision)])
-            return decision
-        decision = decide(request, state, self.models, self.options, self._config)
-        self._tell(decision.events)
-        return decision
+            return self._unavailable(request, exc)
+        return self._decided(request, state)
 
     def route(self, request: Request) -> RouteDecision:
         """Decide, record, and return the decision; raises ``BudgetExceeded`` on a refusal."""
@@ -607,14 +628,6 @@ class Policy(_Base):
         if decision.refused:
             raise decision.budget_error()
         return decision
-
-    def _tell(self, events: Sequence[SessionEvent]) -> None:
-        if not events:
-            return
-        try:
-            self.store.tell_many(events)
-        except EngineError as exc:  # a closed store: the request still goes on
-            log.warning("session-engine policy: could not record a decision (%s)", type(exc).__name__)
 
     def record_response(self, session_id: str, *, cost_usd: float | None = None, micros: int | None = None,
                         deployment: str = "", decision: RouteDecision | None = None) -> None:
@@ -638,38 +651,25 @@ class AsyncPolicy(_Base):
         super().__init__(models, options, identity, store.store.config)
         self.store = store
 
+    def _sync_store(self) -> SessionStore:
+        return self.store.store
+
     async def decide(self, request: Request) -> RouteDecision:
         request = self._identify(request)
-        sync = self.store.store
-        if not request.session_id or not _valid_id(request.session_id) or not sync.enabled:
-            decision = decide(request, None, self.models, self.options, self._config)
-            if not sync.enabled and request.session_id:
-                decision = _no_events(decision, "session store disabled")
+        decision = self._without_lookup(request)
+        if decision is not None:
             return decision
         try:
             state = await self.store.ask(GetSession(request.session_id), timeout=self.options.deadline_s)
         except (EngineError, TimeoutError) as exc:  # asyncio.TimeoutError is TimeoutError
-            decision = self._unavailable(request, exc)
-            self._tell([_decision_event(decision)])
-            return decision
-        decision = decide(request, state, self.models, self.options, self._config)
-        self._tell(decision.events)
-        return decision
+            return self._unavailable(request, exc)
+        return self._decided(request, state)
 
     async def route(self, request: Request) -> RouteDecision:
         decision = await self.decide(request)
         if decision.refused:
             raise decision.budget_error()
         return decision
-
-    def _tell(self, events: Sequence[SessionEvent]) -> None:
-        # tell_many only appends to mailboxes: safe and quick on the event loop's thread.
-        if not events:
-            return
-        try:
-            self.store.store.tell_many(events)
-        except EngineError as exc:
-            log.warning("session-engine policy: could not record a decision (%s)", type(exc).__name__)
 
     async def record_response(self, session_id: str, *, cost_usd: float | None = None, micros: int | None = None,
                               deployment: str = "", decision: RouteDecision | None = None) -> None:
