@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """One clear line on stderr and a non-zero exit, never a traceback."""
     typer.echo(f"session-engine: error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -63,24 +63,14 @@ def simulate(
         sys.exit(130)
 
 
-def _stop(message: str) -> NoReturn:
-    """``fail()``, as a SystemExit: ``main()`` runs click with standalone_mode=False, which turns
-    ``typer.Exit`` into a return value that it then drops (exit status 0)."""
-    try:
-        fail(message)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    raise AssertionError("fail() always raises")
-
-
 def _open_records(log: Path, *, history: bool) -> Iterator[dict[str, Any]]:
     """The log's records, streamed; a missing path is one clear error."""
     from engine._replay import read_log
 
     if not log.exists():
-        _stop(f"{log}: no such file or directory")
+        fail(f"{log}: no such file or directory")
     if log.is_dir() and not any(log.glob("*.jsonl")):
-        _stop(f"{log}: a directory without log segments")
+        fail(f"{log}: a directory without log segments")
     return read_log(log, history=history)
 
 
@@ -91,9 +81,9 @@ def _streamed(log: Path, write: Callable[[Iterator[dict[str, Any]]], None], *, h
     try:
         write(_open_records(log, history=history))
     except LogCorrupt as exc:
-        _stop(str(exc))
+        fail(str(exc))
     except OSError as exc:
-        _stop(f"{log}: {exc.strerror or exc}")
+        fail(f"{log}: {exc.strerror or exc}")
 
 
 @app.command()
@@ -135,7 +125,7 @@ def audit(
         if json_out:
             sys.stdout.write("\n]\n" if found else "]\n")
         if not found:
-            _stop(f"no records for session {session!r} in {log}")
+            fail(f"no records for session {session!r} in {log}")
 
     _streamed(log, write_timeline if session is not None else write_table, history=True)
 
