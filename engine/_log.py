@@ -10,6 +10,7 @@ docs/audit-log.md describes the format and the policies.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -118,13 +119,18 @@ class FileLog:
             raise AuditLogError(f"fsync must be always, interval or never, got {fsync!r}")
         self.layout = Layout.of(path)
         self.path = self.layout.path
+        self._lock_fd = -1
         try:
-            if not self.layout.directory:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+            (self.path if self.layout.directory else self.path.parent).mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _hold_lock(self.layout.lock_file(), path)
             found = recover(self.layout)
             self._fd = self._open_active(found)
         except OSError as exc:
+            _release_lock(self._lock_fd)
             raise AuditLogError(f"event_log {path} cannot be opened: {exc.strerror or exc}") from None
+        except AuditLogError:
+            _release_lock(self._lock_fd)
+            raise
         self.seq = found.last_seq
         self.active = found.active
         self._active_first = found.active_first_seq
@@ -363,6 +369,7 @@ class FileLog:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+                _release_lock(self._lock_fd)
 
 
 class _Flusher(threading.Thread):
@@ -385,6 +392,25 @@ class _Flusher(threading.Thread):
         self._stopped.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join()
+
+
+def _hold_lock(lock_file: Path, event_log: str | Path) -> int:
+    """Take the log's exclusive lock: two stores appending to one log would interleave seqs.
+
+    The kernel drops the lock when the process dies, so a crashed store never blocks its restart.
+    """
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AuditLogError(f"event_log {event_log} is in use by another store (one store per log)") from None
+    return fd
+
+
+def _release_lock(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -54,6 +54,10 @@ class Layout:
         """The name a retired single-file segment keeps (directory segments keep theirs)."""
         return self.path.with_name(f"{self.path.name}.{first_seq:020d}")
 
+    def lock_file(self) -> Path:
+        """Locked (flock) by the one store appending to this log; hidden, so replay ignores it."""
+        return self.path / ".lock" if self.directory else self.path.with_name(f".{self.path.name}.lock")
+
     def segment(self, first_seq: int) -> Path:
         return self.path / segment_name(first_seq) if self.directory else self.path
 

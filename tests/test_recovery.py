@@ -196,7 +196,7 @@ def test_directory_log_starts_with_a_first_segment_and_continues_it(
     store = make_store(event_log=f"{log}/")
     store.set_session("a", "m")
     store.close()
-    assert [p.name for p in log.iterdir()] == ["00000000000000000001.jsonl"]
+    assert [p.name for p in log.iterdir() if not p.name.startswith(".")] == ["00000000000000000001.jsonl"]
     store = make_store(event_log=log)
     store.touch_session("a")
     store.close()
@@ -228,3 +228,15 @@ def test_closed_log_refuses_appends_and_close_is_idempotent(tmp_path: Path) -> N
     with pytest.raises(AuditLogError, match="closed"):
         log.append([{"seq": 0, "ts": 1, "event": "shard.restarted"}])
     assert orjson.loads((tmp_path / "a.jsonl").read_bytes())["seq"] == 1
+
+
+def test_one_store_per_log(make_store: Callable[..., SessionStore], log_path: Path) -> None:
+    from engine import AuditLogError
+
+    first = make_store(event_log=str(log_path))
+    first.set_session("a", "m")
+    with pytest.raises(AuditLogError, match="in use by another store"):
+        make_store(event_log=str(log_path))
+    first.close()
+    second = make_store(event_log=str(log_path))  # the lock went with the first store
+    assert second.get_session("a") is not None
