@@ -51,17 +51,49 @@ class Outcome(NamedTuple):
     records: tuple[Record, ...]
 
 
+# A transition copies the 14-slot Entry. The frozen dataclass ``__init__`` sets each slot
+# through ``object.__setattr__``; writing the slots through their descriptors on a bare
+# instance builds the same object in about half the time (measured: 0.8 vs 1.5 µs).
+_new = object.__new__
+_SETTERS = {name: Entry.__dict__[name].__set__ for name in Entry.__slots__}  # type: ignore[attr-defined]
+_put_model, _put_tier, _put_created_at = _SETTERS["model"], _SETTERS["tier"], _SETTERS["created_at"]
+_put_last_used_at, _put_request_count = _SETTERS["last_used_at"], _SETTERS["request_count"]
+_put_recent_hashes, _put_strikes, _put_escalated = _SETTERS["recent_hashes"], _SETTERS["strikes"], _SETTERS["escalated"]
+_put_user_explicit, _put_cache_sticky = _SETTERS["user_explicit"], _SETTERS["cache_sticky"]
+_put_cache_sticky_at, _put_provider = _SETTERS["cache_sticky_at"], _SETTERS["provider"]
+_put_cost, _put_deployment = _SETTERS["session_cost_micros"], _SETTERS["deployment"]
+_COPIED = ("model", "tier", "created_at", "last_used_at", "request_count", "recent_hashes", "strikes", "escalated",
+           "user_explicit", "cache_sticky", "cache_sticky_at", "provider", "session_cost_micros", "deployment")
+if set(_SETTERS) != set(_COPIED):  # a field added to Entry must be added to _copy too
+    raise ImportError(f"engine._core._copy copies {_COPIED}, Entry has {tuple(_SETTERS)}")
+
+
+def _copy(e: Entry) -> Entry:
+    """An equal, distinct Entry (only ever modified before anyone else sees it)."""
+    n = _new(Entry)
+    _put_model(n, e.model)
+    _put_tier(n, e.tier)
+    _put_created_at(n, e.created_at)
+    _put_last_used_at(n, e.last_used_at)
+    _put_request_count(n, e.request_count)
+    _put_recent_hashes(n, e.recent_hashes)
+    _put_strikes(n, e.strikes)
+    _put_escalated(n, e.escalated)
+    _put_user_explicit(n, e.user_explicit)
+    _put_cache_sticky(n, e.cache_sticky)
+    _put_cache_sticky_at(n, e.cache_sticky_at)
+    _put_provider(n, e.provider)
+    _put_cost(n, e.session_cost_micros)
+    _put_deployment(n, e.deployment)
+    return n
+
+
 def _evolve(e: Entry, **changes: Any) -> Entry:
-    """A cheaper ``dataclasses.replace`` for the hot path (positional construction)."""
-    g = changes.get
-    return Entry(
-        g("model", e.model), g("tier", e.tier), e.created_at, g("last_used_at", e.last_used_at),
-        g("request_count", e.request_count), g("recent_hashes", e.recent_hashes),
-        g("strikes", e.strikes), g("escalated", e.escalated), g("user_explicit", e.user_explicit),
-        g("cache_sticky", e.cache_sticky), g("cache_sticky_at", e.cache_sticky_at),
-        g("provider", e.provider), g("session_cost_micros", e.session_cost_micros),
-        g("deployment", e.deployment),
-    )
+    """A cheaper ``dataclasses.replace`` (no validation: the core only passes Entry field names)."""
+    n = _copy(e)
+    for name, value in changes.items():
+        _SETTERS[name](n, value)
+    return n
 
 
 def entry_fields(e: Entry) -> dict[str, Any]:
@@ -114,25 +146,31 @@ def _set_session(s: Entry | None, ev: SetSession, now: int) -> Outcome:
     if s is None:
         new = Entry(ev.model, ev.tier, now, now, 1, user_explicit=ev.user_explicit)  # type: ignore[arg-type]
         return Outcome(new, None, ((R.SESSION_CREATED, entry_fields(new)),))
-    used = max(now, s.last_used_at)
-    changes: dict[str, Any] = {"last_used_at": used, "request_count": s.request_count + 1}
+    used = now if now > s.last_used_at else s.last_used_at
+    count = s.request_count + 1
+    new = _copy(s)
+    _put_last_used_at(new, used)
+    _put_request_count(new, count)
+    changes: dict[str, Any] = {"last_used_at": used, "request_count": count}
     if ev.model != s.model:
+        _put_model(new, ev.model)
+        _put_tier(new, ev.tier)
         changes["model"] = ev.model
-        changes["tier"] = ev.tier
-    if ev.user_explicit and not s.user_explicit:
-        changes["user_explicit"] = True
-    new = _evolve(s, **changes)
-    if "tier" in changes:
         changes["tier"] = ev.tier.value if ev.tier else None  # type: ignore[union-attr]
+    if ev.user_explicit and not s.user_explicit:
+        _put_user_explicit(new, True)
+        changes["user_explicit"] = True
     return Outcome(new, None, ((R.SESSION_UPDATED, changes),))
 
 
 def _touch(s: Entry | None, now: int) -> Outcome:
     if s is None:
         return Outcome(None, None, _NO_RECORDS)
-    used = max(now, s.last_used_at)
+    used = now if now > s.last_used_at else s.last_used_at
     count = s.request_count + 1
-    new = _evolve(s, last_used_at=used, request_count=count)
+    new = _copy(s)
+    _put_last_used_at(new, used)
+    _put_request_count(new, count)
     return Outcome(new, None, ((R.SESSION_TOUCHED, {"last_used_at": used, "request_count": count}),))
 
 
@@ -146,7 +184,9 @@ def _hash(s: Entry | None, ev: Hash, config: Config) -> Outcome:
             break
         run += 1
     strikes = s.strikes + 1 if run >= 2 else s.strikes
-    new = _evolve(s, recent_hashes=hashes, strikes=strikes)
+    new = _copy(s)
+    _put_recent_hashes(new, hashes)
+    _put_strikes(new, strikes)
     records: tuple[Record, ...] = ((R.HASH_RECORDED, {"recent_hashes": list(hashes), "strikes": strikes}),)
     if (config.auto_escalate and strikes >= config.strike_limit
             and not new.escalated and not new.user_explicit):
@@ -173,7 +213,8 @@ def _cost(s: Entry | None, ev: Cost, now: int) -> Outcome:
         s = Entry("", None, now, now, 0)
         records = ((R.SESSION_CREATED, {**entry_fields(s), "cause": "cost"}),)
     total = s.session_cost_micros + ev.micros
-    new = _evolve(s, session_cost_micros=total)
+    new = _copy(s)
+    _put_cost(new, total)
     return Outcome(new, None, (*records, (R.COST_ADDED, {"micros": ev.micros, "session_cost_micros": total})))
 
 
@@ -212,7 +253,15 @@ def _end(s: Entry | None, name: str, reason: str) -> Outcome:
 
 def apply(state: Entry | None, event: SessionEvent, now: int, config: Config) -> Outcome:
     """Apply one session event at ``now``: every rule of SPEC.md's SessionStore table."""
-    s, settled = settle(state, now, config)
+    if state is None:
+        s, settled = None, _NO_RECORDS
+    else:
+        # Most events find the session neither idle nor holding a lapsed pin: skip settle's call.
+        idle = now - state.last_used_at
+        if idle > config.timeout_ms or (state.cache_sticky and idle > cache_ttl_for_provider(state.provider)):
+            s, settled = settle(state, now, config)
+        else:
+            s, settled = state, _NO_RECORDS
     t = type(event)
     if t is Touch:
         out = _touch(s, now)

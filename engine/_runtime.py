@@ -87,15 +87,20 @@ class Runtime:
                 self.shards[index].tell(DRAIN)
 
     def route(self, event: SessionEvent, now: int, reply: Reply | None) -> None:
-        self.send(hash(event.session_id) % len(self.mailboxes), event, now, reply)
+        # send() and _wake() inlined: this runs once per store call.
+        mailbox = self.mailboxes[hash(event.session_id) % len(self.mailboxes)]
+        mailbox.queue.append((event, now, reply))
+        if not mailbox.scheduled:
+            self._wake(mailbox.index)
 
     def route_many(self, events: list[SessionEvent], now: int) -> None:
         """Append a batch of told events, waking each shard at most once."""
         n = len(self.mailboxes)
+        appends = [mailbox.queue.append for mailbox in self.mailboxes]
         touched = set()
         for event in events:
             index = hash(event.session_id) % n
-            self.mailboxes[index].queue.append((event, now, None))
+            appends[index]((event, now, None))
             touched.add(index)
         for index in touched:
             self._wake(index)

@@ -14,6 +14,7 @@ from engine._reply import Reply
 from engine._runtime import Observer, Runtime
 from engine._time import now_ms
 from events import (
+    SESSION_EVENTS,
     Clear,
     ClearAll,
     Cost,
@@ -139,6 +140,12 @@ class SessionStore:
 
     def tell(self, event: Event) -> None:
         """Fire and forget: the event is applied in its session's turn, in send order."""
+        rt = self._rt
+        if rt is not None and not self._closed and type(event) in _SESSION_EVENT_TYPES:
+            # The common case in one step (an event was validated when it was built).
+            if event.session_id != "":
+                rt.route(event, now_ms(), None)  # type: ignore[arg-type]
+            return
         rt = self._check_event(event)
         if rt is None or event.session_id == "":
             return
@@ -175,7 +182,7 @@ class SessionStore:
         if event is None:
             return default
         reply = Reply()
-        self.submit(event, reply)
+        self._rt.route(event, now_ms(), reply)  # type: ignore[union-attr]  # build() returned: it is open
         return reply.get(self._timeout)
 
     # -- the seed's methods ---------------------------------------------------------
@@ -233,6 +240,7 @@ class SessionStore:
         return self.ask(Tick())
 
 
+_SESSION_EVENT_TYPES = frozenset(SESSION_EVENTS)
 _DEFAULTS: dict[type, Any] = {Hash: 0, GetCost: 0.0, IsCacheSticky: False, Tick: 0, GetStats: Stats(0, [])}
 
 
