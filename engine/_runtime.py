@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections import deque
 from typing import Any, Protocol
 
 import pykka
@@ -43,6 +44,60 @@ class Supervisor(pykka.ThreadingActor):
         return None
 
 
+class Acknowledger(threading.Thread):
+    """Under ``fsync="always"``, waits for the log's fsync on the shards' behalf, then answers.
+
+    A shard that waited for the fsync itself would hold its mailbox for the whole fsync, and the
+    records the other shards wrote meanwhile would need a second one. Shards instead hand over
+    each batch's replies with the last ``seq`` it wrote and go on; this thread fsyncs up to the
+    highest ``seq`` handed over (one fsync for every shard: group commit) and completes the
+    replies in the order they were handed over, so no reply, not even a read, is completed
+    before every record written before it is on disk.
+    """
+
+    def __init__(self, log: LogSink) -> None:
+        super().__init__(name="session-engine-ack", daemon=True)
+        self._log = log
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: deque[tuple[int, list[tuple[Reply, Any]]]] = deque()
+        self._stopping = False
+
+    def submit(self, seq: int, answers: list[tuple[Reply, Any]]) -> None:
+        with self._cond:
+            self._pending.append((seq, answers))
+            self._cond.notify()
+
+    def run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._pending and not self._stopping:
+                    cond.wait()
+                if not self._pending:
+                    return
+                items = list(self._pending)
+                self._pending.clear()
+            error: BaseException | None = None
+            try:
+                self._log.sync(max(seq for seq, _ in items))
+            except Exception as exc:  # the callers learn that their records may not be durable
+                error = exc
+            for _, answers in items:
+                for reply, result in answers:
+                    if error is None:
+                        reply.set(result)
+                    else:
+                        reply.fail(error)
+
+    def stop(self) -> None:
+        """Answer everything handed over (after its fsync), then end; idempotent."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+
 class Runtime:
     """Owns every thread the store starts; ``close()`` stops them all."""
 
@@ -61,6 +116,10 @@ class Runtime:
         self.restarts = 0
         self._closing = False
         self._lock = threading.Lock()
+        self.acknowledger: Acknowledger | None = None
+        if config.fsync == "always" and config.event_log is not None:
+            self.acknowledger = Acknowledger(log_sink)
+            self.acknowledger.start()
         self.supervisor = Supervisor.start(self)
         self.shards: list[pykka.ActorRef[Any]] = [
             Shard.start(self, i, self.states[i]) for i in range(config.shards)
@@ -145,5 +204,7 @@ class Runtime:
         for ref in self.shards:
             with contextlib.suppress(pykka.ActorDeadError):
                 ref.stop()
+        if self.acknowledger is not None:
+            self.acknowledger.stop()
         self.supervisor.stop()
         self.log.close()

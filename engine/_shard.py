@@ -184,14 +184,20 @@ class Shard(pykka.ThreadingActor):
                 used: list[tuple[str, int]], ended: list[str], started: float, n_events: int) -> None:
         rt = self._rt
         applied = time.perf_counter() - started  # the core's work only; the log is timed by the observer
-        if records:
-            seq = rt.log.append(records)
+        seq = rt.log.append(records) if records else 0
+        acknowledger = rt.acknowledger
+        if acknowledger is None and records:
             rt.log.sync(seq)
         if rt.observer is not None:
             rt.observer.on_batch(self._index, n_events, records, applied, len(self._mailbox.queue))
         if rt.capacity is not None and (used or ended):
             for sid, last_used in rt.capacity.note(used, ended):
                 rt.route(Evict(sid, last_used), last_used, None)
+        if acknowledger is not None and (records or answers):
+            # fsync="always": the acknowledger answers once the records are on disk; this shard
+            # goes on with its mailbox meanwhile, so one fsync covers what every shard wrote.
+            acknowledger.submit(seq, answers)
+            return
         for reply, result in answers:
             reply.set(result)
 
