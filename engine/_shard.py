@@ -14,6 +14,7 @@ records with one log call, and answers the batch's callers.
 from __future__ import annotations
 
 import heapq
+import queue
 import time
 from collections import deque
 from collections.abc import Callable
@@ -97,6 +98,12 @@ class Shard(pykka.ThreadingActor):
         self._mailbox: Mailbox = runtime.mailboxes[index]
         self._state = state
         self._apply: Callable[..., Any] = apply
+
+    @staticmethod
+    def _create_actor_inbox() -> Any:
+        # pykka's hook for the inbox. queue.SimpleQueue (put, get, empty, like queue.Queue) is
+        # written in C: waking a shard costs a fraction of queue.Queue's Python-level Condition.
+        return queue.SimpleQueue()
 
     # -- lifecycle ---------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
