@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
-from typing import Any, Protocol
+from typing import Any
 
 import pykka
 
@@ -23,11 +24,28 @@ from events import records as R
 log = logging.getLogger("engine")
 
 
-class Observer(Protocol):
-    """Receives what the engine does, for metrics (engine.metrics implements it)."""
+class Observer:
+    """What the engine reports as it works (engine.metrics implements it).
+
+    Every hook is a no-op here, so an observer overrides only what it needs.
+    Hooks run on engine threads, must be quick, and must not raise.
+    """
+
+    def on_start(self, live_sessions: int) -> None:
+        """The store restored ``live_sessions`` from its log and is about to serve."""
 
     def on_batch(self, shard: int, n_events: int, records: list[dict[str, Any]],
-                 apply_seconds: float, queue_depth: int) -> None: ...
+                 apply_seconds: float, queue_depth: int) -> None:
+        """A shard applied ``n_events`` (in ``apply_seconds``) and wrote ``records``."""
+
+    def on_records(self, records: list[dict[str, Any]]) -> None:
+        """Records written outside a shard batch: rejected input, shard restarts, start-up evictions."""
+
+    def on_log_write(self, seconds: float) -> None:
+        """One batch of records was handed to the audit log in ``seconds``."""
+
+    def on_log_sync(self, seconds: float) -> None:
+        """One group-commit fsync (``fsync="always"``) took ``seconds``."""
 
 
 class Supervisor(pykka.ThreadingActor):
@@ -55,9 +73,10 @@ class Acknowledger(threading.Thread):
     before every record written before it is on disk.
     """
 
-    def __init__(self, log: LogSink) -> None:
+    def __init__(self, log: LogSink, observer: Observer | None) -> None:
         super().__init__(name="session-engine-ack", daemon=True)
         self._log = log
+        self._observer = observer
         self._cond = threading.Condition(threading.Lock())
         self._pending: deque[tuple[int, list[tuple[Reply, Any]]]] = deque()
         self._stopping = False
@@ -78,10 +97,13 @@ class Acknowledger(threading.Thread):
                 items = list(self._pending)
                 self._pending.clear()
             error: BaseException | None = None
+            started = time.perf_counter()
             try:
                 self._log.sync(max(seq for seq, _ in items))
             except Exception as exc:  # the callers learn that their records may not be durable
                 error = exc
+            if self._observer is not None:
+                self._observer.on_log_sync(time.perf_counter() - started)
             for _, answers in items:
                 for reply, result in answers:
                     if error is None:
@@ -106,19 +128,19 @@ class Runtime:
         self.config = config
         self.log = log_sink
         self.observer = observer
-        self.capacity = Capacity(config.max_sessions) if config.max_sessions else None
-        if states is not None and self.capacity is not None:
-            self.capacity.note(
-                sorted(((sid, e.last_used_at) for st in states for sid, e in st.sessions.items()),
-                       key=lambda item: item[1]), ())
         self.mailboxes = [Mailbox(i) for i in range(config.shards)]
         self.states = states or [ShardState() for _ in range(config.shards)]
+        self.capacity = Capacity(config.max_sessions) if config.max_sessions else None
+        if states is not None and self.capacity is not None:
+            self._restore_capacity()
+        if observer is not None:
+            observer.on_start(sum(len(state.sessions) for state in self.states))
         self.restarts = 0
         self._closing = False
         self._lock = threading.Lock()
         self.acknowledger: Acknowledger | None = None
         if config.fsync == "always" and config.event_log is not None:
-            self.acknowledger = Acknowledger(log_sink)
+            self.acknowledger = Acknowledger(log_sink, observer)
             self.acknowledger.start()
         self.supervisor = Supervisor.start(self)
         self.shards: list[pykka.ActorRef[Any]] = [
@@ -127,6 +149,26 @@ class Runtime:
         self.clock = Clock(self, config.tick_ms) if config.tick_ms > 0 else None
         if self.clock is not None:
             self.clock.start()
+
+    def _restore_capacity(self) -> None:
+        """Order restored sessions by last use; evict those a smaller ``max_sessions`` leaves out."""
+        assert self.capacity is not None
+        used = sorted(((sid, e.last_used_at) for st in self.states for sid, e in st.sessions.items()),
+                      key=lambda item: item[1])
+        victims = self.capacity.note(used, ())
+        if not victims:
+            return
+        now = now_ms()
+        for sid, _ in victims:
+            self.states[self.shard_of(sid)].sessions.pop(sid, None)  # its deadlines go stale
+        self.write([{"seq": 0, "ts": now, "event": R.SESSION_EVICTED, "session_id": sid, "reason": "capacity"}
+                    for sid, _ in victims])
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        """Log records that no shard batch carries, and tell the observer."""
+        self.log.append(records)
+        if self.observer is not None:
+            self.observer.on_records(records)
 
     # -- routing -------------------------------------------------------------
     def shard_of(self, session_id: str) -> int:
@@ -185,7 +227,7 @@ class Runtime:
             record = {"seq": 0, "ts": now_ms(), "event": R.SHARD_RESTARTED, "shard": index,
                       "error": type(error).__name__ if error else None,
                       "sessions": len(self.states[index].sessions)}
-            self.log.append([record])
+            self.write([record])
             mailbox = self.mailboxes[index]
             mailbox.scheduled = True
             mailbox.tick_pending = False

@@ -184,29 +184,38 @@ class Shard(pykka.ThreadingActor):
             except Exception as exc:
                 rest = batch[position + 1:]
                 self._mailbox.queue.extendleft(reversed(rest))
-                self._commit(records, answers, used, ended, started, len(batch))
+                self._commit(records, answers, used, ended, started, len(batch), now)
                 if reply is not None:
                     reply.fail(ShardFailed(
                         f"shard {self._index} failed applying {type(event).__name__}: "
                         f"{type(exc).__name__}; it is being restarted"))
                 raise
-        self._commit(records, answers, used, ended, started, len(batch))
+        self._commit(records, answers, used, ended, started, len(batch), now)
 
     def _commit(self, records: list[dict[str, Any]], answers: list[tuple[Any, Any]],
-                used: list[tuple[str, int]], ended: list[str], started: float, n_events: int) -> None:
+                used: list[tuple[str, int]], ended: list[str], started: float, n_events: int,
+                now: int) -> None:
+        """Write the batch's records, report it, evict past capacity, answer the callers.
+
+        ``now`` is the time of the batch's last event: evictions it causes happen then.
+        """
         rt = self._rt
-        applied = time.perf_counter() - started  # the core's work only; the log is timed by the observer
+        observer = rt.observer
+        written = time.perf_counter()
+        applied = written - started  # the core's work only
         seq = 0
         for start in range(0, len(records), _LOG_CHUNK):
             seq = rt.log.append(records[start:start + _LOG_CHUNK])
         acknowledger = rt.acknowledger
         if acknowledger is None and records:
             rt.log.sync(seq)
-        if rt.observer is not None:
-            rt.observer.on_batch(self._index, n_events, records, applied, len(self._mailbox.queue))
+        if observer is not None:
+            if records:
+                observer.on_log_write(time.perf_counter() - written)
+            observer.on_batch(self._index, n_events, records, applied, len(self._mailbox.queue))
         if rt.capacity is not None and (used or ended):
             for sid, last_used in rt.capacity.note(used, ended):
-                rt.route(Evict(sid, last_used), last_used, None)
+                rt.route(Evict(sid, last_used), now, None)
         if acknowledger is not None and (records or answers):
             # fsync="always": the acknowledger answers once the records are on disk; this shard
             # goes on with its mailbox meanwhile, so one fsync covers what every shard wrote.

@@ -59,6 +59,7 @@ from rich.table import Table
 
 import engine._time as engine_time
 from engine._config import Config
+from engine._runtime import Observer
 from engine._workload import Request, Router, Workload
 from engine.store import SessionStore
 from events import EngineError, InvalidEvent
@@ -175,7 +176,7 @@ class SimClock:
             engine_time._read = saved
 
 
-class RecordCounter:
+class RecordCounter(Observer):
     """Observer counting the records each shard commits (one Counter per shard: no shared writes)."""
 
     def __init__(self, shards: int) -> None:

@@ -9,7 +9,6 @@ Usage::
 
     metrics = Metrics()                      # its own CollectorRegistry
     store = SessionStore(config, observer=metrics)
-    metrics.attach(store)                    # log-write latency + restored sessions
     body, content_type = metrics.render()    # serve on /metrics
 
 Each ``Metrics`` owns a dedicated ``CollectorRegistry`` unless one is passed,
@@ -21,16 +20,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from engine._runtime import Observer
 from events import records as R
-
-if TYPE_CHECKING:
-    from engine._log import EventDict, LogSink
-    from engine.store import SessionStore
 
 log = logging.getLogger("engine.metrics")
 
@@ -69,7 +64,7 @@ class _Labels:
         return child
 
 
-class Metrics:
+class Metrics(Observer):
     """The engine's Prometheus metrics; pass it as ``SessionStore(config, observer=metrics)``."""
 
     def __init__(self, registry: CollectorRegistry | None = None, namespace: str = "session_engine") -> None:
@@ -110,18 +105,17 @@ class Metrics:
             "mailbox_depth", "Events waiting in a shard's mailbox after its last batch.",
             ["shard"], namespace=ns, registry=reg)
         self.apply_seconds = Histogram(
-            "event_apply_seconds", "Time a shard took to apply one batch of events and commit its "
-            "records; every event of the batch is answered after it.",
+            "event_apply_seconds", "Time a shard took to apply one batch of events (the core's work, "
+            "without the log's write and sync).",
             ["shard"], namespace=ns, registry=reg, buckets=LATENCY_BUCKETS)
         self.batch_size = Histogram(
             "batch_events", "Events applied per shard batch.",
             namespace=ns, registry=reg, buckets=BATCH_SIZE_BUCKETS)
         self.log_write_seconds = Histogram(
-            "log_write_seconds", "Time of one audit-log write (one batch of records), including an "
-            "fsync when the durability policy does it inline.",
+            "log_write_seconds", "Time a shard took to hand one batch of records to the audit log.",
             namespace=ns, registry=reg, buckets=LATENCY_BUCKETS)
         self.log_sync_seconds = Histogram(
-            "log_sync_seconds", "Time of one explicit audit-log sync (group commit) call.",
+            "log_sync_seconds", "Time of one group-commit fsync under fsync=\"always\".",
             namespace=ns, registry=reg, buckets=LATENCY_BUCKETS)
         self.observer_errors = Counter(
             "observer_errors", "Batches the metrics observer failed to account for (see the log).",
@@ -157,6 +151,10 @@ class Metrics:
         depth.set(queue_depth)
         latency.observe(apply_seconds)
         self.batch_size.observe(n_events)
+        self._account(records)
+
+    def _account(self, records: list[dict[str, Any]]) -> None:
+        """Count what the records say happened: every number here comes from the log's records."""
         live = 0
         micros = 0
         for record in records:
@@ -189,31 +187,24 @@ class Metrics:
         """Count a request served on the router's own choice because the engine did not answer."""
         self._unavailable(reason).inc()
 
-    # -- log latency --------------------------------------------------------------------
-    def observe_log_write(self, seconds: float) -> None:
+    def on_start(self, live_sessions: int) -> None:
+        """Start the live-sessions gauge at what the store restored from its log."""
+        if live_sessions:
+            self.live_sessions.inc(live_sessions)
+
+    def on_records(self, records: list[dict[str, Any]]) -> None:
+        """Records no shard batch carries (rejected input, shard restarts, start-up evictions)."""
+        try:
+            self._account(records)
+        except Exception:
+            self.observer_errors.inc()
+            log.exception("session-engine metrics: records could not be accounted for")
+
+    def on_log_write(self, seconds: float) -> None:
         self.log_write_seconds.observe(seconds)
 
-    def observe_log_sync(self, seconds: float) -> None:
+    def on_log_sync(self, seconds: float) -> None:
         self.log_sync_seconds.observe(seconds)
-
-    def attach(self, store: SessionStore) -> SessionStore:
-        """Finish instrumenting a store built with ``observer=self``; returns the store.
-
-        Times every audit-log write by wrapping the store's log sink (records
-        reach the log unchanged), and starts the live-sessions gauge at the
-        number of sessions the store restored from an existing ``event_log``.
-        Call it once, right after constructing the store.
-        """
-        rt = getattr(store, "_rt", None)
-        if rt is None:
-            return store
-        if store.config.event_log is not None and not isinstance(rt.log, TimedLog):
-            # The shards look the sink up on the runtime at every commit, so swapping it is enough.
-            rt.log = TimedLog(rt.log, self)
-        restored = store.get_stats().count
-        if restored:
-            self.live_sessions.inc(restored)
-        return store
 
     # -- exposition ---------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
@@ -224,34 +215,3 @@ class Metrics:
         """One sample's current value (0.0 when absent): handy in tests and health checks."""
         got = self.registry.get_sample_value(name, labels or {})
         return 0.0 if got is None else got
-
-
-class TimedLog:
-    """A LogSink wrapper that times each write and sync into ``Metrics``."""
-
-    __slots__ = ("_inner", "_metrics")
-
-    def __init__(self, inner: LogSink, metrics: Metrics) -> None:
-        self._inner = inner
-        self._metrics = metrics
-
-    def append(self, records: list[EventDict]) -> int:
-        started = time.perf_counter()
-        try:
-            return self._inner.append(records)
-        finally:
-            self._metrics.observe_log_write(time.perf_counter() - started)
-
-    def sync(self, seq: int) -> None:
-        started = time.perf_counter()
-        try:
-            self._inner.sync(seq)
-        finally:
-            self._metrics.observe_log_sync(time.perf_counter() - started)
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything else the runtime reads from its sink (seq, path, ...) comes from the real one.
-        return getattr(self._inner, name)

@@ -117,7 +117,7 @@ class SessionStore:
             record["session_id"] = session_id
         record.update(operation=operation, field=exc.field, rule=exc.rule)
         assert self._rt is not None
-        self._rt.log.append([record])
+        self._rt.write([record])
 
     def _check_event(self, event: Any) -> Runtime | None:
         rt = self._runtime()

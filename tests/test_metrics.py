@@ -28,7 +28,6 @@ def observed() -> Iterator[Callable[..., tuple[SessionStore, Metrics]]]:
         metrics = Metrics()
         store = SessionStore(Config(**settings), observer=metrics)
         stores.append(store)
-        metrics.attach(store)
         return store, metrics
 
     yield make
@@ -163,8 +162,20 @@ def test_sessions_restored_from_the_log_count_as_live(tmp_path: Path):
         store.set_session("b", "m")
     metrics = Metrics()
     with SessionStore(Config(enabled=True, tick_ms=0, event_log=log), observer=metrics) as store:
-        metrics.attach(store)
         assert store.get_stats().count == 2  # restored from the log before serving
         assert metrics.value("session_engine_live_sessions") == 2
         store.clear_session("a")
         assert metrics.value("session_engine_live_sessions") == 1
+
+
+def test_log_latencies_and_out_of_batch_records_are_observed(observed, tmp_path: Path) -> None:
+    from engine import InvalidEvent
+
+    store, metrics = observed(event_log=str(tmp_path / "a.jsonl"), fsync="always")
+    store.set_session("a", "m")
+    store.add_session_cost("a", 5)
+    with pytest.raises(InvalidEvent):
+        store.add_session_cost("a", -5)
+    assert metrics.value("session_engine_log_write_seconds_count") >= 2
+    assert metrics.value("session_engine_log_sync_seconds_count") >= 1
+    assert metrics.value("session_engine_events_total", {"event": "input.rejected"}) == 1

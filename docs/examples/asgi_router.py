@@ -128,7 +128,6 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
     upstream = upstream or FakeUpstream()
     metrics = Metrics()
     store = SessionStore(config, observer=metrics)
-    metrics.attach(store)
     # The identity chain runs here, at the HTTP edge, so the policy gets no resolver of its own: an
     # invalid explicit id must give no session, not a fingerprint.
     policy = AsyncPolicy(AsyncSessionStore(store), models, options)
