@@ -34,7 +34,8 @@ class Config:
     auto_escalate: bool = False
     strike_limit: int = 2
     #: Shard actors (threads) hosting the sessions; fixed, whatever the number of sessions.
-    shards: int = 4
+    #: Under CPython's GIL more shards than cores add hand-offs, not parallelism (docs/performance.md).
+    shards: int = 2
     #: Most sessions one shard expires per mailbox turn, so others keep being served.
     expiry_batch: int = 1_000
     #: Most queued events one shard applies per mailbox turn before writing their records.

@@ -88,7 +88,7 @@ class SimulationConfig:
     log: Path | str = "session-engine-audit.jsonl"
     timeout_s: int = 600
     clock_speed: float = 0.05
-    shards: int = 4
+    shards: int = 2
     max_sessions: int | None = None
 
     def __post_init__(self) -> None:

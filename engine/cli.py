@@ -39,7 +39,7 @@ def simulate(
     timeout_s: Annotated[int, typer.Option(min=1, help="Idle timeout of a session, in simulated seconds.")] = 600,
     clock_speed: Annotated[float, typer.Option(
         min=0.001, help="Simulated seconds that pass per request routed (the moving clock).")] = 0.05,
-    shards: Annotated[int, typer.Option(min=1, max=256, help="Shard actors hosting the sessions.")] = 4,
+    shards: Annotated[int, typer.Option(min=1, max=256, help="Shard actors hosting the sessions.")] = 2,
     max_sessions: Annotated[int | None, typer.Option(
         min=1, help="Session capacity; least recently used sessions are evicted beyond it. Default: unbounded.")
     ] = None,

@@ -65,7 +65,8 @@ def memory(scale: float) -> list[dict[str, Any]]:
     traced = (traced1 - traced0) / (mid - small)
     return [{
         "id": 4, "title": "Memory and threads at scale",
-        "setup": f"one store (default config: 4 shards, clock on, no log) grown from {small} to {mid:,} to "
+        "setup": f"one store (default config: {Config().shards} shards, clock on, no log) grown from {small} to "
+                 f"{mid:,} to "
                  f"{large:,} live sessions with tell_many(SetSession); RSS read from /proc after gc.collect(); "
                  f"then a fresh store grown to {mid:,} under tracemalloc; OS threads from /proc/self/status "
                  f"(the benchmark's main thread included). {large:,} sessions built in {build_s:.1f} s",
