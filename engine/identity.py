@@ -26,7 +26,7 @@ import orjson
 
 from engine._helpers import DEFAULT_HEADER, get_session_id
 from events import InvalidEvent
-from events._validate import MAX_ID_LEN, check_text
+from events._validate import MAX_ID_LEN, check_text, is_valid_session_id
 
 #: Source names, in the default resolution order. A resolved source is one of these,
 #: with the header's name appended for header sources ("header:x-session-id").
@@ -129,14 +129,6 @@ def scoped_session_id(tenant: str, session_id: str) -> str:
     return scoped
 
 
-def _valid(session_id: str) -> bool:
-    try:
-        check_text(session_id, "session_id", MAX_ID_LEN)
-    except InvalidEvent:
-        return False
-    return True
-
-
 # -- the chain ------------------------------------------------------------------------
 def _metadata_session(body: Mapping[str, Any]) -> str | None:
     metadata = body.get("metadata")
@@ -191,7 +183,7 @@ class IdentityResolver:
                                 system_prompt=system_prompt(messages, system))
 
     def _explicit(self, value: str, source: str, tenant: str) -> tuple[str, str]:
-        if not _valid(value):
+        if not is_valid_session_id(value):
             return "", INVALID_PREFIX + source
         if self.composite:
             try:

@@ -45,7 +45,7 @@ from events import (
     tier_rank,
 )
 from events import Decision as DecisionEvent
-from events._validate import MAX_ID_LEN, check_text
+from events._validate import check_text, is_valid_session_id
 
 if TYPE_CHECKING:
     from engine.aio import AsyncSessionStore
@@ -306,14 +306,6 @@ def _cheapest_tier(models: TierModels) -> Tier | None:
     return None
 
 
-def _valid_id(session_id: str) -> bool:
-    try:
-        check_text(session_id, "session_id", MAX_ID_LEN)
-    except InvalidEvent:
-        return False
-    return True
-
-
 def _estimate(model: str, request: Request, options: Options) -> float:
     if options.estimator is None:
         return float(request.estimate_usd)
@@ -349,7 +341,7 @@ def decide(request: Request, state: Entry | None, models: TierModels, options: O
         return RouteDecision(sid, kind, model, tier, provider_from_model(model), reason, strategy,
                              request.source, events=tuple(events or ()), **extra)
 
-    if not sid or not _valid_id(sid):
+    if not sid or not is_valid_session_id(sid):
         return out(Kind.BYPASS, r_model, r_tier, "no session id" if not sid else "invalid session id")
 
     # A cost-only entry (spend recorded, no model yet) pins nothing.
@@ -550,7 +542,7 @@ class _Base:
     def _without_lookup(self, request: Request) -> RouteDecision | None:
         """The decision when there is no session to look up (no id, invalid id, store disabled)."""
         store = self._sync_store()
-        if request.session_id and _valid_id(request.session_id) and store.enabled:
+        if request.session_id and is_valid_session_id(request.session_id) and store.enabled:
             return None
         decision = decide(request, None, self.models, self.options, self._config)
         if not store.enabled and request.session_id:
@@ -584,7 +576,7 @@ class _Base:
 
     def _response_events(self, session_id: str, cost_usd: float | None, micros: int | None, deployment: str,
                          decision: RouteDecision | None) -> list[SessionEvent]:
-        if not session_id or not _valid_id(session_id):
+        if not session_id or not is_valid_session_id(session_id):
             return []
         events: list[SessionEvent] = []
         amount = micros if micros is not None else cost_micros(cost_usd or 0.0)

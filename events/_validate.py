@@ -27,6 +27,11 @@ def check_session_id(value: object, field: str = "session_id") -> None:
     check_text(value, field, MAX_ID_LEN)
 
 
+def is_valid_session_id(value: object) -> bool:
+    """Whether ``value`` would pass ``check_session_id`` (for callers that fall back instead of raising)."""
+    return type(value) is str and len(value) <= MAX_ID_LEN and _CONTROL.search(value) is None
+
+
 def check_bool(value: object, field: str) -> None:
     if type(value) is not bool:
         raise InvalidEvent(field, f"must be a bool, got {type(value).__name__}")
