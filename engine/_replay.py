@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import operator
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,31 +35,58 @@ class LogCorrupt(EngineError):
 
 #: Entry field names in declaration order (a snapshot and ``session.created`` carry all of them).
 ENTRY_FIELDS: tuple[str, ...] = tuple(Entry.__slots__)  # type: ignore[arg-type]
+_UNPACKED = ("model", "tier", "created_at", "last_used_at", "request_count", "recent_hashes", "strikes", "escalated",
+             "user_explicit", "cache_sticky", "cache_sticky_at", "provider", "session_cost_micros", "deployment")
+if ENTRY_FIELDS != _UNPACKED:  # new_fields and to_entry name every field in this order
+    raise ImportError(f"engine._replay handles the Entry fields {_UNPACKED}, Entry has {ENTRY_FIELDS}")
 #: Records that never change a session's state (their ``model``/``tier`` describe a decision, not the pin).
 STATELESS_RECORDS = frozenset({R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED})
 SEGMENT_NAME = re.compile(r"^(\d{20})\.jsonl$")
 
-#: A session's Entry field values, in ``ENTRY_FIELDS`` order. A list, not a dict: folding writes
-#: into a few compact lists instead of large dicts, which keeps replay ~25% faster (cache misses).
-Fields = list[Any]
-State = dict[str, Fields]
 #: What a field holds when a record written by an older version lacks it.
 ENTRY_DEFAULTS: tuple[Any, ...] = ("", None, 0, 0, 0, [], 0, False, False, False, 0, "", 0, "")
 _DEFAULT_PAIRS = tuple(zip(ENTRY_FIELDS, ENTRY_DEFAULTS, strict=True))
-_INDEX: dict[str, int] = {name: i for i, name in enumerate(ENTRY_FIELDS)}
+_FIELD_NAMES = frozenset(ENTRY_FIELDS)
+
+
+class Fields:
+    """A live session's Entry field values while folding, as the log holds them (``tier`` a str,
+    ``recent_hashes`` a list).
+
+    Mutable slots, not a list or a dict: one allocation per session with the values inline. With
+    tens of thousands of live sessions, replay's time goes mostly to cache misses on the session
+    being updated (a 50,000-session log folds ~1.8x slower per record than a 2,000-session one),
+    and a list keeps its values in a second block.
+    """
+
+    __slots__ = ENTRY_FIELDS
+
+
+State = dict[str, Fields]
+_new = object.__new__
+_all_fields = operator.itemgetter(*ENTRY_FIELDS)
+_field_values = operator.attrgetter(*ENTRY_FIELDS)
 
 
 def new_fields(source: dict[str, Any]) -> Fields:
-    """A session's field list from a record or snapshot entry that carries every field."""
-    g = source.get
-    return [g(name, default) for name, default in _DEFAULT_PAIRS]
+    """A session's fields from a record or snapshot entry that carries every field (else defaults)."""
+    f = _new(Fields)
+    try:
+        (f.model, f.tier, f.created_at, f.last_used_at, f.request_count, f.recent_hashes, f.strikes, f.escalated,
+         f.user_explicit, f.cache_sticky, f.cache_sticky_at, f.provider, f.session_cost_micros,
+         f.deployment) = _all_fields(source)
+    except KeyError:  # an older record lacking a field
+        get = source.get
+        for name, default in _DEFAULT_PAIRS:
+            setattr(f, name, get(name, default))
+    return f
 
 
-def _update(fields: Fields, record: dict[str, Any], index: Any = _INDEX.get) -> None:
+def _update(fields: Fields, record: dict[str, Any], names: frozenset[str] = _FIELD_NAMES) -> None:
+    """The generic fold of one record into a session: every key that names an Entry field."""
     for key, value in record.items():
-        i = index(key)
-        if i is not None:
-            fields[i] = value
+        if key in names:
+            setattr(fields, key, value)
 
 
 @dataclass(slots=True)
@@ -121,34 +149,58 @@ def fold_file(path: Path, state: State, tail: Tail, *, expect: int | None = None
     """``fold`` every record of one file into ``state``: ``read_file`` with the fold inlined.
 
     Recovery and replay spend their time here (a restart reads the newest
-    snapshot and everything after it), so the loop avoids a generator, a
-    call per record and per-line bookkeeping: the expected next ``seq`` is
-    one comparison, and the first record (or a jump) takes the slow branch.
+    snapshot and everything after it), so the loop does per record only what
+    the record needs: no generator, no call, no line counter (an error counts
+    the lines again to name the one at fault); the expected next ``seq`` is one
+    comparison, and the first record (or a jump) takes the slow branch. The
+    records this version writes most (``session.touched``, ``session.updated``
+    without a model change, ``hash.recorded``, ``cost.added``) set their two
+    fields directly when they carry exactly the keys docs/events.md lists for
+    them; any other shape (an older or newer writer's) takes the generic fold,
+    which applies every key that names an Entry field.
     """
     loads = orjson.loads
     decode_error = orjson.JSONDecodeError
     created, snapshot, stateless, ending = R.SESSION_CREATED, R.LOG_SNAPSHOT, STATELESS_RECORDS, R.ENDING_RECORDS
+    used = (R.SESSION_TOUCHED, R.SESSION_UPDATED)  # both carry last_used_at and request_count
+    hashed, costed = R.HASH_RECORDED, R.COST_ADDED
     get = state.get
-    index = _INDEX.get
-    following = 0  # the seq the next record must have; 0 (no valid seq) until the first record is seen
+    update = _update
+    following: Any = None  # the seq the next record must have; None until the first record is seen
     line = b""
-    with open(path, "rb", buffering=1 << 20) as f:
-        for number, line in enumerate(f, 1):
+    with paused_gc(), open(path, "rb", buffering=1 << 20) as f:
+        for line in f:
             try:
                 record = loads(line)
                 seq = record["seq"]
                 name = record["event"]
             except (decode_error, KeyError, TypeError):
-                if _bad_line(f, path, number, line, tail, last):
+                if _bad_line(f, path, None, line, tail, last):
                     continue
                 break
             if seq != following:
-                if tail.first is not None:
-                    raise LogCorrupt(f"{path} line {number}: seq {seq!r} does not follow {following - 1}")
-                _check_first(path, number, seq, record, tail)
-                if expect is not None and seq != expect + 1:
-                    raise LogCorrupt(f"{path} line {number}: seq {seq!r} does not follow {expect}")
+                _first_or_gap(f, path, line, seq, record, tail, expect if following is None else following - 1)
             following = seq + 1
+            # seq, ts, event, session_id and two more keys, and name says which two.
+            if len(record) == 6 and "ts" in record:
+                try:
+                    if name in used:
+                        fields = get(record["session_id"])
+                        if fields is not None:
+                            fields.last_used_at, fields.request_count = record["last_used_at"], record["request_count"]
+                        continue
+                    if name == hashed:
+                        fields = get(record["session_id"])
+                        if fields is not None:
+                            fields.recent_hashes, fields.strikes = record["recent_hashes"], record["strikes"]
+                        continue
+                    if name == costed and "micros" in record:
+                        fields = get(record["session_id"])
+                        if fields is not None:
+                            fields.session_cost_micros = record["session_cost_micros"]
+                        continue
+                except KeyError:
+                    pass  # not the keys this version writes: the generic fold below
             sid = record.get("session_id")
             if sid is None:
                 if name == snapshot:
@@ -162,14 +214,36 @@ def fold_file(path: Path, state: State, tail: Tail, *, expect: int | None = None
             else:
                 fields = get(sid)
                 if fields is not None:
-                    for key, value in record.items():
-                        i = index(key)
-                        if i is not None:
-                            fields[i] = value
+                    update(fields, record)
         if tail.first is not None:
             tail.last_seq = following - 1
         tail.good_end = f.tell() - tail.torn_bytes
     _finish(tail, line)
+
+
+def _first_or_gap(f: Any, path: Path, line: bytes, seq: Any, record: dict[str, Any], tail: Tail,
+                  previous: int | None) -> None:
+    """``fold_file``'s slow branch: take the file's first record, or raise for a seq that breaks the count."""
+    if tail.first is None:
+        if type(seq) is not int:
+            raise LogCorrupt(f"{path} line {_line_number(path, f.tell() - len(line))}: seq must be an int")
+        tail.first = record
+        if previous is None or seq == previous + 1:
+            return
+    raise LogCorrupt(f"{path} line {_line_number(path, f.tell() - len(line))}: seq {seq!r} does not follow {previous}")
+
+
+def _line_number(path: Path, start: int) -> int:
+    """The 1-based number of the line that starts at byte ``start``: counted only when an error names it."""
+    count = 0
+    with open(path, "rb") as f:
+        while start > 0:
+            block = f.read(min(start, 1 << 20))
+            if not block:
+                break
+            count += block.count(b"\n")
+            start -= len(block)
+    return count + 1
 
 
 def _check_first(path: Path, number: int, seq: Any, record: dict[str, Any], tail: Tail) -> None:
@@ -178,16 +252,23 @@ def _check_first(path: Path, number: int, seq: Any, record: dict[str, Any], tail
     tail.first = record
 
 
-def _bad_line(f: Any, path: Path, number: int, line: bytes, tail: Tail, last: bool) -> bool:
-    """A line that is not a record: True to skip it (blank), False when it is the torn tail; else raise."""
+def _bad_line(f: Any, path: Path, number: int | None, line: bytes, tail: Tail, last: bool) -> bool:
+    """A line that is not a record: True to skip it (blank), False when it is the torn tail; else raise.
+
+    ``number`` None: count the lines to name it, and only if it is an error.
+    """
     if not line.strip():
         return True  # a blank line carries nothing
+    start = f.tell() - len(line)
+    error = None
     if f.read(1):
-        raise LogCorrupt(f"{path} line {number}: not a JSON log record (needs seq and event)")
-    if not last:
-        raise LogCorrupt(f"{path} line {number}: torn record at the end of a segment that is not the newest")
-    if tail.last_seq is None and tail.first is None and not line.lstrip().startswith(b"{"):
-        raise LogCorrupt(f"{path}: not an audit log (line {number} is not a JSON record)")
+        error = "{path} line {number}: not a JSON log record (needs seq and event)"
+    elif not last:
+        error = "{path} line {number}: torn record at the end of a segment that is not the newest"
+    elif tail.last_seq is None and tail.first is None and not line.lstrip().startswith(b"{"):
+        error = "{path}: not an audit log (line {number} is not a JSON record)"
+    if error is not None:
+        raise LogCorrupt(error.format(path=path, number=number if number is not None else _line_number(path, start)))
     tail.torn_bytes = len(line)
     return False
 
@@ -264,7 +345,7 @@ def fold_files(files: list[Path], state: State, tail: Tail) -> None:
 @contextlib.contextmanager
 def paused_gc() -> Iterator[None]:
     """Pause the cyclic GC while folding: records are acyclic, and the passes over a growing
-    heap of session field maps cost ~20% of replay time for nothing."""
+    heap of session fields cost ~20% of replay time for nothing."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -283,7 +364,7 @@ def _merge(tail: Tail, part: Tail) -> None:
 
 
 def fold(state: State, record: dict[str, Any]) -> None:
-    """Apply one record's changed fields to the per-session field lists."""
+    """Apply one record's changed fields to the live sessions' fields."""
     name = record["event"]
     sid = record.get("session_id")
     if sid is None:
@@ -306,25 +387,42 @@ def fold(state: State, record: dict[str, Any]) -> None:
 
 
 def entry_fields(fields: Fields) -> dict[str, Any]:
-    """A field list as a mapping of every Entry field, as snapshots and ``replay`` output store it."""
-    return dict(zip(ENTRY_FIELDS, fields, strict=True))
+    """A session's fields as a mapping of every Entry field, as snapshots and ``replay`` output store it."""
+    return dict(zip(ENTRY_FIELDS, _field_values(fields), strict=True))
 
 
 _TIERS: dict[Any, Tier | None] = {None: None, "": None, **{t.value: t for t in Tier}}
+# Entry is frozen: its __init__ sets each slot through object.__setattr__. Writing the slots through
+# their descriptors on a bare instance builds the same object in about half the time (engine/_core.py
+# does the same), which counts when a restart builds an Entry for every live session.
+_PUT = {name: Entry.__dict__[name].__set__ for name in ENTRY_FIELDS}
+(_put_model, _put_tier, _put_created_at, _put_last_used_at, _put_request_count, _put_recent_hashes, _put_strikes,
+ _put_escalated, _put_user_explicit, _put_cache_sticky, _put_cache_sticky_at, _put_provider, _put_cost,
+ _put_deployment) = _PUT.values()
 
 
 def to_entry(fields: Fields) -> Entry:
-    (model, tier, created_at, last_used_at, request_count, recent_hashes, strikes, escalated, user_explicit,
-     cache_sticky, cache_sticky_at, provider, cost, deployment) = fields
-    return Entry(
-        model, _TIERS[tier] if tier in _TIERS else Tier(tier), created_at, last_used_at, request_count,
-        tuple(recent_hashes), strikes, escalated, user_explicit, cache_sticky, cache_sticky_at, provider, cost,
-        deployment,
-    )
+    tier = fields.tier
+    e = _new(Entry)
+    _put_model(e, fields.model)
+    _put_tier(e, _TIERS[tier] if tier in _TIERS else Tier(tier))
+    _put_created_at(e, fields.created_at)
+    _put_last_used_at(e, fields.last_used_at)
+    _put_request_count(e, fields.request_count)
+    _put_recent_hashes(e, tuple(fields.recent_hashes))
+    _put_strikes(e, fields.strikes)
+    _put_escalated(e, fields.escalated)
+    _put_user_explicit(e, fields.user_explicit)
+    _put_cache_sticky(e, fields.cache_sticky)
+    _put_cache_sticky_at(e, fields.cache_sticky_at)
+    _put_provider(e, fields.provider)
+    _put_cost(e, fields.session_cost_micros)
+    _put_deployment(e, fields.deployment)
+    return e
 
 
 def fold_log(path: str | Path, tail: Tail | None = None) -> State:
-    """The field maps of the live sessions when the log ends."""
+    """The fields of the live sessions when the log ends."""
     state: State = {}
     fold_files(log_files(path), state, tail if tail is not None else Tail())
     return state
