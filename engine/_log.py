@@ -173,24 +173,29 @@ class FileLog:
             if self._closed:
                 raise AuditLogError("event_log is closed")
             seq = self.seq
-            lines = []
+            # The batch is rendered into one growing buffer: each record's bytes are copied in and
+            # freed at once. Keeping every record's bytes alive until a join (a block each) made glibc
+            # grow the calling shard thread's heap past its trim threshold and hand the pages back
+            # after every call (measured in a thread, 512 records per call: 2.1 µs and 0.9 page
+            # faults per record joined; 0.26 µs and none in one buffer).
+            data = bytearray()
             if self._processors is None:
                 # The default chain (drop_forbidden, then orjson) inlined: this is the hot path.
                 forbidden = FORBIDDEN_KEYS
                 dumps = orjson.dumps
+                newline = orjson.OPT_APPEND_NEWLINE
                 for record in records:
                     seq += 1
                     record["seq"] = seq
                     if not forbidden.isdisjoint(record):
                         drop_forbidden(None, "info", record)
-                    lines.append(dumps(record))
+                    data += dumps(record, option=newline)
             else:
                 for record in records:
                     seq += 1
                     record["seq"] = seq
-                    lines.append(render(record, self._processors))
-            lines.append(b"")
-            data = b"\n".join(lines)
+                    data += render(record, self._processors)
+                    data += b"\n"
             try:
                 _write_all(self._fd, data)
             except OSError as exc:
