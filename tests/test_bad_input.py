@@ -96,3 +96,15 @@ def test_store_rejects_a_non_config():
     with pytest.raises(InvalidEvent) as info:
         SessionStore({"enabled": True})  # type: ignore[arg-type]
     assert info.value.field == "config"
+
+
+@pytest.mark.parametrize("char", [chr(c) for c in (*range(0x20), *range(0x7F, 0xA0))])
+def test_every_control_character_is_rejected_in_an_id(char):
+    with pytest.raises(InvalidEvent) as info:
+        events.Touch(f"id{char}x")
+    assert info.value.field == "session_id"
+
+
+def test_printable_unicode_ids_are_accepted():
+    for sid in ("café-42", "会话-1", "id with spaces", "x\u2028y"):  # \u2028: not printable, not a control
+        assert events.Touch(sid).session_id == sid
