@@ -405,7 +405,9 @@ def to_entry(fields: Fields) -> Entry:
     tier = fields.tier
     e = _new(Entry)
     _put_model(e, fields.model)
-    _put_tier(e, _TIERS[tier] if tier in _TIERS else Tier(tier))
+    if tier not in _TIERS:
+        raise LogCorrupt(f"a session's tier is {str(tier)[:20]!r}, not one of SIMPLE, MEDIUM, COMPLEX, REASONING")
+    _put_tier(e, _TIERS[tier])
     _put_created_at(e, fields.created_at)
     _put_last_used_at(e, fields.last_used_at)
     _put_request_count(e, fields.request_count)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from events import EngineError
+
+logger = logging.getLogger("engine")
 
 
 class AskTimeout(EngineError, TimeoutError):
@@ -40,7 +43,10 @@ class Reply:
     def _done(self) -> None:
         self._lock.release()
         if self._callback is not None:
-            self._callback(self)
+            try:
+                self._callback(self)
+            except Exception:  # a caller's callback must never take an engine thread down
+                logger.exception("session-engine: a reply callback failed")
 
     def result(self) -> Any:
         """The value, or raise the error (only once the reply is complete)."""

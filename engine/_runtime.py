@@ -18,10 +18,14 @@ from engine._log import LogSink
 from engine._reply import Reply
 from engine._shard import DRAIN, Mailbox, Shard, ShardState
 from engine._time import now_ms
-from events import SessionEvent
+from events import EngineError, SessionEvent
 from events import records as R
 
 log = logging.getLogger("engine")
+
+
+class StoreClosed(EngineError):
+    """The store was closed; it serves nothing more."""
 
 
 class Observer:
@@ -249,4 +253,10 @@ class Runtime:
         if self.acknowledger is not None:
             self.acknowledger.stop()
         self.supervisor.stop()
+        # A restart the supervisor skipped, or an ask that raced close(): answer, never strand.
+        for mailbox in self.mailboxes:
+            while mailbox.queue:
+                reply = mailbox.queue.popleft()[2]
+                if reply is not None:
+                    reply.fail(StoreClosed("the session store was closed before this event was applied"))
         self.log.close()

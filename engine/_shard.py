@@ -129,6 +129,9 @@ class Shard(pykka.ThreadingActor):
         track = self._rt.capacity is not None
         used: list[tuple[str, int]] = []
         ended: list[str] = []
+        # (session id, entry before) of every change, to put back if the log cannot take the records.
+        undo: list[tuple[str, Entry | None]] = []
+        keep = undo.append
         started = time.perf_counter()
         apply = self._apply
         push = heapq.heappush
@@ -144,11 +147,13 @@ class Shard(pykka.ThreadingActor):
                     if after is None:
                         if before is not None:
                             del sessions[sid]
+                            keep((sid, before))
                             if track:
                                 ended.append(sid)
                     else:
                         if after is not before:
                             sessions[sid] = after
+                            keep((sid, before))
                             if before is None or before.created_at != after.created_at:
                                 push(deadlines, (idle_deadline(after, config), sid, after.created_at))
                             if after.cache_sticky and (before is None or not before.cache_sticky
@@ -170,7 +175,7 @@ class Shard(pykka.ThreadingActor):
                         del batch[cut:]
                         if position:
                             break
-                    done, result = self._store_event(event, now, records, ended if track else None)
+                    done, result = self._store_event(event, now, records, ended if track else None, undo)
                     if not done:
                         # More is due: queue the rest behind what other sessions sent meanwhile.
                         self._mailbox.queue.append((_TickPass(result), now, reply))
@@ -179,26 +184,34 @@ class Shard(pykka.ThreadingActor):
             except Exception as exc:
                 rest = batch[position + 1:]
                 self._mailbox.queue.extendleft(reversed(rest))
-                self._commit(records, answers, used, ended, started, len(batch), now)
+                self._commit(records, answers, used, ended, undo, started, len(batch), now)
                 if reply is not None:
                     reply.fail(ShardFailed(
                         f"shard {self._index} failed applying {type(event).__name__}: "
                         f"{type(exc).__name__}; it is being restarted"))
                 raise
-        self._commit(records, answers, used, ended, started, len(batch), now)
+        self._commit(records, answers, used, ended, undo, started, len(batch), now)
 
     def _commit(self, records: list[dict[str, Any]], answers: list[tuple[Any, Any]],
-                used: list[tuple[str, int]], ended: list[str], started: float, n_events: int,
-                now: int) -> None:
+                used: list[tuple[str, int]], ended: list[str], undo: list[tuple[str, Entry | None]],
+                started: float, n_events: int, now: int) -> None:
         """Write the batch's records, report it, evict past capacity, answer the callers.
 
-        ``now`` is the time of the batch's last event: evictions it causes happen then.
+        ``now`` is the time of the batch's last event: evictions it causes happen then. If the
+        log refuses the records (disk full, ...), the batch's changes are put back so memory
+        matches the log, every caller of the batch gets the error, and the shard fails.
         """
         rt = self._rt
         observer = rt.observer
         written = time.perf_counter()
         applied = written - started  # the core's work only
-        seq = rt.log.append(records) if records else 0
+        try:
+            seq = rt.log.append(records) if records else 0
+        except Exception as exc:
+            self._put_back(undo)
+            for reply, _ in answers:
+                reply.fail(exc)
+            raise
         acknowledger = rt.acknowledger
         if acknowledger is None and records:
             rt.log.sync(seq)
@@ -217,9 +230,23 @@ class Shard(pykka.ThreadingActor):
         for reply, result in answers:
             reply.set(result)
 
+    def _put_back(self, undo: list[tuple[str, Entry | None]]) -> None:
+        """Restore the entries a batch changed, newest change first, with their deadlines."""
+        sessions = self._state.sessions
+        deadlines = self._state.deadlines
+        config = self._config
+        for sid, before in reversed(undo):
+            if before is None:
+                sessions.pop(sid, None)
+                continue
+            sessions[sid] = before
+            heapq.heappush(deadlines, (idle_deadline(before, config), sid, before.created_at))
+            if before.cache_sticky:
+                heapq.heappush(deadlines, (pin_deadline(before), sid, -before.cache_sticky_at - 1))
+
     # -- store-wide events -----------------------------------------------------
     def _store_event(self, event: Any, now: int, records: list[dict[str, Any]],
-                     ended: list[str] | None) -> tuple[bool, Any]:
+                     ended: list[str] | None, undo: list[tuple[str, Entry | None]]) -> tuple[bool, Any]:
         """Apply a store-wide event; ``(False, count)`` means a clock pass continues later."""
         sessions = self._state.sessions
         if type(event) is GetStats:
@@ -231,17 +258,18 @@ class Shard(pykka.ThreadingActor):
                     records.append({"seq": 0, "ts": now, "event": name, "session_id": sid, **fields})
                 if ended is not None:
                     ended.append(sid)
+            undo.extend(sessions.items())
             sessions.clear()
             self._state.deadlines.clear()
             return True, None
         if type(event) is Tick:
-            return self._tick_pass(now, 0, records, ended)
+            return self._tick_pass(now, 0, records, ended, undo)
         if type(event) is _TickPass:
-            return self._tick_pass(now, event.count, records, ended)
+            return self._tick_pass(now, event.count, records, ended, undo)
         raise EngineError(f"shard cannot handle {type(event).__name__}")
 
     def _tick_pass(self, now: int, count: int, records: list[dict[str, Any]],
-                   ended: list[str] | None) -> tuple[bool, int]:
+                   ended: list[str] | None, undo: list[tuple[str, Entry | None]]) -> tuple[bool, int]:
         """Pop what is due from the deadline heap: at most ``expiry_batch`` entries per turn, and
         only ``_MIN_PASS`` when other messages are waiting, so expiring many sessions never holds
         up the callers of live ones for long."""
@@ -278,11 +306,13 @@ class Shard(pykka.ThreadingActor):
                     count += 1
             if new is None:
                 del sessions[sid]
+                undo.append((sid, state))
                 if ended is not None:
                     ended.append(sid)
                 continue
             if new is not state:
                 sessions[sid] = new
+                undo.append((sid, state))
             if gen >= 0:
                 heapq.heappush(deadlines, (idle_deadline(new, config), sid, gen))
             elif new.cache_sticky:

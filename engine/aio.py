@@ -8,12 +8,14 @@ the coroutine awaits that future, so the loop keeps running while actors work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from engine._entry import Entry, Stats
 from engine._reply import Reply
 from engine._time import now_ms
-from engine.store import SessionStore, merge_results
+from engine.store import NO_OP_RESULTS, SessionStore, merge_results
 from events import (
     Clear,
     ClearAll,
@@ -43,6 +45,17 @@ def _resolve(future: asyncio.Future[Any], reply: Reply) -> None:
         future.set_exception(exc)
 
 
+def _resolver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> Callable[[Reply], None]:
+    """The reply callback, run in an engine thread: hand the result to the loop's thread."""
+
+    def resolve(reply: Reply) -> None:
+        # The loop may be gone (asyncio.run returned while the event was queued): nobody awaits.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve, future, reply)
+
+    return resolve
+
+
 class AsyncSessionStore:
     """Coroutine twin of ``SessionStore``; wraps (and closes) a store."""
 
@@ -58,15 +71,14 @@ class AsyncSessionStore:
     def _await(self, event: Event) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        reply = Reply(lambda r: loop.call_soon_threadsafe(_resolve, future, r))
-        self.store.submit(event, reply)
+        self.store.submit(event, Reply(_resolver(loop, future)))
         return future
 
     async def ask(self, event: Event, timeout: float | None = None) -> Any:
         """Await the result of any event (store-wide events gather every shard)."""
         self.store._check_event(event)
         if not self.store.enabled or event.session_id == "":
-            return None
+            return NO_OP_RESULTS.get(type(event))
         wait = self.store.config.ask_timeout_s if timeout is None else timeout
         if isinstance(event, SessionEvent):
             return await asyncio.wait_for(self._await(event), wait)
@@ -77,7 +89,7 @@ class AsyncSessionStore:
         now = now_ms()
         for index in range(len(rt.mailboxes)):
             future: asyncio.Future[Any] = loop.create_future()
-            rt.send(index, event, now, Reply(lambda r, f=future: loop.call_soon_threadsafe(_resolve, f, r)))
+            rt.send(index, event, now, Reply(_resolver(loop, future)))
             futures.append(future)
         results = await asyncio.wait_for(asyncio.gather(*futures), wait)
         return merge_results(event, list(results), now_ms())

@@ -11,14 +11,14 @@ from engine._entry import Entry, SessionInfo, Stats
 from engine._log import FileLog, LogSink, NullLog
 from engine._recovery import restored_states
 from engine._reply import Reply
-from engine._runtime import Observer, Runtime
+from engine._runtime import Observer, Runtime, StoreClosed
 from engine._time import now_ms
 from events import (
     SESSION_EVENTS,
+    STORE_EVENTS,
     Clear,
     ClearAll,
     Cost,
-    EngineError,
     Escalate,
     Event,
     GetCost,
@@ -35,10 +35,6 @@ from events import (
     Touch,
 )
 from events import records as R
-
-
-class StoreClosed(EngineError):
-    """The store was closed; it serves nothing more."""
 
 
 def open_log(config: Config) -> LogSink:
@@ -72,7 +68,12 @@ class SessionStore:
         self._closed = False
         if config.enabled:
             log = open_log(config)
-            self._rt = Runtime(config, log, observer, states=restored_states(log, config))
+            try:
+                states = restored_states(log, config)
+            except BaseException:
+                log.close()  # its lock and fsync timer must not outlive a store that never started
+                raise
+            self._rt = Runtime(config, log, observer, states=states)
 
     # -- context manager / lifecycle -------------------------------------------------
     def __enter__(self) -> SessionStore:
@@ -121,8 +122,8 @@ class SessionStore:
 
     def _check_event(self, event: Any) -> Runtime | None:
         rt = self._runtime()
-        if not isinstance(event, Event):
-            exc = InvalidEvent("event", f"must be a session-engine event, got {type(event).__name__}")
+        if type(event) not in _KNOWN_EVENT_TYPES:  # a subclass could reach an actor it would fail
+            exc = InvalidEvent("event", f"must be one of the events of `events`, got {type(event).__name__}")
             if rt is not None:
                 self._reject("event", exc, None)
             raise exc
@@ -167,7 +168,7 @@ class SessionStore:
         """Send an event and wait for its result (see each event for what it returns)."""
         rt = self._check_event(event)
         if rt is None or event.session_id == "":
-            return _DEFAULTS.get(type(event))
+            return NO_OP_RESULTS.get(type(event))
         wait = self._timeout if timeout is None else timeout
         if isinstance(event, SessionEvent):
             reply = Reply()
@@ -241,7 +242,9 @@ class SessionStore:
 
 
 _SESSION_EVENT_TYPES = frozenset(SESSION_EVENTS)
-_DEFAULTS: dict[type, Any] = {Hash: 0, GetCost: 0.0, IsCacheSticky: False, Tick: 0, GetStats: Stats(0, [])}
+_KNOWN_EVENT_TYPES = _SESSION_EVENT_TYPES | frozenset(STORE_EVENTS)
+#: What an event returns when the call is a no-op (store disabled, empty session id).
+NO_OP_RESULTS: dict[type, Any] = {Hash: 0, GetCost: 0.0, IsCacheSticky: False, Tick: 0, GetStats: Stats(0, [])}
 
 
 def merge_results(event: Event, results: list[Any], now: int) -> Any:
