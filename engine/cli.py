@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -104,9 +105,11 @@ def audit(
                 first = False
             sys.stdout.write("\n]\n" if not first else "]\n")
             return
+        lifetimes = A.lives(records)
+        first = next(lifetimes, None)  # reads the log's first records: a non-log fails before any output
         typer.echo(A.table_header())
         count = 0
-        for life in A.lives(records):
+        for life in itertools.chain(() if first is None else (first,), lifetimes):
             typer.echo(A.table_row(life))
             count += 1
         typer.echo(f"{count} session lifetime(s); times are UTC")

@@ -155,8 +155,8 @@ def test_missing_file_is_one_clear_error_line(command: str, tmp_path: Path) -> N
 def test_non_log_file_is_one_clear_error_line(command: str, tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("shopping list\nmilk\n")
-    code, _, err = run(command, str(notes))
-    assert code != 0
+    code, out, err = run(command, str(notes))
+    assert code != 0 and out == ""  # nothing on stdout, not even a table header
     assert err.count("\n") == 1 and "line 1: not a JSON log record" in err
 
 
