@@ -170,6 +170,8 @@ class Request:
     source: str = ""
     #: Tenant for the keyed fingerprint when the id is derived here.
     tenant: str = ""
+    #: A top-level system prompt (Anthropic Messages' ``system``), fingerprinted like the chain does.
+    system: Any = None
 
     def __post_init__(self) -> None:
         check_text(self.model, "model")
@@ -531,7 +533,7 @@ class _Base:
         if (request.session_id or self.identity is None or not request.messages
                 or request.source.startswith(INVALID_PREFIX)):
             return request
-        sid = self.identity.fingerprint(request.messages, tenant=request.tenant)
+        sid = self.identity.fingerprint(request.messages, tenant=request.tenant, system=request.system)
         if not sid:
             return request
         return replace(request, session_id=sid, source=request.source or FINGERPRINT)

@@ -270,3 +270,16 @@ def test_rejected_explicit_id_is_not_replaced_by_a_fingerprint(make_store):
     decision = policy.route(request)
     assert decision.session_id == ""
     assert store.get_stats().count == 0
+
+
+def test_policy_fingerprint_matches_the_identity_chain_for_anthropic_bodies(make_store):
+    from engine.identity import IdentityResolver
+    from engine.policy import Policy, Request
+
+    resolver = IdentityResolver(secret=b"k")
+    body = {"system": "You are terse.", "messages": [{"role": "user", "content": "fix the bug"}]}
+    chain_id, source = resolver.resolve({}, body)
+    assert source == "fingerprint"
+    policy = Policy(make_store(), {"MEDIUM": "mid"}, identity=resolver)
+    decision = policy.route(Request(model="mid", tier="MEDIUM", messages=body["messages"], system=body["system"]))
+    assert decision.session_id == chain_id
