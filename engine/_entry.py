@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from events import Tier
 
@@ -61,3 +62,41 @@ class MessageInfo:
 
     role: str
     content: str
+
+
+# Entry is frozen: its __init__ sets each slot through object.__setattr__. Writing the slots through
+# their descriptors on a bare instance builds the same object in about half the time (0.8 vs 1.5 µs),
+# which counts on the hot path (a transition builds one Entry) and when a restart builds thousands.
+#: Each field's slot setter, by field name: only for an Entry nobody else has seen yet.
+SLOT_SETTERS: dict[str, Any] = {name: Entry.__dict__[name].__set__ for name in Entry.__slots__}
+(_put_model, _put_tier, _put_created_at, _put_last_used_at, _put_request_count, _put_recent_hashes, _put_strikes,
+ _put_escalated, _put_user_explicit, _put_cache_sticky, _put_cache_sticky_at, _put_provider, _put_cost,
+ _put_deployment) = SLOT_SETTERS.values()
+_new = object.__new__
+
+
+def build_entry(model: str, tier: Tier | None, created_at: int, last_used_at: int, request_count: int,
+                recent_hashes: tuple[str, ...], strikes: int, escalated: bool, user_explicit: bool,
+                cache_sticky: bool, cache_sticky_at: int, provider: str, session_cost_micros: int,
+                deployment: str) -> Entry:
+    """``Entry(...)`` without the frozen ``__init__``'s cost; every field given, in order, unchecked."""
+    e = _new(Entry)
+    _put_model(e, model)
+    _put_tier(e, tier)
+    _put_created_at(e, created_at)
+    _put_last_used_at(e, last_used_at)
+    _put_request_count(e, request_count)
+    _put_recent_hashes(e, recent_hashes)
+    _put_strikes(e, strikes)
+    _put_escalated(e, escalated)
+    _put_user_explicit(e, user_explicit)
+    _put_cache_sticky(e, cache_sticky)
+    _put_cache_sticky_at(e, cache_sticky_at)
+    _put_provider(e, provider)
+    _put_cost(e, session_cost_micros)
+    _put_deployment(e, deployment)
+    return e
+
+
+if tuple(SLOT_SETTERS) != tuple(build_entry.__code__.co_varnames[:len(SLOT_SETTERS)]):
+    raise ImportError("engine._entry.build_entry must take every Entry field, in declaration order")

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from engine._entry import Entry
+from engine._entry import Entry, build_entry
 from events import EngineError, Tier
 from events import records as R
 
@@ -392,35 +392,14 @@ def entry_fields(fields: Fields) -> dict[str, Any]:
 
 
 _TIERS: dict[Any, Tier | None] = {None: None, "": None, **{t.value: t for t in Tier}}
-# Entry is frozen: its __init__ sets each slot through object.__setattr__. Writing the slots through
-# their descriptors on a bare instance builds the same object in about half the time (engine/_core.py
-# does the same), which counts when a restart builds an Entry for every live session.
-_PUT = {name: Entry.__dict__[name].__set__ for name in ENTRY_FIELDS}
-(_put_model, _put_tier, _put_created_at, _put_last_used_at, _put_request_count, _put_recent_hashes, _put_strikes,
- _put_escalated, _put_user_explicit, _put_cache_sticky, _put_cache_sticky_at, _put_provider, _put_cost,
- _put_deployment) = _PUT.values()
-
-
 def to_entry(fields: Fields) -> Entry:
     tier = fields.tier
-    e = _new(Entry)
-    _put_model(e, fields.model)
     if tier not in _TIERS:
         raise LogCorrupt(f"a session's tier is {str(tier)[:20]!r}, not one of SIMPLE, MEDIUM, COMPLEX, REASONING")
-    _put_tier(e, _TIERS[tier])
-    _put_created_at(e, fields.created_at)
-    _put_last_used_at(e, fields.last_used_at)
-    _put_request_count(e, fields.request_count)
-    _put_recent_hashes(e, tuple(fields.recent_hashes))
-    _put_strikes(e, fields.strikes)
-    _put_escalated(e, fields.escalated)
-    _put_user_explicit(e, fields.user_explicit)
-    _put_cache_sticky(e, fields.cache_sticky)
-    _put_cache_sticky_at(e, fields.cache_sticky_at)
-    _put_provider(e, fields.provider)
-    _put_cost(e, fields.session_cost_micros)
-    _put_deployment(e, fields.deployment)
-    return e
+    return build_entry(fields.model, _TIERS[tier], fields.created_at, fields.last_used_at, fields.request_count,
+                       tuple(fields.recent_hashes), fields.strikes, fields.escalated, fields.user_explicit,
+                       fields.cache_sticky, fields.cache_sticky_at, fields.provider, fields.session_cost_micros,
+                       fields.deployment)
 
 
 def fold_log(path: str | Path, tail: Tail | None = None) -> State:
