@@ -15,7 +15,7 @@ from rich.console import Console
 import engine._time as engine_time
 from engine._simulate import SimulationConfig, SimulationResult, run_simulation
 from engine._workload import Request, Router
-from events import EngineError, InvalidEvent
+from events import EngineError, InvalidEvent, Tier, tier_above
 from events import records as R
 from tests.conftest import read_log
 
@@ -67,7 +67,10 @@ def test_audit_log_holds_every_transition_with_seq_1_to_n(tmp_path: Path) -> Non
     assert by_name[R.SESSION_EXPIRED] == result.expiries
     assert by_name[R.STICKY_PINNED] == result.cache_pins
     assert sum(r["micros"] for r in records if r["event"] == R.COST_ADDED) == result.cost_micros
-    assert all("escalat" in r["event"] for r in records if r["event"] == R.SESSION_ESCALATED)
+    # The workload escalates only by strikes (auto_escalate, default strike limit 2), one tier at a time.
+    escalated = [r for r in records if r["event"] == R.SESSION_ESCALATED]
+    assert escalated and all(r["reason"] == "strikes" and r["strikes"] >= 2 for r in escalated)
+    assert all(r["tier"] == tier_above(Tier(r["from_tier"]) if r["from_tier"] else None).value for r in escalated)
 
 
 def test_audit_log_never_holds_message_content(tmp_path: Path) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 from freezegun import freeze_time
 
-from engine import Config, Entry, SessionStore, Stats, Tier, default_config
+from engine import Config, Entry, SessionStore, Stats, StoreClosed, Tier, default_config
 from tests.conftest import read_log
 
 T0 = "2026-01-01 00:00:00"
@@ -298,9 +301,16 @@ def test_expire_event_ends_only_idle_sessions(make_store):
 
 
 def test_store_is_a_context_manager_and_close_is_idempotent():
-    with SessionStore(Config(enabled=True)) as store:
+    before = threading.active_count()
+    with SessionStore(Config(enabled=True)) as store:  # background clock on: one more thread to stop
         store.set_session("s", "m")
+        assert store.get_session("s").model == "m"
+        assert threading.active_count() > before
+    assert threading.active_count() == before  # leaving the block closed the store and its threads
+    with pytest.raises(StoreClosed):
+        store.get_session("s")
     store.close()
+    assert threading.active_count() == before
 
 
 def test_mass_expiry_runs_in_bounded_batches_and_expires_everything(log_path):
