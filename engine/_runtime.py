@@ -55,6 +55,8 @@ class Observer:
 class Supervisor(pykka.ThreadingActor):
     """Restarts a failed shard with the same mailbox and the committed session table."""
 
+    use_daemon_thread = True  # as the shards: a forgotten close() never blocks interpreter exit
+
     def __init__(self, runtime: Runtime) -> None:
         super().__init__()
         self._rt = runtime

@@ -85,6 +85,9 @@ _PASSES = (Tick, _TickPass)
 
 
 class Shard(pykka.ThreadingActor):
+    # A store its owner forgot to close must not keep the host process from exiting.
+    use_daemon_thread = True
+
     def __init__(self, runtime: Runtime, index: int, state: ShardState) -> None:
         super().__init__()
         self._rt = runtime

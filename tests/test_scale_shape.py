@@ -23,3 +23,17 @@ def test_close_stops_every_thread_it_started(make_store):
     assert threading.active_count() == before + 6 + 2  # shards + supervisor + clock
     store.close()
     assert threading.active_count() == before
+
+
+def test_a_store_never_closed_does_not_keep_the_process_alive(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    log = tmp_path / "a.jsonl"
+    script = ("from engine import Config, SessionStore\n"
+              f"s = SessionStore(Config(enabled=True, tick_ms=10, event_log={str(log)!r}))\n"
+              "s.set_session('a', 'm')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, timeout=60)
+    assert done.returncode == 0
+    assert b'"session.created"' in log.read_bytes()  # acknowledged records were written before exit
