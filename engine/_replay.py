@@ -392,6 +392,8 @@ def entry_fields(fields: Fields) -> dict[str, Any]:
 
 
 _TIERS: dict[Any, Tier | None] = {None: None, "": None, **{t.value: t for t in Tier}}
+
+
 def to_entry(fields: Fields) -> Entry:
     tier = fields.tier
     if tier not in _TIERS:
