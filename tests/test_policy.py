@@ -98,7 +98,9 @@ def test_auto_escalating_store_is_not_escalated_twice():
 def test_user_explicit_pin_is_never_escalated():
     h = request_hash([{"role": "user", "content": "again"}])
     state = pinned("m/x", Tier.MEDIUM, recent_hashes=(h, h), strikes=1, user_explicit=True)
-    assert decide(ask(Tier.MEDIUM, "again"), state, MODELS).kind is Kind.RETAIN
+    d = decide(ask(Tier.MEDIUM, "again"), state, MODELS)  # the third identical request
+    assert (d.kind, d.model, d.tier) == (Kind.RETAIN, "m/x", Tier.MEDIUM)
+    assert not any(type(e).__name__ == "Escalate" for e in d.events)
 
 
 def test_request_hash_reads_last_user_message_and_last_assistant_tool_calls():

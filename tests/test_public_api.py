@@ -41,4 +41,5 @@ def test_tier_is_a_str_enum_ranked_by_declaration():
 def test_python_dash_m_engine_shows_the_commands():
     out = subprocess.run([sys.executable, "-m", "engine", "--help"], capture_output=True, text=True,
                          cwd=Path(__file__).parent.parent, check=True).stdout
-    assert "simulate" in out
+    for command in ("simulate", "audit", "replay"):
+        assert command in out
