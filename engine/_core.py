@@ -181,13 +181,14 @@ def _escalate_event(s: Entry | None, ev: Escalate) -> Outcome:
 
 
 def _cost(s: Entry | None, ev: Cost, now: int) -> Outcome:
-    if ev.micros == 0:
-        return Outcome(s, None, _NO_RECORDS)
     records: tuple[Record, ...] = ()
     if s is None:
-        # The seed dropped spend for unknown sessions; a cost-only entry keeps it.
+        # The seed dropped spend for unknown sessions; a cost-only entry keeps it (SPEC.md: even
+        # for 0 micros, an absent session gets its entry).
         s = Entry("", None, now, now, 0)
         records = ((R.SESSION_CREATED, {**entry_fields(s), "cause": "cost"}),)
+    if ev.micros == 0:
+        return Outcome(s, None, records)
     total = s.session_cost_micros + ev.micros
     new = _copy(s)
     _put_cost(new, total)

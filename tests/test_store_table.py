@@ -326,3 +326,12 @@ def test_mass_expiry_runs_in_bounded_batches_and_expires_everything(log_path):
         assert store.tick() == 95
         assert store.get_stats().count == 1
     assert sum(r["event"] == "session.expired" for r in read_log(log_path)) == 95
+
+
+def test_zero_cost_for_an_unknown_session_still_gets_its_entry(make_store, log_path):
+    store = make_store(event_log=str(log_path))
+    store.add_session_cost("fresh", 0)
+    e = store.get_session("fresh")
+    assert (e.model, e.session_cost_micros, e.request_count) == ("", 0, 0)
+    store.add_session_cost("fresh", 0)  # nothing changes: nothing logged
+    assert [r["event"] for r in read_log(log_path)] == ["session.created"]
