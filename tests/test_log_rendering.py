@@ -49,3 +49,21 @@ def test_custom_processors_render_every_record_of_a_batch(log_path: Path) -> Non
     records = read_log(log_path)
     assert [(r["seq"], r["session_id"], r["host"]) for r in records] == [(1, "a", "h1"), (2, "b", "h1"), (3, "c", "h1")]
     assert "content" not in records[0]
+
+
+def test_the_default_path_is_the_structlog_chain(tmp_path) -> None:
+    """The unrolled hot path writes exactly what default_processors() renders, content keys dropped."""
+    from engine._log import FileLog, default_processors
+
+    def batch():
+        return [{"seq": 0, "ts": 5, "event": "session.touched", "session_id": "s", "request_count": 2},
+                {"seq": 0, "ts": 6, "event": "hash.recorded", "session_id": "s", "prompt": "secret",
+                 "strikes": 1}]
+
+    fast, chain = tmp_path / "fast.jsonl", tmp_path / "chain.jsonl"
+    for path, processors in ((fast, None), (chain, default_processors())):
+        log = FileLog(path, fsync="never", processors=processors)
+        log.append(batch())
+        log.close()
+    assert fast.read_bytes() == chain.read_bytes()
+    assert b"secret" not in fast.read_bytes() and fast.read_bytes().count(b"\n") == 2
