@@ -166,6 +166,3 @@ def restored_states(log: object, config: Config) -> list[ShardState] | None:
     log.attach(live_sessions)  # type: ignore[attr-defined]
     return states
 
-
-def entries(state: State) -> dict[str, Entry]:
-    return {sid: to_entry(fields) for sid, fields in state.items()}
