@@ -56,9 +56,10 @@ def test_the_default_path_is_the_structlog_chain(tmp_path) -> None:
     from engine._log import FileLog, default_processors
 
     def batch():
-        return [{"seq": 0, "ts": 5, "event": "session.touched", "session_id": "s", "request_count": 2},
+        return [{"seq": 0, "ts": 5, "event": "session.touched", "session_id": "s", "last_used_at": 5,
+                 "request_count": 2},
                 {"seq": 0, "ts": 6, "event": "hash.recorded", "session_id": "s", "prompt": "secret",
-                 "strikes": 1}]
+                 "recent_hashes": ["h"], "strikes": 1}]
 
     fast, chain = tmp_path / "fast.jsonl", tmp_path / "chain.jsonl"
     for path, processors in ((fast, None), (chain, default_processors())):
