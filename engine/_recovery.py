@@ -8,13 +8,11 @@ with its expiry and cache-pin deadlines, to the shards before serving.
 
 from __future__ import annotations
 
-import heapq
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine._config import Config
-from engine._core import idle_deadline, pin_deadline
 from engine._entry import Entry
 from engine._replay import (
     State,
@@ -27,7 +25,7 @@ from engine._replay import (
     segment_name,
     to_entry,
 )
-from engine._shard import ShardState
+from engine._shard import ShardState, shard_index
 from events import records as R
 
 
@@ -131,21 +129,9 @@ def shard_states(state: State, config: Config) -> list[ShardState] | None:
         return None
     states = [ShardState() for _ in range(config.shards)]
     with paused_gc():
-        _fill(states, state, config)
+        for sid, fields in state.items():
+            states[shard_index(sid, config.shards)].restore(sid, to_entry(fields), config)
     return states
-
-
-def _fill(states: list[ShardState], state: State, config: Config) -> None:
-    for sid, fields in state.items():
-        entry = to_entry(fields)
-        table = states[hash(sid) % config.shards]
-        table.sessions[sid] = entry
-        # The same heap entries the shard pushes when it creates a session or pins it.
-        table.deadlines.append((idle_deadline(entry, config), sid, entry.created_at))
-        if entry.cache_sticky:
-            table.deadlines.append((pin_deadline(entry), sid, -entry.cache_sticky_at - 1))
-    for table in states:
-        heapq.heapify(table.deadlines)
 
 
 def restored_states(log: object, config: Config) -> list[ShardState] | None:

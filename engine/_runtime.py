@@ -16,7 +16,7 @@ from engine._clock import Clock
 from engine._config import Config
 from engine._log import LogSink
 from engine._reply import Reply
-from engine._shard import DRAIN, Mailbox, Shard, ShardState
+from engine._shard import DRAIN, Mailbox, Shard, ShardState, shard_index
 from engine._time import now_ms
 from events import EngineError, SessionEvent
 from events import records as R
@@ -178,7 +178,7 @@ class Runtime:
 
     # -- routing -------------------------------------------------------------
     def shard_of(self, session_id: str) -> int:
-        return hash(session_id) % len(self.mailboxes)
+        return shard_index(session_id, len(self.mailboxes))
 
     def send(self, index: int, event: Any, now: int, reply: Reply | None) -> None:
         self.mailboxes[index].queue.append((event, now, reply))
@@ -194,7 +194,7 @@ class Runtime:
                 self.shards[index].tell(DRAIN)
 
     def route(self, event: SessionEvent, now: int, reply: Reply | None) -> None:
-        # send() and _wake() inlined: this runs once per store call.
+        # send(), _wake() and shard_index() inlined: this runs once per store call.
         mailbox = self.mailboxes[hash(event.session_id) % len(self.mailboxes)]
         mailbox.queue.append((event, now, reply))
         if not mailbox.scheduled:

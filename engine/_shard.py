@@ -65,6 +65,18 @@ class ShardState:
         #: set at ``-generation - 1``. Stale entries are skipped when popped.
         self.deadlines: list[tuple[int, str, int]] = []
 
+    def restore(self, session_id: str, entry: Entry, config: Any) -> None:
+        """Host ``entry`` with both of its deadline checks (recovery, or a batch put back)."""
+        self.sessions[session_id] = entry
+        heapq.heappush(self.deadlines, (idle_deadline(entry, config), session_id, entry.created_at))
+        if entry.cache_sticky:
+            heapq.heappush(self.deadlines, (pin_deadline(entry), session_id, -entry.cache_sticky_at - 1))
+
+
+def shard_index(session_id: str, shards: int) -> int:
+    """The shard hosting a session (str hashes are per process: the mapping lives as long as it)."""
+    return hash(session_id) % shards
+
 
 #: Sessions a clock pass handles before it checks for waiting callers (it yields to them after
 #: that many, so a pass always progresses and an ask waits for at most this much expiry work).
@@ -235,17 +247,12 @@ class Shard(pykka.ThreadingActor):
 
     def _put_back(self, undo: list[tuple[str, Entry | None]]) -> None:
         """Restore the entries a batch changed, newest change first, with their deadlines."""
-        sessions = self._state.sessions
-        deadlines = self._state.deadlines
-        config = self._config
+        state = self._state
         for sid, before in reversed(undo):
             if before is None:
-                sessions.pop(sid, None)
-                continue
-            sessions[sid] = before
-            heapq.heappush(deadlines, (idle_deadline(before, config), sid, before.created_at))
-            if before.cache_sticky:
-                heapq.heappush(deadlines, (pin_deadline(before), sid, -before.cache_sticky_at - 1))
+                state.sessions.pop(sid, None)
+            else:
+                state.restore(sid, before, self._config)
 
     # -- store-wide events -----------------------------------------------------
     def _store_event(self, event: Any, now: int, records: list[dict[str, Any]],
