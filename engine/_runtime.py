@@ -212,8 +212,10 @@ class Runtime:
         for index in touched:
             self._wake(index)
 
-    def broadcast(self, event: Any, now: int) -> list[Reply]:
-        replies = [Reply() for _ in self.mailboxes]
+    def broadcast(self, event: Any, now: int, replies: list[Reply] | None = None) -> list[Reply]:
+        """Send a store-wide event to every shard, each answering its own reply (one per shard)."""
+        if replies is None:
+            replies = [Reply() for _ in self.mailboxes]
         for index, reply in enumerate(replies):
             self.send(index, event, now, reply)
         return replies

@@ -85,12 +85,8 @@ class AsyncSessionStore:
         rt = self.store._rt
         assert rt is not None
         loop = asyncio.get_running_loop()
-        futures = []
-        now = now_ms()
-        for index in range(len(rt.mailboxes)):
-            future: asyncio.Future[Any] = loop.create_future()
-            rt.send(index, event, now, Reply(_resolver(loop, future)))
-            futures.append(future)
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in rt.mailboxes]
+        rt.broadcast(event, now_ms(), [Reply(_resolver(loop, future)) for future in futures])
         results = await asyncio.wait_for(asyncio.gather(*futures), wait)
         return merge_results(event, list(results), now_ms())
 
