@@ -43,7 +43,17 @@ from engine.aio import AsyncSessionStore
 from engine.identity import DEFAULT_ORDER, FINGERPRINT, IdentityResolver
 from engine.policy import AsyncPolicy, BudgetExceeded, Options, Request, RouteDecision, TierModels
 from engine.store import SessionStore
-from events import Decision, EngineError, GetSession, InvalidEvent, SessionEvent, SetDeployment, Tier, parse_tier
+from events import (
+    Decision,
+    EngineError,
+    GetSession,
+    InvalidEvent,
+    SessionEvent,
+    SetDeployment,
+    Tier,
+    parse_tier,
+    tier_rank,
+)
 
 log = logging.getLogger("engine.integrations.litellm")
 
@@ -105,13 +115,9 @@ def tiers_of(models: TierModels) -> dict[str, Tier]:
     for key, value in models.items():
         tier = parse_tier(key, "models")
         for group in (value,) if isinstance(value, str) else tuple(value):
-            if tier is not None and (group not in out or _rank(tier) < _rank(out[group])):
+            if tier is not None and (group not in out or tier_rank(tier) < tier_rank(out[group])):
                 out[group] = tier
     return out
-
-
-def _rank(tier: Tier) -> int:
-    return (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING).index(tier)
 
 
 def budget_http_error(exc: BudgetExceeded) -> Exception:
@@ -349,10 +355,7 @@ class SessionEngineCallback(CustomLogger):
             log.warning("session-engine litellm: outcome not recorded (%s)", type(exc).__name__)
 
     def _tell(self, event: SessionEvent) -> None:
-        try:
-            self.policy.store.store.tell(event)
-        except EngineError as exc:
-            log.warning("session-engine litellm: could not record a decision (%s)", type(exc).__name__)
+        self.policy._tell([event])  # the policy's own path: a closed store is logged, never raised
 
 
 def _text(value: Any) -> str:
