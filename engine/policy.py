@@ -103,6 +103,14 @@ class BudgetExceeded(EngineError):
         self.limit_usd = limit_usd
         self.decision = decision
 
+    def error_body(self, message: str | None = None) -> dict[str, Any]:
+        """The refusal as an OpenAI-style JSON error body (what an HTTP 429 carries)."""
+        return {"error": {
+            "message": str(self) if message is None else message, "type": "budget_exceeded",
+            "code": "session_budget_exceeded", "session_id": self.session_id, "spent_usd": self.spent_usd,
+            "estimate_usd": self.estimate_usd, "limit_usd": self.limit_usd,
+        }}
+
 
 @dataclass(frozen=True, slots=True)
 class Options:

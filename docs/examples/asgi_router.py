@@ -167,9 +167,8 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
             metrics.count_unavailable(decision.reason.rsplit(" ", 1)[-1])
         headers = decision.headers()
         if decision.refused:
-            return openai_error(429, decision.reason, "budget_exceeded", "session_budget_exceeded", headers,
-                                session_id=decision.session_id, spent_usd=decision.spent_usd,
-                                estimate_usd=decision.estimate_usd, limit_usd=decision.limit_usd)
+            return JSONResponse(decision.budget_error().error_body(decision.reason), status_code=429,
+                                headers=headers)
         reply, cost = await upstream.complete(decision.model, body)
         if decision.session_id:
             await policy.record_response(decision.session_id, cost_usd=cost, decision=decision)

@@ -122,11 +122,7 @@ def tiers_of(models: TierModels) -> dict[str, Tier]:
 
 def budget_http_error(exc: BudgetExceeded) -> Exception:
     """The refusal as the proxy returns it: HTTP 429 with a JSON error body (FastAPI's HTTPException)."""
-    body = {"error": {
-        "message": str(exc), "type": "budget_exceeded", "code": "session_budget_exceeded",
-        "session_id": exc.session_id, "spent_usd": exc.spent_usd, "estimate_usd": exc.estimate_usd,
-        "limit_usd": exc.limit_usd,
-    }}
+    body = exc.error_body()
     try:
         from fastapi import HTTPException
     except ImportError:  # the proxy always has FastAPI; a bare SDK install may not
