@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from engine import Config, SessionStore
+from tests.redis_servers import redis_cluster, redis_server  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
