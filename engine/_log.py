@@ -88,6 +88,15 @@ class NullLog:
         return None
 
 
+def open_log(config: Any) -> LogSink:
+    """The audit log the config asks for (a no-op sink when ``event_log`` is None)."""
+    if config.event_log is None:
+        return NullLog()
+    # Opening the log recovers what it holds: restored_states() hands that to the shards.
+    return FileLog(config.event_log, fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms,
+                   segment_bytes=config.segment_bytes)
+
+
 class AuditLogError(EngineError):
     """The audit log cannot be opened or written."""
 

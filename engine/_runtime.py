@@ -16,7 +16,8 @@ from engine._clock import Clock
 from engine._config import Config
 from engine._log import LogSink
 from engine._reply import Reply
-from engine._shard import DRAIN, Mailbox, Shard, ShardState, shard_index
+from engine._shard import DRAIN, Mailbox, Shard
+from engine._table import ShardState, shard_index
 from engine._time import now_ms
 from events import EngineError, SessionEvent
 from events import records as R
@@ -130,7 +131,7 @@ class Runtime:
     """Owns every thread the store starts; ``close()`` stops them all."""
 
     def __init__(self, config: Config, log_sink: LogSink, observer: Observer | None = None,
-                 states: list[ShardState] | None = None) -> None:
+                 states: list[ShardState] | None = None, shard_class: type[Shard] = Shard) -> None:
         self.config = config
         self.log = log_sink
         self.observer = observer
@@ -149,8 +150,9 @@ class Runtime:
             self.acknowledger = Acknowledger(log_sink, observer)
             self.acknowledger.start()
         self.supervisor = Supervisor.start(self)
+        self.shard_class = shard_class  # engine._backend: the memory backend's Shard or Redis's
         self.shards: list[pykka.ActorRef[Any]] = [
-            Shard.start(self, i, self.states[i]) for i in range(config.shards)
+            shard_class.start(self, i, self.states[i]) for i in range(config.shards)
         ]
         self.clock = Clock(self, config.tick_ms) if config.tick_ms > 0 else None
         if self.clock is not None:
@@ -231,7 +233,7 @@ class Runtime:
             if self._closing:
                 return
             self.restarts += 1
-            self.shards[index] = Shard.start(self, index, self.states[index])
+            self.shards[index] = self.shard_class.start(self, index, self.states[index])
             record = {"seq": 0, "ts": now_ms(), "event": R.SHARD_RESTARTED, "shard": index,
                       "error": type(error).__name__ if error else None,
                       "sessions": len(self.states[index].sessions)}
