@@ -1,0 +1,327 @@
+"""The Redis backend against real redis-server processes (tests/redis_servers.py): no mocks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from freezegun import freeze_time
+
+from engine import BackendUnavailable, Config, InvalidEvent, LogCorrupt, SessionStore, Tier
+from engine._backend import BackendError, parse_backend
+from engine._redis import Keys, bucket_of, fold_streams, read_streams, sessions_in_redis
+from engine._replay import to_entry
+from events import records as R
+from tests.redis_servers import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def redis_config(url: str, **overrides: Any) -> Config:
+    settings: dict[str, Any] = {"enabled": True, "tick_ms": 0, "backend": url, "redis_buckets": 8,
+                                "ask_timeout_s": 5.0}
+    settings.update(overrides)
+    return Config(**settings)
+
+
+def records_of(client: Any, keys: Keys) -> list[dict[str, Any]]:
+    return [record for _, record in read_streams(client, keys)]
+
+
+def check_agreement(client: Any, keys: Keys, *stores: SessionStore) -> dict[str, Any]:
+    """replay(streams) == the entries in Redis == what every store reads."""
+    replayed = {sid: to_entry(fields) for sid, fields in fold_streams(client, keys).items()}
+    held = sessions_in_redis(client, keys)
+    assert replayed == held
+    for store in stores:
+        for sid, entry in held.items():
+            assert store.get_session(sid) == entry
+    return held
+
+
+# -- the fixture itself -------------------------------------------------------------------------
+def test_server_keeps_acknowledged_writes_across_kill9(redis_server: RedisServer) -> None:
+    with redis_server.client() as c:
+        c.set("k", "v")
+    redis_server.kill9()
+    redis_server.start()
+    with redis_server.client() as c:
+        assert c.get("k") == b"v"
+
+
+# -- one replica ----------------------------------------------------------------------------------
+def test_store_on_redis_serves_the_spec_and_logs_to_streams(redis_server: RedisServer) -> None:
+    config = redis_config(redis_server.url, auto_escalate=True, strike_limit=1)
+    with SessionStore(config) as store:
+        store.set_session("a", "gpt-4o", "MEDIUM")
+        store.add_session_cost("a", 1_500)
+        store.add_session_cost("b", 7)  # an absent session gets a cost-only entry
+        assert store.record_request_hash("a", "h") == 0
+        assert store.record_request_hash("a", "h") == 1
+        assert store.get_session("a").tier is Tier.COMPLEX  # escalated by the strike
+        assert store.escalate_session("a") is Tier.REASONING
+        store.set_cache_sticky("a", "anthropic")
+        assert store.is_cache_sticky("a")
+        assert store.get_session_cost_usd("a") == pytest.approx(0.0015)
+        store.clear_session("b")
+        assert store.get_session("b") is None
+        assert store.get_stats().count == 1
+        with redis_server.client() as client:
+            keys = Keys("se", 8)
+            held = check_agreement(client, keys, store)
+            assert set(held) == {"a"}
+            records = records_of(client, keys)
+            names = Counter(r["event"] for r in records)
+            assert names[R.SESSION_ESCALATED] == 2 and names[R.SESSION_CLEARED] == 1
+            # The key carries its idle deadline plus a margin, so Redis frees it with no replica running.
+            ttl = client.pttl(keys.session(bucket_of("a", 8), "a"))
+            assert config.timeout_ms < ttl <= config.timeout_ms + 60_000
+        store.clear_all()
+        assert store.get_session("a") is None and store.get_stats().count == 0
+
+
+def test_replicas_in_one_process_keep_one_truth(redis_server: RedisServer) -> None:
+    """Two stores (two replicas) hammer the same sessions from 4 threads: exact sums, one pin each."""
+    stores = [SessionStore(redis_config(redis_server.url)) for _ in range(2)]
+    try:
+        sessions = [f"t{i}" for i in range(10)]
+
+        def work(n: int) -> None:
+            store = stores[n % 2]
+            for i in range(200):
+                sid = sessions[(i + n) % len(sessions)]
+                store.add_session_cost(sid, 3)
+                if i % 10 == 0:
+                    store.set_session(sid, f"model-{n}")
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with redis_server.client() as client:
+            held = check_agreement(client, Keys("se", 8), *stores)
+        assert sum(e.session_cost_micros for e in held.values()) == 4 * 200 * 3
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_expiry_is_logged_once_however_many_replicas_reap(redis_server: RedisServer) -> None:
+    # Frozen at the real time: Redis's own clock runs the keys' PEXPIRE.
+    with freeze_time(datetime.now(UTC)) as frozen:
+        stores = [SessionStore(redis_config(redis_server.url, timeout_ms=1_000, shards=2)) for _ in range(3)]
+        try:
+            for i in range(30):
+                stores[i % 3].set_session(f"x{i}", "m")
+            stores[0].set_cache_sticky("x0", "openai")
+            frozen.tick(2.0)
+            stores[1].set_session("late", "m")
+            counts = [store.tick() for store in stores]
+            assert sum(counts) == 30
+            with redis_server.client() as client:
+                keys = Keys("se", 8)
+                expired = Counter(r["session_id"] for r in records_of(client, keys) if r["event"] == R.SESSION_EXPIRED)
+                assert expired == {f"x{i}": 1 for i in range(30)}
+                assert set(check_agreement(client, keys, *stores)) == {"late"}
+                assert all(client.zcard(keys.bucket_keys(b)[2]) == (1 if b == bucket_of("late", 8) else 0)
+                           for b in range(8))
+        finally:
+            for store in stores:
+                store.close()
+
+
+# -- replica processes ------------------------------------------------------------------------------
+def _replica(url: str, replica: int, ops: int, sessions: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "tests.redis_replica", url, str(replica), str(ops), str(sessions)],
+                            cwd=ROOT, stdout=subprocess.PIPE)
+
+
+def _acknowledged(output: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def _check_load(url_client: Any, keys: Keys, lines: list[dict[str, Any]], sessions: int) -> None:
+    """What every replica acknowledged is in Redis, exactly; seq runs without a gap in every bucket."""
+    held = {sid: e for sid, e in sessions_in_redis(url_client, keys).items()}
+    costs = Counter()
+    for line in lines:
+        if line.get("op") == "cost":
+            costs[line["sid"]] += line["micros"]
+    for sid, micros in costs.items():
+        assert held[sid].session_cost_micros == micros, sid
+    records = records_of(url_client, keys)  # read_streams checks each bucket's seq continuity
+    escalations = Counter(r["session_id"] for r in records if r["event"] == R.SESSION_ESCALATED)
+    assert all(n == 1 for n in escalations.values())
+    for sid, entry in held.items():
+        assert (escalations[sid] == 1) == entry.escalated, sid
+    pins = Counter(r["session_id"] for r in records if r["event"] == R.SESSION_CREATED)
+    assert all(n == 1 for n in pins.values())  # one creation (one pin) per session: none lost or split
+    assert len(held) <= sessions
+
+
+def test_four_replica_processes_agree_exactly(redis_server: RedisServer) -> None:
+    url = redis_server.url  # the replicas use the default 64 buckets
+    procs = [_replica(url, n, 400, 50) for n in range(4)]
+    lines = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        got = _acknowledged(out)
+        assert got[-1] == {"done": True}
+        lines += got[:-1]
+    assert not [line for line in lines if line["op"] == "unavailable"]
+    keys = Keys("se", 64)
+    with redis_server.client() as client:
+        _check_load(client, keys, lines, 50)
+        with SessionStore(Config(enabled=True, tick_ms=0, backend=url)) as reader:
+            check_agreement(client, keys, reader)
+
+
+def test_kill9_of_a_replica_loses_nothing_it_acknowledged(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    victim = _replica(url, 0, 100_000, 50)
+    assert victim.stdout is not None
+    seen = [victim.stdout.readline() for _ in range(300)]  # 300 acknowledged operations, then kill -9
+    victim.kill()
+    out, _ = victim.communicate(timeout=30)
+    lines = _acknowledged(b"".join(seen) + out)
+    assert lines and "done" not in lines[-1]
+    with redis_server.client() as client:
+        _check_load(client, Keys("se", 64), lines, 50)
+
+
+def test_kill9_of_redis_then_restart_loses_nothing_and_never_hangs(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    store = SessionStore(redis_config(url, ask_timeout_s=2.0))
+    try:
+        total = 0
+        for i in range(50):
+            store.add_session_cost(f"k{i % 5}", 10)
+            total += 10
+        redis_server.kill9()
+        with pytest.raises(BackendUnavailable) as caught:
+            store.add_session_cost("k0", 10)
+        assert "127.0.0.1" in str(caught.value)
+        with pytest.raises(BackendUnavailable):
+            store.get_session("k1")
+        redis_server.start()  # same dir and port: the append-only file brings back every acknowledged write
+        store.add_session_cost("k0", 10)  # reconnects by itself, and reloads its script
+        total += 10
+        costs = sum(store.get_session(f"k{i}").session_cost_micros for i in range(5))
+        assert costs == total
+        with redis_server.client() as client:
+            check_agreement(client, Keys("se", 8), store)
+    finally:
+        store.close()
+
+
+# -- bad input at the boundary ----------------------------------------------------------------------
+@pytest.mark.parametrize("url", ["redis://", "redis://host:notaport/0", "http://x:1", "redis://a:1,b:2/0",
+                                 "redis://:hunter2@127.0.0.1:99999/0", "redis://127.0.0.1:6379/db"])
+def test_malformed_url_names_the_field_and_never_the_password(url: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        Config(enabled=True, backend=url)
+    assert caught.value.field == "backend"
+    assert "hunter2" not in str(caught.value)
+
+
+def test_url_forms_parse() -> None:
+    assert parse_backend("memory") is None
+    t = parse_backend("rediss://user:p%40ss@cache.example:6380/2")
+    assert (t.tls, t.hosts, t.db, t.username, t.password) == (True, (("cache.example", 6380),), 2, "user", "p@ss")
+    assert "p@ss" not in repr(t) and "p@ss" not in t.display
+    assert parse_backend("unix:///run/redis.sock").path == "/run/redis.sock"
+    assert parse_backend("redis+cluster://a:1,b:2").hosts == (("a", 1), ("b", 2))
+
+
+def test_wrong_password_is_a_clear_error_without_the_secret(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "auth", password="right-secret").start()
+    try:
+        url = f"redis://:wrong-secret@127.0.0.1:{server.port}/0"
+        with pytest.raises(BackendError) as caught:
+            SessionStore(redis_config(url))
+        assert "credentials" in str(caught.value)
+        assert "secret" not in str(caught.value)
+        with SessionStore(redis_config(server.url)) as store:  # the right one works
+            store.set_session("a", "m")
+            assert store.get_session("a").model == "m"
+    finally:
+        server.stop()
+
+
+def test_unreachable_server_is_backend_unavailable() -> None:
+    from tests.redis_servers import free_port
+
+    with pytest.raises(BackendUnavailable):
+        SessionStore(redis_config(f"redis://127.0.0.1:{free_port()}/0"))
+
+
+def test_a_replica_with_another_bucket_count_refuses_to_start(redis_server: RedisServer) -> None:
+    with SessionStore(redis_config(redis_server.url, redis_buckets=8)):
+        pass
+    with pytest.raises(InvalidEvent) as caught:
+        SessionStore(redis_config(redis_server.url, redis_buckets=16))
+    assert caught.value.field == "redis_buckets" and "buckets=8" in str(caught.value)
+
+
+def test_a_foreign_key_in_the_namespace_is_named_and_left_alone(redis_server: RedisServer) -> None:
+    keys = Keys("se", 8)
+    foreign = keys.session(bucket_of("f", 8), "f")
+    with redis_server.client() as client:
+        client.hset(foreign, "owner", "someone else")
+        client.set(keys.session(bucket_of("g", 8), "g"), "a string")
+        with SessionStore(redis_config(redis_server.url)) as store:
+            with pytest.raises(BackendError) as caught:
+                store.set_session("f", "m")
+            assert foreign in str(caught.value)
+            with pytest.raises(BackendError, match="WRONGTYPE"):
+                store.add_session_cost("g", 5)
+            store.set_session("ok", "m")  # every other session keeps being served
+        assert client.hgetall(foreign) == {b"owner": b"someone else"}
+        assert client.get(keys.session(bucket_of("g", 8), "g")) == b"a string"
+        assert [r["session_id"] for r in records_of(client, keys)] == ["ok"]
+
+
+def test_a_stream_record_failing_the_schema_is_named(redis_server: RedisServer) -> None:
+    keys = Keys("se", 8)
+    with SessionStore(redis_config(redis_server.url)) as store:
+        store.set_session("a", "m")
+    log = keys.bucket_keys(bucket_of("a", 8))[3]
+    with redis_server.client() as client:
+        bad_id = client.xadd(log, {"r": b'{"seq":"two","event":"session.touched"}'}).decode()
+        with pytest.raises(LogCorrupt) as caught:
+            records_of(client, keys)
+        assert log in str(caught.value) and bad_id in str(caught.value)
+
+
+# -- Redis Cluster (3 nodes) ------------------------------------------------------------------------
+def test_cluster_serves_one_truth_across_replicas(redis_cluster: Any) -> None:
+    url = redis_cluster.url
+    config = redis_config(url, redis_namespace="c1", redis_buckets=16)
+    stores = [SessionStore(config) for _ in range(2)]
+    try:
+        for i in range(60):
+            stores[i % 2].add_session_cost(f"c{i % 12}", 5)
+            if i % 6 == 0:
+                stores[(i + 1) % 2].set_session(f"c{i % 12}", "m", "SIMPLE")
+        client = redis_cluster.client()
+        try:
+            keys = Keys("c1", 16)
+            held = check_agreement(client, keys, *stores)
+            assert sum(e.session_cost_micros for e in held.values()) == 300
+            # the buckets really are spread over the nodes
+            nodes = {client.get_node_from_key(keys.tag(b)).port for b in range(16)}
+            assert len(nodes) == 3
+        finally:
+            client.close()
+    finally:
+        for store in stores:
+            store.close()
