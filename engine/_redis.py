@@ -18,7 +18,9 @@ docs/distributed.md has the protocol, failure modes and guarantees.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import os
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,11 +33,11 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
-from engine._backend import BackendError, BackendUnavailable, RedisTarget
+from engine._backend import BackendError, BackendUnavailable, RedisTarget, parse_backend
 from engine._core import Outcome, apply, clear_for_all, entry_fields, idle_deadline, pin_deadline
 from engine._entry import Entry
 from engine._log import drop_forbidden
-from engine._replay import LogCorrupt, State, fold, new_fields, to_entry
+from engine._replay import LogCorrupt, State, fold, new_fields, segment_name, to_entry
 from engine._shard import Shard
 from events import ClearAll, EngineError, Expire, GetStats, InvalidEvent, Tick
 
@@ -395,34 +397,92 @@ class RedisShard(Shard):
 
 
 # -- reading the streams back (replay, audit, export) ------------------------------------------
+def read_bucket(client: Any, keys: Keys, bucket: int) -> Iterator[dict[str, Any]]:
+    """One bucket stream's records in seq order; checks each record and that seq runs without a gap
+    (a trimmed stream may start past 1). Raises LogCorrupt naming the stream and id of a bad record."""
+    log = keys.bucket_keys(bucket)[3]
+    last: int | None = None
+    start = "-"
+    while True:
+        chunk = client.xrange(log, start, "+", count=_SCAN)
+        for stream_id, fields in chunk:
+            where = f"stream {log} id {stream_id.decode()}"
+            try:
+                record = orjson.loads(fields[b"r"])
+            except (KeyError, orjson.JSONDecodeError):
+                raise LogCorrupt(f"{where}: not a session-engine record (no JSON field r)") from None
+            seq = record.get("seq") if type(record) is dict else None
+            if type(seq) is not int or type(record.get("event")) is not str or type(record.get("ts")) is not int:
+                raise LogCorrupt(f"{where}: a record needs an int seq, an int ts and a str event")
+            if last is not None and seq != last + 1:
+                raise LogCorrupt(f"{where}: seq {seq} follows {last} (a gap)")
+            last = seq
+            yield record
+        if len(chunk) < _SCAN:
+            return
+        start = "(" + chunk[-1][0].decode()
+
+
 def read_streams(client: Any, keys: Keys) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Every record of every bucket stream, bucket by bucket, in seq order; checks each record and
-    that seq runs without a gap (a trimmed stream may start past 1). Raises LogCorrupt naming the
-    bucket and stream id of a bad record."""
+    """Every record of every bucket stream, bucket by bucket (see read_bucket)."""
     for bucket in range(keys.buckets):
-        log = keys.bucket_keys(bucket)[3]
-        last: int | None = None
-        start = "-"
-        while True:
-            chunk = client.xrange(log, start, "+", count=_SCAN)
-            if not chunk:
-                break
-            for stream_id, fields in chunk:
-                where = f"stream {log} id {stream_id.decode()}"
-                try:
-                    record = orjson.loads(fields[b"r"])
-                except (KeyError, orjson.JSONDecodeError):
-                    raise LogCorrupt(f"{where}: not a session-engine record") from None
-                seq = record.get("seq") if type(record) is dict else None
-                if type(seq) is not int or type(record.get("event")) is not str or type(record.get("ts")) is not int:
-                    raise LogCorrupt(f"{where}: a record needs an int seq, an int ts and a str event")
-                if last is not None and seq != last + 1:
-                    raise LogCorrupt(f"{where}: seq {seq} follows {last} (a gap)")
-                last = seq
-                yield bucket, record
-            start = "(" + chunk[-1][0].decode()
-            if len(chunk) < _SCAN:
-                break
+        for record in read_bucket(client, keys, bucket):
+            yield bucket, record
+
+
+def merged_records(client: Any, keys: Keys) -> Iterator[dict[str, Any]]:
+    """Every bucket's records merged by time; each bucket keeps its own order (a session lives in one
+    bucket, so each session's records keep theirs)."""
+    return heapq.merge(*(read_bucket(client, keys, b) for b in range(keys.buckets)), key=_ts)
+
+
+def _ts(record: dict[str, Any]) -> int:
+    return record["ts"]
+
+
+def open_namespace(url: str, namespace: str = "se") -> tuple[Any, Keys]:
+    """A client and the keys of an existing namespace (its bucket count read from Redis)."""
+    target = parse_backend(url)
+    if target is None:
+        raise InvalidEvent("backend", "needs a Redis URL, not memory")
+    client = connect(target, 5.0)
+    try:
+        stored = client.hget(f"{namespace}:meta", "buckets")
+    except RedisError as exc:
+        client.close()
+        raise unavailable(target, exc) from None
+    if stored is None or not stored.isdigit():
+        client.close()
+        raise BackendError(f"{target.display} holds no session-engine namespace {namespace!r}")
+    return client, Keys(namespace, int(stored))
+
+
+def stream_records(url: str, *, history: bool = True, namespace: str = "se") -> Iterator[dict[str, Any]]:
+    """The records of a Redis backend's streams (every one: streams hold no snapshots), for audit and replay."""
+    client, keys = open_namespace(url, namespace)
+    try:
+        yield from merged_records(client, keys)
+    except RedisError as exc:
+        raise unavailable(parse_backend(url), exc) from None  # type: ignore[arg-type]
+    finally:
+        client.close()
+
+
+def export_streams(url: str, directory: Path, *, namespace: str = "se") -> tuple[int, Path]:
+    """Write the streams as a file-log segment (``<first seq>.jsonl``, seq renumbered 1, 2, 3 ...)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / segment_name(1)
+    staging = directory / f".{path.name}.tmp"
+    count = 0
+    with open(staging, "wb") as f:
+        for record in stream_records(url, namespace=namespace):
+            count += 1
+            record["seq"] = count
+            f.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staging, path)
+    return count, path
 
 
 def fold_streams(client: Any, keys: Keys) -> State:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import orjson
 import pytest
 from freezegun import freeze_time
@@ -31,8 +32,16 @@ def redis_config(url: str, **overrides: Any) -> Config:
     return Config(**settings)
 
 
+SCHEMA = jsonschema.Draft202012Validator(orjson.loads((ROOT / "docs" / "log-schema.json").read_bytes()))
+
+
 def records_of(client: Any, keys: Keys) -> list[dict[str, Any]]:
-    return [record for _, record in read_streams(client, keys)]
+    """Every stream record (read_streams checks each bucket's seq runs without a gap), each valid per
+    docs/log-schema.json: the streams carry the file log's records."""
+    records = [record for _, record in read_streams(client, keys)]
+    for record in records:
+        SCHEMA.validate(record)
+    return records
 
 
 def check_agreement(client: Any, keys: Keys, *stores: SessionStore) -> dict[str, Any]:
@@ -325,3 +334,40 @@ def test_cluster_serves_one_truth_across_replicas(redis_cluster: Any) -> None:
     finally:
         for store in stores:
             store.close()
+
+
+# -- the command line reads the streams -------------------------------------------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_replay_audit_and_export_read_a_redis_url(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "auth", password="cli-secret").start()
+    try:
+        with SessionStore(redis_config(server.url, auto_escalate=True, strike_limit=1)) as store:
+            for i in range(12):
+                store.set_session(f"u{i}", "gpt-4o", "SIMPLE")
+                store.add_session_cost(f"u{i}", 100 + i)
+                store.record_request_hash(f"u{i}", "h")
+                store.record_request_hash(f"u{i}", "h")
+            store.clear_session("u0")
+        with server.client() as client:
+            held = sessions_in_redis(client, Keys("se", 8))
+        replayed = _cli("replay", server.url)
+        assert replayed.returncode == 0, replayed.stderr
+        assert set(orjson.loads(replayed.stdout)) == set(held)
+        audited = _cli("audit", server.url, "--session", "u3")
+        assert audited.returncode == 0 and "session.escalated" in audited.stdout
+        exported = _cli("export", server.url, str(tmp_path / "exported"))
+        assert exported.returncode == 0, exported.stderr
+        from engine import replay
+
+        assert replay(tmp_path / "exported") == held  # the file-log tools read the export
+        assert _cli("replay", str(tmp_path / "exported")).stdout == replayed.stdout
+        missing = _cli("audit", server.url, "--session", "nobody")
+        assert missing.returncode != 0 and "cli-secret" not in missing.stderr + missing.stdout
+        wrong = _cli("replay", f"redis://:not-it@127.0.0.1:{server.port}/0")
+        assert wrong.returncode != 0 and "credentials" in wrong.stderr and "not-it" not in wrong.stderr
+    finally:
+        server.stop()
