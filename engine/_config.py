@@ -79,8 +79,12 @@ class Config:
         _check_int(self.segment_bytes, "segment_bytes", 4096)
         if type(self.ask_timeout_s) not in (int, float) or not self.ask_timeout_s > 0:
             raise InvalidEvent("ask_timeout_s", "must be a positive number")
-        if parse_backend(self.backend) is not None and self.event_log is not None:
-            raise InvalidEvent("event_log", "must be None with a Redis backend (its audit log is in Redis streams)")
+        if parse_backend(self.backend) is not None:
+            if self.event_log is not None:
+                raise InvalidEvent("event_log", "must be None with a Redis backend (its audit log is in Redis streams)")
+            if self.max_sessions is not None:
+                raise InvalidEvent("max_sessions", "is not supported with a Redis backend (Redis frees idle "
+                                   "sessions by expiry and PEXPIRE; docs/distributed.md)")
         _check_int(self.redis_buckets, "redis_buckets", 1)
         check_text(self.redis_namespace, "redis_namespace", 64)
         if not self.redis_namespace or any(c in self.redis_namespace for c in "{}: "):

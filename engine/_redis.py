@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -212,9 +213,20 @@ class RedisShard(Shard):
     def __init__(self, runtime: Any, index: int, state: Any) -> None:
         super().__init__(runtime, index, state)
         self._cache: dict[str, tuple[Entry | None, str]] = {}
+        #: The records this turn committed (for the observer: engine.metrics counts from them).
+        self._committed: list[dict[str, Any]] = []
 
     # -- the mailbox turn ----------------------------------------------------------
     def _run_batch(self, batch: list[tuple[Any, int, Any]]) -> None:
+        started = time.perf_counter()
+        self._committed = []
+        self._apply_batch(batch)
+        observer = self._rt.observer
+        if observer is not None:
+            observer.on_batch(self._index, len(batch), self._committed, time.perf_counter() - started,
+                              len(self._mailbox.queue))
+
+    def _apply_batch(self, batch: list[tuple[Any, int, Any]]) -> None:
         config = self._config
         work: dict[str, list[Step]] = {}
         for event, now, reply in batch:
@@ -246,13 +258,13 @@ class RedisShard(Shard):
             for sid, steps in pending.items():
                 before, version = cache.get(sid, (None, "0"))
                 state = before
-                records: list[bytes] = []
+                records: list[dict[str, Any]] = []
                 results = []
                 for step, _reply, now in steps:
                     out = step(state, now)
                     state = out.state
                     for name, fields in out.records:
-                        records.append(render_record({"ts": now, "event": name, "session_id": sid, **fields}))
+                        records.append({"ts": now, "event": name, "session_id": sid, **fields})
                     results.append(out.result)
                 if state is before:
                     encoded: bytes | str = ""
@@ -264,8 +276,9 @@ class RedisShard(Shard):
                     idle = idle_deadline(state, config)
                     deadline = min(idle, pin_deadline(state)) if state.cache_sticky else idle
                     pexpire_ms = config.timeout_ms + EXPIRY_MARGIN_MS
-                backend.evalsha(pipe, sid, bucket_of(sid, buckets), version, encoded, deadline, pexpire_ms, records)
-                plans.append((sid, steps, state, results))
+                backend.evalsha(pipe, sid, bucket_of(sid, buckets), version, encoded, deadline, pexpire_ms,
+                                [render_record(record) for record in records])
+                plans.append((sid, steps, state, results, records))
             try:
                 answers = pipe.execute(raise_on_error=False)
             except RedisError as exc:
@@ -273,7 +286,7 @@ class RedisShard(Shard):
                 return done
             retry: dict[str, list[Step]] = {}
             reload = False
-            for (sid, steps, state, results), answer in zip(plans, answers, strict=True):
+            for (sid, steps, state, results, records), answer in zip(plans, answers, strict=True):
                 if isinstance(answer, NoScriptError):
                     reload = True
                     retry[sid] = steps
@@ -292,6 +305,7 @@ class RedisShard(Shard):
                         if reply is not None:
                             reply.set(result)
                     done.extend(results)
+                    self._committed.extend(records)
                 else:
                     current = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
                     try:

@@ -371,3 +371,17 @@ def test_cli_replay_audit_and_export_read_a_redis_url(tmp_path: Path) -> None:
         assert wrong.returncode != 0 and "credentials" in wrong.stderr and "not-it" not in wrong.stderr
     finally:
         server.stop()
+
+
+def test_metrics_count_what_the_redis_shards_commit(redis_server: RedisServer) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from engine.metrics import Metrics
+
+    metrics = Metrics(CollectorRegistry())
+    with SessionStore(redis_config(redis_server.url), observer=metrics) as store:
+        store.set_session("m", "gpt-4o")
+        store.add_session_cost("m", 250_000)
+        store.get_session("m")
+    assert metrics.cost._value.get() == pytest.approx(0.25)
+    assert sum(child._value.get() for child in metrics.applied._metrics.values()) == 3
