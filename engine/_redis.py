@@ -19,9 +19,11 @@ docs/distributed.md has the protocol, failure modes and guarantees.
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import os
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -144,6 +146,8 @@ class RedisBackend:
         except BaseException:
             self.client.close()
             raise
+        self._token_prefix = f"{os.getpid()}.{uuid.uuid4().hex[:12]}."
+        self._tokens = itertools.count()  # next() on a count is atomic under the GIL
         self.log = RedisLog(self)
         self.shard_class = type("RedisShard", (RedisShard,), {"backend": self})
 
@@ -164,11 +168,15 @@ class RedisBackend:
         return range(shard, self.keys.buckets, shards)
 
     def evalsha(self, pipe: Any, sid: str | None, bucket: int, expected: str, state: bytes | str,
-                deadline: int, pexpire_ms: int, records: list[bytes]) -> None:
+                deadline: int, pexpire_ms: int, records: list[bytes], token: str | None = None) -> None:
         seq, ver, exp, log = self.keys.bucket_keys(bucket)
         key = self.keys.session(bucket, sid) if sid is not None else f"{self.keys.tag(bucket)}:none"
         pipe.execute_command("EVALSHA", self.sha, 5, key, seq, ver, exp, log, expected, state, deadline,
-                             pexpire_ms, sid or "", self.maxlen, *records)
+                             pexpire_ms, sid or "", self.maxlen, token or self.token(), *records)
+
+    def token(self) -> str:
+        """Unique per commit attempt (this process, this backend, a counter): see redis_commit.lua."""
+        return f"{self._token_prefix}{next(self._tokens)}"
 
     def reload_script(self) -> None:
         """A restarted server forgot its scripts (no FUNCTION LOAD on 6.2): load it again."""

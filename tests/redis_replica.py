@@ -1,6 +1,6 @@
 """One router replica PROCESS for the Redis tests: mixed operations on shared sessions.
 
-Run as ``python -m tests.redis_replica URL REPLICA OPS SESSIONS``. It prints one JSON line per
+Run as ``python -m tests.redis_replica URL REPLICA OPS SESSIONS [NAMESPACE]``. It prints one JSON line per
 acknowledged operation (``{"op", "sid", ...}``) as soon as the store answers, so a test that
 kills this process knows exactly what was acknowledged; then ``{"done": true}``.
 """
@@ -16,8 +16,10 @@ from engine import BackendUnavailable, Config, SessionStore
 
 def main() -> None:
     url, replica, ops, sessions = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    namespace = sys.argv[5] if len(sys.argv) > 5 else "se"
     out = sys.stdout.buffer
-    config = Config(enabled=True, tick_ms=0, backend=url, auto_escalate=True, strike_limit=1, ask_timeout_s=5.0)
+    config = Config(enabled=True, tick_ms=0, backend=url, auto_escalate=True, strike_limit=1, ask_timeout_s=5.0,
+                    redis_namespace=namespace)
     with SessionStore(config) as store:
         for i in range(ops):
             sid = f"s{(i * 7 + replica) % sessions}"

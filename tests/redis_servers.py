@@ -188,3 +188,39 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
         yield nodes
     finally:
         nodes.stop()
+
+
+def node_id(server: RedisServer) -> str:
+    with server.client() as c:
+        return c.execute_command("CLUSTER MYID").decode()
+
+
+def migrate_slot(nodes: RedisClusterNodes, slot: int, target: RedisServer) -> int:
+    """Move one slot, with its keys, to ``target`` as redis-cli --cluster reshard does; returns the keys moved."""
+    source = next(s for s in nodes.servers if _owns(s, slot))
+    if source is target:
+        raise ValueError("the target already owns the slot")
+    src_id, dst_id = node_id(source), node_id(target)
+    with source.client() as src, target.client() as dst:
+        dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+        moved = 0
+        while True:
+            keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, 50)
+            if not keys:
+                break
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        for server in nodes.servers:
+            with server.client() as c:
+                c.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+    return moved
+
+
+def _owns(server: RedisServer, slot: int) -> bool:
+    me = node_id(server)
+    with server.client() as c:
+        for start, end, master, *_ in c.execute_command("CLUSTER SLOTS"):
+            if start <= slot <= end:
+                return master[2].decode() == me
+    return False

@@ -65,6 +65,32 @@ def test_server_keeps_acknowledged_writes_across_kill9(redis_server: RedisServer
         assert c.get("k") == b"v"
 
 
+def test_a_commit_sent_twice_lands_once(redis_server: RedisServer) -> None:
+    """A client may resend a script (lost reply, cluster redirect): its token makes it land once."""
+    from engine._backend import parse_backend as parse
+    from engine._entry import Entry
+    from engine._redis import RedisBackend, encode_entry, render_record
+
+    config = redis_config(redis_server.url)
+    backend = RedisBackend(config, parse(redis_server.url))
+    try:
+        bucket = bucket_of("d", 8)
+        entry = encode_entry(Entry("m", None, 1, 1, 1))
+        record = render_record({"ts": 1, "event": R.SESSION_TOUCHED, "session_id": "d", "last_used_at": 1,
+                                "request_count": 1})
+        answers = []
+        for token in ("same", "same", "other"):
+            pipe = backend.client.pipeline(transaction=False)
+            backend.evalsha(pipe, "d", bucket, "0", entry, 10, 1000, [record], token=token)
+            answers.append(pipe.execute()[0])
+        assert [a[0] for a in answers] == [1, 1, 0]  # landed; landed already; a real conflict
+        assert answers[1][2] == -1 and answers[2][1] == answers[0][1]
+        with redis_server.client() as client:
+            assert len(records_of(client, Keys("se", 8))) == 1
+    finally:
+        backend.close()
+
+
 # -- one replica ----------------------------------------------------------------------------------
 def test_store_on_redis_serves_the_spec_and_logs_to_streams(redis_server: RedisServer) -> None:
     config = redis_config(redis_server.url, auto_escalate=True, strike_limit=1)
@@ -148,9 +174,18 @@ def test_expiry_is_logged_once_however_many_replicas_reap(redis_server: RedisSer
 
 
 # -- replica processes ------------------------------------------------------------------------------
-def _replica(url: str, replica: int, ops: int, sessions: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "tests.redis_replica", url, str(replica), str(ops), str(sessions)],
-                            cwd=ROOT, stdout=subprocess.PIPE)
+def _replica(url: str, replica: int, ops: int, sessions: int, namespace: str = "se") -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "tests.redis_replica", url, str(replica), str(ops), str(sessions),
+                             namespace], cwd=ROOT, stdout=subprocess.PIPE)
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> bytes:
+    """The rest of a replica's output (through its buffered pipe: communicate() would skip what a
+    readline() already buffered), once it has exited."""
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.wait(timeout=60)
+    return out
 
 
 def _acknowledged(output: bytes) -> list[dict[str, Any]]:
@@ -181,7 +216,7 @@ def test_four_replica_processes_agree_exactly(redis_server: RedisServer) -> None
     procs = [_replica(url, n, 400, 50) for n in range(4)]
     lines = []
     for proc in procs:
-        out, _ = proc.communicate(timeout=120)
+        out = _finish(proc)
         assert proc.returncode == 0
         got = _acknowledged(out)
         assert got[-1] == {"done": True}
@@ -200,7 +235,7 @@ def test_kill9_of_a_replica_loses_nothing_it_acknowledged(redis_server: RedisSer
     assert victim.stdout is not None
     seen = [victim.stdout.readline() for _ in range(300)]  # 300 acknowledged operations, then kill -9
     victim.kill()
-    out, _ = victim.communicate(timeout=30)
+    out = _finish(victim)
     lines = _acknowledged(b"".join(seen) + out)
     assert lines and "done" not in lines[-1]
     with redis_server.client() as client:
@@ -385,3 +420,36 @@ def test_metrics_count_what_the_redis_shards_commit(redis_server: RedisServer) -
         store.get_session("m")
     assert metrics.cost._value.get() == pytest.approx(0.25)
     assert sum(child._value.get() for child in metrics.applied._metrics.values()) == 3
+
+
+def test_cluster_four_replica_processes_and_a_slot_migrated_under_load(redis_cluster: Any) -> None:
+    """The multi-process suite on the 3-node cluster, while one bucket's slot moves to another node."""
+    from tests.redis_servers import _owns, migrate_slot
+
+    url = redis_cluster.url
+    procs = [_replica(url, n, 600, 50, "c2") for n in range(4)]
+    lines = []
+    for proc in procs:  # every replica is serving before the slot moves
+        assert proc.stdout is not None
+        lines.append(orjson.loads(proc.stdout.readline()))
+    client = redis_cluster.client()
+    try:
+        keys = Keys("c2", 64)
+        slot = client.keyslot(keys.tag(bucket_of("s1", 64)))
+        owner = client.get_node_from_key(keys.tag(bucket_of("s1", 64))).port
+        target = next(s for s in redis_cluster.servers if s.port != owner)
+        assert migrate_slot(redis_cluster, slot, target) > 0
+        for proc in procs:
+            out = _finish(proc)
+            assert proc.returncode == 0
+            got = _acknowledged(out)
+            assert got[-1] == {"done": True}
+            lines += got[:-1]
+        assert len(lines) == 4 * 600
+        assert not [line for line in lines if line["op"] == "unavailable"]
+        assert _owns(target, slot)
+        _check_load(client, keys, lines, 50)
+        with SessionStore(Config(enabled=True, tick_ms=0, backend=url, redis_namespace="c2")) as reader:
+            check_agreement(client, keys, reader)
+    finally:
+        client.close()
