@@ -8,6 +8,7 @@ kills this process knows exactly what was acknowledged; then ``{"done": true}``.
 from __future__ import annotations
 
 import sys
+import time
 
 import orjson
 
@@ -24,12 +25,12 @@ def main() -> None:
         for i in range(ops):
             sid = f"s{(i * 7 + replica) % sessions}"
             kind = i % 4
+            micros = 1 + (i % 97)
             try:
                 if kind == 0:
                     store.set_session(sid, "gpt-4o", "MEDIUM")
                     line = {"op": "set", "sid": sid}
                 elif kind == 1:
-                    micros = 1 + (i % 97)
                     store.add_session_cost(sid, micros)
                     line = {"op": "cost", "sid": sid, "micros": micros}
                 elif kind == 2:
@@ -39,7 +40,9 @@ def main() -> None:
                     entry = store.get_session(sid)
                     line = {"op": "get", "sid": sid, "tier": entry.tier.value if entry and entry.tier else None}
             except BackendUnavailable:
-                line = {"op": "unavailable", "sid": sid}
+                # Not acknowledged: it may or may not have been applied (a reply lost with the server).
+                line = {"op": "unavailable", "sid": sid, "micros": micros if kind == 1 else 0}
+                time.sleep(0.02)  # a router backs off before its next request while its backend is down
             out.write(orjson.dumps(line) + b"\n")
             out.flush()
     out.write(b'{"done":true}\n')

@@ -127,7 +127,8 @@ class RedisClusterNodes:
     """Three cluster-enabled servers sharing the 16384 slots, serving once ``cluster_state:ok``."""
 
     def __init__(self, directory: Path, nodes: int = 3) -> None:
-        self.servers = [RedisServer(Path(directory) / f"node{i}", cluster=True) for i in range(nodes)]
+        # everysec: the cluster tests are about routing and slots; durability is tested on single servers
+        self.servers = [RedisServer(Path(directory) / f"node{i}", cluster=True, fsync="everysec") for i in range(nodes)]
 
     @property
     def url(self) -> str:
