@@ -304,6 +304,23 @@ def test_kill9_of_redis_under_multi_process_load(redis_server: RedisServer) -> N
         _check_load(client, Keys("se", 64), lines, 50)
 
 
+def test_policy_answers_unavailable_while_redis_is_down_and_routes_after(redis_server: RedisServer) -> None:
+    from engine.policy import Kind, Options, Policy, Request
+
+    with SessionStore(redis_config(redis_server.url, ask_timeout_s=2.0)) as store:
+        # A deadline loose enough for a loaded test machine (the default 5 ms is the production one).
+        policy = Policy(store, {Tier.SIMPLE: "openai/gpt-4o-mini", Tier.MEDIUM: "openai/gpt-4o"},
+                        Options(deadline_s=1.0))
+        request = Request(model="openai/gpt-4o", tier=Tier.MEDIUM, session_id="p1")
+        assert policy.route(request).kind is not Kind.UNAVAILABLE
+        redis_server.kill9()
+        down = policy.route(request)
+        assert down.kind is Kind.UNAVAILABLE and down.model == "openai/gpt-4o"  # the router's own choice
+        redis_server.start()
+        assert policy.route(request).kind is not Kind.UNAVAILABLE
+        assert store.get_session("p1").model == "openai/gpt-4o"
+
+
 # -- bad input at the boundary ----------------------------------------------------------------------
 @pytest.mark.parametrize("url", ["redis://", "redis://host:notaport/0", "http://x:1", "redis://a:1,b:2/0",
                                  "redis://:hunter2@127.0.0.1:99999/0", "redis://127.0.0.1:6379/db"])
