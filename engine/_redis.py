@@ -33,7 +33,17 @@ import orjson
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    BusyLoadingError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from engine._backend import BackendError, BackendUnavailable, RedisTarget, parse_backend
@@ -54,6 +64,8 @@ MAX_ROUNDS = 16
 #: Entries a shard keeps between turns (each is checked by its version at commit, so a stale one costs a retry).
 CACHE_LIMIT = 100_000
 _SCAN = 1_000
+#: Answers that mean "send it again shortly": a slot moving between Cluster nodes, a server loading its data.
+_TRANSIENT = (TryAgainError, AskError, MovedError, ClusterDownError, BusyLoadingError)
 
 Step = tuple[Callable[[Entry | None, int], Outcome], Any, int]  # (transition, reply or None, now)
 
@@ -260,7 +272,7 @@ class RedisShard(Shard):
         buckets = backend.keys.buckets
         done: list[Any] = []
         pending = work
-        for _ in range(MAX_ROUNDS):
+        for round_number in range(MAX_ROUNDS):
             plans = []
             pipe = backend.client.pipeline(transaction=False)
             for sid, steps in pending.items():
@@ -293,10 +305,13 @@ class RedisShard(Shard):
                 self._fail(pending, unavailable(backend.target, exc))
                 return done
             retry: dict[str, list[Step]] = {}
-            reload = False
+            reload = transient = False
             for (sid, steps, state, results, records), answer in zip(plans, answers, strict=True):
                 if isinstance(answer, NoScriptError):
                     reload = True
+                    retry[sid] = steps
+                elif isinstance(answer, _TRANSIENT):
+                    transient = True
                     retry[sid] = steps
                 elif isinstance(answer, Exception):
                     cache.pop(sid, None)
@@ -333,6 +348,8 @@ class RedisShard(Shard):
                     return done
             if not retry:
                 return done
+            if transient:  # back off a little (at most ~0.1 s a round) while the cluster settles
+                time.sleep(min(0.1, 0.002 * 2 ** round_number))
             pending = retry
         self._fail(pending, BackendUnavailable(
             f"{len(pending)} session(s) changed under every one of {MAX_ROUNDS} commit attempts (contention)"))
@@ -379,22 +396,25 @@ class RedisShard(Shard):
             reply.set(result)
 
     def _reap(self, now: int) -> int:
-        """Expire what this shard's buckets hold past its deadline (bounded batches): the same
-        compare-and-set as any event, so one replica logs each expiry however many reap at once."""
+        """Expire what this shard's buckets hold past its deadline: one round trip finds the due sessions
+        of every bucket it owns (at most ``expiry_batch`` in all), then the same compare-and-set as any
+        event commits their expiry, so one replica logs each expiry however many reap at once."""
         backend, config = self.backend, self._config
-        expired = 0
-        for bucket in backend.owned(self._index, config.shards):
-            exp = backend.keys.bucket_keys(bucket)[2]
-            due = backend.client.zrangebyscore(exp, "-inf", now, start=0, num=config.expiry_batch)
-            if not due:
-                continue
-            work: dict[str, list[Step]] = {}
+        buckets = backend.owned(self._index, config.shards)
+        pipe = backend.client.pipeline(transaction=False)
+        for bucket in buckets:
+            pipe.zrangebyscore(backend.keys.bucket_keys(bucket)[2], "-inf", now, start=0, num=config.expiry_batch)
+        work: dict[str, list[Step]] = {}
+        for due in pipe.execute():
             for raw in due:
+                if len(work) >= config.expiry_batch:
+                    break  # the next tick takes the rest
                 sid = raw.decode("utf-8", "surrogatepass")
                 work[sid] = [(lambda state, at, s=sid: apply(state, Expire(s), at, config), None, now)]
                 self._cache.pop(sid, None)  # read it fresh: it is probably stale
-            expired += sum(1 for result in self._commit_all(work) if result is True)
-        return expired
+        if not work:
+            return 0
+        return sum(1 for result in self._commit_all(work) if result is True)
 
     def _scan(self) -> Iterator[tuple[str, Entry]]:
         """Every session of this shard's buckets, read from Redis (for stats and clear_all)."""

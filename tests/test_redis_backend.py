@@ -173,6 +173,19 @@ def test_expiry_is_logged_once_however_many_replicas_reap(redis_server: RedisSer
                 store.close()
 
 
+def test_stream_retention_keeps_about_maxlen_records_and_stays_readable(redis_server: RedisServer) -> None:
+    keys = Keys("se", 1)
+    with SessionStore(redis_config(redis_server.url, redis_buckets=1, redis_stream_maxlen=50)) as store:
+        for i in range(600):
+            store.add_session_cost(f"r{i % 3}", 1)
+        assert store.get_session("r0").session_cost_micros == 200
+    with redis_server.client() as client:
+        length = client.xlen(keys.bucket_keys(0)[3])
+        assert 50 <= length < 300  # MAXLEN ~ trims whole nodes: about, not exactly, 50
+        records = records_of(client, keys)  # starts past seq 1 and runs on without a gap
+        assert records[0]["seq"] > 1 and records[-1]["seq"] == int(client.get(keys.bucket_keys(0)[0]))
+
+
 # -- replica processes ------------------------------------------------------------------------------
 def _replica(url: str, replica: int, ops: int, sessions: int, namespace: str = "se") -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "tests.redis_replica", url, str(replica), str(ops), str(sessions),
