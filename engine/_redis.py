@@ -161,7 +161,11 @@ class RedisBackend:
         self._token_prefix = f"{os.getpid()}.{uuid.uuid4().hex[:12]}."
         self._tokens = itertools.count()  # next() on a count is atomic under the GIL
         self.log = RedisLog(self)
-        self.shard_class = type("RedisShard", (RedisShard,), {"backend": self})
+        buckets = self.keys.buckets
+        # A session goes to the shard that reaps its bucket (bucket % shards: see owned()), so its events
+        # and its expiry take turns in one mailbox, as in the memory backend.
+        self.shard_class = type("RedisShard", (RedisShard,), {
+            "backend": self, "route_hash": staticmethod(lambda session_id: bucket_of(session_id, buckets))})
 
     def _check_meta(self) -> None:
         client, keys = self.client, self.keys

@@ -17,7 +17,7 @@ from engine._config import Config
 from engine._log import LogSink
 from engine._reply import Reply
 from engine._shard import DRAIN, Mailbox, Shard
-from engine._table import ShardState, shard_index
+from engine._table import ShardState
 from engine._time import now_ms
 from events import EngineError, SessionEvent
 from events import records as R
@@ -151,6 +151,8 @@ class Runtime:
             self.acknowledger.start()
         self.supervisor = Supervisor.start(self)
         self.shard_class = shard_class  # engine._backend: the memory backend's Shard or Redis's
+        #: session id -> int; the shard is that modulo ``shards`` (the shard class decides: Redis's follows buckets).
+        self._hash = shard_class.route_hash
         self.shards: list[pykka.ActorRef[Any]] = [
             shard_class.start(self, i, self.states[i]) for i in range(config.shards)
         ]
@@ -180,7 +182,7 @@ class Runtime:
 
     # -- routing -------------------------------------------------------------
     def shard_of(self, session_id: str) -> int:
-        return shard_index(session_id, len(self.mailboxes))
+        return self._hash(session_id) % len(self.mailboxes)
 
     def send(self, index: int, event: Any, now: int, reply: Reply | None) -> None:
         self.mailboxes[index].queue.append((event, now, reply))
@@ -197,7 +199,7 @@ class Runtime:
 
     def route(self, event: SessionEvent, now: int, reply: Reply | None) -> None:
         # send(), _wake() and shard_index() inlined: this runs once per store call.
-        mailbox = self.mailboxes[hash(event.session_id) % len(self.mailboxes)]
+        mailbox = self.mailboxes[self._hash(event.session_id) % len(self.mailboxes)]
         mailbox.queue.append((event, now, reply))
         if not mailbox.scheduled:
             self._wake(mailbox.index)
@@ -208,7 +210,7 @@ class Runtime:
         appends = [mailbox.queue.append for mailbox in self.mailboxes]
         touched = set()
         for event in events:
-            index = hash(event.session_id) % n
+            index = self._hash(event.session_id) % n
             appends[index]((event, now, None))
             touched.add(index)
         for index in touched:

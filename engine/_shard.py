@@ -71,6 +71,8 @@ _PASSES = (Tick, _TickPass)
 class Shard(pykka.ThreadingActor):
     # A store its owner forgot to close must not keep the host process from exiting.
     use_daemon_thread = True
+    #: The runtime routes a session to shard ``route_hash(session id) % shards`` (engine._table.shard_index).
+    route_hash = staticmethod(hash)
 
     def __init__(self, runtime: Runtime, index: int, state: ShardState) -> None:
         super().__init__()

