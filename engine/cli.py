@@ -150,6 +150,42 @@ def replay_command(
     _streamed(log, write, history=False)
 
 
+@app.command()
+def report(
+    log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write (replaced if it exists).")] = Path(
+        "session-engine-report.html"),
+    top: Annotated[int, typer.Option(min=1, max=100, help="Costliest sessions shown, each with its timeline.")] = 10,
+) -> None:
+    """One self-contained HTML report of a log (opens offline): spend and decisions over time, model mix,
+    escalation funnel, the costliest sessions with their timelines. docs/report.md explains each chart."""
+    from engine import _report
+    from engine._report_html import render_html, require_plotly
+
+    try:
+        require_plotly()
+    except EngineError as exc:
+        fail(str(exc))
+    digest = _report.Digest(top_n=top)
+
+    def first(records: Iterator[dict[str, Any]]) -> None:
+        nonlocal digest
+        digest = _report.digest(records, top)
+
+    _streamed(log, first, history=True)
+    if not digest.records:
+        fail(f"{log}: no audit records")
+    _streamed(log, lambda records: _report.add_timelines(digest, records), history=True)
+    page = render_html(digest, source=str(log))
+    try:
+        output.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        fail(f"{output}: {exc.strerror or exc}")
+    typer.echo(f"wrote {output}: {digest.records:,} records, {digest.lifetimes:,} session lifetimes, "
+               f"{digest.decisions:,} decisions, spend ${digest.spend_micros / 1_000_000:.6f}; "
+               f"open it in a browser (works offline)")
+
+
 def main() -> None:
     """Console entry point: usage and library errors become one line on stderr, never a traceback."""
     from typer import _click  # the click that typer bundles: its usage errors are these classes
