@@ -169,7 +169,6 @@ def _cost_at(points: list[tuple[int, int]], ts: int) -> float:
 
 
 def _timeline(rank: int, tl: Timeline) -> Any:
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     life = tl.life

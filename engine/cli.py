@@ -15,7 +15,7 @@ from events import EngineError
 
 app = typer.Typer(
     name="session-engine",
-    help="Per-session memory for LLM routers: simulate a router workload, audit and replay the log.",
+    help="Per-session memory for LLM routers: simulate a router workload; audit, replay and chart its log.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -157,8 +157,11 @@ def report(
         "session-engine-report.html"),
     top: Annotated[int, typer.Option(min=1, max=100, help="Costliest sessions shown, each with its timeline.")] = 10,
 ) -> None:
-    """One self-contained HTML report of a log (opens offline): spend and decisions over time, model mix,
-    escalation funnel, the costliest sessions with their timelines. docs/report.md explains each chart."""
+    """One self-contained HTML report of a log: spend, decisions, model mix, escalations, costliest sessions.
+
+    Spend and decisions by kind over time, the model mix, the escalation funnel (strikes -> escalations) and the
+    costliest sessions, each with its timeline. plotly.js is inlined: the file opens offline. docs/report.md.
+    """
     from engine import _report
     from engine._report_html import render_html, require_plotly
 
