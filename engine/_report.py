@@ -270,6 +270,9 @@ def add_timelines(d: Digest, records: Iterable[dict[str, Any]]) -> None:
                         tl = wanted.get((snap_sid, fields.get("created_at")))
                         if tl is not None and not tl.before:
                             tl.before.update(fields)
+                            ts = record.get("ts", 0)
+                            tl.cost.append((ts, fields.get("session_cost_micros", 0)))
+                            tl.marks.append((ts, R.LOG_SNAPSHOT, "present in a snapshot (earlier history not read)"))
                             open_[snap_sid] = tl
             continue
         if sid not in sids:

@@ -29,7 +29,7 @@ MARK_SYMBOLS = {
     R.SESSION_CREATED: ("circle", "#1f77b4", "created"), R.SESSION_UPDATED: ("diamond", "#ff7f0e", "model changed"),
     R.SESSION_ESCALATED: ("triangle-up", "#d62728", "escalated"), R.STICKY_PINNED: ("star", "#8c564b", "cache pin"),
     R.SESSION_EXPIRED: ("x", "#444444", "ended"), R.SESSION_CLEARED: ("x", "#444444", "ended"),
-    R.SESSION_EVICTED: ("x", "#444444", "ended"),
+    R.SESSION_EVICTED: ("x", "#444444", "ended"), R.LOG_SNAPSHOT: ("square-open", "#7f7f7f", "from a snapshot"),
 }
 _CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -177,7 +177,7 @@ def _timeline(rank: int, tl: Timeline) -> Any:
     fig.update_layout(_layout(f"{rank}. {_short(life.session_id, 60)}: {fmt_usd(life.cost_micros)}", height=460,
                               legend={"orientation": "h", "y": -0.12}))
     cost = list(tl.cost)
-    if cost and life.started_at is not None and life.started_at < cost[0][0]:
+    if cost and life.origin != "snapshot" and life.started_at is not None and life.started_at < cost[0][0]:
         cost.insert(0, (life.started_at, 0))
     fig.add_scatter(x=[_when(ts) for ts, _ in cost], y=[m / 1e6 for _, m in cost], mode="lines+markers",
                     line={"shape": "hv", "color": "#1f77b4"}, name="cost", row=1, col=1)

@@ -310,3 +310,50 @@ def test_an_unwritable_output_is_one_line_on_stderr(tmp_path: Path) -> None:
 def test_help_lists_the_report_command() -> None:
     done = run_cli("--help")
     assert re.search(r"report\s+One self-contained HTML report", done.stdout), done.stdout
+
+
+def test_a_segment_directory_with_its_oldest_history_deleted_still_reports(make_store, tmp_path: Path) -> None:
+    """Lifetimes that began in deleted history start from the snapshot at the head of the oldest segment left."""
+    log = tmp_path / "segments"
+    log.mkdir()
+    with freeze_time(T0) as clock:
+        store = make_store(event_log=log, segment_bytes=4096)
+        policy = Policy(store, MODELS, Options(deadline_s=5.0))
+        for i in range(120):
+            clock.tick(timedelta(seconds=30))
+            sid = f"s{i % 6}"
+            decision = policy.route(Request(MODELS[Tier.MEDIUM], Tier.MEDIUM, sid,
+                                            [{"role": "user", "content": f"turn {i}"}]))
+            policy.record_response(sid, micros=100 + i, decision=decision)
+        store.close()
+    segments = sorted(log.glob("*.jsonl"))
+    assert len(segments) > 3
+    whole = RP.read_digest(log, top=3)
+    segments[0].unlink()
+    rest = RP.read_digest(log, top=3)
+    assert rest.records < whole.records and rest.spend_micros < whole.spend_micros
+    assert [life.origin for life in rest.costliest()] == ["snapshot"] * 3
+    for tl in rest.timelines:  # each starts at the snapshot's total and ends on its lifetime's total
+        assert tl.marks[0][1] == "log.snapshot" and tl.cost[0][1] > 0
+        assert tl.cost[-1][1] == tl.life.cost_micros
+    assert [life.cost_micros for life in rest.costliest()] == [life.cost_micros for life in whole.costliest()]
+    out = tmp_path / "segments.html"
+    done = run_cli("report", log, "-o", out, "--top", "3")
+    assert done.returncode == 0, done.stderr
+    assert len(re.findall(r'<div class="chart"', out.read_text(encoding="utf-8"))) == 5 + 3
+
+
+def test_session_ids_and_models_cannot_inject_markup(make_store, tmp_path: Path) -> None:
+    log, out = tmp_path / "odd.jsonl", tmp_path / "odd.html"
+    odd = "<img src=x onerror=alert(1)></script>"
+    with freeze_time(T0):
+        store = make_store(event_log=str(log))
+        store.set_session(odd, "vendor/<b>model</b>", "MEDIUM")
+        store.add_session_cost(odd, 5)
+        store.close()
+    done = run_cli("report", log, "-o", out)
+    assert done.returncode == 0, done.stderr
+    text = out.read_text(encoding="utf-8")
+    assert "<img src=x" not in text and "</script>\"" not in text and "<b>model" not in text
+    # The id is there as text: HTML-escaped for plotly's labels, then JSON-escaped inside the <script> block.
+    assert "\\u0026lt;img src=x onerror=alert(1)\\u0026gt;" in text
