@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pytest
 from freezegun import freeze_time
+from typer.testing import CliRunner
 
 from engine import Config, SessionStore, Tier
 from engine import _report as RP
 from engine._audit import lives
 from engine._replay import read_log as stream_log
+from engine.cli import app
 from engine.policy import BudgetExceeded, Options, Policy, Request
 from tests.conftest import read_log
 
@@ -43,6 +45,12 @@ def session_engine() -> list[str]:
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The command in this process (fast: plotly is imported once); see ``run_script`` for the console script."""
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def run_script(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*session_engine(), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
@@ -182,10 +190,19 @@ def test_page_is_one_offline_file(page: Path) -> None:
     assert "stuck on the same bug" not in text and "question 1" not in text  # never any request content
 
 
-def test_every_chart_renders_in_headless_chromium_without_script_errors(page: Path, tmp_path: Path) -> None:
-    done = chromium("--dump-dom", page.as_uri(), profile=tmp_path / "profile")
+@pytest.fixture(scope="module")
+def browser(page: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """One chromium run: the DOM after every script ran, and a screenshot of the top of the page."""
+    tmp = tmp_path_factory.mktemp("browser")
+    shot = tmp / "shot.png"
+    done = chromium("--window-size=1000,900", f"--screenshot={shot}", "--dump-dom", page.as_uri(),
+                    profile=tmp / "profile")
     assert done.returncode == 0, done.stderr[-2000:]
-    dom = done.stdout
+    return done.stdout, shot
+
+
+def test_every_chart_renders_in_headless_chromium_without_script_errors(browser: tuple[str, Path]) -> None:
+    dom, _ = browser
     root = re.search(r"<html[^>]*>", dom)
     assert root is not None
     assert "data-report-errors" not in root.group(0), root.group(0)
@@ -201,10 +218,9 @@ def test_every_chart_renders_in_headless_chromium_without_script_errors(page: Pa
         assert drawn > 0, f"{ident} draws no data"
 
 
-def test_screenshot_of_the_page_is_not_blank(page: Path, tmp_path: Path) -> None:
-    shot = tmp_path / "shot.png"
-    done = chromium("--window-size=1000,900", f"--screenshot={shot}", page.as_uri(), profile=tmp_path / "profile")
-    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+def test_screenshot_of_the_page_is_not_blank(browser: tuple[str, Path]) -> None:
+    _, shot = browser
+    assert shot.exists()
     width, height, pixels = png_pixels(shot.read_bytes())
     assert (width, height) == (1000, 900)
     colours = Counter(pixels)
@@ -302,13 +318,13 @@ def test_a_bad_log_is_one_line_on_stderr(tmp_path: Path, setup, message: str) ->
 
 def test_an_unwritable_output_is_one_line_on_stderr(tmp_path: Path) -> None:
     known = Path(__file__).resolve().parent / "golden" / "known.jsonl"
-    done = run_cli("report", known, "-o", tmp_path / "no-such-dir" / "out.html")
+    done = run_script("report", known, "-o", tmp_path / "no-such-dir" / "out.html")
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and "no-such-dir" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_help_lists_the_report_command() -> None:
-    done = run_cli("--help")
+    done = run_script("--help")
     assert re.search(r"report\s+One self-contained HTML report", done.stdout), done.stdout
 
 
