@@ -137,6 +137,8 @@ class Runtime:
         self.observer = observer
         self.mailboxes = [Mailbox(i) for i in range(config.shards)]
         self.states = states or [ShardState() for _ in range(config.shards)]
+        #: session id -> int; the shard is that modulo ``shards`` (the shard class decides: Redis's follows buckets).
+        self._hash = shard_class.route_hash
         self.capacity = Capacity(config.max_sessions) if config.max_sessions else None
         if states is not None and self.capacity is not None:
             self._restore_capacity()
@@ -151,8 +153,6 @@ class Runtime:
             self.acknowledger.start()
         self.supervisor = Supervisor.start(self)
         self.shard_class = shard_class  # engine._backend: the memory backend's Shard or Redis's
-        #: session id -> int; the shard is that modulo ``shards`` (the shard class decides: Redis's follows buckets).
-        self._hash = shard_class.route_hash
         self.shards: list[pykka.ActorRef[Any]] = [
             shard_class.start(self, i, self.states[i]) for i in range(config.shards)
         ]
