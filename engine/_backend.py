@@ -135,10 +135,8 @@ class Backend(Protocol):
     shard_class: type
 
     def states(self) -> list[Any] | None:
-        """The shard tables to start with (None: empty)."""
-
-    def close(self) -> None:
-        """Release what the backend holds (after the shards stopped)."""
+        """The shard tables to start with (None: empty). The runtime closes ``log`` last, which
+        releases what the backend holds (the file and its lock, or the Redis connections)."""
 
 
 class MemoryBackend:
@@ -159,9 +157,6 @@ class MemoryBackend:
 
     def states(self) -> list[Any] | None:
         return self._states
-
-    def close(self) -> None:
-        self.log.close()
 
 
 def open_backend(config: Any) -> Backend:

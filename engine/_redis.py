@@ -219,7 +219,10 @@ class RedisLog:
         try:
             pipe.execute()
         except RedisError as exc:
-            raise unavailable(backend.target, exc) from None
+            # These records accompany another answer (an InvalidEvent for bad input, a shard restart):
+            # losing one while Redis is away must not replace that answer with a Redis error.
+            logger.warning("session-engine: %d record(s) not written to Redis: %s", len(records),
+                           unavailable(backend.target, exc))
         return 0
 
     def sync(self, seq: int) -> None:

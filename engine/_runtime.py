@@ -198,7 +198,7 @@ class Runtime:
                 self.shards[index].tell(DRAIN)
 
     def route(self, event: SessionEvent, now: int, reply: Reply | None) -> None:
-        # send(), _wake() and shard_index() inlined: this runs once per store call.
+        # send(), _wake() and shard_of() inlined: this runs once per store call.
         mailbox = self.mailboxes[self._hash(event.session_id) % len(self.mailboxes)]
         mailbox.queue.append((event, now, reply))
         if not mailbox.scheduled:

@@ -24,7 +24,7 @@ import pykka
 
 from engine._core import apply, clear_for_all, idle_deadline, pin_deadline, settle
 from engine._entry import Entry
-from engine._table import ShardState, shard_index  # noqa: F401  (shard_index: re-exported)
+from engine._table import ShardState
 from events import ClearAll, EngineError, Evict, GetStats, Tick
 from events import records as R
 

@@ -272,6 +272,9 @@ def test_kill9_of_redis_then_restart_loses_nothing_and_never_hangs(redis_server:
         assert "127.0.0.1" in str(caught.value)
         with pytest.raises(BackendUnavailable):
             store.get_session("k1")
+        with pytest.raises(InvalidEvent) as caught:  # bad input still names its field while Redis is away
+            store.add_session_cost("k1", -5)
+        assert caught.value.field == "micros"
         redis_server.start()  # same dir and port: the append-only file brings back every acknowledged write
         store.add_session_cost("k0", 10)  # reconnects by itself, and reloads its script
         total += 10
