@@ -136,7 +136,10 @@ class Runtime:
         self.observer = observer
         self.mailboxes = [Mailbox(i) for i in range(config.shards)]
         self.states = states or [ShardState() for _ in range(config.shards)]
-        self.capacity = Capacity(config.max_sessions) if config.max_sessions else None
+        self.capacity = Capacity(config.max_sessions, config.max_sessions_per_tenant,
+                                 config.max_creations_per_tenant_per_minute) if (
+            config.max_sessions or config.max_sessions_per_tenant or config.max_creations_per_tenant_per_minute
+        ) else None
         if states is not None and self.capacity is not None:
             self._restore_capacity()
         if observer is not None:
@@ -165,10 +168,10 @@ class Runtime:
         if not victims:
             return
         now = now_ms()
-        for sid, _ in victims:
+        for sid, _, _ in victims:
             self.states[self.shard_of(sid)].sessions.pop(sid, None)  # its deadlines go stale
-        self.write([{"seq": 0, "ts": now, "event": R.SESSION_EVICTED, "session_id": sid, "reason": "capacity"}
-                    for sid, _ in victims])
+        self.write([{"seq": 0, "ts": now, "event": R.SESSION_EVICTED, "session_id": sid, "reason": reason}
+                    for sid, _, reason in victims])
 
     def write(self, records: list[dict[str, Any]]) -> None:
         """Log records that no shard batch carries, and tell the observer."""
