@@ -101,10 +101,11 @@ def audit(
     Scoped session ids are shown as their tenant and their id, separately (docs/identity.md).
     """
     from engine import _audit as A
-    from engine._scope import scoped
+    from engine._scope import check_tenant, scoped
 
     if tenant is not None:
         try:
+            check_tenant(tenant)
             session = scoped(tenant, session) if session is not None else None
         except EngineError as exc:
             fail(f"--tenant/--session: {exc}")
