@@ -46,8 +46,9 @@ class Capacity:
         self.max_sessions = max_sessions
         self.max_per_tenant = max_per_tenant
         self.creations_per_minute = creations_per_minute
-        #: Every session when ``max_sessions`` is set; else the tenants' sessions only.
+        #: Every session, when ``max_sessions`` is set (else empty).
         self._lru: OrderedDict[str, int] = OrderedDict()
+        #: Each tenant's sessions, least recently used first, when ``max_sessions_per_tenant`` is set.
         self._tenants: dict[str, OrderedDict[str, int]] = {}
         #: tenant -> (tokens left, ms they were counted at)
         self._buckets: dict[str, tuple[float, int]] = {}
@@ -60,15 +61,23 @@ class Capacity:
         victims: list[Victim] = []
         with self._lock:
             for sid in ended:
-                if lru.pop(sid, None) is not None:
+                if everyone:
+                    lru.pop(sid, None)
+                if per_tenant is not None:
                     self._forget(sid)
-            for sid, last_used in used:
-                tenant = tenant_of(sid)
-                if not everyone and not (tenant and per_tenant is not None):
-                    continue
-                lru[sid] = last_used
-                lru.move_to_end(sid)
-                if tenant and per_tenant is not None:
+            if per_tenant is None:
+                if everyone:
+                    for sid, last_used in used:
+                        lru[sid] = last_used
+                        lru.move_to_end(sid)
+            else:
+                for sid, last_used in used:
+                    if everyone:
+                        lru[sid] = last_used
+                        lru.move_to_end(sid)
+                    tenant = tenant_of(sid)
+                    if not tenant:
+                        continue
                     own = tenants.get(tenant)
                     if own is None:
                         own = tenants[tenant] = OrderedDict()
@@ -76,12 +85,14 @@ class Capacity:
                     own.move_to_end(sid)
                     if len(own) > per_tenant:
                         victim, seen = own.popitem(last=False)
-                        del lru[victim]
+                        if everyone:
+                            lru.pop(victim, None)
                         victims.append((victim, seen, TENANT_LIMIT))
             if everyone:
                 while len(lru) > self.max_sessions:  # type: ignore[operator]
                     victim, seen = lru.popitem(last=False)
-                    self._forget(victim)
+                    if per_tenant is not None:
+                        self._forget(victim)
                     victims.append((victim, seen, CAPACITY))
         return victims
 
@@ -147,4 +158,5 @@ class Capacity:
             self._tenants.clear()
 
     def __len__(self) -> int:
-        return len(self._lru)
+        """Sessions tracked: every one with ``max_sessions``, else the scoped ones."""
+        return len(self._lru) if self.max_sessions is not None else sum(map(len, self._tenants.values()))

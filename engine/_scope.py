@@ -38,12 +38,12 @@ MIN_SECRET_BYTES = 16
 SECRET_ENV = "SESSION_ENGINE_SECRET"
 #: Domain separation: the same secret keys the fingerprint, which must never equal a tenant.
 _TENANT_CONTEXT = b"session-engine/tenant/v1\x00"
-_HEX = frozenset("0123456789abcdef")
+_HEX_DIGITS = "0123456789abcdef"
 
 
 def is_tenant(value: object) -> bool:
     """Whether ``value`` is a tenant (24 lowercase hex characters); ``""`` is not."""
-    return type(value) is str and len(value) == TENANT_LEN and _HEX.issuperset(value)
+    return type(value) is str and len(value) == TENANT_LEN and not value.strip(_HEX_DIGITS)
 
 
 def check_tenant(value: object, field: str = "tenant") -> None:
@@ -58,7 +58,7 @@ def tenant_of(session_id: str) -> str:
     """The tenant of a session id; ``""`` for an unscoped id. Cheap: the shards call it per batch."""
     if len(session_id) > TENANT_LEN and session_id[TENANT_LEN] == SEP:
         head = session_id[:TENANT_LEN]
-        if _HEX.issuperset(head):
+        if not head.strip(_HEX_DIGITS):  # C speed: nothing left when every character is a hex digit
             return head
     return ""
 

@@ -211,6 +211,7 @@ def test_a_flooding_caller_evicts_only_its_own_sessions(make_hook):
     assert store._rt.capacity.tenant_sessions(tenant_b) == 100
     assert store.get_session(scoped(tenant_b, "flood-9999")) is not None
     assert store.get_session(scoped(tenant_b, "flood-0")) is None
+    hook.close()  # the log is complete and on disk
     evicted = [r for r in read_log(Path(hook._owned.config.event_log)) if r["event"] == "session.evicted"]
     assert len(evicted) == 9_900
     assert {(tenant_of(r["session_id"]), r["reason"]) for r in evicted} == {(tenant_b, "tenant_limit")}
@@ -289,6 +290,7 @@ def test_distinct_callers_never_name_the_same_session_and_scoping_is_stable(call
 def test_the_tenant_is_an_hmac_never_the_raw_key(make_hook):
     hook = make_hook()
     asyncio.run(call(hook, KEY_A, "strong", "x-session-id"))
+    hook.close()  # the log is complete and on disk
     text = Path(hook._owned.config.event_log).read_text()
     assert KEY_A.api_key not in text and "sk-caller-a" not in text
     assert hook.proxy_tenant(KEY_A) in text
@@ -324,6 +326,7 @@ def test_a_bad_id_through_the_hook_writes_nothing(make_hook, bad):
     assert (decision["session_id"], decision["kind"], decision["source"]) == (
         "", "bypass", "invalid:metadata.session_id")
     assert hook.policy.store.store.get_stats().count == 0
+    hook.close()
     log = Path(hook._owned.config.event_log)
     assert not log.exists() or read_log(log) == []
     with pytest.raises(InvalidEvent):
