@@ -176,7 +176,7 @@ class Request:
     candidates: Sequence[str] = ()
     #: Where the session id came from (``IdentityResolver.resolve``'s second value).
     source: str = ""
-    #: Tenant for the keyed fingerprint when the id is derived here.
+    #: The caller's tenant (``Scope.tenant``, or ""): scopes and keys the fingerprint derived here.
     tenant: str = ""
     #: A top-level system prompt (Anthropic Messages' ``system``), fingerprinted like the chain does.
     system: Any = None
