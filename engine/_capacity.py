@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from operator import itemgetter
 from typing import Any
 
 from engine._core import Outcome
@@ -95,6 +96,15 @@ class Capacity:
                         self._forget(victim)
                     victims.append((victim, seen, CAPACITY))
         return victims
+
+    def restore(self, entries: Iterable[tuple[str, int]]) -> list[Victim]:
+        """Track restored sessions, by last use; return the victims of a limit lowered since."""
+        everyone = self.max_sessions is not None
+        if not everyone and self.max_per_tenant is None:
+            return []
+        # Only what a limit needs is sorted: on a single-tenant store without max_sessions, nothing.
+        used = sorted((item for item in entries if everyone or tenant_of(item[0])), key=itemgetter(1))
+        return self.note(used, ())
 
     def _forget(self, sid: str) -> None:
         tenant = tenant_of(sid)

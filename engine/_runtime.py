@@ -160,11 +160,9 @@ class Runtime:
             self.clock.start()
 
     def _restore_capacity(self) -> None:
-        """Order restored sessions by last use; evict those a smaller ``max_sessions`` leaves out."""
+        """Order restored sessions by last use; evict those a smaller limit leaves out."""
         assert self.capacity is not None
-        used = sorted(((sid, e.last_used_at) for st in self.states for sid, e in st.sessions.items()),
-                      key=lambda item: item[1])
-        victims = self.capacity.note(used, ())
+        victims = self.capacity.restore((sid, e.last_used_at) for st in self.states for sid, e in st.sessions.items())
         if not victims:
             return
         now = now_ms()

@@ -378,3 +378,33 @@ def test_audit_shows_tenant_and_id_apart_and_filters_by_tenant(make_store, log_p
     assert timeline.exit_code == 0 and "pinned to model 'mid'" in timeline.stdout
     bad = runner.invoke(app, ["audit", str(log_path), "--tenant", "acme"])
     assert bad.exit_code == 2 and "tenant must be 24 lowercase hex" in bad.stderr
+
+
+def test_the_keeper_evicts_a_tenants_own_least_recently_used_and_respects_max_sessions():
+    from engine._capacity import Capacity
+
+    a, b = (f"{t}:" for t in (Scope(SECRET).tenant("a"), Scope(SECRET).tenant("b")))
+    keeper = Capacity(max_sessions=5, max_per_tenant=2)
+    assert keeper.note([(a + "1", 1), (b + "1", 2), (a + "2", 3), ("plain", 4)], ()) == []
+    assert keeper.note([(a + "1", 5), (a + "3", 6)], ()) == [(a + "2", 3, "tenant_limit")]  # a1 was used again
+    assert keeper.note([(b + "2", 7), ("other", 8)], ()) == [(b + "1", 2, "capacity")]  # store-wide: oldest of all
+    assert keeper.tenant_sessions(tenant_of(b + "x")) == 1 and len(keeper) == 5
+    keeper.note((), [a + "1", a + "3"])
+    assert keeper.tenant_sessions(tenant_of(a + "x")) == 0 and len(keeper) == 3
+
+
+def test_reopening_a_log_with_a_lower_tenant_limit_evicts_that_tenants_oldest(make_store, log_path):
+    tenant = Scope(SECRET).tenant("key:a")
+    with freeze_time("2026-03-01 12:00:00") as clock:
+        store = make_store(event_log=str(log_path))
+        for i in range(4):
+            store.set_session(scoped(tenant, f"s{i}"), "m")
+            store.set_session(f"plain-{i}", "m")
+            clock.tick(timedelta(seconds=1))
+        store.close()
+        again = make_store(event_log=str(log_path), max_sessions_per_tenant=2)
+        assert [again.get_session(scoped(tenant, f"s{i}")) is not None for i in range(4)] == [False, False, True, True]
+        assert all(again.get_session(f"plain-{i}") is not None for i in range(4))  # the "" tenant is not limited
+        again.close()
+    evicted = [(r["session_id"], r["reason"]) for r in read_log(log_path) if r["event"] == "session.evicted"]
+    assert evicted == [(scoped(tenant, "s0"), "tenant_limit"), (scoped(tenant, "s1"), "tenant_limit")]
