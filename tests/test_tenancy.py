@@ -209,6 +209,7 @@ def test_a_flooding_caller_evicts_only_its_own_sessions(make_hook):
     assert store.get_stats().count == expected  # memory bounded: B holds 100, A all of its own
     assert all(store.get_session(sid) is not None for sid in a_sessions)
     assert store._rt.capacity.tenant_sessions(tenant_b) == 100
+    assert len(store._rt.capacity) == expected  # the keeper's own bookkeeping is bounded too
     assert store.get_session(scoped(tenant_b, "flood-9999")) is not None
     assert store.get_session(scoped(tenant_b, "flood-0")) is None
     hook.close()  # the log is complete and on disk
