@@ -36,6 +36,7 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "asyncio": ("w_core", "asyncio_awaits"),  # 8
     "tenancy": ("w_tenancy", "tenancy"),  # the per-tenant limits' cost (docs/identity.md)
     "profile": ("w_profile", "profile"),
+    "report": ("w_report", "report"),
 }
 
 
