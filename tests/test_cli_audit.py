@@ -75,8 +75,17 @@ def test_known_log_is_what_the_engine_writes(make_store: Callable[..., SessionSt
     if UPDATE:
         KNOWN.write_bytes(log.read_bytes())
     assert replay(log) == replay(KNOWN)
-    assert [orjson.loads(line)["event"] for line in log.read_bytes().splitlines()] == \
-        [orjson.loads(line)["event"] for line in KNOWN.read_bytes().splitlines()]
+    # Records of one session keep their order; records of different shards may interleave differently (the
+    # capacity eviction is applied in the victim's shard while the test goes on), so compare per session.
+    assert events_by_session(log) == events_by_session(KNOWN)
+
+
+def events_by_session(path: Path) -> dict[str, list[str]]:
+    by_session: dict[str, list[str]] = {}
+    for line in path.read_bytes().splitlines():
+        record = orjson.loads(line)
+        by_session.setdefault(record.get("session_id", ""), []).append(record["event"])
+    return by_session
 
 
 def test_audit_prints_a_table_of_every_session_lifetime() -> None:
