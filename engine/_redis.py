@@ -51,7 +51,7 @@ from engine._core import Outcome, apply, clear_for_all, entry_fields, idle_deadl
 from engine._entry import Entry
 from engine._log import drop_forbidden
 from engine._replay import LogCorrupt, State, fold, new_fields, segment_name, to_entry
-from engine._shard import Shard
+from engine._shard import Shard, ShardFailed
 from events import ClearAll, EngineError, Expire, GetStats, InvalidEvent, Tick
 
 logger = logging.getLogger("engine")
@@ -287,12 +287,19 @@ class RedisShard(Shard):
                 state = before
                 records: list[dict[str, Any]] = []
                 results = []
-                for step, _reply, now in steps:
-                    out = step(state, now)
-                    state = out.state
-                    for name, fields in out.records:
-                        records.append({"ts": now, "event": name, "session_id": sid, **fields})
-                    results.append(out.result)
+                try:
+                    for step, _reply, now in steps:
+                        out = step(state, now)
+                        state = out.state
+                        for name, fields in out.records:
+                            records.append({"ts": now, "event": name, "session_id": sid, **fields})
+                        results.append(out.result)
+                except Exception as exc:  # a bug in the core: this session's callers learn it, nothing is written
+                    logger.exception("session-engine: shard %d failed applying an event", self._index)
+                    self._fail({sid: steps}, ShardFailed(
+                        f"shard {self._index} failed applying an event: {type(exc).__name__}; nothing was written "
+                        f"and the shard goes on (Redis holds the state)"))
+                    continue
                 if state is before:
                     encoded: bytes | str = ""
                     deadline = pexpire_ms = 0

@@ -62,7 +62,7 @@ class RedisServer:
     """One redis-server on 127.0.0.1:port, its data in ``directory`` (kept across restarts)."""
 
     def __init__(self, directory: Path, *, port: int | None = None, password: str | None = None,
-                 cluster: bool = False, fsync: str = "always") -> None:
+                 cluster: bool = False, fsync: str = "always", unix_socket: bool = False) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port(55536 if cluster else 65536)
@@ -70,11 +70,18 @@ class RedisServer:
         self.cluster = cluster
         self.fsync = fsync
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Also listen on a unix socket in the server's directory (``socket_url``).
+        self.socket = str(self.directory / "redis.sock") if unix_socket else None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def socket_url(self) -> str:
+        assert self.socket is not None, "start the server with unix_socket=True"
+        return f"unix://{self.socket}"
 
     def args(self) -> list[str]:
         args = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
@@ -82,6 +89,8 @@ class RedisServer:
                 "--logfile", str(self.directory / "server.log")]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.socket:
+            args += ["--unixsocket", self.socket]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.directory / "nodes.conf"),
                      "--cluster-node-timeout", "5000"]

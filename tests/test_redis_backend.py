@@ -337,6 +337,32 @@ def test_policy_answers_unavailable_while_redis_is_down_and_routes_after(redis_s
         assert store.get_session("p1").model == "openai/gpt-4o"
 
 
+def test_a_core_failure_fails_only_its_session_and_writes_nothing(redis_server: RedisServer,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine._redis
+    from engine import ShardFailed
+    from events import Touch
+
+    real_apply = engine._redis.apply
+
+    def faulty(state: Any, event: Any, now: int, config: Any) -> Any:
+        if event.session_id == "boom" and type(event) is Touch:
+            raise RuntimeError("injected fault")
+        return real_apply(state, event, now, config)
+
+    monkeypatch.setattr(engine._redis, "apply", faulty)
+    with SessionStore(redis_config(redis_server.url)) as store:
+        store.set_session("boom", "m")
+        store.set_session("fine", "m")
+        store.tell_many([Touch("fine"), Touch("boom"), Touch("fine")])  # one batch with the fault in the middle
+        with pytest.raises(ShardFailed):
+            store.touch_session("boom")
+        assert store.get_session("fine").request_count == 3
+        assert store.get_session("boom").request_count == 1  # nothing of the failed turns was written
+        with redis_server.client() as client:
+            check_agreement(client, Keys("se", 8), store)
+
+
 # -- bad input at the boundary ----------------------------------------------------------------------
 @pytest.mark.parametrize("url", ["redis://", "redis://host:notaport/0", "http://x:1", "redis://a:1,b:2/0",
                                  "redis://:hunter2@127.0.0.1:99999/0", "redis://127.0.0.1:6379/db"])
@@ -367,6 +393,25 @@ def test_wrong_password_is_a_clear_error_without_the_secret(tmp_path: Path) -> N
         with SessionStore(redis_config(server.url)) as store:  # the right one works
             store.set_session("a", "m")
             assert store.get_session("a").model == "m"
+    finally:
+        server.stop()
+
+
+def test_unix_socket_and_a_password_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    server = RedisServer(tmp_path / "sock", password="env-secret", unix_socket=True).start()
+    try:
+        with pytest.raises(BackendError):  # no password anywhere: refused, and said so
+            SessionStore(redis_config(server.socket_url))
+        monkeypatch.setenv("SESSION_ENGINE_REDIS_PASSWORD", "env-secret")
+        with SessionStore(redis_config(server.socket_url)) as store:
+            store.set_session("u", "m")
+            assert store.get_session("u").model == "m"
+            server.kill9()
+            with pytest.raises(BackendUnavailable) as caught:
+                store.touch_session("u")
+            assert server.socket in str(caught.value)
+        assert "env-secret" not in caplog.text
     finally:
         server.stop()
 
