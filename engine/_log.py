@@ -26,7 +26,7 @@ from engine import _chain
 from engine._core import entry_fields as core_entry_fields
 from engine._entry import Entry
 from engine._recovery import Layout, Recovered, recover
-from engine._replay import State, entry_fields, fold
+from engine._replay import LogCorrupt, State, entry_fields, fold
 from events import EngineError
 from events import records as R
 
@@ -141,7 +141,7 @@ class FileLog:
         except OSError as exc:
             _release_lock(self._lock_fd)
             raise AuditLogError(f"event_log {path} cannot be opened: {exc.strerror or exc}") from None
-        except AuditLogError:
+        except (AuditLogError, LogCorrupt):  # a log it cannot trust: refused, and left for the next attempt
             _release_lock(self._lock_fd)
             raise
         self.seq = found.last_seq
