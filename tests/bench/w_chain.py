@@ -24,7 +24,7 @@ MODES = ("off", "batch", "record")
 
 def _tell_rate(path: Path, mode: str, sids: list[str], events: list[Touch]) -> float:
     """Logged transitions/s: Touch events told in chunks of 2,000 through the actors, ending at a barrier."""
-    with SessionStore(Config(enabled=True, tick_ms=0, event_log=path, audit_chain=mode)) as store:
+    with SessionStore(Config(enabled=True, tick_ms=0, event_log=path, audit_chain=mode, ask_timeout_s=300.0)) as store:
         store.tell_many([SetSession(sid, MODEL) for sid in sids])  # the sessions exist before timing
         barrier(store)
         started = time.perf_counter()
