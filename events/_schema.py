@@ -193,8 +193,9 @@ def _compile(name: str, fields: dict[str, Check], required: tuple[str, ...], str
 
 
 _MISSING = object()
-_LENIENT = {name: _compile(name, fields, REQUIRED[name], False) for name, fields in FIELDS.items()}
-_STRICT = {name: _compile(name, fields, REQUIRED[name], True) for name, fields in FIELDS.items()}
+#: Record name -> its generated check (lenient: replay; strict: --verify); record_problem explains a failure.
+LENIENT_CHECKS = {name: _compile(name, fields, REQUIRED[name], False) for name, fields in FIELDS.items()}
+STRICT_CHECKS = {name: _compile(name, fields, REQUIRED[name], True) for name, fields in FIELDS.items()}
 
 
 def record_problem(record: dict[str, Any], *, strict: bool = True) -> tuple[str, str] | None:
@@ -207,7 +208,7 @@ def record_problem(record: dict[str, Any], *, strict: bool = True) -> tuple[str,
     fields) versions still replay.
     """
     name = record.get("event")
-    check = (_STRICT if strict else _LENIENT).get(name) if type(name) is str else None
+    check = (STRICT_CHECKS if strict else LENIENT_CHECKS).get(name) if type(name) is str else None
     if check is None:
         return "event", "a record name from docs/events.md"
     if check(record) is None:
