@@ -440,3 +440,18 @@ def test_audit_verify_command_reports_text_and_json_with_exit_status(tmp_path: P
     assert report["problem"]["seq"] >= 1 and report["problem"]["offset"] >= 0
     result = runner.invoke(app, ["audit", "--verify", str(tmp_path / "missing.jsonl")])
     assert result.exit_code == 2
+
+
+def test_a_key_without_signatures_in_the_log_is_unsigned_and_a_filelog_exports_its_head(log_path: Path) -> None:
+    from engine._log import FileLog
+
+    log = FileLog(log_path, fsync="never", signing_key=None)
+    assert log.head() is None  # nothing chained yet: the genesis is written with the first record
+    log.append([{"seq": 0, "ts": 1, "event": "session.touched", "session_id": "a", "last_used_at": 1,
+                 "request_count": 1}])
+    head = log.head()
+    log.close()
+    report = verify(log_path)
+    assert report.status == "verified" and head == (report.head_seq, report.head) == (1, report.head)
+    report = verify(log_path, KEY.encode())
+    assert report.status == "unsigned" and report.exit_code == 3
