@@ -94,7 +94,8 @@ def audit(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of text.")] = False,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Check the hash chain, seq and every record's value domains; exit 0 verified, 1 bad, "
-                         "3 unchained/unsigned (docs/audit-log.md).")] = False,
+                         "3 unchained/unsigned; signatures are checked when SESSION_ENGINE_AUDIT_KEY is set "
+                         "(docs/audit-log.md).")] = False,
 ) -> None:
     """Per-session summary of a log: requests, models, tiers, strikes, escalations, cost, pins, how it ended.
 
@@ -163,7 +164,8 @@ def _verify(log: Path, json_out: bool) -> None:
 
 def _verify_text(report: Any) -> Iterator[str]:
     span = f"seq {report.first_seq}..{report.last_seq}" if report.records else "no records"
-    yield f"{report.log}: {report.status.upper()}: {report.records:,} records ({span}) in {report.files} file(s)"
+    good = " good before the first bad one" if report.problem is not None else ""
+    yield f"{report.log}: {report.status.upper()}: {report.records:,} records{good} ({span}) in {report.files} file(s)"
     if report.anchor is not None:
         yield (f"  chain: from the {report.anchor} at seq {report.anchor_seq}, {report.seals:,} seal(s); "
                f"head at seq {report.head_seq}: {report.head}")
