@@ -43,7 +43,7 @@ def chain(scale: float) -> list[dict[str, Any]]:
     sids = session_ids(5_000, prefix="c")
     rates: dict[str, list[float]] = {m: [] for m in MODES}
     cpus: dict[str, list[float]] = {m: [] for m in MODES}
-    times: dict[str, list[float]] = {"replay": [], "verify": []}
+    times: dict[str, list[float]] = {"replay": [], "verify": [], "replay_cpu": [], "verify_cpu": []}
     with tempfile.TemporaryDirectory() as tmp:
         events = [Touch(sids[i % len(sids)]) for i in range(n_tell)]
         for rep in range(reps):
@@ -69,17 +69,17 @@ def chain(scale: float) -> list[dict[str, Any]]:
         report = verify(log)
         assert report.status == "verified", report.problem
         for _ in range(reps):
-            started = time.perf_counter()
-            replay(log)
-            times["replay"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            verify(log)
-            times["verify"].append(time.perf_counter() - started)
+            for name, run in (("replay", replay), ("verify", verify)):
+                started, cpu = time.perf_counter(), time.process_time()
+                run(log)
+                times[name].append(time.perf_counter() - started)
+                times[f"{name}_cpu"].append(time.process_time() - cpu)
     off, on, per_record = (median(rates[m]) for m in MODES)
     cpu_off, cpu_batch, cpu_record = (median(cpus[m]) for m in MODES)
     cost_batch = cpu_batch / cpu_off - 1
     cost_record = cpu_record / cpu_off - 1
     ratio = median(times["replay"]) / median(times["verify"])
+    ratio_cpu = median(times["replay_cpu"]) / median(times["verify_cpu"])
     return [{
         "id": 9, "title": "Audit-log hash chain",
         "setup": f"tell throughput: {n_tell:,} Touch events told in chunks of 2,000 over {len(sids):,} sessions, "
@@ -98,7 +98,8 @@ def chain(scale: float) -> list[dict[str, Any]]:
             _row("cost of the chain per record (CPU)", cost_record * 100, "%"),
             _row("replay of the chained log", n_log / median(times["replay"]), "records/s"),
             _row("audit --verify of the same log", n_log / median(times["verify"]), "records/s"),
-            _row("verify speed / replay speed", ratio, "x", "≥ 0.5", ratio >= 0.5),
+            _row("verify speed / replay speed (wall clock)", ratio, "x"),
+            _row("verify speed / replay speed (CPU time)", ratio_cpu, "x", "≥ 0.5", ratio_cpu >= 0.5),
         ],
         "raw": {**{k: [round(x) for x in v] for k, v in rates.items()},
                 **{f"cpu_us_{k}": [round(x, 3) for x in v] for k, v in cpus.items()},
