@@ -156,6 +156,8 @@ RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
         "session_id": session_id, "reason": const("idle"), "idle_ms": int0}),
     R.SESSION_EVICTED: (("session_id", "reason"), {"session_id": session_id, "reason": const("capacity")}),
     R.SESSION_CLEARED: (("session_id", "reason"), {"session_id": session_id, "reason": one_of("cleared", "clear_all")}),
+    R.SESSION_REFUSED: (("session_id", "reason", "limit"), {
+        "session_id": session_id, "reason": const("tenant_rate"), "limit": int1}),
     R.INPUT_REJECTED: (("operation", "field", "rule"), {
         "session_id": session_id, "operation": text, "field": text, "rule": text}),
     R.SHARD_RESTARTED: (("shard", "error", "sessions"), {"shard": int0, "error": text_or_null, "sessions": int0}),
