@@ -31,6 +31,9 @@ def main() -> None:
                     store.set_session(sid, "gpt-4o", "MEDIUM")
                     line = {"op": "set", "sid": sid}
                 elif kind == 1:
+                    # Said before the call: a replica killed mid-call may or may not have had it applied.
+                    out.write(orjson.dumps({"op": "begin-cost", "sid": sid, "micros": micros}) + b"\n")
+                    out.flush()
                     store.add_session_cost(sid, micros)
                     line = {"op": "cost", "sid": sid, "micros": micros}
                 elif kind == 2:
@@ -41,7 +44,7 @@ def main() -> None:
                     line = {"op": "get", "sid": sid, "tier": entry.tier.value if entry and entry.tier else None}
             except BackendUnavailable:
                 # Not acknowledged: it may or may not have been applied (a reply lost with the server).
-                line = {"op": "unavailable", "sid": sid, "micros": micros if kind == 1 else 0}
+                line = {"op": "unavailable", "sid": sid}
                 time.sleep(0.02)  # a router backs off before its next request while its backend is down
             out.write(orjson.dumps(line) + b"\n")
             out.flush()
