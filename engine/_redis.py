@@ -121,6 +121,12 @@ def unavailable(target: RedisTarget, exc: BaseException) -> EngineError:
     return BackendUnavailable(f"Redis at {target.display} is unavailable: {type(exc).__name__}")
 
 
+def deadline_of(entry: Entry, config: Any) -> int:
+    """The session's next deadline: its idle expiry, or the end of its cache pin when that comes first."""
+    idle = idle_deadline(entry, config)
+    return min(idle, pin_deadline(entry)) if entry.cache_sticky else idle
+
+
 def encode_entry(entry: Entry) -> bytes:
     return orjson.dumps(entry_fields(entry))
 
@@ -184,7 +190,7 @@ class RedisBackend:
         return range(shard, self.keys.buckets, shards)
 
     def evalsha(self, pipe: Any, sid: str | None, bucket: int, expected: str, state: bytes | str,
-                deadline: int, pexpire_ms: int, records: list[bytes], token: str | None = None) -> None:
+                deadline: int | str, pexpire_ms: int, records: list[bytes], token: str | None = None) -> None:
         seq, ver, exp, log = self.keys.bucket_keys(bucket)
         key = self.keys.session(bucket, sid) if sid is not None else f"{self.keys.tag(bucket)}:none"
         pipe.execute_command("EVALSHA", self.sha, 5, key, seq, ver, exp, log, expected, state, deadline,
@@ -300,16 +306,18 @@ class RedisShard(Shard):
                         f"shard {self._index} failed applying an event: {type(exc).__name__}; nothing was written "
                         f"and the shard goes on (Redis holds the state)"))
                     continue
+                deadline: int | str = ""
+                pexpire_ms = 0
                 if state is before:
                     encoded: bytes | str = ""
-                    deadline = pexpire_ms = 0
                 elif state is None:
-                    encoded, deadline, pexpire_ms = "-", 0, 0
+                    encoded = "-"
                 else:
                     encoded = encode_entry(state)
-                    idle = idle_deadline(state, config)
-                    deadline = min(idle, pin_deadline(state)) if state.cache_sticky else idle
-                    pexpire_ms = config.timeout_ms + EXPIRY_MARGIN_MS
+                    if before is None or deadline_of(before, config) != deadline_of(state, config):
+                        # Only a move of the deadline (a use, a pin) needs ZADD and a fresh PEXPIRE.
+                        deadline = deadline_of(state, config)
+                        pexpire_ms = config.timeout_ms + EXPIRY_MARGIN_MS
                 backend.evalsha(pipe, sid, bucket_of(sid, buckets), version, encoded, deadline, pexpire_ms,
                                 [render_record(record) for record in records])
                 plans.append((sid, steps, state, results, records))

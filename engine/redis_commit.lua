@@ -4,7 +4,7 @@
 --   KEYS[3] bucket version counter (INCR)                 KEYS[4] bucket deadline ZSET (member = session id)
 --   KEYS[5] bucket audit stream
 -- ARGV[1] expected version ("0": absent; "*": no session, records only)
--- ARGV[2] new entry JSON, "" unchanged, "-" ended      ARGV[3] deadline (ZSET score, ms)
+-- ARGV[2] new entry JSON, "" unchanged, "-" ended      ARGV[3] deadline (ZSET score, ms; "" unmoved)
 -- ARGV[4] PEXPIRE of the session key (ms, relative: no clock of a replica is trusted for it)            ARGV[5] session id
 -- ARGV[6] stream MAXLEN ("" keeps every record)        ARGV[7] this commit's token (unique per attempt)
 -- ARGV[8..] records: JSON without its opening "{"
@@ -36,8 +36,10 @@ if expected ~= '*' then
   elseif state ~= '' then
     version = tostring(redis.call('INCR', KEYS[3]))
     redis.call('HSET', KEYS[1], 'v', version, 'e', state, 't', ARGV[7])
-    redis.call('PEXPIRE', KEYS[1], ARGV[4])
-    redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
+    if ARGV[3] ~= '' then  -- the deadline moved (a use, a pin): move it and restart the key's TTL
+      redis.call('PEXPIRE', KEYS[1], ARGV[4])
+      redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
+    end
   elseif version == '0' then
     redis.call('ZREM', KEYS[4], ARGV[5])  -- freed by its PEXPIRE while no replica ran: forget its deadline
   end
