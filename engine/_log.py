@@ -26,6 +26,7 @@ from engine._core import entry_fields as core_entry_fields
 from engine._entry import Entry
 from engine._recovery import Layout, Recovered, recover
 from engine._replay import State, entry_fields, fold
+from engine._time import now_ms
 from events import EngineError
 from events import records as R
 
@@ -64,6 +65,8 @@ def render(event_dict: EventDict, processors: Iterable[Processor]) -> bytes:
 class LogSink(Protocol):
     """What shards need from the log; the core knows nothing of it."""
 
+    seq: int
+
     def append(self, records: list[EventDict]) -> int: ...
     def sync(self, seq: int) -> None: ...
     def close(self) -> None: ...
@@ -92,6 +95,12 @@ class AuditLogError(EngineError):
     """The audit log cannot be opened or written."""
 
 
+#: After the log refuses a write or fsync it is tried again no sooner than this, the wait doubling
+#: after each failed try up to ``RETRY_MAX_MS`` (docs/audit-log.md, "Failures").
+RETRY_FIRST_MS = 50
+RETRY_MAX_MS = 5_000
+
+
 #: Sessions per ``log.snapshot`` record: keeps each line a bounded size however many sessions live.
 SNAPSHOT_PART = 1_000
 
@@ -115,10 +124,20 @@ class FileLog:
     with a ``log.snapshot`` of every live session, read from the shard
     tables a store ``attach``-es (or, for a log used on its own, from the
     fields it folds as it appends).
+
+    A write or fsync the OS refuses (ENOSPC, EIO, EROFS, EDQUOT, ...) puts
+    the log in a *fault*: the failing call raises ``AuditLogError``, any part
+    of the batch already written is cut off, and later appends are refused at
+    once until the retry delay (``RETRY_FIRST_MS`` doubling to
+    ``RETRY_MAX_MS``, read through ``engine._time.now_ms``) has passed; the
+    first append after it tries again, and its success ends the fault.
+    ``os_calls`` (default: the ``os`` module) provides ``write``, ``fsync``
+    and ``ftruncate``: the seam where tests inject faults.
     """
 
     def __init__(self, path: str | Path, *, fsync: str = "interval", fsync_interval_ms: int = 1000,
-                 segment_bytes: int = 64 * 1024 * 1024, processors: list[Processor] | None = None) -> None:
+                 segment_bytes: int = 64 * 1024 * 1024, processors: list[Processor] | None = None,
+                 os_calls: Any = None) -> None:
         if fsync not in ("always", "interval", "never"):
             raise AuditLogError(f"fsync must be always, interval or never, got {fsync!r}")
         self.layout = Layout.of(path)
@@ -153,6 +172,14 @@ class FileLog:
         self._synced = self.seq
         self._syncing = False
         self._closed = False
+        self._os: Any = os if os_calls is None else os_calls
+        # The fault state (docs/audit-log.md, "Failures"): None while the log is writable.
+        self._fault: AuditLogError | None = None
+        self._fault_op = ""
+        self._fault_lock = threading.Lock()
+        self._retry_at = 0
+        self._backoff = RETRY_FIRST_MS
+        self._watcher: Any = None
         self._flusher: _Flusher | None = None
         if fsync == "interval":
             self._flusher = _Flusher(self, fsync_interval_ms / 1000)
@@ -165,7 +192,7 @@ class FileLog:
             # A record cut by a crash: drop it so the next record starts on a line of its own.
             os.ftruncate(fd, tail.good_end)
         if tail.newline_missing:
-            _write_all(fd, b"\n")  # a complete record whose newline was cut off
+            _write_all(os, fd, b"\n")  # a complete record whose newline was cut off
         if tail.torn_bytes or tail.newline_missing:
             os.fsync(fd)
         return fd
@@ -176,6 +203,8 @@ class FileLog:
         with self._lock:
             if self._closed:
                 raise AuditLogError("event_log is closed")
+            if self._fault is not None:
+                self._retry()
             seq = self.seq
             # The batch is rendered into one growing buffer: each record's bytes are copied in and
             # freed at once. Keeping every record's bytes alive until a join (a block each) made glibc
@@ -201,15 +230,18 @@ class FileLog:
                     line = render(record, self._processors)
                     data += line if line.endswith(b"\n") else line + b"\n"
             try:
-                _write_all(self._fd, data)
+                _write_all(self._os, self._fd, data)
             except OSError as exc:
-                # Leave no partial line behind; the batch was not written.
+                # Leave no partial line behind; the batch was not written (the retry cuts again
+                # should this truncate fail too).
                 with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-                raise AuditLogError(f"event_log cannot be written: {exc.strerror or exc}") from None
+                    self._cut_back()
+                raise self._failed("write", exc) from None
             self._size += len(data)
             self.seq = seq
             self._written = seq
+            if self._fault is not None:
+                self._recovered()
             if self._source is None:
                 live = self._live
                 for record in records:
@@ -238,6 +270,8 @@ class FileLog:
                     continue
                 if self._closed_fd():
                     return
+                if self._fault_op == "fsync" and now_ms() < self._retry_at:
+                    raise AuditLogError(f"{self._fault} (retrying)")
                 # Leader: one fsync covers every record written so far, for every waiter.
                 self._syncing = True
                 target = self._written
@@ -245,17 +279,97 @@ class FileLog:
                 cond.release()
                 ok = False
                 try:
-                    os.fsync(fd)
+                    self._os.fsync(fd)
                     ok = True
+                except OSError as exc:
+                    raise self._failed("fsync", exc) from None
                 finally:
                     cond.acquire()
                     self._syncing = False
                     if ok and target > self._synced:
                         self._synced = target
                     cond.notify_all()
+                if self._fault_op == "fsync":
+                    self._recovered()
 
     def _closed_fd(self) -> bool:
         return self._fd < 0
+
+    @property
+    def synced(self) -> int:
+        """The last ``seq`` known to be on disk (under ``"always"``; otherwise as far as fsyncs went)."""
+        return self._synced
+
+    # -- faults -----------------------------------------------------------------------------
+    @property
+    def writable(self) -> bool:
+        """False while the log is in a fault (a refused write or fsync not yet retried successfully)."""
+        return self._fault is None
+
+    def watch(self, observer: Any) -> None:
+        """Report faults to ``observer.on_log_failure(op, error)`` and ``on_log_writable(bool)``."""
+        self._watcher = observer
+
+    def _failed(self, op: str, exc: OSError) -> AuditLogError:
+        """Enter (or stay in) the fault: schedule the next try, log the first failure only."""
+        what = "synced to disk" if op == "fsync" else "written"
+        error = AuditLogError(f"event_log cannot be {what}: {exc.strerror or exc}")
+        with self._fault_lock:
+            first = self._fault is None
+            self._backoff = RETRY_FIRST_MS if first else min(self._backoff * 2, RETRY_MAX_MS)
+            self._retry_at = now_ms() + self._backoff
+            self._fault = error
+            self._fault_op = op
+        if first:
+            logger.error("session-engine: the audit log %s cannot be %s (%s); writes are refused and retried "
+                         "with backoff, reads are served from the last logged state", self.path, what,
+                         exc.strerror or exc)
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.on_log_failure(op, error)
+            if first:
+                watcher.on_log_writable(False)
+        return error
+
+    def _retry(self) -> None:
+        """In a fault (under ``_lock``): refuse at once until the retry is due, then repair the tail.
+
+        The repair cuts whatever a failed write left past the last good record and, when an
+        fsync failed, fsyncs again; the append that called it then writes its own batch, and
+        that write's success ends a write fault.
+        """
+        fault = self._fault
+        if fault is None:
+            return
+        if now_ms() < self._retry_at:
+            watcher = self._watcher
+            error = AuditLogError(f"{fault} (retrying)")
+            if watcher is not None:
+                watcher.on_log_failure("refused", error)
+            raise error
+        try:
+            self._cut_back()
+        except OSError as exc:
+            raise self._failed("write", exc) from None
+        if self._fault_op == "fsync":
+            self._sync_to(self._written)  # raises, or ends the fault
+
+    def _cut_back(self) -> None:
+        """Truncate the file to the end of the last record written whole (a failed write's bytes)."""
+        if os.fstat(self._fd).st_size > self._size:
+            self._os.ftruncate(self._fd, self._size)
+
+    def _recovered(self) -> None:
+        with self._fault_lock:
+            if self._fault is None:
+                return
+            self._fault = None
+            self._fault_op = ""
+            self._backoff = RETRY_FIRST_MS
+        logger.warning("session-engine: the audit log %s is written again; the store takes writes again",
+                       self.path)
+        if self._watcher is not None:
+            self._watcher.on_log_writable(True)
 
     def flush_due(self) -> None:
         """fsync what was written since the last fsync (the interval policy's timer)."""
@@ -295,7 +409,7 @@ class FileLog:
         try:
             fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
             try:
-                _write_all(fd, data)
+                _write_all(os, fd, data)
                 if durable:
                     os.fsync(fd)
                     os.fsync(self._fd)
@@ -375,7 +489,9 @@ class FileLog:
                 cond.notify_all()
             try:
                 if self._policy != "never":
-                    os.fsync(fd)
+                    self._os.fsync(fd)
+            except OSError as exc:
+                raise AuditLogError(f"event_log cannot be synced to disk at close: {exc.strerror or exc}") from None
             finally:
                 os.close(fd)
                 _release_lock(self._lock_fd)
@@ -392,10 +508,10 @@ class _Flusher(threading.Thread):
 
     def run(self) -> None:
         while not self._stopped.wait(self._period):
-            try:
+            # A failed fsync puts the log in its fault (logged and reported there, once); this
+            # timer goes on and is one of the ways the log is tried again.
+            with contextlib.suppress(AuditLogError, OSError):
                 self._log.flush_due()
-            except OSError:
-                logger.exception("session-engine: audit log fsync failed")
 
     def stop(self) -> None:
         self._stopped.set()
@@ -422,10 +538,10 @@ def _release_lock(fd: int) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(os_calls: Any, fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = os_calls.write(fd, view)
         view = view[written:]
 
 
