@@ -92,7 +92,17 @@ class NullLog:
 
 
 class AuditLogError(EngineError):
-    """The audit log cannot be opened or written."""
+    """The audit log cannot be opened or written.
+
+    ``applied`` tells a caller whose change it answers what became of the change: False (a
+    refused write: the change was put back, retrying it is safe) or True (its record was
+    written but the fsync after it failed: the store serves the change, whose durability is
+    unknown; do not retry it). docs/integration.md, "AuditLogError".
+    """
+
+    def __init__(self, message: str, *, applied: bool = False) -> None:
+        super().__init__(message)
+        self.applied = applied
 
 
 #: After the log refuses a write or fsync it is tried again no sooner than this, the wait doubling
@@ -271,7 +281,7 @@ class FileLog:
                 if self._closed_fd():
                     return
                 if self._fault_op == "fsync" and now_ms() < self._retry_at:
-                    raise AuditLogError(f"{self._fault} (retrying)")
+                    raise AuditLogError(f"{self._fault} (retrying)", applied=True)
                 # Leader: one fsync covers every record written so far, for every waiter.
                 self._syncing = True
                 target = self._written
@@ -313,7 +323,7 @@ class FileLog:
     def _failed(self, op: str, exc: OSError) -> AuditLogError:
         """Enter (or stay in) the fault: schedule the next try, log the first failure only."""
         what = "synced to disk" if op == "fsync" else "written"
-        error = AuditLogError(f"event_log cannot be {what}: {exc.strerror or exc}")
+        error = AuditLogError(f"event_log cannot be {what}: {exc.strerror or exc}", applied=op == "fsync")
         with self._fault_lock:
             first = self._fault is None
             self._backoff = RETRY_FIRST_MS if first else min(self._backoff * 2, RETRY_MAX_MS)

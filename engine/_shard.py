@@ -112,8 +112,8 @@ class _Refused:
     def set(self, _value: Any) -> None:
         self.reply.fail(self.error)
 
-    def fail(self, error: BaseException) -> None:
-        self.reply.fail(error)
+    def fail(self, _error: BaseException) -> None:
+        self.reply.fail(self.error)  # the change was refused whatever else failed since
 
 
 class Shard(pykka.ThreadingActor):
@@ -307,8 +307,9 @@ class Shard(pykka.ThreadingActor):
                 redone.append((_Refused(reply, error), None))
         acknowledger = self._rt.acknowledger
         if acknowledger is not None:
-            # Answered in order after what was written before (a read must not overtake an fsync).
-            acknowledger.submit(self._rt.log.seq, redone)
+            # Handed over like a batch that wrote nothing (seq 0): answered in order after what
+            # was handed over before, and never failed by another batch's fsync.
+            acknowledger.submit(0, redone)
             return
         for reply, result in redone:
             reply.set(result)

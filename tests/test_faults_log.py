@@ -131,8 +131,9 @@ def test_eio_on_write_cuts_the_torn_batch_and_keeps_serving(tmp_path: Path, fsyn
             store.add_session_cost("a", 100)
             size = log_path.stat().st_size
             seam.partial, seam.write_errno = 20, EIO
-            with pytest.raises(AuditLogError, match="Input/output error"):
+            with pytest.raises(AuditLogError, match="Input/output error") as refused:
                 store.add_session_cost("a", 5)
+            assert refused.value.applied is False  # put back: safe to retry
             assert log_path.stat().st_size == size
             assert store.get_session_cost_usd("a") == pytest.approx(0.0001)
             assert_served_is_replay(store, log_path, ["a"])
@@ -163,8 +164,9 @@ def test_eio_on_fsync_fails_the_batch_refuses_writes_and_resumes(tmp_path: Path,
             store.set_session("a", "m")
             store.add_session_cost("a", 100)
             seam.fsync_errno = EIO
-            with pytest.raises(AuditLogError, match="cannot be synced"):
+            with pytest.raises(AuditLogError, match="cannot be synced") as failed:
                 store.add_session_cost("a", 5)
+            assert failed.value.applied is True  # written, durability unknown: not to be retried
             # The change was written (not known durable): the store serves exactly what the log holds.
             assert_served_is_replay(store, log_path, ["a"])
             assert store.get_session_cost_usd("a") == pytest.approx(0.000105)
@@ -282,3 +284,53 @@ def test_faults_across_many_threads_never_time_out(tmp_path: Path) -> None:
         finally:
             store.close()
     assert os.path.getsize(log_path) > 0
+
+
+@pytest.mark.parametrize("fsync", ["always", "never"])
+def test_a_read_batched_with_a_refused_write_sees_the_logged_state(tmp_path: Path, fsync: str) -> None:
+    """Reads and writes in one batch: the writes are refused and put back, the reads answer from the log."""
+    from engine._reply import Reply
+    from engine._runtime import Observer
+    from events import Cost, GetCost, GetSession, Touch
+
+    gate, parked = threading.Event(), threading.Event()
+
+    class Park(Observer):
+        """Holds the shard in its first batch after ``armed`` so the next one gathers several events."""
+
+        armed = False
+
+        def on_batch(self, *args: Any) -> None:
+            if self.armed:
+                self.armed = False
+                parked.set()
+                assert gate.wait(10)
+
+    park = Park()
+    log_path = tmp_path / "audit.jsonl"
+    with freeze_time(T0):
+        store = SessionStore(Config(enabled=True, tick_ms=0, shards=1, ask_timeout_s=5.0, fsync=fsync,
+                                    event_log=str(log_path)), observer=park)
+        try:
+            store.set_session("a", "m")
+            store.add_session_cost("a", 100)
+            seam = inject(store, FaultyOS())
+            park.armed = True
+            store.tell(Touch("a"))
+            assert parked.wait(10)
+            seam.write_errno = ENOSPC
+            replies = [Reply() for _ in range(4)]
+            for event, reply in zip([Cost("a", 5), GetCost("a"), Touch("a"), GetSession("a")], replies,
+                                    strict=True):
+                store.submit(event, reply)
+            gate.set()
+            with pytest.raises(AuditLogError):
+                replies[0].get(5)
+            assert replies[1].get(5) == pytest.approx(0.0001)  # not the refused cost
+            with pytest.raises(AuditLogError):
+                replies[2].get(5)
+            assert replies[3].get(5).request_count == 2  # the logged touch, not the refused one
+            assert_served_is_replay(store, log_path, ["a"])
+        finally:
+            seam.clear()
+            store.close()
