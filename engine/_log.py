@@ -24,10 +24,9 @@ import structlog
 
 from engine._core import entry_fields as core_entry_fields
 from engine._entry import Entry
+from engine._log_fault import AuditLogError, LogFault
 from engine._recovery import Layout, Recovered, recover
 from engine._replay import State, entry_fields, fold
-from engine._time import now_ms
-from events import EngineError
 from events import records as R
 
 logger = logging.getLogger("engine")
@@ -91,26 +90,6 @@ class NullLog:
         return None
 
 
-class AuditLogError(EngineError):
-    """The audit log cannot be opened or written.
-
-    ``applied`` tells a caller whose change it answers what became of the change: False (a
-    refused write: the change was put back, retrying it is safe) or True (its record was
-    written but the fsync after it failed: the store serves the change, whose durability is
-    unknown; do not retry it). docs/integration.md, "AuditLogError".
-    """
-
-    def __init__(self, message: str, *, applied: bool = False) -> None:
-        super().__init__(message)
-        self.applied = applied
-
-
-#: After the log refuses a write or fsync it is tried again no sooner than this, the wait doubling
-#: after each failed try up to ``RETRY_MAX_MS`` (docs/audit-log.md, "Failures").
-RETRY_FIRST_MS = 50
-RETRY_MAX_MS = 5_000
-
-
 #: Sessions per ``log.snapshot`` record: keeps each line a bounded size however many sessions live.
 SNAPSHOT_PART = 1_000
 
@@ -136,10 +115,9 @@ class FileLog:
     fields it folds as it appends).
 
     A write or fsync the OS refuses (ENOSPC, EIO, EROFS, EDQUOT, ...) puts
-    the log in a *fault*: the failing call raises ``AuditLogError``, any part
-    of the batch already written is cut off, and later appends are refused at
-    once until the retry delay (``RETRY_FIRST_MS`` doubling to
-    ``RETRY_MAX_MS``, read through ``engine._time.now_ms``) has passed; the
+    the log in a *fault* (engine/_log_fault.py): the failing call raises
+    ``AuditLogError``, any part of the batch already written is cut off, and
+    later appends are refused at once until the retry delay has passed; the
     first append after it tries again, and its success ends the fault.
     ``os_calls`` (default: the ``os`` module) provides ``write``, ``fsync``
     and ``ftruncate``: the seam where tests inject faults.
@@ -183,13 +161,7 @@ class FileLog:
         self._syncing = False
         self._closed = False
         self._os: Any = os if os_calls is None else os_calls
-        # The fault state (docs/audit-log.md, "Failures"): None while the log is writable.
-        self._fault: AuditLogError | None = None
-        self._fault_op = ""
-        self._fault_lock = threading.Lock()
-        self._retry_at = 0
-        self._backoff = RETRY_FIRST_MS
-        self._watcher: Any = None
+        self.fault = LogFault(self.path)
         self._flusher: _Flusher | None = None
         if fsync == "interval":
             self._flusher = _Flusher(self, fsync_interval_ms / 1000)
@@ -213,7 +185,7 @@ class FileLog:
         with self._lock:
             if self._closed:
                 raise AuditLogError("event_log is closed")
-            if self._fault is not None:
+            if self.fault.error is not None:
                 self._retry()
             seq = self.seq
             # The batch is rendered into one growing buffer: each record's bytes are copied in and
@@ -246,12 +218,12 @@ class FileLog:
                 # should this truncate fail too).
                 with contextlib.suppress(OSError):
                     self._cut_back()
-                raise self._failed("write", exc) from None
+                raise self.fault.failed("write", exc) from None
             self._size += len(data)
             self.seq = seq
             self._written = seq
-            if self._fault is not None:
-                self._recovered()
+            if self.fault.error is not None:
+                self.fault.recovered()
             if self._source is None:
                 live = self._live
                 for record in records:
@@ -280,8 +252,9 @@ class FileLog:
                     continue
                 if self._closed_fd():
                     return
-                if self._fault_op == "fsync" and now_ms() < self._retry_at:
-                    raise AuditLogError(f"{self._fault} (retrying)", applied=True)
+                fault = self.fault
+                if fault.op == "fsync" and fault.waiting():
+                    raise fault.refuse(applied=True)  # these records were written: not known durable
                 # Leader: one fsync covers every record written so far, for every waiter.
                 self._syncing = True
                 target = self._written
@@ -292,15 +265,15 @@ class FileLog:
                     self._os.fsync(fd)
                     ok = True
                 except OSError as exc:
-                    raise self._failed("fsync", exc) from None
+                    raise fault.failed("fsync", exc) from None
                 finally:
                     cond.acquire()
                     self._syncing = False
                     if ok and target > self._synced:
                         self._synced = target
                     cond.notify_all()
-                if self._fault_op == "fsync":
-                    self._recovered()
+                if fault.op == "fsync":
+                    fault.recovered()
 
     def _closed_fd(self) -> bool:
         return self._fd < 0
@@ -314,32 +287,11 @@ class FileLog:
     @property
     def writable(self) -> bool:
         """False while the log is in a fault (a refused write or fsync not yet retried successfully)."""
-        return self._fault is None
+        return self.fault.error is None
 
     def watch(self, observer: Any) -> None:
         """Report faults to ``observer.on_log_failure(op, error)`` and ``on_log_writable(bool)``."""
-        self._watcher = observer
-
-    def _failed(self, op: str, exc: OSError) -> AuditLogError:
-        """Enter (or stay in) the fault: schedule the next try, log the first failure only."""
-        what = "synced to disk" if op == "fsync" else "written"
-        error = AuditLogError(f"event_log cannot be {what}: {exc.strerror or exc}", applied=op == "fsync")
-        with self._fault_lock:
-            first = self._fault is None
-            self._backoff = RETRY_FIRST_MS if first else min(self._backoff * 2, RETRY_MAX_MS)
-            self._retry_at = now_ms() + self._backoff
-            self._fault = error
-            self._fault_op = op
-        if first:
-            logger.error("session-engine: the audit log %s cannot be %s (%s); writes are refused and retried "
-                         "with backoff, reads are served from the last logged state", self.path, what,
-                         exc.strerror or exc)
-        watcher = self._watcher
-        if watcher is not None:
-            watcher.on_log_failure(op, error)
-            if first:
-                watcher.on_log_writable(False)
-        return error
+        self.fault.watcher = observer
 
     def _retry(self) -> None:
         """In a fault (under ``_lock``): refuse at once until the retry is due, then repair the tail.
@@ -348,38 +300,20 @@ class FileLog:
         fsync failed, fsyncs again; the append that called it then writes its own batch, and
         that write's success ends a write fault.
         """
-        fault = self._fault
-        if fault is None:
-            return
-        if now_ms() < self._retry_at:
-            watcher = self._watcher
-            error = AuditLogError(f"{fault} (retrying)")
-            if watcher is not None:
-                watcher.on_log_failure("refused", error)
-            raise error
+        fault = self.fault
+        if fault.waiting():
+            raise fault.refuse(applied=False)
         try:
             self._cut_back()
         except OSError as exc:
-            raise self._failed("write", exc) from None
-        if self._fault_op == "fsync":
+            raise fault.failed("write", exc) from None
+        if fault.op == "fsync":
             self._sync_to(self._written)  # raises, or ends the fault
 
     def _cut_back(self) -> None:
         """Truncate the file to the end of the last record written whole (a failed write's bytes)."""
         if os.fstat(self._fd).st_size > self._size:
             self._os.ftruncate(self._fd, self._size)
-
-    def _recovered(self) -> None:
-        with self._fault_lock:
-            if self._fault is None:
-                return
-            self._fault = None
-            self._fault_op = ""
-            self._backoff = RETRY_FIRST_MS
-        logger.warning("session-engine: the audit log %s is written again; the store takes writes again",
-                       self.path)
-        if self._watcher is not None:
-            self._watcher.on_log_writable(True)
 
     def flush_due(self) -> None:
         """fsync what was written since the last fsync (the interval policy's timer)."""

@@ -122,7 +122,7 @@ class Acknowledger(threading.Thread):
                 log.sync(max(seq for seq, _ in items))
             except Exception as exc:  # the callers learn that their records may not be durable
                 error = exc if isinstance(exc, EngineError) else AuditLogError(
-                    f"event_log cannot be synced to disk: {exc}")
+                    f"event_log cannot be synced to disk: {exc}", applied=True)  # written, not known durable
             if self._observer is not None:
                 self._observer.on_log_sync(time.perf_counter() - started)
             # A failed fsync fails only the batches it was to cover: those written before the

@@ -24,6 +24,7 @@ import pykka
 
 from engine._core import apply, clear_for_all, idle_deadline, pin_deadline, settle
 from engine._entry import Entry
+from engine._log_fault import AuditLogError
 from events import ClearAll, EngineError, Evict, GetCost, GetSession, GetStats, IsCacheSticky, Tick
 from events import records as R
 
@@ -236,7 +237,7 @@ class Shard(pykka.ThreadingActor):
 
     def _commit(self, records: list[dict[str, Any]], answers: list[tuple[Any, Any]],
                 used: list[tuple[str, int]], ended: list[str], undo: list[tuple[str, Entry | None]],
-                started: float, batch: list[tuple[Any, int, Any]], now: int) -> EngineError | None:
+                started: float, batch: list[tuple[Any, int, Any]], now: int) -> AuditLogError | None:
         """Write the batch's records, report it, evict past capacity, answer the callers.
 
         ``now`` is the time of the batch's last event: evictions it causes happen then. If the
@@ -249,7 +250,7 @@ class Shard(pykka.ThreadingActor):
         applied = written - started  # the core's work only
         try:
             seq = rt.log.append(records) if records else 0
-        except EngineError as exc:  # AuditLogError (engine._log imports this module: named by its base)
+        except AuditLogError as exc:
             self._refused(exc, answers, undo, batch)
             return exc
         except Exception as exc:  # a bug in the log: put back, answer, and let the supervisor restart
@@ -276,7 +277,7 @@ class Shard(pykka.ThreadingActor):
             reply.set(result)
         return None
 
-    def _refused(self, error: EngineError, answers: list[tuple[Any, Any]],
+    def _refused(self, error: AuditLogError, answers: list[tuple[Any, Any]],
                  undo: list[tuple[str, Entry | None]], batch: list[tuple[Any, int, Any]]) -> None:
         """The log refused the batch's records: serve nothing it did not log, and keep serving.
 

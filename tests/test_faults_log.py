@@ -19,7 +19,7 @@ import pytest
 from freezegun import freeze_time
 
 from engine import AuditLogError, Config, SessionStore, replay
-from engine._log import RETRY_MAX_MS
+from engine._log_fault import RETRY_MAX_MS
 from engine.metrics import Metrics
 from tests.faults import EIO, ENOSPC, FaultyOS, inject, small_tmpfs
 
@@ -333,4 +333,32 @@ def test_a_read_batched_with_a_refused_write_sees_the_logged_state(tmp_path: Pat
             assert_served_is_replay(store, log_path, ["a"])
         finally:
             seam.clear()
+            store.close()
+
+
+@pytest.mark.parametrize("code", ["EROFS", "EDQUOT", "ENOSPC", "EIO"])
+def test_every_write_errno_is_a_fault_the_store_answers_through(tmp_path: Path, code: str) -> None:
+    """A read-only file system or a quota behaves as a full disk; bad input still raises InvalidEvent."""
+    import errno
+
+    from engine import InvalidEvent
+
+    log_path = tmp_path / "audit.jsonl"
+    with freeze_time(T0) as clock:
+        store, _ = open_store(log_path, fsync="always")
+        seam = inject(store, FaultyOS())
+        try:
+            store.set_session("a", "m")
+            seam.write_errno = getattr(errno, code)
+            with pytest.raises(AuditLogError, match=os.strerror(getattr(errno, code))):
+                store.set_cache_sticky("a", "openai")
+            assert store.is_cache_sticky("a") is False
+            with pytest.raises(InvalidEvent):
+                store.add_session_cost("a", -5)  # its input.rejected note is dropped, the error is not
+            seam.clear()
+            clock.tick(PAST_RETRY)
+            store.set_cache_sticky("a", "openai")
+            assert store.is_cache_sticky("a") is True
+            assert_served_is_replay(store, log_path, ["a"])
+        finally:
             store.close()
