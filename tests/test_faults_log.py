@@ -203,14 +203,21 @@ def test_interval_fsync_failure_is_found_by_the_timer_and_cleared_by_it(tmp_path
         seam.fsync_errno = EIO
         store.set_session("a", "m")  # acknowledged: under "interval" the fsync comes later
         waited = threading.Event()
-        while seam.failed["fsync"] == 0:
-            assert not waited.wait(0.005) and store.get_session("a") is not None
+        for _ in range(2_000):  # a bounded poll: at most ~10 s
+            if seam.failed["fsync"]:
+                break
+            assert store.get_session("a") is not None
+            waited.wait(0.005)
+        assert seam.failed["fsync"], "the fsync timer never ran"
         with pytest.raises(AuditLogError):
             store.touch_session("a")
         assert store.get_session("a").request_count == 1
         seam.clear()
-        while metrics.value("session_engine_log_writable") == 0:
-            waited.wait(0.005)  # the timer retries after the backoff (real time here: no freezegun)
+        for _ in range(2_000):  # the timer retries after the backoff (real time here: no freezegun)
+            if metrics.value("session_engine_log_writable") == 1:
+                break
+            waited.wait(0.005)
+        assert metrics.value("session_engine_log_writable") == 1, "the timer never ended the fault"
         store.touch_session("a")
         assert_served_is_replay(store, log_path, ["a"])
     finally:
