@@ -10,6 +10,7 @@ docs/audit-log.md describes the format and the policies.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -94,6 +95,10 @@ class NullLog:
 SNAPSHOT_PART = 1_000
 
 
+#: Most milliseconds of batch time between two checks that the log file was not removed.
+LINK_CHECK_MS = 1_000
+
+
 class FileLog:
     """Appends rendered records to a JSON-lines log under a durability policy.
 
@@ -151,6 +156,8 @@ class FileLog:
         self._segment_bytes = segment_bytes
         self._rotate_at = self._next_rotation(found.snapshot_bytes)
         self._last_ts = 0
+        #: Batch time (ms) of the last check that the file is still linked (see ``append``).
+        self._linked_at = 0
         self._policy = fsync
         self._processors = processors
         self._lock = threading.Lock()
@@ -187,6 +194,13 @@ class FileLog:
                 raise AuditLogError("event_log is closed")
             if self.fault.error is not None:
                 self._retry()
+            ts = records[-1].get("ts", 0) if records else 0
+            if ts - self._linked_at >= LINK_CHECK_MS:
+                # A removed file (or directory) still takes writes through its descriptor, but a
+                # restart would never see them: look, at most once a second of batch time.
+                self._linked_at = ts
+                if os.fstat(self._fd).st_nlink == 0:
+                    raise self.fault.failed("removed", OSError(errno.ENOENT, "the log file was removed"))
             seq = self.seq
             # The batch is rendered into one growing buffer: each record's bytes are copied in and
             # freed at once. Keeping every record's bytes alive until a join (a block each) made glibc
@@ -303,6 +317,14 @@ class FileLog:
         fault = self.fault
         if fault.waiting():
             raise fault.refuse(applied=False)
+        if fault.op == "removed":
+            try:
+                # A new segment at the log's path that opens with a snapshot of every live session:
+                # what the removed file held (and what went to it since) is in the log again.
+                self._rotate()
+            except AuditLogError as exc:
+                raise fault.failed("removed", OSError(errno.ENOENT, str(exc))) from None
+            return
         try:
             self._cut_back()
         except OSError as exc:
@@ -358,7 +380,7 @@ class FileLog:
                     os.fsync(fd)
                     os.fsync(self._fd)
                 target = self.layout.segment(first)
-                if not self.layout.directory:
+                if not self.layout.directory and self.active.exists():
                     # Keep the old segment under its archive name, then swap the new one in
                     # atomically: the configured path always names a complete log.
                     archive = self.layout.archive(self._active_first)

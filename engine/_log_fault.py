@@ -49,7 +49,7 @@ class LogFault:
     def __init__(self, path: Any) -> None:
         self.path = path
         self.error: AuditLogError | None = None
-        #: "write" or "fsync": the OS call that failed last ("" while writable).
+        #: "write", "fsync" or "removed": what failed last ("" while writable).
         self.op = ""
         #: Told ``on_log_failure(op, error)`` and ``on_log_writable(bool)`` (the store's observer).
         self.watcher: Any = None

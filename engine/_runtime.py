@@ -55,8 +55,9 @@ class Observer:
         """One group-commit fsync (``fsync="always"``) took ``seconds``."""
 
     def on_log_failure(self, op: str, error: BaseException) -> None:
-        """The audit log refused a batch: ``op`` is "write" or "fsync" (the OS call failed) or
-        "refused" (turned away without a try while the log waits to retry; docs/audit-log.md)."""
+        """The audit log refused a batch: ``op`` is "write" or "fsync" (the OS call failed),
+        "removed" (the log file was removed) or "refused" (turned away without a try while the
+        log waits to retry; docs/audit-log.md, "Failures")."""
 
     def on_log_writable(self, writable: bool) -> None:
         """The audit log stopped (False) or resumed (True) taking records."""

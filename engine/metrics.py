@@ -122,7 +122,8 @@ class Metrics(Observer):
             "without them.", ["hook"], namespace=ns, registry=reg)
         self.log_failures = Counter(
             "log_write_failures", "Batches the audit log refused, by op: write or fsync (the OS call failed), "
-            "refused (turned away while the log waits to retry).", ["op"], namespace=ns, registry=reg)
+            "removed (the log file was removed), refused (turned away while the log waits to retry).",
+            ["op"], namespace=ns, registry=reg)
         self.log_writable = Gauge(
             "log_writable", "1 while the audit log takes records, 0 during a fault (docs/audit-log.md).",
             namespace=ns, registry=reg)

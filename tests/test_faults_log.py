@@ -27,7 +27,7 @@ T0 = "2026-03-01 09:00:00"
 PAST_RETRY = RETRY_MAX_MS / 1000 + 1
 
 
-def open_store(log_path: Path, **settings: Any) -> tuple[SessionStore, Metrics]:
+def open_store(log_path: Path | str, **settings: Any) -> tuple[SessionStore, Metrics]:
     metrics = Metrics()
     config = Config(**{"enabled": True, "tick_ms": 0, "ask_timeout_s": 5.0, "event_log": str(log_path),
                        **settings})
@@ -367,5 +367,48 @@ def test_every_write_errno_is_a_fault_the_store_answers_through(tmp_path: Path, 
             store.set_cache_sticky("a", "openai")
             assert store.is_cache_sticky("a") is True
             assert_served_is_replay(store, log_path, ["a"])
+        finally:
+            store.close()
+
+
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_a_removed_log_is_found_refused_and_started_again_with_a_snapshot(tmp_path: Path, layout: str) -> None:
+    """The log file (or its whole directory) removed while the store runs: found within a second of
+    batch time, writes refused, reads served; once the path can be written again, a new segment
+    opens with a snapshot of every live session, so nothing acknowledged is lost."""
+    import shutil
+
+    folder = tmp_path / "logs"
+    log_path = folder / "audit.jsonl" if layout == "file" else folder
+    target = str(log_path) + ("/" if layout == "directory" else "")
+    ids = ["a", "b", "c"]
+    with freeze_time(T0) as clock:
+        store, metrics = open_store(target, fsync="always")
+        try:
+            for sid in ids:
+                store.set_session(sid, "m")
+                store.add_session_cost(sid, 10)
+            shutil.rmtree(folder)
+            clock.tick(2)
+            with pytest.raises(AuditLogError, match="removed"):
+                store.add_session_cost("a", 5)
+            assert store.get_session_cost_usd("a") == pytest.approx(0.00001)
+            assert metrics.value("session_engine_log_writable") == 0
+            assert metrics.value("session_engine_log_write_failures_total", {"op": "removed"}) == 1
+            clock.tick(PAST_RETRY)
+            with pytest.raises(AuditLogError):
+                store.add_session_cost("a", 5)  # the directory is not back yet: still refused
+            folder.mkdir()
+            clock.tick(PAST_RETRY)
+            store.add_session_cost("a", 5)
+            assert metrics.value("session_engine_log_writable") == 1
+            assert served(store, ids) == replay(log_path)
+        finally:
+            store.close()
+        assert {sid: e.session_cost_micros for sid, e in replay(log_path).items()} == {"a": 15, "b": 10, "c": 10}
+        store, _ = open_store(target)
+        try:
+            assert round(store.get_session_cost_usd("a") * 1e6) == 15
+            assert store.get_stats().count == 3
         finally:
             store.close()
