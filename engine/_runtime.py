@@ -78,7 +78,8 @@ class Supervisor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         kind, index, error = message
         if kind == "shard_failed":
-            self._rt.restart_shard(index, error)
+            # A restart that raises must not end the supervisor: the next failure needs it.
+            self._rt.guard.run("supervisor", self._rt.restart_shard, index, error)
         return None
 
 
