@@ -248,12 +248,24 @@ class RedisShard(Shard):
         self._cache: dict[str, tuple[Entry | None, str]] = {}
         #: The records this turn committed (for the observer: engine.metrics counts from them).
         self._committed: list[dict[str, Any]] = []
+        #: ids of the replies this turn answered (so a failing turn answers exactly the others).
+        self._answered: set[int] = set()
 
     # -- the mailbox turn ----------------------------------------------------------
     def _run_batch(self, batch: list[tuple[Any, int, Any]]) -> None:
         started = time.perf_counter()
         self._committed = []
-        self._apply_batch(batch)
+        self._answered = set()
+        try:
+            self._apply_batch(batch)
+        except Exception as exc:
+            # A bug outside the core (the core's own failures stay with their session): no caller of
+            # the batch may wait for an answer that will not come. The shard is then restarted.
+            for event, _, reply in batch:
+                if reply is not None and id(reply) not in self._answered:
+                    reply.fail(ShardFailed(f"shard {self._index} failed applying {type(event).__name__}: "
+                                           f"{type(exc).__name__}; it is being restarted"))
+            raise
         observer = self._rt.observer
         if observer is not None:
             observer.on_batch(self._index, len(batch), self._committed, time.perf_counter() - started,
@@ -348,7 +360,7 @@ class RedisShard(Shard):
                         cache[sid] = (state, version)
                     for (_, reply, _), result in zip(steps, results, strict=True):
                         if reply is not None:
-                            reply.set(result)
+                            self._reply(reply, result)
                     done.extend(results)
                     self._committed.extend(records)
                 else:
@@ -377,12 +389,19 @@ class RedisShard(Shard):
             f"{len(pending)} session(s) changed under every one of {MAX_ROUNDS} commit attempts (contention)"))
         return done
 
+    def _reply(self, reply: Any, result: Any = None, error: BaseException | None = None) -> None:
+        self._answered.add(id(reply))
+        if error is None:
+            reply.set(result)
+        else:
+            reply.fail(error)
+
     def _fail(self, work: dict[str, list[Step]], error: BaseException) -> None:
         for sid, steps in work.items():
             self._cache.pop(sid, None)
             for _, reply, _ in steps:
                 if reply is not None:
-                    reply.fail(error)
+                    self._reply(reply, error=error)
 
     # -- store-wide events ------------------------------------------------------------
     def _store_wide(self, event: Any, now: int, reply: Any) -> None:
@@ -406,16 +425,16 @@ class RedisShard(Shard):
             if reply is None:
                 logger.warning("session-engine: %s", error)
                 return
-            reply.fail(error)
+            self._reply(reply, error=error)
             return
         except EngineError as exc:
             if reply is None:
                 logger.warning("session-engine: %s", exc)
                 return
-            reply.fail(exc)
+            self._reply(reply, error=exc)
             return
         if reply is not None:
-            reply.set(result)
+            self._reply(reply, result)
 
     def _reap(self, now: int) -> int:
         """Expire what this shard's buckets hold past its deadline: one round trip finds the due sessions

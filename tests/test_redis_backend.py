@@ -369,6 +369,29 @@ def test_a_core_failure_fails_only_its_session_and_writes_nothing(redis_server: 
             check_agreement(client, Keys("se", 8), store)
 
 
+def test_a_failure_outside_the_core_answers_every_caller_and_the_shard_restarts(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine._redis
+    from engine import ShardFailed
+
+    real_render = engine._redis.render_record
+
+    def faulty(record: dict[str, Any]) -> bytes:
+        if record.get("session_id") == "boom":
+            raise RuntimeError("injected fault")
+        return real_render(record)
+
+    monkeypatch.setattr(engine._redis, "render_record", faulty)
+    with SessionStore(redis_config(redis_server.url, shards=1)) as store:
+        with pytest.raises(ShardFailed):  # answered, not left to time out
+            store.set_session("boom", "m")
+        store.set_session("fine", "m")  # the restarted shard serves
+        assert store.get_session("fine").model == "m" and store.get_session("boom") is None
+        with redis_server.client() as client:
+            records = records_of(client, Keys("se", 8))
+        assert [r["event"] for r in records if r["event"] == R.SHARD_RESTARTED] == [R.SHARD_RESTARTED]
+
+
 # -- bad input at the boundary ----------------------------------------------------------------------
 @pytest.mark.parametrize("url", ["redis://", "redis://host:notaport/0", "http://x:1", "redis://a:1,b:2/0",
                                  "redis://:hunter2@127.0.0.1:99999/0", "redis://127.0.0.1:6379/db"])
