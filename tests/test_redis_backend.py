@@ -321,7 +321,6 @@ def test_kill9_of_redis_under_multi_process_load(redis_server: RedisServer) -> N
         for proc in procs:
             proc.kill()
             lines += _acknowledged(_finish(proc))
-    assert sum(line["op"] in SERVED for line in lines) > 10
     with redis_server.client() as client:
         _check_load(client, Keys("se", 64), lines, 50)
 
