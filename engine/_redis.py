@@ -428,6 +428,7 @@ class RedisShard(Shard):
             self._reply(reply, error=error)
             return
         except EngineError as exc:
+            self._mailbox.tick_pending = False
             if reply is None:
                 logger.warning("session-engine: %s", exc)
                 return
@@ -451,8 +452,8 @@ class RedisShard(Shard):
                 if len(work) >= config.expiry_batch:
                     break  # the next tick takes the rest
                 sid = raw.decode("utf-8", "surrogatepass")
+                # A cached entry that went stale comes back as a conflict with the current one.
                 work[sid] = [(lambda state, at, s=sid: apply(state, Expire(s), at, config), None, now)]
-                self._cache.pop(sid, None)  # read it fresh: it is probably stale
         if not work:
             return 0
         return sum(1 for result in self._commit_all(work) if result is True)
