@@ -182,6 +182,8 @@ class Request:
     tenant: str = ""
     #: A top-level system prompt (Anthropic Messages' ``system``), fingerprinted like the chain does.
     system: Any = None
+    #: The request's output limit (0: not given); read by estimators.
+    max_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_text(self.model, "model")
@@ -196,6 +198,8 @@ class Request:
         for candidate in self.candidates:
             check_text(candidate, "candidates", 256)
         check_text(self.source, "source", 64)
+        if type(self.max_tokens) is not int or self.max_tokens < 0:
+            raise InvalidEvent("max_tokens", "must be an int >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,6 +505,19 @@ class _Base:
         rid = f"{self._prefix}-{next(self._ids)}" if self.rules.max_cost_micros >= 0 else ""
         return route_event(request, self.rules, self.options, rid, self._models)
 
+    def decide_blocking(self, request: Request) -> RouteDecision:
+        """The decision with one blocking ask of at most ``deadline_s`` (``AsyncPolicy``: for sync callers)."""
+        request = self._identify(request)
+        decision = self._without_lookup(request)
+        if decision is not None:
+            return decision
+        event = self._route_event(request)
+        try:
+            routed = self._sync_store().ask(event, timeout=self.options.deadline_s)
+        except (EngineError, TimeoutError) as exc:
+            return self._unavailable(request, exc, event)
+        return self._routed(request, routed)
+
     def _routed(self, request: Request, routed: Routed) -> RouteDecision:
         return _decision(request, routed, self.options.strategy)  # type: ignore[arg-type]
 
@@ -566,16 +583,7 @@ class Policy(_Base):
 
     def decide(self, request: Request) -> RouteDecision:
         """Like ``route`` but never raises ``BudgetExceeded``: a refusal is returned as a decision."""
-        request = self._identify(request)
-        decision = self._without_lookup(request)
-        if decision is not None:
-            return decision
-        event = self._route_event(request)
-        try:
-            routed = self.store.ask(event, timeout=self.options.deadline_s)
-        except (EngineError, TimeoutError) as exc:
-            return self._unavailable(request, exc, event)
-        return self._routed(request, routed)
+        return self.decide_blocking(request)
 
     def route(self, request: Request) -> RouteDecision:
         """Decide in the session's turn (its effects applied) and return the decision; raises
