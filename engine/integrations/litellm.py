@@ -450,8 +450,9 @@ class SessionEngineCallback(CustomLogger):
         stashed = metadata.get(DECISION_KEY)
         if not isinstance(stashed, Mapping) or not stashed.get("reservation_id") or not stashed.get("session_id"):
             return
-        if self._first_settlement(stashed["request_id"]):
-            self._tell(Release(stashed["session_id"], stashed["reservation_id"]))
+        # Not marked settled: a retry or fallback that then succeeds still counts its cost (the
+        # reservation is gone, so the cost is added); a second release finds nothing to release.
+        self._tell(Release(stashed["session_id"], stashed["reservation_id"]))
 
     def _pinned(self, model: str, kwargs: Mapping[str, Any] | None, kinds: frozenset[str]) -> str:
         """The session id when this request is served by its session's pinned group with a decision
@@ -537,6 +538,16 @@ class SessionEngineCallback(CustomLogger):
             self._settle(stashed, sid, kwargs.get("response_cost"))
         except Exception as exc:  # logging must never break LiteLLM's call path
             log.warning("session-engine litellm: outcome not recorded (%s)", type(exc).__name__)
+
+    async def async_log_failure_event(self, kwargs: dict, response_obj: Any, start_time: Any,
+                                      end_time: Any) -> None:
+        """A failed call (the proxy's path; the SDK path releases in ``acompletion``): give back the
+        budget its decision reserved, once."""
+        try:
+            params = kwargs.get("litellm_params") or {}
+            self._release(_metadata(params) or _metadata(kwargs))
+        except Exception as exc:  # logging must never break LiteLLM's call path
+            log.warning("session-engine litellm: reservation not released (%s)", type(exc).__name__)
 
     def _tell(self, event: SessionEvent) -> None:
         self.policy._tell([event])  # the policy's own path: a closed store is logged, never raised
