@@ -88,6 +88,51 @@ class Draft:
     refused: bool = False
 
 
+# -- implied events, built unchecked ------------------------------------------------------------
+# Their fields come from the Route event, validated when it was built (session id, model, tier,
+# hash): building them through the slots skips a second validation on the session's turn, which
+# is the shard's hot path (about a sixth of a routed turn's cost). SetCacheSticky and SetDeployment
+# are rarer and keep their checks.
+_new = object.__new__
+
+
+def _slots(cls: type) -> tuple[Any, ...]:
+    return tuple(cls.__dict__[name].__set__ for name in cls.__slots__)
+
+
+_TOUCH, _HASH, _SET = _slots(Touch), _slots(Hash), _slots(SetSession)
+
+
+def touch_event(sid: str) -> Touch:
+    e = _new(Touch)
+    _TOUCH[0](e, sid)
+    return e
+
+
+def hash_event(sid: str, h: str, stall: bool) -> Hash:
+    e = _new(Hash)
+    put_sid, put_hash, put_stall = _HASH
+    put_sid(e, sid)
+    put_hash(e, h)
+    put_stall(e, stall)
+    return e
+
+
+def set_event(sid: str, model: str, tier: Tier | None, explicit: bool = False) -> SetSession:
+    e = _new(SetSession)
+    put_sid, put_model, put_tier, put_explicit = _SET
+    put_sid(e, sid)
+    put_model(e, model)
+    put_tier(e, tier)
+    put_explicit(e, explicit)
+    return e
+
+
+if (Touch.__slots__, Hash.__slots__, SetSession.__slots__) != (
+        ("session_id",), ("session_id", "hash", "stall"), ("session_id", "model", "tier", "user_explicit")):
+    raise ImportError("engine._rules builds Touch, Hash and SetSession by their slots: update it")
+
+
 # -- helpers the rules share --------------------------------------------------------------
 def count_strikes(recent: tuple[str, ...], strikes: int, h: str, stall: bool) -> tuple[tuple[str, ...], int]:
     """The hash window and strike count after recording ``h``: a strike when the same hash ends a
@@ -154,7 +199,7 @@ def _routers_model(route: Route, d: Draft) -> str:
 
 
 def _hash(route: Route) -> list[SessionEvent]:
-    return [Hash(route.session_id, route.request_hash, route.stall)] if route.request_hash else []
+    return [hash_event(route.session_id, route.request_hash, route.stall)] if route.request_hash else []
 
 
 def _reaches_strike_limit(route: Route, base: Entry, config: Config) -> tuple[bool, list[SessionEvent]]:
@@ -187,13 +232,13 @@ def explicit_pin(route: Route, state: Entry | None, d: Draft, config: Config) ->
     """A user-explicit model wins over everything, and an explicit pin holds for later requests."""
     sid, pinned = route.session_id, d.pinned
     if route.user_explicit:
-        d.events += [SetSession(sid, route.model, route.tier, True), *_hash(route)]
+        d.events += [set_event(sid, route.model, route.tier, True), *_hash(route)]
         same = pinned is not None and pinned.model == route.model
         d.kind, d.reason = (RETAIN, "user-explicit pin") if same else (INITIALIZE, "user-explicit model pinned")
         d.model, d.tier = route.model, route.tier
         return True
     if pinned is not None and pinned.user_explicit and pinned.model:
-        d.events += [Touch(sid), *_hash(route)]
+        d.events += [touch_event(sid), *_hash(route)]
         d.kind, d.model, d.tier, d.reason = RETAIN, pinned.model, pinned.tier, "user-explicit pin"
         return True
     return False
@@ -204,7 +249,7 @@ def warmup(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
     turns = route.rules.warmup_turns
     if d.turn > turns:
         return False
-    d.events += [SetSession(route.session_id, route.model, route.tier), *_hash(route)]
+    d.events += [set_event(route.session_id, route.model, route.tier), *_hash(route)]
     d.kind, d.model, d.tier = BYPASS, _routers_model(route, d), route.tier
     d.reason = f"warmup turn {d.turn} of {turns}"
     return True
@@ -216,7 +261,7 @@ def first_pin(route: Route, state: Entry | None, d: Draft, config: Config) -> bo
     if d.pinned is not None and d.pinned.model and not (turns and d.turn == turns + 1):
         return False
     d.model, d.tier = _routers_model(route, d), route.tier
-    d.events += [SetSession(route.session_id, d.model, route.tier), *_hash(route)]
+    d.events += [set_event(route.session_id, d.model, route.tier), *_hash(route)]
     d.kind = INITIALIZE
     d.reason = "warmup over: pinned router's choice" if turns else "first turn: pinned router's choice"
     return True
@@ -237,7 +282,7 @@ def strikes(route: Route, state: Entry | None, d: Draft, config: Config) -> bool
     else:
         d.model, d.kind, d.tier = pick(route.rules, up, pinned.model, d.cache_provider), ESCALATE, up
         d.reason = f"strike limit reached: {_name(pinned.tier)} -> {up.value}"
-    d.events += [*hashed, SetSession(route.session_id, d.model, d.tier)]
+    d.events += [*hashed, set_event(route.session_id, d.model, d.tier)]
     return True
 
 
@@ -250,15 +295,15 @@ def never_downgrade(route: Route, state: Entry | None, d: Draft, config: Config)
     if adaptive and tier_rank(route.tier) > tier_rank(pinned.tier):
         d.model, d.kind, d.tier = _routers_model(route, d), UPGRADE, route.tier
         d.reason = f"router tier {_name(route.tier)} above pinned {_name(pinned.tier)}"
-        d.events += [SetSession(sid, d.model, d.tier), *hashed]
+        d.events += [set_event(sid, d.model, d.tier), *hashed]
     elif adaptive and route.rules.simple_bypass and route.tier is Tier.SIMPLE and tier_rank(pinned.tier) > 0:
         d.model = pick(route.rules, Tier.SIMPLE, route.model, d.cache_provider) if d.cache_provider else route.model
         d.kind, d.tier, d.reason = BYPASS, Tier.SIMPLE, "SIMPLE follow-up: cheap model, pin kept"
-        d.events += [Touch(sid), *hashed]
+        d.events += [touch_event(sid), *hashed]
     else:
         d.model, d.tier, d.kind = pinned.model, pinned.tier, RETAIN
         d.reason = "sticky: pinned model kept" if not adaptive else "never downgrade: pinned model kept"
-        d.events += [Touch(sid), *hashed]
+        d.events += [touch_event(sid), *hashed]
     return True
 
 
@@ -299,7 +344,7 @@ def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
         return
     # Downgrade for this request only: the pin is kept (SetSession would move it down).
     if d.pinned is not None:
-        d.events = [Touch(route.session_id) if type(e) is SetSession else e for e in d.events]
+        d.events = [touch_event(route.session_id) if type(e) is SetSession else e for e in d.events]
     d.kind, d.model, d.tier, d.estimate, d.reason = BYPASS, cheap, cheap_tier, cheap_estimate, f"{over}; cheapest tier"
 
 

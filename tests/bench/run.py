@@ -34,6 +34,7 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "durability": ("w_log", "durability"),  # 6
     "recovery": ("w_log", "recovery"),  # 7
     "asyncio": ("w_core", "asyncio_awaits"),  # 8
+    "route": ("w_route", "route"),  # 9
     "profile": ("w_profile", "profile"),
 }
 
