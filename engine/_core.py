@@ -247,26 +247,38 @@ def _release(s: Entry | None, ev: Release) -> Outcome:
     return Outcome(_evolve(s, reservations=kept), True, ((R.BUDGET_RELEASED, fields),))
 
 
+def _implied(s: Entry | None, event: SessionEvent, now: int, config: Config) -> Outcome:
+    """One event a routing decision implies, applied within the route's turn: the session is already
+    settled at ``now``, so this skips ``apply``'s settle check (the turn's hot path)."""
+    t = type(event)
+    if t is Touch:
+        return _touch(s, now)
+    if t is Hash:
+        return _hash(s, event, config)  # type: ignore[arg-type]
+    if t is SetSession:
+        return _set_session(s, event, now)  # type: ignore[arg-type]
+    return apply(s, event, now, config)
+
+
 def _route(s: Entry | None, ev: Route, now: int, config: Config) -> Outcome:
     """Decide on the live state, apply what the decision implies, reserve its estimate, log it: one turn."""
     routed, implied = decide_route(s, ev, config)
     records: list[Record] = []
     for event in implied:
-        out = apply(s, event, now, config)
+        out = _implied(s, event, now, config)
         s = out.state
         records.extend(out.records)
-    if routed.limit_micros >= 0 and routed.estimate_micros > 0 and routed.kind != "refuse":
+    if routed.reservation_id:
         if s is None:  # strategy none: nothing else keeps the session, the reservation needs one
             s, created = _cost_only(now)
             records.extend(created)
         expires = now + ev.rules.reservation_ttl_ms
-        held = (*s.reservations, (ev.reservation_id, routed.estimate_micros, expires))
-        s = _evolve(s, reservations=held)
-        records.append((R.BUDGET_RESERVED, {"reservation_id": ev.reservation_id, "micros": routed.estimate_micros,
-                                            "expires_at": expires, "reservations": [list(r) for r in held]}))
-        routed = Routed(routed.kind, routed.model, routed.tier, routed.reason, routed.deployment,
-                        routed.candidates, routed.spent_micros, routed.reserved_micros, routed.estimate_micros,
-                        routed.limit_micros, ev.reservation_id)
+        held = (*s.reservations, (routed.reservation_id, routed.estimate_micros, expires))
+        s = _copy(s)
+        _put_reservations(s, held)
+        records.append((R.BUDGET_RESERVED, {"reservation_id": routed.reservation_id,
+                                            "micros": routed.estimate_micros, "expires_at": expires,
+                                            "reservations": [list(r) for r in held]}))
     records.append((R.DECISION_MADE, _decision_fields(ev, routed)))
     return Outcome(s, routed, tuple(records))
 

@@ -65,6 +65,7 @@ class Routed:
     estimate_micros: int = 0
     limit_micros: int = -1
     #: The reservation this request holds ("" when none: no cap, a zero estimate, or a refusal).
+    #: ``decide`` names it; the ``Route`` transition adds it to the session.
     reservation_id: str = ""
 
 
@@ -393,5 +394,8 @@ def decide(state: Entry | None, route: Route, config: Config) -> tuple[Routed, l
         rule(route, state, d, config)
     spent = state.session_cost_micros if state is not None else 0
     reserved = state.reserved_micros if state is not None else 0
+    limit = route.rules.max_cost_micros
+    # A served request under a cap holds its estimate (engine._core adds the reservation).
+    rid = route.reservation_id if limit >= 0 and d.estimate > 0 and not d.refused else ""
     return Routed(d.kind, d.model, d.tier, d.reason[:256], d.deployment, d.candidates, spent, reserved,
-                  d.estimate, route.rules.max_cost_micros), d.events
+                  d.estimate, limit, rid), d.events

@@ -431,6 +431,7 @@ def decide(request: Request, state: Entry | None, models: TierModels, options: O
                              strategy, request.source)
     rules = route_rules(models, options)
     routed, events = decide_route(state, route_event(request, rules, options, models=_table_models(rules)), config)
+    routed = replace(routed, reservation_id="")  # nothing is reserved on a snapshot
     decision = DecisionEvent(sid, routed.kind, routed.model, routed.tier, provider_from_model(routed.model),
                              routed.reason, strategy.value, request.source, routed.deployment)
     return _decision(request, routed, strategy, (*events, decision))
