@@ -64,6 +64,8 @@ class Routed:
     reserved_micros: int = 0
     estimate_micros: int = 0
     limit_micros: int = -1
+    #: The deployment that had served the session when the turn began ("" when none).
+    served: str = ""
     #: The reservation this request holds ("" when none: no cap, a zero estimate, or a refusal).
     #: ``decide`` names it; the ``Route`` transition adds it to the session.
     reservation_id: str = ""
@@ -398,4 +400,4 @@ def decide(state: Entry | None, route: Route, config: Config) -> tuple[Routed, l
     # A served request under a cap holds its estimate (engine._core adds the reservation).
     rid = route.reservation_id if limit >= 0 and d.estimate > 0 and not d.refused else ""
     return Routed(d.kind, d.model, d.tier, d.reason[:256], d.deployment, d.candidates, spent, reserved,
-                  d.estimate, limit, rid), d.events
+                  d.estimate, limit, state.deployment if state is not None else "", rid), d.events

@@ -227,6 +227,8 @@ class RouteDecision:
     events: tuple[SessionEvent, ...] = field(default=(), repr=False)
     #: The budget reservation this request holds ("" when none); ``record_response`` settles it.
     reservation_id: str = ""
+    #: The deployment that had served the session when the decision was taken ("" when none).
+    served_deployment: str = ""
 
     @property
     def refused(self) -> bool:
@@ -408,7 +410,7 @@ def _decision(request: Request, routed: Routed, strategy: Strategy, events: tupl
                          provider_from_model(routed.model), routed.reason, strategy, request.source,
                          routed.deployment, routed.candidates,
                          (routed.spent_micros + routed.reserved_micros) / 1_000_000,
-                         routed.estimate_micros / 1_000_000, limit, events, routed.reservation_id)
+                         routed.estimate_micros / 1_000_000, limit, events, routed.reservation_id, routed.served)
 
 
 def decide(request: Request, state: Entry | None, models: TierModels, options: Options | None = None,

@@ -353,6 +353,8 @@ class SessionEngineCallback(CustomLogger):
             "request_id": decision.reservation_id or uuid.uuid4().hex,
             "reservation_id": decision.reservation_id, "estimate_usd": decision.estimate_usd,
             "spent_usd": decision.spent_usd, "limit_usd": decision.limit_usd,
+            # Affinity reads it in async_filter_deployments: no second ask per request.
+            "served_deployment": decision.served_deployment,
         }
         if decision.refused:
             raise decision.budget_error()
@@ -473,11 +475,13 @@ class SessionEngineCallback(CustomLogger):
         sid = self._pinned(model, request_kwargs, _RETAINED)
         if not sid:
             return healthy_deployments
-        try:
-            state = await self.policy.store.ask(GetSession(sid), timeout=self.policy.options.deadline_s)
-        except (EngineError, TimeoutError):  # best effort: LiteLLM's own choice
-            return healthy_deployments
-        served = state.deployment if state is not None else ""
+        served = _metadata(request_kwargs)[DECISION_KEY].get("served_deployment")
+        if not isinstance(served, str):  # a decision stashed without it: read the session
+            try:
+                state = await self.policy.store.ask(GetSession(sid), timeout=self.policy.options.deadline_s)
+            except (EngineError, TimeoutError):  # best effort: LiteLLM's own choice
+                return healthy_deployments
+            served = state.deployment if state is not None else ""
         if not served:
             return healthy_deployments
         ids = [deployment_id(d) for d in healthy_deployments]
