@@ -468,18 +468,29 @@ class _Base:
         for key in models:
             parse_tier(key, "models")
         self.models = models
-        self.options = options or Options()
+        self.options = options or Options()  # also builds self.rules
         self.identity = identity
         self._config = config
         self._lock = threading.Lock()
-        #: The options and the tier table as the Route transition reads them (built once).
-        self.rules = route_rules(models, self.options)
-        self._models = _table_models(self.rules)
         # Reservation ids: unique per policy (a random prefix) and cheap (a counter, no uuid per request).
         self._prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
         #: Requests answered with kind ``unavailable`` (engine too slow or failed); read by metrics.
         self.unavailable_count = 0
+
+    @property
+    def options(self) -> Options:
+        return self._options
+
+    @options.setter
+    def options(self, options: Options) -> None:
+        """Replace the options; the rules the ``Route`` event carries are rebuilt from them."""
+        if not isinstance(options, Options):
+            raise InvalidEvent("options", "must be an engine.policy.Options")
+        self._options = options
+        #: The options and the tier table as the Route transition reads them (built once per options).
+        self.rules = route_rules(self.models, options)
+        self._models = _table_models(self.rules)
 
     def _identify(self, request: Request) -> Request:
         # An explicit id the chain rejected gives no session, never a weaker fingerprint.

@@ -290,3 +290,21 @@ def test_policy_fingerprint_matches_the_identity_chain_for_anthropic_bodies(make
     policy = Policy(make_store(), {"MEDIUM": "mid"}, identity=resolver)
     decision = policy.route(Request(model="mid", tier="MEDIUM", messages=body["messages"], system=body["system"]))
     assert decision.session_id == chain_id
+
+
+def test_a_timed_out_route_under_a_cap_releases_its_reservation_when_applied_late(make_store, log_path, faults):
+    with freeze_time(T0):
+        store = make_store(event_log=str(log_path))
+        Policy(store, MODELS, Options(deadline_s=5.0)).route(req("late", Tier.MEDIUM, "start"))
+        policy = Policy(store, MODELS, Options(max_cost_usd=1.0, deadline_s=0.05))
+        faults.stall.add("late")
+        store.tell(Touch("late"))
+        assert faults.stalled.wait(5), "the shard never reached the stall"
+        d = policy.route(req("late", Tier.MEDIUM, "again", estimate_usd=0.4))
+        assert d.kind is Kind.UNAVAILABLE and d.reservation_id == ""
+        faults.release.set()
+        entry = store.ask(GetSession("late"), timeout=5)
+        assert entry.reservations == () and entry.request_count == 3  # applied late, nothing held
+        store.close()
+    names = [r["event"] for r in read_log(log_path) if r["session_id"] == "late"]
+    assert names.index("budget.reserved") < names.index("budget.released")
