@@ -43,7 +43,7 @@ from events import (
     parse_tier,
 )
 from events import Decision as DecisionEvent
-from events._validate import check_text, is_valid_session_id
+from events._validate import MAX_MICROS, check_text, is_valid_session_id
 
 if TYPE_CHECKING:
     from engine.aio import AsyncSessionStore
@@ -388,11 +388,11 @@ def route_event(request: Request, rules: RouteRules, options: Options, reservati
     messages = request.messages
     if rules.max_cost_micros >= 0:
         priced = dict.fromkeys((request.model, *models))
-        estimates = tuple((m, cost_micros(_estimate(m, request, options))) for m in priced)
+        estimates = tuple((m, min(cost_micros(_estimate(m, request, options)), MAX_MICROS)) for m in priced)
         if options.estimator is None:
-            estimates = (("", cost_micros(request.estimate_usd)),)
+            estimates = (("", min(cost_micros(request.estimate_usd), MAX_MICROS)),)
     else:
-        estimates = (("", cost_micros(request.estimate_usd)),) if request.estimate_usd else ()
+        estimates = (("", min(cost_micros(request.estimate_usd), MAX_MICROS)),) if request.estimate_usd else ()
     return Route(
         request.session_id, request.model, request.tier, rules, request.user_explicit,
         request_hash(messages) if messages else "",

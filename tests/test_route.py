@@ -346,3 +346,17 @@ def test_a_bad_route_event_is_rejected_naming_the_field():
         route(estimates=(("m", -1),))
     with pytest.raises(InvalidEvent, match="rules"):
         route(rules={"strategy": "none"})
+
+
+def test_an_absurd_or_failing_estimator_never_fails_the_request(make_store):
+    store = make_store()
+
+    def broken(model: str, request: Request) -> float:
+        if model == "openai/gpt-4o-mini":
+            raise RuntimeError("price service down")
+        return 1e30 if model == "openai/o3" else float("nan")
+
+    policy = Policy(store, MODELS, Options(max_cost_usd=1.0, estimator=broken, deadline_s=10.0))
+    d = policy.decide(req("est", Tier.MEDIUM, estimate_usd=0.01))
+    assert d.kind is Kind.INITIALIZE and d.estimate_usd == 0.01  # nan: the request's own estimate
+    assert policy.decide(req("est", Tier.COMPLEX)).kind is Kind.REFUSE  # a billion dollars never fits
