@@ -1,14 +1,14 @@
-"""Routing policy: a pure decision function, and a thin wrapper over the store that never fails a request.
+"""Routing policy: the rules of docs/policy.md over a store, never failing a request.
 
-``decide(request, state, models, options, config)`` is pure: from the router's
-own choice, the session's snapshot and a tier -> models table it returns a
-``RouteDecision`` (model, tier, provider, kind, reason) and the store events
-the decision implies. ``Policy.route(request)`` reads the snapshot with one
-bounded ``ask``, decides, and *tells* the events (fire and forget), so a
-request costs one round trip to the engine; if the engine does not answer
+``Policy.route(request)`` sends one ``Route`` event with one bounded ``ask``:
+the session's own turn runs the routing rules (``engine._rules``) on its live
+state, applies the events the decision implies, reserves the request's
+estimate under a budget cap, and logs the decision, so concurrent requests of
+one session are decided one after the other. If the engine does not answer
 within ``Options.deadline_s`` or fails, the router's own choice is returned
-with kind ``unavailable`` and the request goes on. docs/policy.md has the
-table of rules and options.
+with kind ``unavailable`` and the request goes on. ``record_response``
+settles the cost, ``release`` gives a failed call's reservation back.
+``decide(request, state, ...)`` runs the same rules, purely, on a snapshot.
 """
 
 from __future__ import annotations

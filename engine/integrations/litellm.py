@@ -13,7 +13,14 @@
 - ``async_pre_call_hook`` (the LiteLLM proxy server): the same decision, with
   the refusal turned into HTTP 429;
 - ``async_log_success_event`` (every successful call): records
-  ``response_cost`` in micros.
+  ``response_cost`` in micros, settling the request's budget reservation,
+  unless ``acompletion``/``completion`` already did (once per request);
+  ``async_log_failure_event`` releases the reservation of a failed call.
+
+``acompletion``/``completion`` settle the cost from the response before they
+return and put the decision in ``response._hidden_params["session_engine"]``.
+With no ``Options.estimator``, requests are priced from LiteLLM's own price
+map and token counter (``LiteLLMEstimator``).
 
 Routers built on LiteLLM's Rust core (1.9x and later) no longer call a
 callback's ``async_pre_routing_hook``: there, send requests through
