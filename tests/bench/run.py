@@ -36,6 +36,7 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "asyncio": ("w_core", "asyncio_awaits"),  # 8
     "route": ("w_route", "route"),  # 9
     "profile": ("w_profile", "profile"),
+    "report": ("w_report", "report"),
 }
 
 
