@@ -41,7 +41,7 @@ _UNPACKED = ("model", "tier", "created_at", "last_used_at", "request_count", "re
 if ENTRY_FIELDS != _UNPACKED:  # new_fields and to_entry name every field in this order
     raise ImportError(f"engine._replay handles the Entry fields {_UNPACKED}, Entry has {ENTRY_FIELDS}")
 #: Records that never change a session's state (their ``model``/``tier`` describe a decision, not the pin).
-STATELESS_RECORDS = frozenset({R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED})
+STATELESS_RECORDS = frozenset({R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED, R.SESSION_REFUSED})
 SEGMENT_NAME = re.compile(r"^(\d{20})\.jsonl$")
 
 #: What a field holds when a record written by an older version lacks it.

@@ -92,20 +92,34 @@ def audit(
     log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
     session: Annotated[str | None, typer.Option(help="Explain one session's timeline, record by record.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of text.")] = False,
+    tenant: Annotated[str | None, typer.Option(
+        help="Only this tenant's sessions (its 24 hex characters; '' for unscoped ones); with --session, "
+             "the session is this tenant's id.")] = None,
 ) -> None:
-    """Per-session summary of a log: requests, models, tiers, strikes, escalations, cost, pins, how it ended."""
+    """Per-session summary of a log: requests, models, tiers, strikes, escalations, cost, pins, how it ended.
+
+    Scoped session ids are shown as their tenant and their id, separately (docs/identity.md).
+    """
     from engine import _audit as A
+    from engine._scope import check_tenant, scoped
+
+    if tenant is not None:
+        try:
+            check_tenant(tenant)
+            session = scoped(tenant, session) if session is not None else None
+        except EngineError as exc:
+            fail(f"--tenant/--session: {exc}")
 
     def write_table(records: Iterator[dict[str, Any]]) -> None:
         if json_out:
             first = True
             sys.stdout.write("[")
-            for life in A.lives(records):
+            for life in A.lives(records, tenant):
                 sys.stdout.write(("\n" if first else ",\n") + orjson.dumps(life.to_json()).decode())
                 first = False
             sys.stdout.write("\n]\n" if not first else "]\n")
             return
-        lifetimes = A.lives(records)
+        lifetimes = A.lives(records, tenant)
         first = next(lifetimes, None)  # reads the log's first records: a non-log fails before any output
         typer.echo(A.table_header())
         count = 0

@@ -76,7 +76,7 @@ def documented_fold(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             state[sid] = {k: rec.get(k, d) for k, d in zip(ENTRY_FIELDS, ENTRY_DEFAULTS, strict=True)}
         elif name in R.ENDING_RECORDS:
             state.pop(sid, None)
-        elif name not in (R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED) and sid in state:
+        elif name not in (R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED, R.SESSION_REFUSED) and sid in state:
             state[sid].update({k: v for k, v in rec.items() if k in ENTRY_FIELDS})
     return state
 
