@@ -227,6 +227,8 @@ def _cost(s: Entry | None, ev: Cost, now: int) -> Outcome:
     new = _copy(s)
     _put_cost(new, total)
     fields: dict[str, Any] = {"micros": ev.micros, "session_cost_micros": total}
+    if ev.prompt_tokens or ev.completion_tokens:
+        fields.update(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens)
     if at >= 0:
         # Settlement: the actual cost replaces the reservation's estimate.
         kept = s.reservations[:at] + s.reservations[at + 1:]

@@ -563,14 +563,15 @@ class _Base:
             log.warning("session-engine policy: could not record a decision (%s)", type(exc).__name__)
 
     def _response_events(self, session_id: str, cost_usd: float | None, micros: int | None, deployment: str,
-                         decision: RouteDecision | None) -> list[SessionEvent]:
+                         decision: RouteDecision | None, tokens: tuple[int, int] = (0, 0)) -> list[SessionEvent]:
         if not session_id or not is_valid_session_id(session_id):
             return []
         events: list[SessionEvent] = []
         amount = micros if micros is not None else cost_micros(cost_usd or 0.0)
         rid = decision.reservation_id if decision is not None and decision.session_id == session_id else ""
         if amount or rid:
-            events.append(Cost(session_id, amount, rid))
+            p_tokens, c_tokens = (t if type(t) is int and 0 <= t <= MAX_MICROS else 0 for t in tokens)
+            events.append(Cost(session_id, amount, rid, p_tokens, c_tokens))
         if deployment and (decision is None or decision.kind is not Kind.BYPASS):
             events.append(SetDeployment(session_id, deployment))
         return events
@@ -609,14 +610,17 @@ class Policy(_Base):
         return decision
 
     def record_response(self, session_id: str, *, cost_usd: float | None = None, micros: int | None = None,
-                        deployment: str = "", decision: RouteDecision | None = None) -> None:
+                        deployment: str = "", decision: RouteDecision | None = None, prompt_tokens: int = 0,
+                        completion_tokens: int = 0) -> None:
         """After the response: add its cost (USD, or micros) and remember the deployment that served it.
 
         Pass the request's ``decision``: its budget reservation is settled (the
         actual cost replaces the estimate), and a bypass (a model other than the
-        pin served) does not replace the pinned model's deployment.
+        pin served) does not replace the pinned model's deployment. Token counts,
+        when known, are logged with the cost.
         """
-        self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision))
+        self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision,
+                                         (prompt_tokens, completion_tokens)))
 
     def release(self, decision: RouteDecision | None) -> None:
         """The call failed (no cost): give back the budget the decision reserved."""
@@ -657,9 +661,11 @@ class AsyncPolicy(_Base):
         return decision
 
     async def record_response(self, session_id: str, *, cost_usd: float | None = None, micros: int | None = None,
-                              deployment: str = "", decision: RouteDecision | None = None) -> None:
+                              deployment: str = "", decision: RouteDecision | None = None, prompt_tokens: int = 0,
+                              completion_tokens: int = 0) -> None:
         """After the response: settle its cost and remember the deployment (see ``Policy.record_response``)."""
-        self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision))
+        self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision,
+                                         (prompt_tokens, completion_tokens)))
 
     async def release(self, decision: RouteDecision | None) -> None:
         """The call failed (no cost): give back the budget the decision reserved."""

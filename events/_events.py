@@ -101,17 +101,24 @@ class Cost(SessionEvent):
 
     ``reservation_id``: the budget reservation this cost settles (its estimate
     is replaced by ``micros``, not added to); "" or a reservation no longer
-    open (lapsed) just adds ``micros``.
+    open (lapsed) just adds ``micros``. ``prompt_tokens``/``completion_tokens``
+    (0: unknown) are logged with it.
     """
 
     session_id: str
     micros: int
     reservation_id: str = ""
+    #: Token counts of the response, when the caller knows them (logged with the cost, for audits).
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
         check_micros(self.micros)
         check_text(self.reservation_id, "reservation_id", 64)
+        if self.prompt_tokens or self.completion_tokens:
+            check_micros(self.prompt_tokens, "prompt_tokens")
+            check_micros(self.completion_tokens, "completion_tokens")
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,7 +154,7 @@ def _every_record(make_store: Callable[..., SessionStore], log: Path, monkeypatc
         for rid in ("r1", "r2", "r3"):
             store.ask(Route("budget", "m", "MEDIUM", rules, request_hash="h", tools=True, candidates=("d1",),
                             estimates=(("", 100),), reservation_id=rid))
-        store.ask(Cost("budget", 90, "r1"))
+        store.ask(Cost("budget", 90, "r1", prompt_tokens=10, completion_tokens=20))
         store.ask(Release("budget", "r2"))
         frozen.tick(timedelta(milliseconds=2_000))
         store.tick()  # r3's TTL has passed: the clock's deadline heap lapses it

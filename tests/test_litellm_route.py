@@ -4,10 +4,13 @@ call returns (counted once), the sync ``completion``, and the decision on the re
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before LiteLLM is imported: never fetch a price map
 
 import pytest
 from litellm import Router
@@ -135,8 +138,10 @@ def test_each_calls_cost_counts_once_whichever_settles_first(make_hook, order):
 
     asyncio.run(run())
     assert entry(hook, "once").session_cost_micros == 3 * CALL
-    costs = [r["micros"] for r in read_log(Path(hook._owned.config.event_log)) if r["event"] == "cost.added"]
-    assert costs == [CALL] * 3
+    costs = [r for r in read_log(Path(hook._owned.config.event_log)) if r["event"] == "cost.added"]
+    assert [r["micros"] for r in costs] == [CALL] * 3
+    # LiteLLM's mock usage: 10 prompt and 20 completion tokens, logged with the settlement.
+    assert {(r["prompt_tokens"], r["completion_tokens"]) for r in costs} == {(10, 20)}
 
 
 def test_the_response_carries_the_decision_in_its_hidden_params(make_hook):
@@ -179,3 +184,21 @@ def test_a_failed_call_releases_its_reservation(make_hook):
     e = entry(hook, "fail")
     assert e.reservations == () and e.session_cost_micros == 0
     assert any(r["event"] == "budget.released" for r in read_log(Path(hook._owned.config.event_log)))
+
+
+def test_eight_concurrent_first_requests_through_the_hook_get_one_pin(make_hook):
+    hook = make_hook()
+
+    async def run() -> list[str]:
+        router = Router(model_list=model_list())
+        replies = await asyncio.gather(*(
+            hook.acompletion(router, model=group, messages=ask(f"start {i}"), metadata={"session_id": "herd"})
+            for i, group in enumerate(["strong", "mid"] * 4)))
+        return [r._hidden_params[HIDDEN_KEY]["kind"] for r in replies]
+
+    kinds = asyncio.run(run())
+    assert sorted(kinds).count("initialize") == 1
+    e = entry(hook, "herd")
+    records = read_log(Path(hook._owned.config.event_log))
+    assert [r["event"] for r in records if r["session_id"] == "herd"].count("session.created") == 1
+    assert e.request_count == 8 and e.model in ("strong", "mid")

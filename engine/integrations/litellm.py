@@ -71,6 +71,7 @@ from events import (
     parse_tier,
     tier_rank,
 )
+from events._validate import MAX_MICROS
 
 log = logging.getLogger("engine.integrations.litellm")
 
@@ -478,16 +479,17 @@ class SessionEngineCallback(CustomLogger):
                 self._settled.popitem(last=False)
             return True
 
-    def _settle(self, stashed: Mapping[str, Any], sid: str, cost: Any) -> None:
-        """Count a request's cost once: settle its reservation with the actual cost (or add it)."""
+    def _settle(self, stashed: Mapping[str, Any], sid: str, cost: Any, response: Any = None) -> None:
+        """Count a request's cost once: settle its reservation with the actual cost (or add it), with the
+        response's token counts."""
         request_id = stashed.get("request_id") if isinstance(stashed, Mapping) else None
         if isinstance(request_id, str) and request_id and not self._first_settlement(request_id):
             return
-        micros = cost_micros(float(cost)) if type(cost) in (int, float) else 0
+        micros = min(cost_micros(float(cost)), MAX_MICROS) if type(cost) in (int, float) else 0
         rid = stashed.get("reservation_id", "") if isinstance(stashed, Mapping) else ""
         rid = rid if isinstance(rid, str) else ""
         if sid and (micros or rid):
-            self._tell(Cost(sid, micros, rid))
+            self._tell(Cost(sid, micros, rid, *_usage(response)))
 
     def _settle_response(self, metadata: Mapping[str, Any], response: Any) -> Any:
         stashed = metadata.get(DECISION_KEY)
@@ -498,7 +500,7 @@ class SessionEngineCallback(CustomLogger):
             hidden[HIDDEN_KEY] = {k: v for k, v in stashed.items() if k != "request_id"}
             cost = hidden.get("response_cost")
             if cost is not None:
-                self._settle(stashed, stashed.get("session_id") or "", cost)
+                self._settle(stashed, stashed.get("session_id") or "", cost, response)
         return response
 
     def _release(self, metadata: Mapping[str, Any]) -> None:
@@ -593,7 +595,7 @@ class SessionEngineCallback(CustomLogger):
             stashed = _metadata(source).get(DECISION_KEY)
             if not isinstance(stashed, Mapping):  # not decided here: key it by LiteLLM's call id
                 stashed = {"request_id": kwargs.get("litellm_call_id") or ""}
-            self._settle(stashed, sid, kwargs.get("response_cost"))
+            self._settle(stashed, sid, kwargs.get("response_cost"), response_obj)
         except Exception as exc:  # logging must never break LiteLLM's call path
             log.warning("session-engine litellm: outcome not recorded (%s)", type(exc).__name__)
 
@@ -609,6 +611,16 @@ class SessionEngineCallback(CustomLogger):
 
     def _tell(self, event: SessionEvent) -> None:
         self.policy._tell([event])  # the policy's own path: a closed store is logged, never raised
+
+
+def _usage(response: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens of a LiteLLM response's ``usage``; 0 for what it does not say."""
+    usage = getattr(response, "usage", None)
+    out = []
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = getattr(usage, name, None) if usage is not None else None
+        out.append(value if type(value) is int and 0 <= value <= MAX_MICROS else 0)
+    return out[0], out[1]
 
 
 def _max_tokens(kwargs: Mapping[str, Any]) -> int:
