@@ -266,6 +266,7 @@ def _route(s: Entry | None, ev: Route, now: int, config: Config) -> Outcome:
     """Decide on the live state, apply what the decision implies, reserve its estimate, log it: one turn."""
     routed, implied = decide_route(s, ev, config)
     records: list[Record] = []
+    before = s
     for event in implied:
         out = _implied(s, event, now, config)
         s = out.state
@@ -276,7 +277,8 @@ def _route(s: Entry | None, ev: Route, now: int, config: Config) -> Outcome:
             records.extend(created)
         expires = now + ev.rules.reservation_ttl_ms
         held = (*s.reservations, (routed.reservation_id, routed.estimate_micros, expires))
-        s = _copy(s)
+        if s is before:  # else the entry is this turn's own, unseen yet: set the slot in place
+            s = _copy(s)
         _put_reservations(s, held)
         records.append((R.BUDGET_RESERVED, {"reservation_id": routed.reservation_id,
                                             "micros": routed.estimate_micros, "expires_at": expires,

@@ -387,11 +387,11 @@ def route_event(request: Request, rules: RouteRules, options: Options, reservati
     (``Options.estimator``); without one only the request's own ``estimate_usd`` is carried.
     """
     messages = request.messages
-    if rules.max_cost_micros >= 0:
+    if rules.max_cost_micros >= 0 and options.estimator is not None:
         priced = dict.fromkeys((request.model, *models))
         estimates = tuple((m, min(cost_micros(_estimate(m, request, options)), MAX_MICROS)) for m in priced)
-        if options.estimator is None:
-            estimates = (("", min(cost_micros(request.estimate_usd), MAX_MICROS)),)
+    elif rules.max_cost_micros >= 0:  # every model at the request's own estimate
+        estimates = (("", min(cost_micros(request.estimate_usd), MAX_MICROS)),)
     else:
         estimates = (("", min(cost_micros(request.estimate_usd), MAX_MICROS)),) if request.estimate_usd else ()
     return Route(
