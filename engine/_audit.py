@@ -131,6 +131,10 @@ def _update(life: Life, fields: dict[str, Any]) -> None:
         life.reservations = fields["reservations"]
 
 
+#: Keys that are not session fields: the record envelope and the hash chain's (docs/audit-log.md).
+_ENVELOPE = frozenset({"seq", "ts", "event", "session_id", "chain", "genesis"})
+
+
 def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Iterator[Life]:
     """Every session lifetime in the log: each one when it ends, then the live ones by start time.
 
@@ -318,7 +322,7 @@ def explain(record: dict[str, Any], before: dict[str, Any]) -> str:
     elif name == R.INPUT_REJECTED:
         text = f"input rejected: {r('operation')} with a bad {r('field')} ({r('rule')}); nothing changed"
     else:
-        changed = {k: v for k, v in record.items() if k not in ("seq", "ts", "event", "session_id")}
+        changed = {k: v for k, v in record.items() if k not in _ENVELOPE}
         text = f"{name}: {changed}"
     if name not in (R.DECISION_MADE, R.INPUT_REJECTED):
         before.update(record)
@@ -343,6 +347,6 @@ def timeline(records: Iterable[dict[str, Any]], session_id: str) -> Iterator[dic
         if sid != session_id:
             continue
         text = explain(record, before)
-        fields = {k: v for k, v in record.items() if k not in ("seq", "ts", "event", "session_id")}
+        fields = {k: v for k, v in record.items() if k not in _ENVELOPE}
         yield {"seq": record["seq"], "ts": record.get("ts"), "event": record["event"], "text": text,
                "fields": fields}

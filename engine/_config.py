@@ -51,6 +51,8 @@ class Config:
     fsync_interval_ms: int = 1_000
     #: Rotate the log into a new segment once the current one passes this size.
     segment_bytes: int = 64 * 1024 * 1024
+    #: Hash chain over the audit log: "batch" (one seal per write), "record" or "off" (docs/audit-log.md).
+    audit_chain: str = "batch"
     #: Default wait of a blocking store method, in seconds.
     ask_timeout_s: float = 10.0
 
@@ -78,6 +80,8 @@ class Config:
             raise InvalidEvent("fsync", "must be one of always, interval, never")
         _check_int(self.fsync_interval_ms, "fsync_interval_ms", 1)
         _check_int(self.segment_bytes, "segment_bytes", 4096)
+        if self.audit_chain not in ("batch", "record", "off"):
+            raise InvalidEvent("audit_chain", "must be one of batch, record, off")
         if type(self.ask_timeout_s) not in (int, float) or not self.ask_timeout_s > 0:
             raise InvalidEvent("ask_timeout_s", "must be a positive number")
 

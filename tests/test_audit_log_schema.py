@@ -109,6 +109,7 @@ def _every_record(make_store: Callable[..., SessionStore], log: Path, monkeypatc
         return real_apply(state, event, now, config)
 
     monkeypatch.setattr("engine._shard.apply", faulty)
+    monkeypatch.setenv("SESSION_ENGINE_AUDIT_KEY", "test-key")  # signed heads: log.signed on close
     with freeze_time("2025-03-01 09:00:00") as frozen:
         store = make_store(event_log=log, auto_escalate=True, max_sessions=4, segment_bytes=4096,
                            timeout_ms=900_000, max_sessions_per_tenant=1, max_creations_per_tenant_per_minute=2)
