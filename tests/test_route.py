@@ -360,3 +360,19 @@ def test_an_absurd_or_failing_estimator_never_fails_the_request(make_store):
     d = policy.decide(req("est", Tier.MEDIUM, estimate_usd=0.01))
     assert d.kind is Kind.INITIALIZE and d.estimate_usd == 0.01  # nan: the request's own estimate
     assert policy.decide(req("est", Tier.COMPLEX)).kind is Kind.REFUSE  # a billion dollars never fits
+
+
+def test_a_log_of_routed_turns_settlements_and_releases_passes_strict_verification(make_store, log_path):
+    from engine._verify import verify
+
+    store = make_store(event_log=str(log_path))
+    policy = Policy(store, MODELS, Options(max_cost_usd=1.0, deadline_s=10.0))
+    first = policy.route(req("v", Tier.MEDIUM, tools=[{"type": "function"}], estimate_usd=0.1,
+                             candidates=["d1", "d2"]))
+    policy.record_response("v", cost_usd=0.0, decision=first, prompt_tokens=3, completion_tokens=4)  # a free call
+    policy.release(policy.route(req("v", Tier.MEDIUM, estimate_usd=0.1)))
+    store.close()
+    report = verify(log_path)
+    assert report.ok, report.to_json()["problem"]
+    names = {r["event"] for r in read_log(log_path)}
+    assert {"budget.reserved", "budget.released", "cost.added", "decision.made"} <= names
