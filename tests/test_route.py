@@ -373,6 +373,6 @@ def test_a_log_of_routed_turns_settlements_and_releases_passes_strict_verificati
     policy.release(policy.route(req("v", Tier.MEDIUM, estimate_usd=0.1)))
     store.close()
     report = verify(log_path)
-    assert report.ok, report.to_json()["problem"]
+    assert report.to_json()["ok"], report.to_json()["problem"]
     names = {r["event"] for r in read_log(log_path)}
     assert {"budget.reserved", "budget.released", "cost.added", "decision.made"} <= names
