@@ -1,4 +1,4 @@
-"""Workload 9: the routing turn against the snapshot route it replaces, side by side.
+"""Workload 10: the routing turn against the snapshot route it replaces, side by side.
 
 Per request a router routes and, after the (instant) upstream call, reports its cost:
 
@@ -127,7 +127,7 @@ def route(scale: float) -> list[dict[str, Any]]:
             rows.append(_row(f"route turn / snapshot route throughput, {cap}, {threads} thread(s)", ratio, "x",
                              "≥ 1x", ratio >= 1))
     return [{
-        "id": 9, "title": "Routing turn vs snapshot route (issue 10)",
+        "id": 10, "title": "Routing turn vs snapshot route (issue 10)",
         "setup": f"{sessions:,} sessions, {n:,} requests per variant and repetition (route + cost report), "
                  f"tiers MEDIUM, MEDIUM, COMPLEX, SIMPLE in turn; audit log on; {reps} repetitions, "
                  "variants interleaved; cap: $1,000,000 (reserve and settle, never refuses)",
