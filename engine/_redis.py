@@ -47,7 +47,15 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from engine._backend import BackendError, BackendUnavailable, RedisTarget, parse_backend
-from engine._core import Outcome, apply, clear_for_all, entry_fields, idle_deadline, pin_deadline
+from engine._core import (
+    Outcome,
+    apply,
+    clear_for_all,
+    entry_fields,
+    idle_deadline,
+    pin_deadline,
+    reservation_deadlines,
+)
 from engine._entry import Entry
 from engine._log import drop_forbidden
 from engine._replay import LogCorrupt, State, fold, new_fields, segment_name, to_entry
@@ -122,9 +130,12 @@ def unavailable(target: RedisTarget, exc: BaseException) -> EngineError:
 
 
 def deadline_of(entry: Entry, config: Any) -> int:
-    """The session's next deadline: its idle expiry, or the end of its cache pin when that comes first."""
-    idle = idle_deadline(entry, config)
-    return min(idle, pin_deadline(entry)) if entry.cache_sticky else idle
+    """The session's next deadline: its idle expiry, or sooner the end of its cache pin or the lapse of
+    a budget reservation (the reaper's ``Expire`` settles whichever is due: engine._core.settle)."""
+    deadline = idle_deadline(entry, config)
+    if entry.cache_sticky:
+        deadline = min(deadline, pin_deadline(entry))
+    return min(deadline, *reservation_deadlines(entry)) if entry.reservations else deadline
 
 
 def encode_entry(entry: Entry) -> bytes:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from engine._core import apply, clear_for_all, idle_deadline, pin_deadline, settle
+from engine._core import LAPSE_GEN, apply, clear_for_all, idle_deadline, pin_deadline, settle
 from engine._entry import Entry
 from engine._log_fault import AuditLogError
 from engine._table import ShardState
@@ -174,6 +174,9 @@ class Shard(pykka.ThreadingActor):
                             if after.cache_sticky and (before is None or not before.cache_sticky
                                                        or before.cache_sticky_at != after.cache_sticky_at):
                                 push(deadlines, (pin_deadline(after), sid, -after.cache_sticky_at - 1))
+                            held = after.reservations
+                            if held and (before is None or held[-1] not in before.reservations):
+                                push(deadlines, (held[-1][2], sid, LAPSE_GEN))  # a new budget reservation
                         if track:
                             used.append((sid, after.last_used_at))
                     for name, fields in out.records:
@@ -355,6 +358,9 @@ class Shard(pykka.ThreadingActor):
             if gen >= 0:
                 if state.created_at != gen:
                     continue
+            elif gen == LAPSE_GEN:
+                if not state.reservations:
+                    continue
             elif not state.cache_sticky or state.cache_sticky_at != -gen - 1:
                 continue
             new, settled = settle(state, now, config)
@@ -373,7 +379,7 @@ class Shard(pykka.ThreadingActor):
                 undo.append((sid, state))
             if gen >= 0:
                 heapq.heappush(deadlines, (idle_deadline(new, config), sid, gen))
-            elif new.cache_sticky:
+            elif gen != LAPSE_GEN and new.cache_sticky:
                 heapq.heappush(deadlines, (pin_deadline(new), sid, gen))
         if deadlines and deadlines[0][0] <= now:
             return False, count

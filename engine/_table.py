@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
-from engine._core import idle_deadline, pin_deadline
+from engine._core import LAPSE_GEN, idle_deadline, pin_deadline, reservation_deadlines
 from engine._entry import Entry
 
 
@@ -22,7 +22,8 @@ class ShardState:
         self.sessions: dict[str, Entry] = {}
         #: (deadline_ms, session_id, generation): generation >= 0 is the idle
         #: check of the session created at that ms; < 0 the pin check of the pin
-        #: set at ``-generation - 1``. Stale entries are skipped when popped.
+        #: set at ``-generation - 1``; ``LAPSE_GEN`` a budget reservation's lapse.
+        #: Stale entries are skipped when popped.
         self.deadlines: list[tuple[int, str, int]] = []
 
     def restore(self, session_id: str, entry: Entry, config: Any) -> None:
@@ -31,6 +32,8 @@ class ShardState:
         heapq.heappush(self.deadlines, (idle_deadline(entry, config), session_id, entry.created_at))
         if entry.cache_sticky:
             heapq.heappush(self.deadlines, (pin_deadline(entry), session_id, -entry.cache_sticky_at - 1))
+        for deadline in reservation_deadlines(entry):
+            heapq.heappush(self.deadlines, (deadline, session_id, LAPSE_GEN))
 
 
 def shard_index(session_id: str, shards: int) -> int:
