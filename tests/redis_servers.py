@@ -36,13 +36,20 @@ def server_binary() -> str:
     return path
 
 
-def free_port(below: int = 65536) -> int:
-    """A free 127.0.0.1 port (a cluster node also needs port + 10000 for its bus: pass ``below``)."""
+def free_port(cluster: bool = False) -> int:
+    """A free 127.0.0.1 port; for a cluster node, port + 10000 (its bus) is free too."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port < below:
+        if not cluster:
+            return port
+        if port + 10000 < 65536:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
             return port
 
 
@@ -58,6 +65,10 @@ def _poll(check, what: str, timeout: float = 10.0, alive=lambda: None) -> None:
         time.sleep(0.01)  # a bounded poll's step, not a wait for an outcome
 
 
+class PortTaken(RuntimeError):
+    """Another process took the port between choosing it and the server binding it."""
+
+
 class RedisServer:
     """One redis-server on 127.0.0.1:port, its data in ``directory`` (kept across restarts)."""
 
@@ -65,11 +76,13 @@ class RedisServer:
                  cluster: bool = False, fsync: str = "always", unix_socket: bool = False) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port(55536 if cluster else 65536)
+        self.fixed_port = port is not None
+        self.port = port or free_port(cluster)
         self.password = password
         self.cluster = cluster
         self.fsync = fsync
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_once = False
         #: Also listen on a unix socket in the server's directory (``socket_url``).
         self.socket = str(self.directory / "redis.sock") if unix_socket else None
 
@@ -101,10 +114,26 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, **kwargs)
 
     def start(self) -> RedisServer:
+        """Start (again, on the same port and directory); a port another process took meanwhile is
+        replaced by a fresh one on a first start."""
+        for _ in range(5):
+            try:
+                return self._start()
+            except PortTaken:
+                if self.fixed_port or self.started_once:
+                    raise
+                self.port = free_port(self.cluster)
+        raise PortTaken(f"no free port for redis-server in {self.directory}")
+
+    def _start(self) -> RedisServer:
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def alive() -> None:
             if self.proc is not None and self.proc.poll() is not None:
+                log = self.directory / "server.log"
+                if log.exists() and "Address already in use" in log.read_text(errors="replace"):
+                    log.unlink()
+                    raise PortTaken(f"port {self.port} (or its cluster bus) is taken")
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}: see {self.directory}")
 
         def up() -> bool:
@@ -112,6 +141,7 @@ class RedisServer:
                 return bool(c.ping())
 
         _poll(up, f"redis-server on port {self.port}", alive=alive)
+        self.started_once = True  # from now on the port is the server's: a restart keeps it
         return self
 
     def kill9(self) -> None:
