@@ -122,6 +122,54 @@ def test_store_on_redis_serves_the_spec_and_logs_to_streams(redis_server: RedisS
         assert store.get_session("a") is None and store.get_stats().count == 0
 
 
+def test_a_capped_session_is_never_served_past_its_cap_across_replicas(redis_server: RedisServer) -> None:
+    """The routing turn (decide, reserve) and the settlement commit by the same compare-and-set."""
+    from engine import BudgetExceeded
+    from engine.policy import Options, Policy, Request
+
+    cap, estimate, n = 0.02, 0.005, 8  # room for exactly 4 calls
+    stores = [SessionStore(redis_config(redis_server.url)) for _ in range(2)]
+    try:
+        policies = [Policy(store, {Tier.MEDIUM: "openai/gpt-4o"},
+                           Options(max_cost_usd=cap, budget_mode="strict", deadline_s=10.0)) for store in stores]
+        start = threading.Barrier(n)
+        served: list[Any] = []
+        refused: list[int] = []
+        lock = threading.Lock()
+
+        def one(i: int) -> None:
+            request = Request(model="openai/gpt-4o", tier=Tier.MEDIUM, session_id="capped",
+                              messages=[{"role": "user", "content": f"r{i}"}], estimate_usd=estimate)
+            start.wait()
+            try:
+                decision = policies[i % 2].route(request)
+            except BudgetExceeded:
+                with lock:
+                    refused.append(i)
+                return
+            with lock:
+                served.append((i, decision))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(served) == int(cap / estimate) and len(refused) == n - len(served)
+        for i, decision in served:  # each settles on the other replica than the one that routed it
+            policies[(i + 1) % 2].record_response("capped", cost_usd=0.004, decision=decision)
+        for store in stores:
+            store.tick()  # record_response tells: a store-wide ask returns once each store applied them
+        for store in stores:
+            entry = store.get_session("capped")
+            assert entry.session_cost_micros == 16_000 <= 20_000 and entry.reservations == ()
+        with redis_server.client() as client:
+            check_agreement(client, Keys("se", 8), *stores)
+    finally:
+        for store in stores:
+            store.close()
+
+
 def test_replicas_in_one_process_keep_one_truth(redis_server: RedisServer) -> None:
     """Two stores (two replicas) hammer the same sessions from 4 threads: exact sums, one pin each."""
     stores = [SessionStore(redis_config(redis_server.url)) for _ in range(2)]
