@@ -132,7 +132,7 @@ class Options:
     #: Estimated USD of a request for a model; None: ``Request.estimate_usd`` for every model.
     estimator: Estimator | None = None
     #: Most seconds ``Policy.route`` waits for the engine before answering ``unavailable``.
-    deadline_s: float = 0.005
+    deadline_s: float = 0.05
 
     def __post_init__(self) -> None:
         try:
