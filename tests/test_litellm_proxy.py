@@ -70,8 +70,8 @@ class Proxy:
     log: Path
 
     def chat(self, session: str, model: str, text: str) -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/chat/completions", timeout=60,
-                          headers={"Authorization": f"Bearer {self.key}", "x-session-id": session},
+        headers = {"Authorization": f"Bearer {self.key}", **({"x-session-id": session} if session else {})}
+        return httpx.post(f"{self.url}/v1/chat/completions", timeout=60, headers=headers,
                           json={"model": model, "messages": [{"role": "user", "content": text}]})
 
     def records(self, session: str) -> list[dict[str, Any]]:
@@ -164,6 +164,13 @@ def test_the_session_keeps_its_pinned_group_and_the_headers_say_so(proxy: Proxy)
     assert second.headers["x-session-engine-budget-limit-usd"] == f"{LIMIT_USD:.6f}"
     remaining = float(second.headers["x-session-engine-budget-remaining-usd"])
     assert 0 < remaining < LIMIT_USD
+
+
+def test_a_request_without_a_session_goes_where_it_asked_and_says_so(proxy: Proxy):
+    response = proxy.chat("", "strong", "hello")
+    assert response.status_code == 200
+    assert decision(response) == ("bypass", "strong", "strong")
+    assert response.headers["x-session-engine-session-source"] == "none"
 
 
 def test_the_third_identical_request_escalates_over_http(proxy: Proxy):

@@ -182,14 +182,14 @@ _CALLBACK_LISTS = ("callbacks", "input_callback", "_async_input_callback", "succ
 
 
 def unregister(hook: CustomLogger) -> None:
-    """Remove ``hook`` (and its bound methods) from every LiteLLM callback list."""
-    import threading
+    """Remove ``hook`` (and its bound methods) from every LiteLLM callback list, under LiteLLM's own
+    lock for those lists where it has one."""
+    import contextlib
 
     import litellm
 
     manager = getattr(litellm, "logging_callback_manager", None)
-    lock = getattr(manager, "callback_lists_lock", None) or threading.RLock()
-    with lock:
+    with getattr(manager, "callback_lists_lock", None) or contextlib.nullcontext():
         for name in _CALLBACK_LISTS:
             callbacks = getattr(litellm, name, None)
             if isinstance(callbacks, list):
