@@ -15,7 +15,7 @@ from events import EngineError
 
 app = typer.Typer(
     name="session-engine",
-    help="Per-session memory for LLM routers: simulate a router workload, audit and replay the log.",
+    help="Per-session memory for LLM routers: simulate a router workload; audit, replay and chart its log.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -148,6 +148,45 @@ def replay_command(
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
 
     _streamed(log, write, history=False)
+
+
+@app.command()
+def report(
+    log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write (replaced if it exists).")] = Path(
+        "session-engine-report.html"),
+    top: Annotated[int, typer.Option(min=1, max=100, help="Costliest sessions shown, each with its timeline.")] = 10,
+) -> None:
+    """One self-contained HTML report of a log: spend, decisions, model mix, escalations, costliest sessions.
+
+    Spend and decisions by kind over time, the model mix, the escalation funnel (strikes -> escalations) and the
+    costliest sessions, each with its timeline. plotly.js is inlined: the file opens offline. docs/report.md.
+    """
+    from engine import _report
+    from engine._report_html import render_html, require_plotly
+
+    try:
+        require_plotly()
+    except EngineError as exc:
+        fail(str(exc))
+    digest = _report.Digest(top_n=top)
+
+    def first(records: Iterator[dict[str, Any]]) -> None:
+        nonlocal digest
+        digest = _report.digest(records, top)
+
+    _streamed(log, first, history=True)
+    if not digest.records:
+        fail(f"{log}: no audit records")
+    _streamed(log, lambda records: _report.add_timelines(digest, records), history=True)
+    page = render_html(digest, source=str(log))
+    try:
+        output.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        fail(f"{output}: {exc.strerror or exc}")
+    typer.echo(f"wrote {output}: {digest.records:,} records, {digest.lifetimes:,} session lifetimes, "
+               f"{digest.decisions:,} decisions, spend ${digest.spend_micros / 1_000_000:.6f}; "
+               f"open it in a browser (works offline)")
 
 
 def main() -> None:

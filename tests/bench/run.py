@@ -35,6 +35,7 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "recovery": ("w_log", "recovery"),  # 7
     "asyncio": ("w_core", "asyncio_awaits"),  # 8
     "profile": ("w_profile", "profile"),
+    "report": ("w_report", "report"),
     "route": ("w_route", "route_latency"),  # the default Options.deadline_s
 }
 
