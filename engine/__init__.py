@@ -3,6 +3,7 @@
 Public API (SPEC.md); every other module is private and free to change.
 """
 
+from engine._capacity import SessionRefused
 from engine._config import Config, default_config
 from engine._entry import Entry, MessageInfo, SessionInfo, Stats
 from engine._helpers import (
@@ -25,7 +26,7 @@ from events import EngineError, InvalidEvent, Tier
 __all__ = [
     "AskTimeout", "AuditLogError", "BudgetExceeded", "Config", "EngineError", "Entry", "InvalidEvent", "LogCorrupt",
     "MessageInfo",
-    "SessionInfo", "SessionStore", "ShardFailed", "Stats", "StoreClosed", "Tier",
+    "SessionInfo", "SessionRefused", "SessionStore", "ShardFailed", "Stats", "StoreClosed", "Tier",
     "cache_ttl_for_provider", "default_config", "derive_session_id", "get_session_id",
     "hash_request_content", "keyed_session_id", "provider_from_model", "replay", "should_cache_sticky",
 ]

@@ -5,6 +5,10 @@ reported as soon as it ends (expired, cleared, evicted), and the ones still
 live when the log ends come last. So memory holds the live sessions, never
 the whole log. ``timeline(records, session_id)`` explains one session's
 records in words. The CLI (``session-engine audit``) only formats these.
+
+A scoped session id (``<tenant>:<id>``, engine/_scope.py) is reported as its
+tenant and its id, separately; ``lives(records, tenant=T)`` keeps one
+tenant's sessions.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from engine._scope import TENANT_LEN, split, tenant_of
 from events import records as R
 
 #: Most items kept in one list of a Life (counts stay exact): bounds memory for very long sessions.
@@ -70,9 +75,20 @@ class Life:
         if not self.tiers or self.tiers[-1] != tier:
             _push(self.tiers, tier)
 
+    @property
+    def tenant(self) -> str:
+        """The session's tenant ("" when its id is unscoped)."""
+        return tenant_of(self.session_id)
+
+    @property
+    def id(self) -> str:
+        """The session id as its caller named it (without the tenant)."""
+        return split(self.session_id)[1]
+
     def to_json(self) -> dict[str, Any]:
         return {
-            "session_id": self.session_id, "started_at": self.started_at, "origin": self.origin,
+            "session_id": self.session_id, "tenant": self.tenant, "id": self.id,
+            "started_at": self.started_at, "origin": self.origin,
             "requests": self.requests, "models": self.models, "tiers": self.tiers, "strikes": self.strikes,
             "escalation_count": self.escalation_count, "escalations": self.escalations,
             "cost_micros": self.cost_micros, "cost_usd": self.cost_micros / 1_000_000,
@@ -106,8 +122,15 @@ def _update(life: Life, fields: dict[str, Any]) -> None:
         life.deployment = fields["deployment"]
 
 
-def lives(records: Iterable[dict[str, Any]]) -> Iterator[Life]:
-    """Every session lifetime in the log: each one when it ends, then the live ones by start time."""
+#: Keys that are not session fields: the record envelope and the hash chain's (docs/audit-log.md).
+_ENVELOPE = frozenset({"seq", "ts", "event", "session_id", "chain", "genesis"})
+
+
+def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Iterator[Life]:
+    """Every session lifetime in the log: each one when it ends, then the live ones by start time.
+
+    ``tenant``: only that tenant's sessions ("" for the unscoped ones); None: all.
+    """
     live: dict[str, Life] = {}
     for record in records:
         name = record["event"]
@@ -117,11 +140,15 @@ def lives(records: Iterable[dict[str, Any]]) -> Iterator[Life]:
             if name == R.LOG_SNAPSHOT:
                 # History before the snapshot may be deleted: sessions first seen here start "restored".
                 for snap_sid, fields in record.get("sessions", {}).items():
+                    if tenant is not None and tenant_of(snap_sid) != tenant:
+                        continue
                     life = live.get(snap_sid)
                     if life is None:
                         live[snap_sid] = _start(snap_sid, fields, ts, "snapshot")
                     else:
                         _update(life, fields)
+            continue
+        if tenant is not None and tenant_of(sid) != tenant:
             continue
         life = live.get(sid)
         if name == R.SESSION_CREATED:
@@ -176,7 +203,7 @@ def _tier(tier: str | None) -> str:
 
 
 def table_header() -> str:
-    return "  ".join(name.ljust(width) for name, width in COLUMNS) + "  SESSION"
+    return "  ".join(name.ljust(width) for name, width in COLUMNS) + "  " + "TENANT".ljust(TENANT_LEN) + "  SESSION"
 
 
 def table_row(life: Life) -> str:
@@ -204,7 +231,7 @@ def table_row(life: Life) -> str:
     cells = (str(life.requests), models, tiers, str(life.strikes), escalations, fmt_usd(life.cost_micros),
              str(life.pin_count), decisions, ended)
     return "  ".join(_cut(cell, width).ljust(width) for cell, (_, width) in zip(cells, COLUMNS, strict=True)) + \
-        "  " + life.session_id
+        "  " + (life.tenant or "-").ljust(TENANT_LEN) + "  " + life.id
 
 
 # -- the timeline -----------------------------------------------------------------------------------
@@ -262,14 +289,20 @@ def explain(record: dict[str, Any], before: dict[str, Any]) -> str:
             text += f" because {r('reason')}"
     elif name == R.SESSION_EXPIRED:
         text = f"expired: idle {_secs(r('idle_ms'))}, longer than the session timeout"
+    elif name == R.SESSION_EVICTED and r("reason") == "tenant_limit":
+        text = ("evicted: its tenant was at max_sessions_per_tenant and this was the tenant's least recently "
+                "used session")
     elif name == R.SESSION_EVICTED:
         text = "evicted: the store was at max_sessions and this was the least recently used session"
+    elif name == R.SESSION_REFUSED:
+        text = (f"not created: its tenant had created {r('limit')} sessions in the last minute "
+                "(max_creations_per_tenant_per_minute)")
     elif name == R.SESSION_CLEARED:
         text = "cleared by clear_all()" if r("reason") == "clear_all" else "cleared by clear_session()"
     elif name == R.INPUT_REJECTED:
         text = f"input rejected: {r('operation')} with a bad {r('field')} ({r('rule')}); nothing changed"
     else:
-        changed = {k: v for k, v in record.items() if k not in ("seq", "ts", "event", "session_id")}
+        changed = {k: v for k, v in record.items() if k not in _ENVELOPE}
         text = f"{name}: {changed}"
     if name not in (R.DECISION_MADE, R.INPUT_REJECTED):
         before.update(record)
@@ -294,6 +327,6 @@ def timeline(records: Iterable[dict[str, Any]], session_id: str) -> Iterator[dic
         if sid != session_id:
             continue
         text = explain(record, before)
-        fields = {k: v for k, v in record.items() if k not in ("seq", "ts", "event", "session_id")}
+        fields = {k: v for k, v in record.items() if k not in _ENVELOPE}
         yield {"seq": record["seq"], "ts": record.get("ts"), "event": record["event"], "text": text,
                "fields": fields}

@@ -31,6 +31,12 @@ class Config:
     tick_ms: int = 1_000
     #: Capacity; the least recently used session is evicted beyond it. None: unbounded.
     max_sessions: int | None = None
+    #: Most live sessions of one tenant (engine/_scope.py); at the limit the tenant's own least
+    #: recently used session is evicted, never another tenant's. None: no per-tenant limit.
+    max_sessions_per_tenant: int | None = 10_000
+    #: Most sessions one tenant may create per minute (a token bucket: that many in a burst, then
+    #: that many a minute); a creation past it is refused and logged. None: no limit.
+    max_creations_per_tenant_per_minute: int | None = 6_000
     auto_escalate: bool = False
     strike_limit: int = 2
     #: Shard actors (threads) hosting the sessions; fixed, whatever the number of sessions.
@@ -45,6 +51,8 @@ class Config:
     fsync_interval_ms: int = 1_000
     #: Rotate the log into a new segment once the current one passes this size.
     segment_bytes: int = 64 * 1024 * 1024
+    #: Hash chain over the audit log: "batch" (one seal per write), "record" or "off" (docs/audit-log.md).
+    audit_chain: str = "batch"
     #: Default wait of a blocking store method, in seconds.
     ask_timeout_s: float = 10.0
 
@@ -59,6 +67,10 @@ class Config:
         _check_int(self.tick_ms, "tick_ms", 0)
         if self.max_sessions is not None:
             _check_int(self.max_sessions, "max_sessions", 1)
+        if self.max_sessions_per_tenant is not None:
+            _check_int(self.max_sessions_per_tenant, "max_sessions_per_tenant", 1)
+        if self.max_creations_per_tenant_per_minute is not None:
+            _check_int(self.max_creations_per_tenant_per_minute, "max_creations_per_tenant_per_minute", 1)
         check_bool(self.auto_escalate, "auto_escalate")
         _check_int(self.strike_limit, "strike_limit", 1)
         _check_int(self.shards, "shards", 1)
@@ -68,6 +80,8 @@ class Config:
             raise InvalidEvent("fsync", "must be one of always, interval, never")
         _check_int(self.fsync_interval_ms, "fsync_interval_ms", 1)
         _check_int(self.segment_bytes, "segment_bytes", 4096)
+        if self.audit_chain not in ("batch", "record", "off"):
+            raise InvalidEvent("audit_chain", "must be one of batch, record, off")
         if type(self.ask_timeout_s) not in (int, float) or not self.ask_timeout_s > 0:
             raise InvalidEvent("ask_timeout_s", "must be a positive number")
 

@@ -270,7 +270,7 @@ def apply(state: Entry | None, event: SessionEvent, now: int, config: Config) ->
         if s is not None and event.last_used_at >= 0 and s.last_used_at != event.last_used_at:  # type: ignore[attr-defined]
             out = Outcome(s, False, _NO_RECORDS)  # used since the evictor looked: keep it
         else:
-            out = _end(s, R.SESSION_EVICTED, "capacity")
+            out = _end(s, R.SESSION_EVICTED, event.reason)  # type: ignore[attr-defined]
     else:
         raise InvalidEvent("event", f"must be a session event, got {t.__name__}")
     if settled:

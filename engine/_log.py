@@ -22,10 +22,11 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
+from engine import _chain
 from engine._core import entry_fields as core_entry_fields
 from engine._entry import Entry
 from engine._recovery import Layout, Recovered, recover
-from engine._replay import State, entry_fields, fold
+from engine._replay import LogCorrupt, State, entry_fields, fold
 from events import EngineError
 from events import records as R
 
@@ -115,12 +116,20 @@ class FileLog:
     with a ``log.snapshot`` of every live session, read from the shard
     tables a store ``attach``-es (or, for a log used on its own, from the
     fields it folds as it appends).
+
+    ``chain`` ("batch", "record" or "off") seals the records into a hash
+    chain (engine/_chain.py); ``signing_key`` (by default the environment's
+    ``SESSION_ENGINE_AUDIT_KEY``) signs the chain head at every rotation and
+    on close.
     """
 
     def __init__(self, path: str | Path, *, fsync: str = "interval", fsync_interval_ms: int = 1000,
-                 segment_bytes: int = 64 * 1024 * 1024, processors: list[Processor] | None = None) -> None:
+                 segment_bytes: int = 64 * 1024 * 1024, processors: list[Processor] | None = None,
+                 chain: str = "batch", signing_key: bytes | str | None = "env") -> None:
         if fsync not in ("always", "interval", "never"):
             raise AuditLogError(f"fsync must be always, interval or never, got {fsync!r}")
+        if chain not in _chain.CHAIN_MODES:
+            raise AuditLogError(f"chain must be one of {', '.join(_chain.CHAIN_MODES)}, got {chain!r}")
         self.layout = Layout.of(path)
         self.path = self.layout.path
         self._lock_fd = -1
@@ -132,7 +141,7 @@ class FileLog:
         except OSError as exc:
             _release_lock(self._lock_fd)
             raise AuditLogError(f"event_log {path} cannot be opened: {exc.strerror or exc}") from None
-        except AuditLogError:
+        except (AuditLogError, LogCorrupt):  # a log it cannot trust: refused, and left for the next attempt
             _release_lock(self._lock_fd)
             raise
         self.seq = found.last_seq
@@ -144,6 +153,19 @@ class FileLog:
         self._segment_bytes = segment_bytes
         self._rotate_at = self._next_rotation(found.snapshot_bytes)
         self._last_ts = 0
+        # The hash chain: the head after the last sealed batch, the bytes written after it that the next
+        # seal covers (a batch a crash left unsealed), and whether the next record carries the genesis.
+        self._chain = chain
+        self._key = _chain.key_from_env() if signing_key == "env" else signing_key  # type: ignore[assignment]
+        self._head: bytes | None = None
+        self._pending = b""
+        self._genesis_due = False
+        if chain != "off":
+            if found.head is None:  # a new log, or one written without a chain: start one here
+                self._head, self._genesis_due = _chain.genesis(), True
+            else:
+                self._head, self._pending = found.head, self._unsealed(found.head_end)
+        self._signed_head = self._head
         self._policy = fsync
         self._processors = processors
         self._lock = threading.Lock()
@@ -157,6 +179,14 @@ class FileLog:
         if fsync == "interval":
             self._flusher = _Flusher(self, fsync_interval_ms / 1000)
             self._flusher.start()
+
+    def _unsealed(self, start: int) -> bytes:
+        """The active segment's bytes from ``start`` on (after the torn tail was cut): the next seal covers them."""
+        if start >= self._size:
+            return b""
+        with open(self.active, "rb") as f:  # the append descriptor is write-only
+            f.seek(start)
+            return f.read(self._size - start)
 
     def _open_active(self, found: Recovered) -> int:
         fd = os.open(found.active, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -177,6 +207,10 @@ class FileLog:
             if self._closed:
                 raise AuditLogError("event_log is closed")
             seq = self.seq
+            if self._genesis_due and records:
+                records[0]["genesis"] = self._head.hex()  # type: ignore[union-attr]
+            per_record = self._chain == "record" and self._head is not None
+            head, pending = self._head, self._pending
             # The batch is rendered into one growing buffer: each record's bytes are copied in and
             # freed at once. Keeping every record's bytes alive until a join (a block each) made glibc
             # grow the calling shard thread's heap past its trim threshold and hand the pages back
@@ -193,13 +227,23 @@ class FileLog:
                     record["seq"] = seq
                     if not forbidden.isdisjoint(record):
                         drop_forbidden(None, "info", record)
-                    data += render_line(None, "info", record)
+                    if per_record:
+                        start = len(data)
+                        data += render_line(None, "info", record)
+                        head, pending = _chain.seal(data, head, start, pending), b""  # type: ignore[arg-type]
+                    else:
+                        data += render_line(None, "info", record)
             else:
                 for record in records:
                     seq += 1
                     record["seq"] = seq
+                    start = len(data)
                     line = render(record, self._processors)
                     data += line if line.endswith(b"\n") else line + b"\n"
+                    if per_record:
+                        head, pending = _chain.seal(data, head, start, pending), b""  # type: ignore[arg-type]
+            if head is not None and data and not per_record:
+                head = _chain.seal(data, head, 0, pending)  # one seal for the whole batch
             try:
                 _write_all(self._fd, data)
             except OSError as exc:
@@ -210,6 +254,8 @@ class FileLog:
             self._size += len(data)
             self.seq = seq
             self._written = seq
+            if head is not None and records:
+                self._head, self._pending, self._genesis_due = head, b"", False
             if self._source is None:
                 live = self._live
                 for record in records:
@@ -274,6 +320,7 @@ class FileLog:
         items = iter(live)
         lines = []
         seq = self.seq
+        head = self._head
         for part in range(1, parts + 1):
             chunk = {}
             for sid, fields in items:
@@ -281,10 +328,19 @@ class FileLog:
                 if len(chunk) == SNAPSHOT_PART:
                     break
             seq += 1
-            lines.append(orjson.dumps({"seq": seq, "ts": self._last_ts, "event": R.LOG_SNAPSHOT, "part": part,
-                                       "parts": parts, "live": len(live), "sessions": chunk}))
+            record = {"seq": seq, "ts": self._last_ts, "event": R.LOG_SNAPSHOT, "part": part, "parts": parts,
+                      "live": len(live), "sessions": chunk}
+            if part == 1 and head is not None:
+                # The chain continues into the new segment: the snapshot names the head it follows,
+                # signed when a key is set, so the segment can be verified on its own.
+                record["chain_head"] = head.hex()
+                if self._key is not None:
+                    record["signature"] = _chain.sign(self._key, self.seq, head)
+            lines.append(orjson.dumps(record))
         lines.append(b"")
-        data = b"\n".join(lines)
+        data = bytearray(b"\n".join(lines))
+        if head is not None:
+            head = _chain.seal(data, head, 0, self._pending)
         durable = self._policy != "never"
         staging = self.layout.staging(first)
         cond = self._sync_cond
@@ -333,6 +389,11 @@ class FileLog:
         self._active_first = first
         self._size = len(data)
         self._rotate_at = self._next_rotation(len(data))
+        if head is not None:
+            if self._key is not None:
+                self._signed_head = self._head
+            self._head, self._pending = head, b""
+            logger.info("session-engine: audit log head seq=%d sha256=%s", seq, head.hex())
 
     def _next_rotation(self, snapshot_bytes: int) -> int:
         """Segment size that triggers rotation: records after the snapshot reach ``segment_bytes``,
@@ -367,6 +428,7 @@ class FileLog:
             if self._closed:
                 return
             self._closed = True
+            self._sign_head()
             cond = self._sync_cond
             with cond:
                 while self._syncing:
@@ -379,6 +441,40 @@ class FileLog:
             finally:
                 os.close(fd)
                 _release_lock(self._lock_fd)
+
+
+    def head(self) -> tuple[int, str] | None:
+        """(seq, hex) of the chain head after the last sealed record; None when the log is not chained.
+
+        Export it (metrics, the host's log): the newest records' truncation is
+        detectable only against a head kept outside the log (docs/audit-log.md).
+        """
+        with self._lock:
+            head = self._head if not self._pending else None
+            return None if head is None or self._genesis_due else (self.seq, head.hex())
+
+    def _sign_head(self) -> None:
+        """On close: append a signed ``log.signed`` record of the head (with a key, when it moved); log the head."""
+        head = self._head
+        if head is None or self._genesis_due:
+            return
+        # Unsealed bytes left by a crash, with nothing appended since: the next store seals them, then signs.
+        if self._key is not None and head != self._signed_head and not self._pending:
+            record = {"seq": self.seq + 1, "ts": self._last_ts, "event": R.LOG_SIGNED, "head_seq": self.seq,
+                      "head": head.hex(), "signature": _chain.sign(self._key, self.seq, head)}
+            data = bytearray(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+            new_head = _chain.seal(data, head)
+            try:
+                _write_all(self._fd, data)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+                logger.exception("session-engine: the audit log head could not be signed on close")
+                return
+            self._size += len(data)
+            self.seq = self._written = record["seq"]
+            self._head = self._signed_head = head = new_head
+        logger.info("session-engine: audit log head seq=%d sha256=%s", self.seq, head.hex())
 
 
 class _Flusher(threading.Thread):

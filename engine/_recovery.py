@@ -86,6 +86,16 @@ class Recovered:
     #: Size of the snapshot at the head of the active segment (0 when it has none).
     snapshot_bytes: int
 
+    @property
+    def head(self) -> bytes | None:
+        """The hash chain's head where appending resumes (None: the log holds no chain; start one)."""
+        return bytes.fromhex(self.tail.chain) if self.tail.chain else None
+
+    @property
+    def head_end(self) -> int:
+        """Offset in the active segment from which the bytes are not yet sealed: the next seal covers them."""
+        return self.tail.chain_end
+
 
 def recover(layout: Layout) -> Recovered:
     """Fold what the log holds; raises ``LogCorrupt`` (naming file and line) on a bad middle line."""

@@ -27,10 +27,22 @@ import orjson
 from engine._entry import Entry, build_entry
 from events import EngineError, Tier
 from events import records as R
+from events._schema import record_problem
 
 
 class LogCorrupt(EngineError):
-    """The log cannot be read: a line in the middle is not a record, or ``seq`` jumps."""
+    """The log cannot be read or trusted: a line in the middle is not a record, ``seq`` jumps, an event
+    name is unknown, or a value is out of its domain (docs/events.md, "Value domains")."""
+
+
+def domain_error(path: Path, record: dict[str, Any]) -> LogCorrupt:
+    """The LogCorrupt for a record that breaks docs/events.md's value domains, naming its seq and field."""
+    problem = record_problem(record, strict=False) or ("?", "a valid record")
+    field, rule = problem
+    if field == "event":
+        return LogCorrupt(f"{path} seq {record.get('seq')}: event {str(record.get('event'))[:60]!r} "
+                          f"is not a record name from docs/events.md")
+    return LogCorrupt(f"{path} seq {record.get('seq')}: field {field} must be {rule}")
 
 
 #: Entry field names in declaration order (a snapshot and ``session.created`` carry all of them).
@@ -40,7 +52,7 @@ _UNPACKED = ("model", "tier", "created_at", "last_used_at", "request_count", "re
 if ENTRY_FIELDS != _UNPACKED:  # new_fields and to_entry name every field in this order
     raise ImportError(f"engine._replay handles the Entry fields {_UNPACKED}, Entry has {ENTRY_FIELDS}")
 #: Records that never change a session's state (their ``model``/``tier`` describe a decision, not the pin).
-STATELESS_RECORDS = frozenset({R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED})
+STATELESS_RECORDS = frozenset({R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED, R.SESSION_REFUSED})
 SEGMENT_NAME = re.compile(r"^(\d{20})\.jsonl$")
 
 #: What a field holds when a record written by an older version lacks it.
@@ -101,6 +113,11 @@ class Tail:
     torn_bytes: int = 0
     #: The last good record line has no trailing newline (cut just after its closing brace).
     newline_missing: bool = False
+    #: The hash chain's last anchor in this file (hex): the last seal, or a genesis / snapshot head not
+    #: sealed yet; None when the file has none (a log written without a chain).
+    chain: str | None = None
+    #: Byte offset where the bytes the anchor does not cover begin (just past a seal; at an unsealed anchor's line).
+    chain_end: int = 0
 
 
 def segment_name(first_seq: int) -> str:
@@ -137,6 +154,8 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
                 _check_first(path, number, seq, record, tail)
             if prev is not None and seq != prev + 1:
                 raise LogCorrupt(f"{path} line {number}: seq {seq!r} does not follow {prev}")
+            if record_problem(record, strict=False) is not None:
+                raise domain_error(path, record)
             prev = seq
             pos += len(line)
             tail.last_seq = seq
@@ -181,26 +200,43 @@ def fold_file(path: Path, state: State, tail: Tail, *, expect: int | None = None
             if seq != following:
                 _first_or_gap(f, path, line, seq, record, tail, expect if following is None else following - 1)
             following = seq + 1
-            # seq, ts, event, session_id and two more keys, and name says which two.
-            if len(record) == 6 and "ts" in record:
+            # seq, ts, event, session_id and two more keys, and name says which two. Their value domains
+            # (docs/events.md) are checked inline: a few type tests, not a call.
+            if len(record) == 6 and type(ts := record.get("ts")) is int and ts >= 0:
                 try:
                     if name in used:
+                        a, b = record["last_used_at"], record["request_count"]
+                        if type(a) is not int or type(b) is not int or a < 0 or b < 0:
+                            raise domain_error(path, record)
                         fields = get(record["session_id"])
                         if fields is not None:
-                            fields.last_used_at, fields.request_count = record["last_used_at"], record["request_count"]
+                            fields.last_used_at, fields.request_count = a, b
                         continue
                     if name == hashed:
+                        a, b = record["recent_hashes"], record["strikes"]
+                        if type(a) is not list or len(a) > 3 or type(b) is not int or b < 0:
+                            raise domain_error(path, record)
                         fields = get(record["session_id"])
                         if fields is not None:
-                            fields.recent_hashes, fields.strikes = record["recent_hashes"], record["strikes"]
+                            fields.recent_hashes, fields.strikes = a, b
                         continue
-                    if name == costed and "micros" in record:
+                    if name == costed:
+                        a, b = record["micros"], record["session_cost_micros"]
+                        if type(a) is not int or type(b) is not int or a < 1 or b < 0:
+                            raise domain_error(path, record)
                         fields = get(record["session_id"])
                         if fields is not None:
-                            fields.session_cost_micros = record["session_cost_micros"]
+                            fields.session_cost_micros = b
                         continue
-                except KeyError:
-                    pass  # not the keys this version writes: the generic fold below
+                except (KeyError, TypeError):
+                    pass  # not the keys (or a key of a type) this version writes: the generic fold below
+            # Every other record: its name and every field it carries are checked against events/_schema.py.
+            if record_problem(record, strict=False) is not None:
+                raise domain_error(path, record)
+            if "chain" in record:
+                tail.chain, tail.chain_end = record["chain"], f.tell()
+            elif "genesis" in record or "chain_head" in record:
+                tail.chain, tail.chain_end = record.get("genesis") or record["chain_head"], f.tell() - len(line)
             sid = record.get("session_id")
             if sid is None:
                 if name == snapshot:
@@ -361,6 +397,7 @@ def _merge(tail: Tail, part: Tail) -> None:
     if part.last_seq is not None:
         tail.last_seq = part.last_seq
     tail.good_end, tail.torn_bytes, tail.newline_missing = part.good_end, part.torn_bytes, part.newline_missing
+    tail.chain, tail.chain_end = part.chain, part.chain_end  # the newest file's: where appending resumes
 
 
 def fold(state: State, record: dict[str, Any]) -> None:

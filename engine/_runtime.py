@@ -136,7 +136,10 @@ class Runtime:
         self.observer = observer
         self.mailboxes = [Mailbox(i) for i in range(config.shards)]
         self.states = states or [ShardState() for _ in range(config.shards)]
-        self.capacity = Capacity(config.max_sessions) if config.max_sessions else None
+        self.capacity = Capacity(config.max_sessions, config.max_sessions_per_tenant,
+                                 config.max_creations_per_tenant_per_minute) if (
+            config.max_sessions or config.max_sessions_per_tenant or config.max_creations_per_tenant_per_minute
+        ) else None
         if states is not None and self.capacity is not None:
             self._restore_capacity()
         if observer is not None:
@@ -157,18 +160,16 @@ class Runtime:
             self.clock.start()
 
     def _restore_capacity(self) -> None:
-        """Order restored sessions by last use; evict those a smaller ``max_sessions`` leaves out."""
+        """Order restored sessions by last use; evict those a smaller limit leaves out."""
         assert self.capacity is not None
-        used = sorted(((sid, e.last_used_at) for st in self.states for sid, e in st.sessions.items()),
-                      key=lambda item: item[1])
-        victims = self.capacity.note(used, ())
+        victims = self.capacity.restore((sid, e.last_used_at) for st in self.states for sid, e in st.sessions.items())
         if not victims:
             return
         now = now_ms()
-        for sid, _ in victims:
+        for sid, _, _ in victims:
             self.states[self.shard_of(sid)].sessions.pop(sid, None)  # its deadlines go stale
-        self.write([{"seq": 0, "ts": now, "event": R.SESSION_EVICTED, "session_id": sid, "reason": "capacity"}
-                    for sid, _ in victims])
+        self.write([{"seq": 0, "ts": now, "event": R.SESSION_EVICTED, "session_id": sid, "reason": reason}
+                    for sid, _, reason in victims])
 
     def write(self, records: list[dict[str, Any]]) -> None:
         """Log records that no shard batch carries, and tell the observer."""

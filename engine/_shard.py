@@ -141,7 +141,9 @@ class Shard(pykka.ThreadingActor):
         deadlines = self._state.deadlines
         records: list[dict[str, Any]] = []
         answers: list[tuple[Any, Any]] = []
-        track = self._rt.capacity is not None
+        capacity = self._rt.capacity
+        track = capacity is not None
+        gate = capacity if capacity is not None and capacity.creations_per_minute is not None else None
         used: list[tuple[str, int]] = []
         ended: list[str] = []
         # (session id, entry before) of every change, to put back if the log cannot take the records.
@@ -158,6 +160,8 @@ class Shard(pykka.ThreadingActor):
                 if sid is not None:
                     before = sessions.get(sid)
                     out = apply(before, event, now, config)
+                    if before is None and gate is not None and out.state is not None and not gate.admit(event, now):
+                        out, reply = gate.refuse(reply), None  # the tenant's creation rate (docs/identity.md)
                     after = out.state
                     if after is None:
                         if before is not None:
@@ -235,8 +239,8 @@ class Shard(pykka.ThreadingActor):
                 observer.on_log_write(time.perf_counter() - written)
             observer.on_batch(self._index, n_events, records, applied, len(self._mailbox.queue))
         if rt.capacity is not None and (used or ended):
-            for sid, last_used in rt.capacity.note(used, ended):
-                rt.route(Evict(sid, last_used), now, None)
+            for sid, last_used, reason in rt.capacity.note(used, ended):
+                rt.route(Evict(sid, last_used, reason), now, None)
         if acknowledger is not None and (records or answers):
             # fsync="always": the acknowledger answers once the records are on disk; this shard
             # goes on with its mailbox meanwhile, so one fsync covers what every shard wrote.

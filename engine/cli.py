@@ -92,20 +92,42 @@ def audit(
     log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
     session: Annotated[str | None, typer.Option(help="Explain one session's timeline, record by record.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of text.")] = False,
+    tenant: Annotated[str | None, typer.Option(
+        help="Only this tenant's sessions (its 24 hex characters; '' for unscoped ones); with --session, "
+             "the session is this tenant's id.")] = None,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Check the hash chain, seq and every record's value domains; exit 0 verified, 1 bad, "
+                         "3 unchained/unsigned; signatures are checked when SESSION_ENGINE_AUDIT_KEY is set "
+                         "(docs/audit-log.md).")] = False,
 ) -> None:
-    """Per-session summary of a log: requests, models, tiers, strikes, escalations, cost, pins, how it ended."""
+    """Per-session summary of a log: requests, models, tiers, strikes, escalations, cost, pins, how it ended.
+
+    Scoped session ids are shown as their tenant and their id, separately (docs/identity.md).
+    With --verify: prove the log is what the engine wrote, or name its first bad record (seq, byte offset, rule).
+    """
+    if verify:
+        _verify(log, json_out)
+        return
     from engine import _audit as A
+    from engine._scope import check_tenant, scoped
+
+    if tenant is not None:
+        try:
+            check_tenant(tenant)
+            session = scoped(tenant, session) if session is not None else None
+        except EngineError as exc:
+            fail(f"--tenant/--session: {exc}")
 
     def write_table(records: Iterator[dict[str, Any]]) -> None:
         if json_out:
             first = True
             sys.stdout.write("[")
-            for life in A.lives(records):
+            for life in A.lives(records, tenant):
                 sys.stdout.write(("\n" if first else ",\n") + orjson.dumps(life.to_json()).decode())
                 first = False
             sys.stdout.write("\n]\n" if not first else "]\n")
             return
-        lifetimes = A.lives(records)
+        lifetimes = A.lives(records, tenant)
         first = next(lifetimes, None)  # reads the log's first records: a non-log fails before any output
         typer.echo(A.table_header())
         count = 0
@@ -133,21 +155,61 @@ def audit(
     _streamed(log, write_timeline if session is not None else write_table, history=True)
 
 
+def _verify(log: Path, json_out: bool) -> None:
+    """``audit --verify``: the report on stdout, the verdict in the exit status."""
+    from engine._chain import key_from_env
+    from engine._verify import verify
+
+    if not log.exists():
+        fail(f"{log}: no such file or directory")
+    try:
+        report = verify(log, key_from_env())
+    except OSError as exc:
+        fail(f"{log}: {exc.strerror or exc}")
+    if json_out:
+        sys.stdout.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        for line in _verify_text(report):
+            typer.echo(line)
+    raise typer.Exit(code=report.exit_code)
+
+
+def _verify_text(report: Any) -> Iterator[str]:
+    span = f"seq {report.first_seq}..{report.last_seq}" if report.records else "no records"
+    good = " good before the first bad one" if report.problem is not None else ""
+    yield f"{report.log}: {report.status.upper()}: {report.records:,} records{good} ({span}) in {report.files} file(s)"
+    if report.anchor is not None:
+        yield (f"  chain: from the {report.anchor} at seq {report.anchor_seq}, {report.seals:,} seal(s); "
+               f"head at seq {report.head_seq}: {report.head}")
+    if report.signatures_checked or report.signatures_unchecked:
+        yield (f"  signatures: {report.signatures_checked} checked (signed through seq {report.signed_through_seq}),"
+               f" {report.signatures_unchecked} not checked")
+    if report.torn_tail_bytes:
+        yield f"  torn last line: {report.torn_tail_bytes} bytes (ignored, as replay does)"
+    for note in report.notes:
+        yield f"  note: {note}"
+    problem = report.problem
+    if problem is not None:
+        yield (f"  first bad record: seq {problem.seq if problem.seq is not None else '?'} at byte {problem.offset} "
+               f"of {problem.file}: {problem.field or 'line'} must be {problem.rule}")
+
+
 @app.command("replay")
 def replay_command(
     log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
 ) -> None:
     """Print the sessions rebuilt from the log alone, as JSON (session id -> every Entry field)."""
-    from engine._replay import entry_fields, fold
+    from engine._replay import LogCorrupt, entry_fields, fold_log
 
-    def write(records: Iterator[dict[str, Any]]) -> None:
-        state: dict[str, dict[str, Any]] = {}
-        for record in records:
-            fold(state, record)
-        out = {sid: entry_fields(fields) for sid, fields in sorted(state.items())}
-        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
-
-    _streamed(log, write, history=False)
+    _open_records(log, history=False)  # a missing path or an empty directory: one clear error
+    try:
+        state = fold_log(log)  # replay()'s reader: value domains checked, a torn last line skipped
+    except LogCorrupt as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{log}: {exc.strerror or exc}")
+    out = {sid: entry_fields(fields) for sid, fields in sorted(state.items())}
+    sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 @app.command()

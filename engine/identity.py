@@ -9,7 +9,12 @@ chain of sources and returns ``(session_id, source)``. The default order:
 4. an Anthropic Messages body's ``metadata.user_id`` when it holds JSON with a ``session_id``;
 5. a fingerprint of the system prompt plus the first user message, keyed per tenant (HMAC).
 
-An explicit id that is invalid (too long, control characters) gives *no*
+With a tenant (``Scope.tenant`` of the authenticated caller), every id from
+every source is scoped by it (``<tenant>:<id>``, engine/_scope.py): two
+callers never name the same session.
+
+An explicit id that is invalid (too long, control characters, a scope of its
+own) gives *no*
 session, ``("", "invalid:<source>")``, rather than silently falling back to
 a weaker source: a caller that meant to name its session must not be merged
 into a fingerprint it did not choose. docs/identity.md explains each source.
@@ -25,8 +30,25 @@ from typing import Any
 import orjson
 
 from engine._helpers import DEFAULT_HEADER, get_session_id
+from engine._scope import (
+    SECRET_ENV,
+    Scope,
+    check_caller_id,
+    check_tenant,
+    is_tenant,
+    scoped,
+    split,
+    tenant_of,
+)
 from events import InvalidEvent
-from events._validate import MAX_ID_LEN, check_text, is_valid_session_id
+from events._validate import check_text
+
+__all__ = [
+    "AFFINITY_HEADER", "DEFAULT_AFFINITY_HEADERS", "DEFAULT_ORDER", "FINGERPRINT", "HEADER", "INVALID_PREFIX",
+    "METADATA_USER_ID", "NONE", "PROMPT_CACHE_KEY", "SECRET_ENV", "USER", "IdentityResolver", "Scope",
+    "check_caller_id", "check_tenant", "first_user_message", "is_tenant", "keyed_session_id", "message_text",
+    "resolve_session", "scoped", "scoped_session_id", "split", "system_prompt", "tenant_of",
+]
 
 #: Source names, in the default resolution order. A resolved source is one of these,
 #: with the header's name appended for header sources ("header:x-session-id").
@@ -116,17 +138,12 @@ def keyed_session_id(first_user_message: str, *, secret: str | bytes = b"", tena
 
 
 def scoped_session_id(tenant: str, session_id: str) -> str:
-    """Composite identity ``tenant:session_id``: two tenants' ids never meet.
+    """Composite identity ``<tenant>:<id>`` (``engine._scope.scoped``): two tenants' ids never meet.
 
-    ``tenant`` may not contain ":", so the split is unambiguous. Raises
-    ``InvalidEvent`` when the result is not a valid session id (e.g. too long).
+    ``tenant`` is ``Scope.tenant``'s form (24 hex characters) or ``""``. Raises
+    ``InvalidEvent`` naming the field for a bad tenant or id.
     """
-    check_text(tenant, "tenant", 64)
-    if ":" in tenant:
-        raise InvalidEvent("tenant", "must not contain ':'")
-    scoped = f"{tenant}:{session_id}" if tenant else session_id
-    check_text(scoped, "session_id", MAX_ID_LEN)
-    return scoped
+    return scoped(tenant, session_id)
 
 
 # -- the chain ------------------------------------------------------------------------
@@ -151,14 +168,14 @@ class IdentityResolver:
     ``order``: the sources to try, a subsequence of ``DEFAULT_ORDER``.
     ``header_name``: the configured session header. ``affinity_headers``: harness headers.
     ``secret``: key of the fingerprint HMAC (keep it out of source control).
-    ``composite``: when True, explicit ids are scoped by tenant (``tenant:id``).
+    ``resolve(..., tenant=T)`` scopes every id it returns by ``T`` (``<T>:<id>``);
+    ``tenant=""`` (no authenticated caller, or scoping turned off) leaves ids as they are.
     """
 
-    __slots__ = ("affinity_headers", "composite", "header_name", "order", "secret")
+    __slots__ = ("affinity_headers", "header_name", "order", "secret")
 
     def __init__(self, order: Sequence[str] = DEFAULT_ORDER, *, header_name: str = DEFAULT_HEADER,
-                 affinity_headers: Sequence[str] = DEFAULT_AFFINITY_HEADERS, secret: str | bytes = b"",
-                 composite: bool = False) -> None:
+                 affinity_headers: Sequence[str] = DEFAULT_AFFINITY_HEADERS, secret: str | bytes = b"") -> None:
         unknown = [name for name in order if name not in _KNOWN]
         if unknown or len(set(order)) != len(order):
             raise InvalidEvent("order", f"must be distinct names from {', '.join(DEFAULT_ORDER)}")
@@ -171,49 +188,53 @@ class IdentityResolver:
         self.header_name = header_name.lower()
         self.affinity_headers = tuple(h.lower() for h in affinity_headers)
         self.secret = secret
-        self.composite = composite
 
     def fingerprint(self, messages: Iterable[Any], *, tenant: str = "", system: Any = None) -> str:
-        """Keyed fingerprint of a conversation's opening; "" when it has no user message."""
+        """Keyed fingerprint of a conversation's opening, scoped by ``tenant``; "" when it has no user
+        message. Raises ``InvalidEvent`` for a tenant that is not ``Scope.tenant``'s form."""
+        check_tenant(tenant)
         messages = list(messages or ())
         first = first_user_message(messages)
         if not first:
             return ""
-        return keyed_session_id(first, secret=self.secret, tenant=tenant,
-                                system_prompt=system_prompt(messages, system))
+        fp = keyed_session_id(first, secret=self.secret, tenant=tenant, system_prompt=system_prompt(messages, system))
+        return scoped(tenant, fp)
 
-    def _explicit(self, value: str, source: str, tenant: str) -> tuple[str, str]:
-        if not is_valid_session_id(value):
+    def explicit(self, value: str, source: str, tenant: str = "") -> tuple[str, str]:
+        """An id the caller sent, scoped by ``tenant``: ``(session_id, source)``, or
+        ``("", "invalid:<source>")`` when the id cannot be a session (too long, control
+        characters, a scope of its own) or the tenant is malformed."""
+        try:
+            return scoped(tenant, value), source
+        except InvalidEvent:
             return "", INVALID_PREFIX + source
-        if self.composite:
-            try:
-                return scoped_session_id(tenant, value), source
-            except InvalidEvent:
-                return "", INVALID_PREFIX + source
-        return value, source
 
     def resolve(self, headers: Any = None, body: Mapping[str, Any] | None = None, *,
                 tenant: str = "") -> tuple[str, str]:
-        """``(session_id, source)``; ``("", "none")`` when no source applies."""
+        """``(session_id, source)``; ``("", "none")`` when no source applies.
+
+        Raises ``InvalidEvent`` for a tenant that is not ``Scope.tenant``'s form (a programming
+        error of the host, not the caller's input)."""
+        check_tenant(tenant)
         body = body if isinstance(body, Mapping) else {}
         for name in self.order:
             if name == HEADER:
                 value = get_session_id(headers, self.header_name)
                 if value:
-                    return self._explicit(value, f"{HEADER}:{self.header_name}", tenant)
+                    return self.explicit(value, f"{HEADER}:{self.header_name}", tenant)
             elif name == AFFINITY_HEADER:
                 for header in self.affinity_headers:
                     value = get_session_id(headers, header)
                     if value:
-                        return self._explicit(value, f"{HEADER}:{header}", tenant)
+                        return self.explicit(value, f"{HEADER}:{header}", tenant)
             elif name in (PROMPT_CACHE_KEY, USER):
                 value = body.get(name)
                 if isinstance(value, str) and value:
-                    return self._explicit(value, name, tenant)
+                    return self.explicit(value, name, tenant)
             elif name == METADATA_USER_ID:
                 value = _metadata_session(body)
                 if value:
-                    return self._explicit(value, name, tenant)
+                    return self.explicit(value, name, tenant)
             elif name == FINGERPRINT:
                 messages = body.get("messages")
                 if isinstance(messages, Sequence):

@@ -25,6 +25,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from engine._runtime import Observer
+from engine._scope import tenant_of
 from events import records as R
 
 log = logging.getLogger("engine.metrics")
@@ -86,8 +87,17 @@ class Metrics(Observer):
             "expiries", "Sessions ended by idle expiry, by reason.",
             ["reason"], namespace=ns, registry=reg)
         self.evictions = Counter(
-            "evictions", "Sessions evicted to stay within max_sessions, by reason.",
+            "evictions", "Sessions evicted to stay within max_sessions (capacity) or max_sessions_per_tenant "
+            "(tenant_limit), by reason.",
             ["reason"], namespace=ns, registry=reg)
+        self.tenant_evictions = Counter(
+            "tenant_evictions", "Sessions evicted because their tenant was at max_sessions_per_tenant, by tenant "
+            f"(the first {MAX_LABEL_VALUES} tenants by name, then \"other\").",
+            ["tenant"], namespace=ns, registry=reg)
+        self.tenant_refusals = Counter(
+            "tenant_refusals", "New sessions refused because their tenant was past "
+            f"max_creations_per_tenant_per_minute, by tenant (the first {MAX_LABEL_VALUES}, then \"other\").",
+            ["tenant"], namespace=ns, registry=reg)
         self.sessions_ended = Counter(
             "sessions_ended", "Sessions ended, by how (expired, evicted, cleared).",
             ["how"], namespace=ns, registry=reg)
@@ -125,6 +135,8 @@ class Metrics(Observer):
         self._expiries = _Labels(self.expiries)
         self._evictions = _Labels(self.evictions)
         self._ended = _Labels(self.sessions_ended)
+        self._tenant_evictions = _Labels(self.tenant_evictions)
+        self._tenant_refusals = _Labels(self.tenant_refusals)
         self._decisions = _Labels(self.decisions)
         self._unavailable = _Labels(self.unavailable)
         self._shards: dict[int, tuple[Any, Any, Any]] = {}
@@ -168,7 +180,10 @@ class Metrics(Observer):
                 if name == R.SESSION_EXPIRED:
                     self._expiries(record.get("reason")).inc()
                 elif name == R.SESSION_EVICTED:
-                    self._evictions(record.get("reason")).inc()
+                    reason = record.get("reason")
+                    self._evictions(reason).inc()
+                    if reason == "tenant_limit":
+                        self._tenant_evictions(tenant_of(record.get("session_id") or "")).inc()
             elif name == R.SESSION_ESCALATED:
                 self._escalations(record.get("reason")).inc()
             elif name == R.COST_ADDED:
@@ -177,6 +192,8 @@ class Metrics(Observer):
                     micros += value
             elif name == R.DECISION_MADE:
                 self._decisions(record.get("kind")).inc()
+            elif name == R.SESSION_REFUSED:
+                self._tenant_refusals(tenant_of(record.get("session_id") or "")).inc()
         if live:
             self.live_sessions.inc(live)
         if micros:

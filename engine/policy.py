@@ -25,7 +25,7 @@ from engine._config import Config, default_config
 from engine._core import apply
 from engine._entry import Entry
 from engine._helpers import hash_request_content, provider_from_model, should_cache_sticky
-from engine.identity import FINGERPRINT, INVALID_PREFIX, IdentityResolver, message_text
+from engine.identity import FINGERPRINT, INVALID_PREFIX, IdentityResolver, check_tenant, message_text
 from engine.store import SessionStore
 from events import (
     Cost,
@@ -176,7 +176,7 @@ class Request:
     candidates: Sequence[str] = ()
     #: Where the session id came from (``IdentityResolver.resolve``'s second value).
     source: str = ""
-    #: Tenant for the keyed fingerprint when the id is derived here.
+    #: The caller's tenant (``Scope.tenant``, or ""): scopes and keys the fingerprint derived here.
     tenant: str = ""
     #: A top-level system prompt (Anthropic Messages' ``system``), fingerprinted like the chain does.
     system: Any = None
@@ -194,6 +194,7 @@ class Request:
         for candidate in self.candidates:
             check_text(candidate, "candidates", 256)
         check_text(self.source, "source", 64)
+        check_tenant(self.tenant)
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ def open_log(config: Config) -> LogSink:
         return NullLog()
     # Opening the log recovers what it holds: restored_states() hands that to the shards.
     return FileLog(config.event_log, fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms,
-                   segment_bytes=config.segment_bytes)
+                   segment_bytes=config.segment_bytes, chain=config.audit_chain)
 
 
 def _short_id(session_id: str) -> str:

@@ -181,11 +181,18 @@ class Evict(SessionEvent):
     """Capacity eviction of a least-recently-used session (sent by the engine).
 
     ``last_used_at`` is the value the evictor saw: a session used since then
-    is no longer the least recently used one and is kept.
+    is no longer the least recently used one and is kept. ``reason`` is
+    logged: ``"capacity"`` (``max_sessions``) or ``"tenant_limit"``
+    (``max_sessions_per_tenant``).
     """
 
     session_id: str
     last_used_at: int = -1
+    reason: str = "capacity"
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session_id)
+        check_text(self.reason, "reason", 32)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,10 @@ import orjson
 import pytest
 
 from engine import Config, SessionStore
+
+#: The operator secret that keys tenants (docs/identity.md), set as a deployment sets it; the tests of a
+#: missing or weak secret remove it with monkeypatch.
+os.environ.setdefault("SESSION_ENGINE_SECRET", "tests-only-secret-4f9c2a7e1b3d5f60")
 
 
 @pytest.fixture

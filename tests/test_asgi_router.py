@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from engine import Config
+from engine import Config, InvalidEvent
 from engine.policy import Options
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "asgi_router.py"
@@ -32,6 +32,15 @@ SONNET, HAIKU, MINI, O3 = (router.MODELS[t] for t in (router.Tier.COMPLEX, route
                                                      router.Tier.SIMPLE, router.Tier.REASONING))
 
 
+#: The app's configured callers: API key -> principal.
+ALICE, BOB = "sk-alice-0001", "sk-bob-0002"
+API_KEYS = {ALICE: "alice", BOB: "bob"}
+
+
+def get(client: TestClient, path: str, key: str = ALICE) -> Any:
+    return client.get(path, headers={"authorization": f"Bearer {key}"})
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
     """Start the example app (its store included); every app is shut down afterwards."""
@@ -41,7 +50,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
         options.setdefault("estimator", router.estimate)
         options.setdefault("deadline_s", 5.0)  # a loaded CI box must not turn decisions into "unavailable"
         app = router.create_app(Config(enabled=True, tick_ms=0, event_log=str(event_log) if event_log else None),
-                                options=Options(**options))
+                                options=Options(**options), api_keys=API_KEYS)
         client = TestClient(app)
         client.__enter__()
         clients.append(client)
@@ -53,8 +62,8 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
 
 
 def chat(client: TestClient, text: str, *, session: str | None = "s1", tier: str | None = None,
-         model: str = "auto", **headers: str) -> Any:
-    sent = {k.replace("_", "-"): v for k, v in headers.items()}
+         model: str = "auto", key: str = ALICE, **headers: str) -> Any:
+    sent = {"authorization": f"Bearer {key}", **{k.replace("_", "-"): v for k, v in headers.items()}}
     if session is not None:
         sent["x-session-id"] = session
     if tier is not None:
@@ -84,14 +93,14 @@ def test_a_lower_tier_never_downgrades_and_a_higher_one_upgrades(serve):
     assert served(chat(client, "design the storage layer", tier="COMPLEX")) == (SONNET, "initialize")
     assert served(chat(client, "rename a variable", tier="MEDIUM")) == (SONNET, "retain")
     assert served(chat(client, "prove the invariant holds", tier="REASONING")) == (O3, "upgrade")
-    assert client.get("/v1/sessions/s1").json()["model"] == O3
+    assert get(client, "/v1/sessions/s1").json()["model"] == O3
 
 
 def test_a_simple_follow_up_uses_the_cheap_model_and_keeps_the_pin(serve):
     client = serve()
     served(chat(client, "design the storage layer", tier="COMPLEX"))
     assert served(chat(client, "thanks!")) == (MINI, "bypass")  # the toy classifier says SIMPLE
-    assert client.get("/v1/sessions/s1").json()["model"] == SONNET
+    assert get(client, "/v1/sessions/s1").json()["model"] == SONNET
     assert served(chat(client, "next: the cache", tier="MEDIUM")) == (SONNET, "retain")
 
 
@@ -99,7 +108,7 @@ def test_third_identical_request_escalates(serve):
     client = serve()
     kinds = [served(chat(client, "the test still fails", tier="MEDIUM")) for _ in range(3)]
     assert kinds == [(HAIKU, "initialize"), (HAIKU, "retain"), (SONNET, "escalate")]
-    state = client.get("/v1/sessions/s1").json()
+    state = get(client, "/v1/sessions/s1").json()
     assert state["escalated"] is True and state["tier"] == "COMPLEX"
 
 
@@ -122,23 +131,56 @@ def test_sessions_survive_an_app_restart_with_the_durable_log(serve, tmp_path: P
     first = serve(event_log=log)
     served(chat(first, "design the storage layer", tier="COMPLEX"))
     served(chat(first, "rename a variable", tier="MEDIUM"))
-    before = first.get("/v1/sessions/s1").json()
+    before = get(first, "/v1/sessions/s1").json()
     first.__exit__(None, None, None)  # shut the app down: its store closes and the log is flushed
 
     second = serve(event_log=log)
-    assert second.get("/v1/sessions/s1").json() == before
+    assert get(second, "/v1/sessions/s1").json() == before
     assert served(chat(second, "and the tests", tier="MEDIUM")) == (SONNET, "retain")
-    assert second.get("/v1/sessions/s1").json()["request_count"] == before["request_count"] + 1
+    assert get(second, "/v1/sessions/s1").json()["request_count"] == before["request_count"] + 1
 
 
-def test_without_a_header_the_session_is_a_fingerprint_scoped_by_tenant(serve):
+def test_without_a_header_the_session_is_a_fingerprint_scoped_by_the_caller(serve):
     client = serve()
-    one = chat(client, "hi", session=None, tier="MEDIUM", x_tenant="acme")
-    again = chat(client, "hi", session=None, tier="MEDIUM", x_tenant="acme")
-    other = chat(client, "hi", session=None, tier="MEDIUM", x_tenant="globex")
+    one = chat(client, "hi", session=None, tier="MEDIUM")
+    again = chat(client, "hi", session=None, tier="MEDIUM")
+    other = chat(client, "hi", session=None, tier="MEDIUM", key=BOB)
     assert one.headers["x-session-source"] == "fingerprint"
     assert one.headers["x-session-id"] == again.headers["x-session-id"] != other.headers["x-session-id"]
     assert (one.headers["x-session-decision"], again.headers["x-session-decision"]) == ("initialize", "retain")
+    assert other.headers["x-session-decision"] == "initialize"
+
+
+def test_two_callers_with_the_same_session_id_get_two_sessions(serve):
+    client = serve()
+    assert served(chat(client, "design the storage layer", tier="COMPLEX")) == (SONNET, "initialize")
+    # Bob names Alice's id and asks for a cheaper tier: he gets his own session, not her pin.
+    assert served(chat(client, "rename a variable", tier="MEDIUM", key=BOB)) == (HAIKU, "initialize")
+    assert get(client, "/v1/sessions/s1").json()["model"] == SONNET
+    assert get(client, "/v1/sessions/s1", key=BOB).json()["model"] == HAIKU
+    # A tenant header asserted by the client changes nothing: the tenant comes from the key.
+    assert served(chat(client, "and tests", tier="MEDIUM", key=BOB, x_tenant="alice")) == (HAIKU, "retain")
+
+
+def test_an_unknown_or_missing_api_key_is_refused_with_401(serve):
+    client = serve()
+    for key in ("sk-nobody", ""):
+        response = chat(client, "hi", tier="MEDIUM", key=key)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert get(client, "/v1/sessions/s1", key=key).status_code == 401
+    assert client.app.state.upstream.calls == []
+    assert client.app.state.store.get_stats().count == 0
+
+
+def test_the_app_refuses_to_start_without_keys_or_with_a_weak_secret(monkeypatch):
+    with pytest.raises(InvalidEvent) as err:
+        router.create_app(Config(), api_keys={})
+    assert err.value.field == "api_keys"
+    monkeypatch.setenv("SESSION_ENGINE_SECRET", "short")
+    with pytest.raises(InvalidEvent) as err:
+        router.create_app(Config(), api_keys=API_KEYS)
+    assert err.value.field == "secret"
+    router.create_app(Config(), api_keys=API_KEYS, scope=False)  # a trusted single-tenant deployment
 
 
 def test_an_invalid_explicit_session_id_gets_no_session(serve):

@@ -23,6 +23,7 @@ from freezegun import freeze_time
 
 import engine._core
 from engine import InvalidEvent, SessionStore, ShardFailed
+from engine._capacity import SessionRefused
 from engine._log import FileLog
 from events import Decision, SetDeployment
 from events import records as R
@@ -108,9 +109,10 @@ def _every_record(make_store: Callable[..., SessionStore], log: Path, monkeypatc
         return real_apply(state, event, now, config)
 
     monkeypatch.setattr("engine._shard.apply", faulty)
+    monkeypatch.setenv("SESSION_ENGINE_AUDIT_KEY", "test-key")  # signed heads: log.signed on close
     with freeze_time("2025-03-01 09:00:00") as frozen:
         store = make_store(event_log=log, auto_escalate=True, max_sessions=4, segment_bytes=4096,
-                           timeout_ms=900_000)
+                           timeout_ms=900_000, max_sessions_per_tenant=1, max_creations_per_tenant_per_minute=2)
         store.set_session("a", "openai/gpt-4o-mini", "SIMPLE")
         store.set_session("a", "openai/gpt-4o-mini", "SIMPLE", user_explicit=True)
         store.set_session("b", "anthropic/claude-3", None)
@@ -139,6 +141,11 @@ def _every_record(make_store: Callable[..., SessionStore], log: Path, monkeypatc
             restarted.wait(0.005)
         for i in range(6):
             store.set_session(f"fill-{i}", "m")  # past max_sessions: evictions
+        tenant = "0123456789abcdef01234567"
+        for i in range(2):
+            store.set_session(f"{tenant}:t-{i}", "m")  # past max_sessions_per_tenant: its own is evicted
+        with pytest.raises(SessionRefused):
+            store.set_session(f"{tenant}:t-2", "m")  # past its creation rate: refused
         store.set_session("late", "m")
         store.clear_session("late")
         for i in range(60):

@@ -75,8 +75,17 @@ def test_known_log_is_what_the_engine_writes(make_store: Callable[..., SessionSt
     if UPDATE:
         KNOWN.write_bytes(log.read_bytes())
     assert replay(log) == replay(KNOWN)
-    assert [orjson.loads(line)["event"] for line in log.read_bytes().splitlines()] == \
-        [orjson.loads(line)["event"] for line in KNOWN.read_bytes().splitlines()]
+    # Records of one session keep their order; records of different shards may interleave differently (the
+    # capacity eviction is applied in the victim's shard while the test goes on), so compare per session.
+    assert events_by_session(log) == events_by_session(KNOWN)
+
+
+def events_by_session(path: Path) -> dict[str, list[str]]:
+    by_session: dict[str, list[str]] = {}
+    for line in path.read_bytes().splitlines():
+        record = orjson.loads(line)
+        by_session.setdefault(record.get("session_id", ""), []).append(record["event"])
+    return by_session
 
 
 def test_audit_prints_a_table_of_every_session_lifetime() -> None:
@@ -85,7 +94,7 @@ def test_audit_prints_a_table_of_every_session_lifetime() -> None:
     check_golden("audit.txt", out)
     rows = {line.split()[-1]: line for line in out.splitlines()[1:-1]}
     assert "1: 09:00:06 strikes" in rows["alpha"] and "$0.001234" in rows["alpha"]
-    assert rows["epsilon"].split()[-2] == "live"
+    assert rows["epsilon"].split()[-3:] == ["live", "-", "epsilon"]  # ended, tenant (none), id
 
 
 def test_audit_json_is_machine_readable() -> None:

@@ -11,13 +11,17 @@ from engine.identity import (
     FINGERPRINT,
     USER,
     IdentityResolver,
+    Scope,
     keyed_session_id,
     resolve_session,
     scoped_session_id,
+    split,
 )
 from events import InvalidEvent
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
+SCOPE = Scope("identity-test-secret-0123")
+TEAM_A, TEAM_B = SCOPE.tenant("team-a"), SCOPE.tenant("team-b")
 CHAT = [{"role": "system", "content": "You are a coding agent."}, {"role": "user", "content": "hi"}]
 ANTHROPIC_METADATA = {"user_id": '{"device_id":"d1","account_uuid":"a1","session_id":"cc-7f3a"}'}
 
@@ -60,13 +64,14 @@ def test_identity_chain_over_realistic_requests(name, headers, body, expected, s
 
 def test_two_tenants_with_the_same_first_message_get_different_sessions():
     resolver = IdentityResolver(secret="s3cret")
-    a, source_a = resolver.resolve({}, {"messages": CHAT}, tenant="team-a")
-    b, source_b = resolver.resolve({}, {"messages": CHAT}, tenant="team-b")
-    again, _ = resolver.resolve({}, {"messages": CHAT}, tenant="team-a")
+    a, source_a = resolver.resolve({}, {"messages": CHAT}, tenant=TEAM_A)
+    b, source_b = resolver.resolve({}, {"messages": CHAT}, tenant=TEAM_B)
+    again, _ = resolver.resolve({}, {"messages": CHAT}, tenant=TEAM_A)
     assert source_a == source_b == FINGERPRINT
     assert a != b
     assert a == again  # stable across turns: the opening does not change
     assert derive_session_id("hi") not in (a, b)
+    assert split(a)[0] == TEAM_A and HEX64.fullmatch(split(a)[1])  # the fingerprint is scoped too
 
 
 def test_fingerprint_depends_on_the_secret_and_the_system_prompt():
@@ -91,18 +96,30 @@ def test_content_part_lists_are_read_as_text():
         {}, {"messages": [{"role": "user", "content": "hi"}]})
 
 
-def test_composite_identity_keeps_tenants_apart():
-    resolver = IdentityResolver(composite=True)
-    a, _ = resolver.resolve({"x-session-id": "s1"}, {}, tenant="acme")
-    b, _ = resolver.resolve({"x-session-id": "s1"}, {}, tenant="globex")
-    assert (a, b) == ("acme:s1", "globex:s1")
+def test_every_explicit_source_is_scoped_by_the_tenant():
+    resolver = IdentityResolver()
+    a, _ = resolver.resolve({"x-session-id": "s1"}, {}, tenant=TEAM_A)
+    b, _ = resolver.resolve({"x-session-id": "s1"}, {}, tenant=TEAM_B)
+    assert (a, b) == (f"{TEAM_A}:s1", f"{TEAM_B}:s1")
+    for body in ({"user": "s1"}, {"prompt_cache_key": "s1"},
+                 {"metadata": {"user_id": '{"session_id": "s1"}'}}):
+        assert resolver.resolve({}, body, tenant=TEAM_A)[0] == a
     # An id that no longer fits once scoped gives no session rather than a cut one.
-    assert resolver.resolve({"x-session-id": "x" * 253}, {}, tenant="acme") == ("", "invalid:header:x-session-id")
+    assert resolver.resolve({"x-session-id": "x" * 240}, {}, tenant=TEAM_A) == ("", "invalid:header:x-session-id")
 
 
-def test_scoped_ids_reject_an_ambiguous_tenant():
+def test_an_id_that_carries_a_scope_of_its_own_gives_no_session():
+    forged = f"{TEAM_B}:s1"  # B's session, named by A (or by an unauthenticated caller)
+    resolver = IdentityResolver()
+    assert resolver.resolve({"x-session-id": forged}, {}, tenant=TEAM_A) == ("", "invalid:header:x-session-id")
+    assert resolver.resolve({"x-session-id": forged}, {}) == ("", "invalid:header:x-session-id")
+    assert resolver.resolve({"x-session-id": "user:42"}, {}, tenant=TEAM_A)[0] == f"{TEAM_A}:user:42"
+
+
+@pytest.mark.parametrize("tenant", ["a:b", "acme", TEAM_A.upper(), TEAM_A + "0", "\n" * 24, 42])
+def test_scoped_ids_reject_a_tenant_not_made_by_scope(tenant):
     with pytest.raises(InvalidEvent) as err:
-        scoped_session_id("a:b", "c")
+        scoped_session_id(tenant, "c")
     assert err.value.field == "tenant"
 
 

@@ -211,6 +211,7 @@ def test_the_deployment_that_served_the_session_keeps_serving_it(make_hook):
 def test_proxy_pre_call_hook_routes_and_answers_a_refusal_as_litellms_budget_error(make_hook):
     hook = make_hook(max_cost_usd=0.01, budget_mode="strict")
     auth = UserAPIKeyAuth(token="hashed-key-1")
+    sid = f"{hook.proxy_tenant(auth)}:proxy-1"  # the session is scoped by the caller's key
 
     def request(text: str) -> dict[str, Any]:
         return {"model": "cheap", "messages": ask(text), "metadata": {},
@@ -218,13 +219,13 @@ def test_proxy_pre_call_hook_routes_and_answers_a_refusal_as_litellms_budget_err
 
     async def run() -> tuple[dict[str, Any], ProxyException]:
         first = await hook.async_pre_call_hook(auth, DualCache(), request("hi"), "acompletion")
-        await hook.policy.record_cost("proxy-1", 0.02)
+        await hook.policy.record_cost(sid, 0.02)
         with pytest.raises(ProxyException) as refused:
             await hook.async_pre_call_hook(auth, DualCache(), request("more"), "acompletion")
         return first, refused.value
 
     first, refused = asyncio.run(run())
-    assert first["model"] == "cheap" and first["metadata"][DECISION_KEY]["session_id"] == "proxy-1"
+    assert first["model"] == "cheap" and first["metadata"][DECISION_KEY]["session_id"] == sid
     # LiteLLM's own budget errors: 422 (not a 429 that the OpenAI SDKs would retry), type budget_exceeded.
     assert refused.code == "422" and refused.headers["x-should-retry"] == "false"
     error = refused.to_dict()

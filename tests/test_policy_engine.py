@@ -14,7 +14,7 @@ import engine._shard
 from engine import Config, SessionStore, Tier
 from engine._core import apply as real_apply
 from engine.aio import AsyncSessionStore
-from engine.identity import IdentityResolver
+from engine.identity import IdentityResolver, Scope
 from engine.policy import AsyncPolicy, BudgetExceeded, Kind, Options, Policy, Request, deployment_key
 from events import GetSession, Touch
 from tests.conftest import read_log
@@ -222,10 +222,11 @@ def test_missing_session_header_uses_a_keyed_fingerprint(make_store):
     with freeze_time(T0):
         store = make_store()
         policy = Policy(store, MODELS, Options(deadline_s=5.0), identity=IdentityResolver(secret="k"))
+        scope = Scope("policy-test-secret-0123")
         x = policy.route(Request("openai/gpt-4o", Tier.MEDIUM, messages=[{"role": "user", "content": "hi"}],
-                                 tenant="alice"))
+                                 tenant=scope.tenant("alice")))
         y = policy.route(Request("openai/gpt-4o", Tier.MEDIUM, messages=[{"role": "user", "content": "hi"}],
-                                 tenant="bob"))
+                                 tenant=scope.tenant("bob")))
         assert x.source == y.source == "fingerprint"
         assert x.session_id != y.session_id
         assert x.kind is y.kind is Kind.INITIALIZE  # bob did not inherit alice's session

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from engine import LogCorrupt, replay
 from engine._replay import ENTRY_DEFAULTS, ENTRY_FIELDS, Tail, entry_fields, fold_file, fold_log
 from events import records as R
+from events._schema import record_problem
 
 SIDS = ["a", "b"]
 #: Keys replay must ignore (explanatory fields some records carry).
@@ -76,7 +77,7 @@ def documented_fold(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             state[sid] = {k: rec.get(k, d) for k, d in zip(ENTRY_FIELDS, ENTRY_DEFAULTS, strict=True)}
         elif name in R.ENDING_RECORDS:
             state.pop(sid, None)
-        elif name not in (R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED) and sid in state:
+        elif name not in (R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED, R.SESSION_REFUSED) and sid in state:
             state[sid].update({k: v for k, v in rec.items() if k in ENTRY_FIELDS})
     return state
 
@@ -87,13 +88,33 @@ def write(path: Path, records: list[dict[str, Any]]) -> None:
     path.write_bytes(b"".join(orjson.dumps(rec) + b"\n" for rec in records))
 
 
+def first_out_of_domain(records: list[dict[str, Any]]) -> int | None:
+    """The seq of the first record with a value outside docs/events.md's domains (replay refuses it)."""
+    return next((r["seq"] for r in records if record_problem(r, strict=False) is not None), None)
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.lists(record(), min_size=2, max_size=40))
 def test_records_of_any_shape_fold_as_documented(tmp_path_factory: Any, records: list[dict[str, Any]]) -> None:
     path = tmp_path_factory.mktemp("log") / "audit.jsonl"
     write(path, records)
+    bad = first_out_of_domain(records)
+    if bad is not None:
+        with pytest.raises(LogCorrupt, match=rf"seq {bad}: "):
+            fold_log(path)
+        return
     folded = {sid: entry_fields(fields) for sid, fields in fold_log(path).items()}
     assert folded == documented_fold(records)
+
+
+#: Two values inside each field's domain (replay refuses values outside them: docs/events.md).
+IN_DOMAIN: dict[str, tuple[Any, Any]] = {
+    "model": ("m5", "m9"), "tier": ("SIMPLE", "COMPLEX"), "recent_hashes": (["h5"], ["h9"]), "escalated": (True, True),
+    "user_explicit": (True, True), "cache_sticky": (True, True), "provider": ("p5", "p9"),
+    "deployment": ("d5", "d9"), "micros": (5, 9),
+    **{f: (5, 9) for f in ("created_at", "last_used_at", "request_count", "strikes", "cache_sticky_at",
+                           "session_cost_micros", "ts")},
+}
 
 
 def test_every_near_miss_of_a_written_shape_folds_as_documented(tmp_path: Path) -> None:
@@ -105,9 +126,9 @@ def test_every_near_miss_of_a_written_shape_folds_as_documented(tmp_path: Path) 
             for field in ENTRY_FIELDS:
                 sid = f"{name}-{dropped}-{field}"
                 rec: dict[str, Any] = {"ts": 2, "event": name, "session_id": sid}
-                rec.update({key: 5 for key in keys})
+                rec.update({key: IN_DOMAIN[key][0] for key in keys})
                 rec.pop(dropped, None)
-                rec.setdefault(field, 9)
+                rec.setdefault(field, IN_DOMAIN[field][1])
                 records += [{"ts": 1, "event": R.SESSION_CREATED, "session_id": sid, "model": "m"}, rec]
     write(tmp_path / "audit.jsonl", records)
     folded = {sid: entry_fields(fields) for sid, fields in fold_log(tmp_path / "audit.jsonl").items()}

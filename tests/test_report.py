@@ -343,9 +343,11 @@ def test_a_segment_directory_with_its_oldest_history_deleted_still_reports(make_
             policy.record_response(sid, micros=100 + i, decision=decision)
         store.close()
     segments = sorted(log.glob("*.jsonl"))
-    assert len(segments) > 3
+    assert len(segments) > 4
     whole = RP.read_digest(log, top=3)
-    segments[0].unlink()
+    # The two oldest segments: every session began in them (the hash chain's seals make segments fill sooner).
+    for segment in segments[:2]:
+        segment.unlink()
     rest = RP.read_digest(log, top=3)
     assert rest.records < whole.records and rest.spend_micros < whole.spend_micros
     assert [life.origin for life in rest.costliest()] == ["snapshot"] * 3

@@ -1,8 +1,17 @@
 """An OpenAI-compatible router with session memory, as a small Starlette app.
 
     POST /v1/chat/completions   route with engine.policy, answer from a fake upstream
-    GET  /v1/sessions/{id}      what the engine remembers about a session
+    GET  /v1/sessions/{id}      what the engine remembers about one of the caller's sessions
     GET  /metrics               Prometheus metrics (engine.metrics)
+
+Every ``/v1`` request authenticates with ``Authorization: Bearer <key>``
+against a configured set of API keys (``api_keys``, or ``SESSION_API_KEYS``
+as ``name=key,name=key``); an unknown key is HTTP 401. The caller's tenant is
+derived from the principal the key names (``Scope.tenant``, keyed by
+``SESSION_ENGINE_SECRET``) and every session id is scoped by it, so two
+callers sending the same ``x-session-id`` get two sessions; no request header
+can name a tenant. ``scope=False`` turns scoping off for a trusted
+single-tenant deployment (docs/identity.md).
 
 The router's own choice comes from a toy classifier (or the ``x-router-tier``
 header, for demos and tests); ``"model": "auto"`` lets it choose, a model of
@@ -14,13 +23,16 @@ survive a restart: the store restores them from the log.
 
 Run it (``pip install 'session-engine[asgi]' uvicorn``)::
 
-    SESSION_LOG=sessions.jsonl uvicorn --factory asgi_router:create_app --app-dir docs/examples
-    curl -s localhost:8000/v1/chat/completions -H 'x-session-id: demo' \\
+    export SESSION_ENGINE_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')
+    SESSION_API_KEYS=demo=sk-demo-1 SESSION_LOG=sessions.jsonl \\
+        uvicorn --factory asgi_router:create_app --app-dir docs/examples
+    curl -s localhost:8000/v1/chat/completions -H 'authorization: Bearer sk-demo-1' -H 'x-session-id: demo' \\
          -d '{"model": "auto", "messages": [{"role": "user", "content": "hi"}]}' -D -
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -34,7 +46,7 @@ from starlette.routing import Route
 
 from engine import Config, Tier
 from engine.aio import AsyncSessionStore
-from engine.identity import IdentityResolver, message_text
+from engine.identity import SECRET_ENV, IdentityResolver, Scope, message_text, split
 from engine.metrics import Metrics
 from engine.policy import AsyncPolicy, Kind, Options, Request, TierModels
 from engine.store import SessionStore
@@ -115,16 +127,58 @@ def openai_error(status: int, message: str, type_: str, code: str, headers: Mapp
                         status_code=status, headers=dict(headers or {}))
 
 
+def _key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """``name=key,name=key`` (``SESSION_API_KEYS``) as ``{key: name}``."""
+    keys: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, key = item.partition("=")
+        if not sep or not name.strip() or not key.strip():
+            raise InvalidEvent("SESSION_API_KEYS", "must be name=key pairs separated by commas")
+        keys[key.strip()] = name.strip()
+    return keys
+
+
+class Authenticator:
+    """API keys -> the caller's tenant. Keys are kept as SHA-256 digests and looked up by digest,
+    so a lookup's time does not depend on how much of a key matched."""
+
+    def __init__(self, api_keys: Mapping[str, str], scope: Scope | None) -> None:
+        if not api_keys:
+            raise InvalidEvent("api_keys", "must name at least one key (SESSION_API_KEYS=name=key,...)")
+        self._principals = {_key_digest(key): name for key, name in api_keys.items()}
+        self._scope = scope
+
+    def tenant(self, request: HttpRequest) -> str | None:
+        """The caller's tenant ("" with scoping off); None when the request is not authenticated."""
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        name = self._principals.get(_key_digest(key.strip())) if scheme.lower() == "bearer" else None
+        if name is None:
+            return None
+        return self._scope.tenant("principal:" + name) if self._scope is not None else ""
+
+
 def create_app(config: Config | None = None, *, models: TierModels = MODELS, options: Options | None = None,
-               identity: IdentityResolver | None = None, upstream: FakeUpstream | None = None) -> Starlette:
+               identity: IdentityResolver | None = None, upstream: FakeUpstream | None = None,
+               api_keys: Mapping[str, str] | None = None, scope: bool = True,
+               secret: str | bytes | None = None) -> Starlette:
     """Build the app; it owns its store and closes it at shutdown (or on ``app.state.close()``).
 
     Without a config, ``SESSION_LOG`` names the audit log (durable sessions) when set.
+    ``api_keys``: key -> principal name (default: ``SESSION_API_KEYS``). ``scope``: scope sessions
+    by the principal (default), keyed by ``secret`` (default: ``SESSION_ENGINE_SECRET``).
     """
     if config is None:
         config = Config(enabled=True, event_log=os.environ.get("SESSION_LOG") or None)
+    if api_keys is None:
+        api_keys = parse_api_keys(os.environ.get("SESSION_API_KEYS", ""))
+    auth = Authenticator(api_keys, Scope.from_env(secret) if scope else None)
     options = options or Options(estimator=estimate)
-    identity = identity or IdentityResolver(secret=os.environ.get("SESSION_SECRET", ""))
+    # One operator secret keys the tenants and the fingerprints (docs/identity.md).
+    identity = identity or IdentityResolver(secret=secret if secret is not None else os.environ.get(SECRET_ENV, ""))
     upstream = upstream or FakeUpstream()
     metrics = Metrics()
     store = SessionStore(config, observer=metrics)
@@ -136,7 +190,14 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
         for name in (listed,) if isinstance(listed, str) else listed:
             by_model.setdefault(name, parse_tier(key, "models") or Tier.MEDIUM)
 
+    def unauthorized() -> JSONResponse:
+        return openai_error(401, "a valid API key is required (Authorization: Bearer <key>)",
+                            "invalid_request_error", "invalid_api_key", {"www-authenticate": "Bearer"})
+
     async def chat_completions(request: HttpRequest) -> Response:
+        tenant = auth.tenant(request)
+        if tenant is None:
+            return unauthorized()
         try:
             body = await request.json()
         except ValueError:
@@ -157,7 +218,6 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
                 return openai_error(404, f"unknown model {asked[:64]!r}", "invalid_request_error", "model_not_found")
         except InvalidEvent as exc:
             return openai_error(400, str(exc), "invalid_request_error", "invalid_tier")
-        tenant = request.headers.get("x-tenant", "")
         session_id, source = identity.resolve(request.headers, body, tenant=tenant)
         routed = Request(model=model, tier=tier, session_id=session_id, messages=messages, tools=tools,
                          user_explicit=explicit, source=source[:64], tenant=tenant,
@@ -166,6 +226,8 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
         if decision.kind is Kind.UNAVAILABLE:
             metrics.count_unavailable(decision.reason.rsplit(" ", 1)[-1])
         headers = decision.headers()
+        if "x-session-id" in headers:  # the caller's own id, as it sent it: its scope is implied by its key
+            headers["x-session-id"] = split(headers["x-session-id"])[1]
         if decision.refused:
             return JSONResponse(decision.budget_error().error_body(decision.reason), status_code=429,
                                 headers=headers)
@@ -176,7 +238,12 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
         return JSONResponse(reply, headers=headers)
 
     async def session(request: HttpRequest) -> Response:
-        entry = await policy.store.get_session(request.path_params["session_id"])
+        tenant = auth.tenant(request)
+        if tenant is None:
+            return unauthorized()
+        # The caller names its own id; the scope makes it the caller's session, never another's.
+        session_id, _ = identity.explicit(request.path_params["session_id"], "path", tenant)
+        entry = await policy.store.get_session(session_id) if session_id else None
         if entry is None:
             return openai_error(404, "no such session", "invalid_request_error", "session_not_found")
         return JSONResponse({

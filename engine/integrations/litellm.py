@@ -27,7 +27,11 @@ per request (the decision travels in the request's metadata under
 and a LiteLLM fallback to another group is left alone.
 
 The session id comes from ``litellm_session_id``, ``metadata["session_id"]``,
-or the identity chain over the request's headers and body (docs/identity.md).
+or the identity chain over the request's headers and body (docs/identity.md),
+and is scoped by the caller (``scope``): on the proxy, by the caller's API-key
+hash (``"key"``, the default) or team (``"team"``); with the SDK, by
+``metadata["tenant"]`` as the application names its caller. Two callers never
+share a session; ``scope="off"`` is for trusted single-tenant deployments.
 The policy's tier table names LiteLLM *model groups*; name groups
 ``provider/model`` for cache stickiness to prefer a provider.
 """
@@ -44,7 +48,7 @@ from litellm.types.router import PreRoutingHookResponse
 
 from engine._config import Config
 from engine.aio import AsyncSessionStore
-from engine.identity import DEFAULT_ORDER, FINGERPRINT, IdentityResolver
+from engine.identity import DEFAULT_ORDER, FINGERPRINT, IdentityResolver, Scope
 from engine.policy import AsyncPolicy, BudgetExceeded, Options, Request, RouteDecision, TierModels
 from engine.store import SessionStore
 from events import (
@@ -72,6 +76,8 @@ _METADATA_KEYS = ("metadata", "litellm_metadata")
 #: Decisions after which the request is served by the session's pin (a bypass or a refusal is not).
 _PINNING = frozenset({"initialize", "retain", "upgrade", "escalate", "switch"})
 _RETAINED = frozenset({"retain", "switch"})
+#: What a session is scoped by: the caller's API-key hash, its team (else its key), or nothing.
+SCOPES = ("key", "team", "off")
 
 
 def _metadata(kwargs: Mapping[str, Any] | None, create: bool = False) -> dict[str, Any]:
@@ -205,10 +211,14 @@ class SessionEngineCallback(CustomLogger):
     with ``metadata["tier"]``. ``identity``: the chain for requests without an
     explicit id (default: the policy's resolver, else explicit sources only,
     no fingerprint). ``affinity``: one of ``AFFINITY_MODES``.
+    ``scope``: one of ``SCOPES`` (docs/identity.md); unless ``"off"``, ``secret``
+    (default: the ``SESSION_ENGINE_SECRET`` environment variable) keys the
+    tenants, and a missing or weak one is refused (``InvalidEvent``).
     """
 
     def __init__(self, policy: AsyncPolicy, *, tiers: Mapping[str, Tier | str] | None = None,
-                 identity: IdentityResolver | None = None, affinity: str = "only") -> None:
+                 identity: IdentityResolver | None = None, affinity: str = "only", scope: str = "key",
+                 secret: str | bytes | None = None) -> None:
         super().__init__()
         if not isinstance(policy, AsyncPolicy):
             raise InvalidEvent("policy", f"must be an engine.policy.AsyncPolicy, got {type(policy).__name__}")
@@ -226,18 +236,22 @@ class SessionEngineCallback(CustomLogger):
         #: attributes: without it a second hook would be taken for the first and never called.
         self.instance_id = uuid.uuid4().hex
         self._owned: SessionStore | None = None
+        if scope not in SCOPES:
+            raise InvalidEvent("scope", "must be one of key, team, off")
+        self.scope = scope
+        self._scope = None if scope == "off" else Scope.from_env(secret)
 
     @classmethod
     def create(cls, models: TierModels, config: Config | None = None, options: Options | None = None, *,
                identity: IdentityResolver | None = None, observer: Any = None,
-               affinity: str = "only") -> SessionEngineCallback:
+               affinity: str = "only", scope: str = "key", secret: str | bytes | None = None) -> SessionEngineCallback:
         """A callback with its own store (enabled by default); ``close()`` stops it."""
         store = SessionStore(config or Config(enabled=True), observer=observer)
         try:
             # The callback runs the identity chain itself; the policy gets no resolver so that an invalid
             # explicit id gives no session rather than a fingerprint.
             hook = cls(AsyncPolicy(AsyncSessionStore(store), models, options), identity=identity,
-                       affinity=affinity)
+                       affinity=affinity, scope=scope, secret=secret)
         except BaseException:
             store.close()
             raise
@@ -258,18 +272,46 @@ class SessionEngineCallback(CustomLogger):
         return stashed if isinstance(stashed, Mapping) and stashed.get("hook") == self.instance_id else None
 
     # -- reading a request --------------------------------------------------------------
-    def session_of(self, kwargs: Mapping[str, Any], messages: Any = None, tenant: str = "") -> tuple[str, str]:
-        """``(session_id, source)`` of a request's kwargs: the decision's, explicit, or the identity chain."""
+    def tenant(self, identity: str) -> str:
+        """The tenant of a caller identity ("" with ``scope="off"`` or no identity)."""
+        return self._scope.tenant(identity) if self._scope is not None and identity else ""
+
+    def proxy_tenant(self, user_api_key_dict: Any) -> str:
+        """The tenant of an authenticated proxy caller: its key hash (``api_key``, which LiteLLM hashes),
+        or its team with ``scope="team"`` (a caller without a team is scoped by its key)."""
+        team = _text(getattr(user_api_key_dict, "team_id", None)) if self.scope == "team" else ""
+        if team:
+            return self.tenant("team:" + team)
+        key = _text(getattr(user_api_key_dict, "api_key", None)) or _text(getattr(user_api_key_dict, "token", None))
+        return self.tenant("key:" + key) if key else ""
+
+    def request_tenant(self, kwargs: Mapping[str, Any]) -> str:
+        """The tenant of an SDK or Router request: the key hash the LiteLLM proxy put in its metadata
+        when it came through the proxy, else ``metadata["tenant"]`` (the application's name for its
+        caller, in a namespace of its own so that it can never name a key's scope)."""
+        metadata = _metadata(kwargs)
+        if self.scope == "team" and _text(metadata.get("user_api_key_team_id")):
+            return self.tenant("team:" + metadata["user_api_key_team_id"])
+        if _text(metadata.get("user_api_key_hash")):
+            return self.tenant("key:" + metadata["user_api_key_hash"])
+        return self.tenant("app:" + metadata["tenant"]) if _text(metadata.get("tenant")) else ""
+
+    def session_of(self, kwargs: Mapping[str, Any], messages: Any = None,
+                   tenant: str | None = None) -> tuple[str, str]:
+        """``(session_id, source)`` of a request's kwargs: the decision's, or explicit, or the identity
+        chain, scoped by ``tenant`` (default: ``request_tenant``)."""
         metadata = _metadata(kwargs)
         stashed = metadata.get(DECISION_KEY)
         if isinstance(stashed, Mapping) and stashed.get("hook") != self.instance_id:
             return "", ""  # another hook's request: its session is in that hook's store
         if isinstance(stashed, Mapping) and isinstance(stashed.get("session_id"), str):
             return stashed["session_id"], stashed.get("source", "")
+        if tenant is None:
+            tenant = self.request_tenant(kwargs)
         for source, value in (("litellm_session_id", kwargs.get("litellm_session_id")),
                               ("metadata.session_id", metadata.get("session_id"))):
             if isinstance(value, str) and value:
-                return value, source
+                return self.identity.explicit(value, source, tenant)
         body = {k: kwargs[k] for k in ("user", "prompt_cache_key", "system") if k in kwargs}
         if isinstance(metadata.get("user_id"), str):
             body["metadata"] = {"user_id": metadata["user_id"]}
@@ -277,9 +319,10 @@ class SessionEngineCallback(CustomLogger):
             body["messages"] = messages
         return self.identity.resolve(_headers(kwargs, metadata), body, tenant=tenant)
 
-    def _request(self, model: str, kwargs: Mapping[str, Any], messages: Any, tenant: str) -> Request | None:
+    def _request(self, model: str, kwargs: Mapping[str, Any], messages: Any, tenant: str | None) -> Request | None:
         metadata = _metadata(kwargs)
-        tenant = tenant or _text(metadata.get("tenant")) or _text(metadata.get("user_api_key_hash"))
+        if tenant is None:
+            tenant = self.request_tenant(kwargs)
         sid, source = self.session_of(kwargs, messages, tenant)
         estimate = metadata.get("estimate_usd", 0.0)
         try:
@@ -294,8 +337,11 @@ class SessionEngineCallback(CustomLogger):
             return None
 
     async def decide(self, model: str, kwargs: dict[str, Any], messages: Any = None,
-                     tenant: str = "") -> RouteDecision | None:
+                     tenant: str | None = None) -> RouteDecision | None:
         """Decide once per request and stash the decision in its metadata; raises ``BudgetExceeded``.
+
+        ``tenant``: the authenticated caller's (``proxy_tenant``); None reads it from the request
+        (``request_tenant``).
 
         None when the request is not the policy's to route: a re-entry for a
         request already decided (retry, fallback), or a malformed hint.
@@ -403,7 +449,8 @@ class SessionEngineCallback(CustomLogger):
         model = data.get("model")
         if call_type not in CHAT_CALL_TYPES or not isinstance(model, str) or not model:
             return data
-        tenant = _text(getattr(user_api_key_dict, "token", None))
+        # The caller is the proxy's authenticated key, never anything the request body says.
+        tenant = self.proxy_tenant(user_api_key_dict)
         try:
             await self.decide(model, data, data.get("messages"), tenant=tenant)
         except BudgetExceeded as exc:

@@ -34,6 +34,8 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "durability": ("w_log", "durability"),  # 6
     "recovery": ("w_log", "recovery"),  # 7
     "asyncio": ("w_core", "asyncio_awaits"),  # 8
+    "chain": ("w_chain", "chain"),  # 9
+    "tenancy": ("w_tenancy", "tenancy"),  # the per-tenant limits' cost (docs/identity.md)
     "profile": ("w_profile", "profile"),
     "report": ("w_report", "report"),
     "route": ("w_route", "route_latency"),  # the default Options.deadline_s

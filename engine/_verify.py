@@ -1,0 +1,290 @@
+"""``session-engine audit --verify``: prove a log is what the engine wrote, or name its first bad record.
+
+One streaming pass over every segment still on disk, oldest first, checks:
+
+- every line is a JSON record, and ``seq`` counts 1, 2, 3 ... with no gap
+  or repeat, across segments;
+- every record against its record type in events/_schema.py (the table
+  docs/log-schema.json mirrors), strictly: known event names, no unknown or
+  missing field, every value in its domain (no negative cost, tiers from
+  the enum, ...);
+- a session's ``last_used_at`` never goes backwards, and ``created_at`` is
+  not after it (record ``ts`` is the sender's clock and may step back a few
+  ms when two threads race on one session, docs/architecture.md);
+- the hash chain (engine/_chain.py): every seal matches the SHA-256 of the
+  previous head and the lines since; a snapshot's ``chain_head`` matches
+  the chain it continues; and with a key, every signature.
+
+Memory holds one line and the live sessions' ``last_used_at``, never the log.
+docs/audit-log.md describes the report and the threat model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from engine import _chain
+from engine._replay import list_segments
+from events import records as R
+from events._schema import STRICT_CHECKS, record_problem
+
+__all__ = ["Problem", "Report", "verify", "verify_files"]
+
+#: Exit status of ``audit --verify``: verified; a bad record; (2 is a usage or I/O error); nothing proven.
+EXIT_OK, EXIT_BAD, EXIT_UNPROVEN = 0, 1, 3
+_ARCHIVE = re.compile(r"\.(\d{20})$")
+_SNAPSHOT = R.LOG_SNAPSHOT
+_ENDINGS = R.ENDING_RECORDS
+#: Records the chain itself reads (a snapshot's chain_head, a signed head).
+_CHAIN_RECORDS = frozenset({R.LOG_SNAPSHOT, R.LOG_SIGNED})
+
+
+@dataclass(slots=True)
+class Problem:
+    """The first bad record: where it is and which rule it breaks."""
+
+    seq: int | None
+    file: str
+    offset: int
+    field: str
+    rule: str
+
+
+@dataclass(slots=True)
+class Report:
+    log: str
+    #: "verified", "unchained" (no chain to check: an older version wrote it), "unsigned" (a key was
+    #: given but the log holds no signature), or "bad".
+    status: str = "verified"
+    files: int = 0
+    records: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    #: How the chain starts in what is on disk: "genesis" (the log's first record), "snapshot" (older
+    #: segments were deleted: trusted from the first snapshot's chain_head), or None (unchained).
+    anchor: str | None = None
+    anchor_seq: int | None = None
+    seals: int = 0
+    head: str | None = None
+    head_seq: int | None = None
+    #: Records before the chain starts (a log an older version began, continued by this one).
+    unchained_records: int = 0
+    #: Complete records after the last seal (a crash cut their batch's sealing line; the next restart seals them).
+    unsealed_tail_records: int = 0
+    #: Bytes of a torn last line (tolerated, as replay does).
+    torn_tail_bytes: int = 0
+    signatures_checked: int = 0
+    signatures_unchecked: int = 0
+    signed_through_seq: int | None = None
+    problem: Problem | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return {"verified": EXIT_OK, "bad": EXIT_BAD}.get(self.status, EXIT_UNPROVEN)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.status == "verified", **asdict(self)}
+
+
+def history_files(path: Path) -> list[Path]:
+    """Every segment of a log still on disk, oldest first (a file log's archives ``<name>.<seq>``, then it)."""
+    if path.is_dir():
+        return list_segments(path)
+    if not path.exists():
+        raise FileNotFoundError(2, "no such file or directory", str(path))
+    archives = sorted((int(m.group(1)), p) for p in path.parent.glob(f"{path.name}.*")
+                      if (m := _ARCHIVE.search(p.name)) and p.name == f"{path.name}{m.group(0)}")
+    # An archive that is the active file itself (a hard link a rotation made just before it was interrupted)
+    # is not history: the rotation that made it never happened.
+    return [p for _, p in archives if not p.samefile(path)] + [path]
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, rule: str) -> None:
+        self.field, self.rule = field, rule
+
+
+class _Verifier:
+    """The pass's state: seq, the chain's head and running hash, sessions' last use, the key."""
+
+    def __init__(self, report: Report, key: bytes | None) -> None:
+        self.report = report
+        self.key = key
+        self.prev_seq: int | None = None
+        self.head: bytes | None = None
+        self.hasher: Any = None
+        self.pending = 0  # records since the last seal (or, before the chain starts, unchained records)
+        self.batch_start: int | None = None
+        self.last_used: dict[str, int] = {}
+
+    def line(self, raw: bytes, record: dict[str, Any]) -> None:
+        """Check one record (``raw`` its line, ending with a newline); raises ``_Bad`` at the first broken rule."""
+        seq = record["seq"]
+        prev = self.prev_seq
+        if type(seq) is not int or (prev is not None and seq != prev + 1):
+            raise _Bad("seq", f"must follow {prev} (no gap, no repeat, in order)" if prev is not None else "an integer")
+        name = record["event"]
+        check = STRICT_CHECKS.get(name) if type(name) is str else None
+        if check is None or check(record) is not None or name == _SNAPSHOT:
+            problem = record_problem(record, strict=True)
+            if problem is not None:
+                raise _Bad(*problem)
+        self.prev_seq = seq
+        if "last_used_at" in record or name in _ENDINGS:
+            self._times(record)
+        # The common line: inside a chained batch, no anchor, no signature. Everything else: _chain.
+        if (self.head is not None and name not in _CHAIN_RECORDS and "genesis" not in record
+                and not (raw.endswith(b'"}\n') and _chain.unseal(raw)) and "chain" not in record):
+            self.hasher.update(raw)
+            self.pending += 1
+            return
+        self._chain(raw, record, seq)
+
+    def _times(self, record: dict[str, Any]) -> None:
+        sid = record.get("session_id")
+        if sid is None:
+            return
+        name = record["event"]
+        if name in R.ENDING_RECORDS:
+            self.last_used.pop(sid, None)
+            return
+        used = record.get("last_used_at")
+        if used is None or name == R.DECISION_MADE:
+            return
+        if name == R.SESSION_CREATED:
+            if record["created_at"] > used:
+                raise _Bad("created_at", "not after last_used_at")
+        elif used < self.last_used.get(sid, 0):
+            raise _Bad("last_used_at", f"never before the session's previous last_used_at ({self.last_used[sid]})")
+        self.last_used[sid] = used
+
+    def _anchor(self, value: str, how: str, seq: int) -> None:
+        report = self.report
+        self.head = bytes.fromhex(value)
+        self.hasher = hashlib.sha256(self.head)
+        report.unchained_records += self.pending
+        report.anchor, report.anchor_seq = how, seq
+        self.pending, self.batch_start = 0, seq
+
+    def _chain(self, raw: bytes, record: dict[str, Any], seq: int) -> None:
+        report = self.report
+        sealed = _chain.unseal(raw)
+        if "chain" in record and sealed is None:
+            raise _Bad("chain", "the last field of its line")
+        if "genesis" in record:
+            if self.head is not None:
+                raise _Bad("genesis", "only on the first chained record of a log")
+            self._anchor(record["genesis"], "genesis", seq)
+        name = record["event"]
+        if name == R.LOG_SNAPSHOT and "chain_head" in record:
+            if self.head is None:
+                self._anchor(record["chain_head"], "snapshot", seq)
+            elif self.pending or record["chain_head"] != self.head.hex():
+                raise _Bad("chain_head", "the chain's head after the previous segment")
+            if "signature" in record:
+                self._signature(seq - 1, record["chain_head"], record["signature"])
+        elif name == R.LOG_SIGNED:
+            if self.head is None or self.pending or record["head"] != self.head.hex() or record["head_seq"] != seq - 1:
+                raise _Bad("head", "the chain's head after the previous record")
+            self._signature(record["head_seq"], record["head"], record["signature"])
+        if self.head is None:
+            if sealed is not None:
+                raise _Bad("chain", "a seal after a genesis or a snapshot's chain_head (the log's start is missing)")
+            self.pending += 1
+            return
+        if sealed is None:
+            self.hasher.update(raw)
+            self.pending += 1
+            return
+        content, value = sealed
+        self.hasher.update(content)
+        head = self.hasher.digest()
+        if head.hex() != value:
+            first = self.batch_start if self.batch_start is not None else seq
+            raise _Bad("chain", f"the SHA-256 of the previous head and the lines since seq {first}: a record in "
+                                f"seq {first}..{seq} was changed, added, removed or moved")
+        self.head, self.hasher = head, hashlib.sha256(head)
+        self.pending, self.batch_start = 0, seq + 1
+        report.seals += 1
+        report.head, report.head_seq = value, seq
+
+    def _signature(self, seq: int, head: str, signature: str) -> None:
+        report = self.report
+        if self.key is None:
+            report.signatures_unchecked += 1
+            return
+        if not hmac.compare_digest(_chain.sign(self.key, seq, bytes.fromhex(head)), signature):
+            raise _Bad("signature", f"the HMAC-SHA256 of the head at seq {seq} under the key in {_chain.KEY_ENV}")
+        report.signatures_checked += 1
+        report.signed_through_seq = seq
+
+
+def verify(path: str | Path, key: bytes | None = None) -> Report:
+    """Verify a log (a file with its archives, or a segment directory); never raises for a bad record."""
+    path = Path(path)
+    return verify_files(history_files(path), str(path), key)
+
+
+def verify_files(files: list[Path], name: str, key: bytes | None = None) -> Report:
+    report = Report(log=name, files=len(files))
+    v = _Verifier(report, key)
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    for index, file in enumerate(files):
+        last_file = index == len(files) - 1
+        offset = 0
+        with open(file, "rb", buffering=1 << 20) as f:
+            for raw in f:
+                start, offset = offset, offset + len(raw)
+                try:
+                    record = loads(raw)
+                    if type(record) is not dict or "seq" not in record or "event" not in record:
+                        raise _Bad("", "a JSON object with seq and event")
+                    if not raw.endswith(b"\n"):
+                        raw += b"\n"  # a complete last record that lost its newline: restart adds it back
+                    v.line(raw, record)
+                except decode_error:
+                    if not raw.strip():
+                        if v.hasher is not None:
+                            v.hasher.update(raw)  # a blank line: nothing to check, but the next seal covers it
+                        continue
+                    if last_file and not f.read(1):
+                        report.torn_tail_bytes = len(raw)  # a torn last line, tolerated as replay does
+                        break
+                    return _bad(report, v, file, start, None, "", "a JSON log record (the line does not parse)")
+                except _Bad as bad:
+                    seq = record.get("seq") if isinstance(record, dict) else None
+                    return _bad(report, v, file, start, seq if type(seq) is int else None, bad.field, bad.rule)
+                report.records += 1
+                if report.first_seq is None:
+                    report.first_seq = record["seq"]
+    report.last_seq = v.prev_seq
+    if v.head is None:
+        report.status = "unchained"
+        report.unchained_records = report.records
+        report.notes.append("no hash chain: written by a version before the chain, or with audit_chain='off'")
+    else:
+        report.unsealed_tail_records = v.pending
+        if v.pending:
+            report.notes.append(f"{v.pending} record(s) after the last seal: a crash cut their batch; "
+                                "the next restart seals them")
+        if key is not None and report.signatures_checked == 0:
+            report.status = "unsigned"
+            report.notes.append(f"a key is set ({_chain.KEY_ENV}) but the log holds no signature")
+        elif key is None and report.signatures_unchecked:
+            report.notes.append(f"{report.signatures_unchecked} signature(s) not checked: set {_chain.KEY_ENV}")
+    return report
+
+
+def _bad(report: Report, v: _Verifier, file: Path, offset: int, seq: int | None, field: str, rule: str) -> Report:
+    report.status = "bad"
+    report.last_seq = v.prev_seq
+    report.problem = Problem(seq, str(file), offset, field, rule)
+    return report

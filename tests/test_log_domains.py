@@ -1,0 +1,68 @@
+"""events/_schema.py (the table replay and --verify check) and docs/log-schema.json say the same thing.
+
+A new record type or field goes into both; this test fails until they agree
+field by field: same names, same required fields, and every probe value
+accepted by one is accepted by the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+
+from events import records as R
+from events._schema import ENTRY, ENVELOPE, RECORDS, record_problem
+
+SCHEMA = orjson.loads((Path(__file__).resolve().parent.parent / "docs" / "log-schema.json").read_bytes())
+PROBES: list[Any] = [-1, 0, 1, 2, 10**15, 1.5, "", "x", "SIMPLE", "REASONING", "HUGE", "idle", "capacity", "cleared",
+                     "clear_all", "cost", None, True, False, [], ["h"], ["h", "h", "h"], ["h"] * 4, [1], {}, "a" * 257,
+                     "0" * 64, "A" * 64, "0" * 63]
+
+
+def _validator(subschema: dict[str, Any]) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator({"$defs": SCHEMA["$defs"], **subschema})
+
+
+@pytest.mark.parametrize("name", R.RECORD_NAMES)
+def test_each_record_type_has_the_same_fields_and_domains_in_the_table_and_the_schema(name: str) -> None:
+    definition = SCHEMA["$defs"][name]
+    required, fields = RECORDS[name]
+    assert set(definition["required"]) == set(required)
+    schema_fields = {k for k, v in definition["properties"].items() if v is not True}
+    assert schema_fields == set(fields) | {"chain", "genesis"}
+    for field, check in {**fields, "chain": ENVELOPE["chain"], "genesis": ENVELOPE["genesis"]}.items():
+        if field == "sessions":
+            continue  # below: the Entry table
+        validator = _validator(definition["properties"][field])
+        for probe in PROBES:
+            assert validator.is_valid(probe) == check(probe), (name, field, probe)
+
+
+def test_the_entry_table_matches_the_schema_entry() -> None:
+    entry = SCHEMA["$defs"]["entry"]
+    assert set(entry["required"]) == set(ENTRY) == set(entry["properties"])
+    for field, check in ENTRY.items():
+        validator = _validator(entry["properties"][field])
+        for probe in PROBES:
+            assert validator.is_valid(probe) == check(probe), (field, probe)
+
+
+def test_the_envelope_and_the_event_names_match() -> None:
+    assert SCHEMA["properties"]["event"]["enum"] == list(R.RECORD_NAMES) == list(RECORDS)
+    for field in ("seq", "ts"):
+        validator = _validator(SCHEMA["properties"][field])
+        for probe in PROBES:
+            assert validator.is_valid(probe) == ENVELOPE[field](probe), (field, probe)
+
+
+def test_a_strict_check_names_unknown_and_missing_fields_a_lenient_one_does_not() -> None:
+    record = {"seq": 1, "ts": 0, "event": "session.touched", "session_id": "a", "last_used_at": 1, "colour": "red"}
+    assert record_problem(record) == ("colour", "not a field of session.touched")
+    assert record_problem(record, strict=False) is None
+    del record["colour"]
+    assert record_problem(record) == ("request_count", "required")
+    assert record_problem({**record, "request_count": True}, strict=False) == ("request_count", "an integer >= 0")
