@@ -75,9 +75,10 @@ class Proxy:
                           json={"model": model, "messages": [{"role": "user", "content": text}]})
 
     def records(self, session: str) -> list[dict[str, Any]]:
+        """The audit records of the caller's ``session`` (the proxy scopes it by the caller's key)."""
         if not self.log.exists():
             return []
-        return [r for r in read_log(self.log) if r.get("session_id") == session]
+        return [r for r in read_log(self.log) if str(r.get("session_id", "")).endswith(":" + session)]
 
     def wait_for(self, what: str, ok: Callable[[], bool]) -> None:
         """Bounded poll: the success callback records cost after the response has gone out."""
@@ -114,7 +115,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     (root / "session_hook.py").write_text(HOOK_MODULE)
     port, key, log = _free_port(), "sk-" + secrets.token_hex(16), root / "audit.jsonl"
     env = {**os.environ, "LITELLM_MASTER_KEY": key, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-           "SESSION_ENGINE_TEST_LOG": str(log)}
+           "SESSION_ENGINE_SECRET": secrets.token_hex(32), "SESSION_ENGINE_TEST_LOG": str(log)}
     output = (root / "proxy.out").open("wb")
     process = subprocess.Popen(
         [*_litellm_command(), "--config", str(root / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
