@@ -2,7 +2,8 @@
 
 It reads the time through ``engine._time.now_ms`` (see there why) and skips a
 shard whose previous pass has not finished, so ticks never pile up behind a
-busy shard.
+busy shard. A pass that raises is reported through the runtime's guard
+(engine/_guard.py) and the clock keeps ticking.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class Clock(threading.Thread):
         self._stopped = threading.Event()
 
     def run(self) -> None:
+        guard = self._rt.guard
         while not self._stopped.wait(self._period):
-            self.emit()
+            guard.run("clock", self.emit)
 
     def emit(self) -> None:
         """Send one Tick, stamped with the current time, to every idle shard."""

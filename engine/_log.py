@@ -10,6 +10,7 @@ docs/audit-log.md describes the format and the policies.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -25,9 +26,9 @@ import structlog
 from engine import _chain
 from engine._core import entry_fields as core_entry_fields
 from engine._entry import Entry
+from engine._log_fault import AuditLogError, LogFault
 from engine._recovery import Layout, Recovered, recover
 from engine._replay import LogCorrupt, State, entry_fields, fold
-from events import EngineError
 from events import records as R
 
 logger = logging.getLogger("engine")
@@ -65,6 +66,8 @@ def render(event_dict: EventDict, processors: Iterable[Processor]) -> bytes:
 class LogSink(Protocol):
     """What shards need from the log; the core knows nothing of it."""
 
+    seq: int
+
     def append(self, records: list[EventDict]) -> int: ...
     def sync(self, seq: int) -> None: ...
     def close(self) -> None: ...
@@ -89,12 +92,12 @@ class NullLog:
         return None
 
 
-class AuditLogError(EngineError):
-    """The audit log cannot be opened or written."""
-
-
 #: Sessions per ``log.snapshot`` record: keeps each line a bounded size however many sessions live.
 SNAPSHOT_PART = 1_000
+
+
+#: Most milliseconds of batch time between two checks that the log file was not removed.
+LINK_CHECK_MS = 1_000
 
 
 class FileLog:
@@ -121,11 +124,20 @@ class FileLog:
     chain (engine/_chain.py); ``signing_key`` (by default the environment's
     ``SESSION_ENGINE_AUDIT_KEY``) signs the chain head at every rotation and
     on close.
+
+    A write or fsync the OS refuses (ENOSPC, EIO, EROFS, EDQUOT, ...) puts
+    the log in a *fault* (engine/_log_fault.py): the failing call raises
+    ``AuditLogError``, any part of the batch already written is cut off, and
+    later appends are refused at once until the retry delay has passed; the
+    first append after it tries again, and its success ends the fault.
+    ``os_calls`` (default: the ``os`` module) provides ``write``, ``fsync``
+    and ``ftruncate``: the seam where tests inject faults.
     """
 
     def __init__(self, path: str | Path, *, fsync: str = "interval", fsync_interval_ms: int = 1000,
                  segment_bytes: int = 64 * 1024 * 1024, processors: list[Processor] | None = None,
-                 chain: str = "batch", signing_key: bytes | str | None = "env") -> None:
+                 chain: str = "batch", signing_key: bytes | str | None = "env",
+                 os_calls: Any = None) -> None:
         if fsync not in ("always", "interval", "never"):
             raise AuditLogError(f"fsync must be always, interval or never, got {fsync!r}")
         if chain not in _chain.CHAIN_MODES:
@@ -153,6 +165,8 @@ class FileLog:
         self._segment_bytes = segment_bytes
         self._rotate_at = self._next_rotation(found.snapshot_bytes)
         self._last_ts = 0
+        #: Batch time (ms) of the last check that the file is still linked (see ``append``).
+        self._linked_at = 0
         # The hash chain: the head after the last sealed batch, the bytes written after it that the next
         # seal covers (a batch a crash left unsealed), and whether the next record carries the genesis.
         self._chain = chain
@@ -175,6 +189,8 @@ class FileLog:
         self._synced = self.seq
         self._syncing = False
         self._closed = False
+        self._os: Any = os if os_calls is None else os_calls
+        self.fault = LogFault(self.path)
         self._flusher: _Flusher | None = None
         if fsync == "interval":
             self._flusher = _Flusher(self, fsync_interval_ms / 1000)
@@ -195,7 +211,7 @@ class FileLog:
             # A record cut by a crash: drop it so the next record starts on a line of its own.
             os.ftruncate(fd, tail.good_end)
         if tail.newline_missing:
-            _write_all(fd, b"\n")  # a complete record whose newline was cut off
+            _write_all(os, fd, b"\n")  # a complete record whose newline was cut off
         if tail.torn_bytes or tail.newline_missing:
             os.fsync(fd)
         return fd
@@ -206,6 +222,15 @@ class FileLog:
         with self._lock:
             if self._closed:
                 raise AuditLogError("event_log is closed")
+            if self.fault.error is not None:
+                self._retry()
+            ts = records[-1].get("ts", 0) if records else 0
+            if ts - self._linked_at >= LINK_CHECK_MS:
+                # A removed file (or directory) still takes writes through its descriptor, but a
+                # restart would never see them: look, at most once a second of batch time.
+                self._linked_at = ts
+                if os.fstat(self._fd).st_nlink == 0:
+                    raise self.fault.failed("removed", OSError(errno.ENOENT, "the log file was removed"))
             seq = self.seq
             if self._genesis_due and records:
                 records[0]["genesis"] = self._head.hex()  # type: ignore[union-attr]
@@ -245,17 +270,20 @@ class FileLog:
             if head is not None and data and not per_record:
                 head = _chain.seal(data, head, 0, pending)  # one seal for the whole batch
             try:
-                _write_all(self._fd, data)
+                _write_all(self._os, self._fd, data)
             except OSError as exc:
-                # Leave no partial line behind; the batch was not written.
+                # Leave no partial line behind; the batch was not written (the retry cuts again
+                # should this truncate fail too).
                 with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-                raise AuditLogError(f"event_log cannot be written: {exc.strerror or exc}") from None
+                    self._cut_back()
+                raise self.fault.failed("write", exc) from None
             self._size += len(data)
             self.seq = seq
             self._written = seq
             if head is not None and records:
                 self._head, self._pending, self._genesis_due = head, b"", False
+            if self.fault.error is not None:
+                self.fault.recovered()
             if self._source is None:
                 live = self._live
                 for record in records:
@@ -284,6 +312,9 @@ class FileLog:
                     continue
                 if self._closed_fd():
                     return
+                fault = self.fault
+                if fault.op == "fsync" and fault.waiting():
+                    raise fault.refuse(applied=True)  # these records were written: not known durable
                 # Leader: one fsync covers every record written so far, for every waiter.
                 self._syncing = True
                 target = self._written
@@ -291,17 +322,66 @@ class FileLog:
                 cond.release()
                 ok = False
                 try:
-                    os.fsync(fd)
+                    self._os.fsync(fd)
                     ok = True
+                except OSError as exc:
+                    raise fault.failed("fsync", exc) from None
                 finally:
                     cond.acquire()
                     self._syncing = False
                     if ok and target > self._synced:
                         self._synced = target
                     cond.notify_all()
+                if fault.op == "fsync":
+                    fault.recovered()
 
     def _closed_fd(self) -> bool:
         return self._fd < 0
+
+    @property
+    def synced(self) -> int:
+        """The last ``seq`` known to be on disk (under ``"always"``; otherwise as far as fsyncs went)."""
+        return self._synced
+
+    # -- faults -----------------------------------------------------------------------------
+    @property
+    def writable(self) -> bool:
+        """False while the log is in a fault (a refused write or fsync not yet retried successfully)."""
+        return self.fault.error is None
+
+    def watch(self, observer: Any) -> None:
+        """Report faults to ``observer.on_log_failure(op, error)`` and ``on_log_writable(bool)``."""
+        self.fault.watcher = observer
+
+    def _retry(self) -> None:
+        """In a fault (under ``_lock``): refuse at once until the retry is due, then repair the tail.
+
+        The repair cuts whatever a failed write left past the last good record and, when an
+        fsync failed, fsyncs again; the append that called it then writes its own batch, and
+        that write's success ends a write fault.
+        """
+        fault = self.fault
+        if fault.waiting():
+            raise fault.refuse(applied=False)
+        if fault.op == "removed":
+            try:
+                # A new segment at the log's path that opens with a snapshot of every live session:
+                # what the removed file held (and what went to it since) is in the log again.
+                self._rotate()
+            except AuditLogError as exc:
+                raise fault.failed("removed", OSError(errno.ENOENT, str(exc))) from None
+            return
+        try:
+            self._cut_back()
+        except OSError as exc:
+            raise fault.failed("write", exc) from None
+        if fault.op == "fsync":
+            self._sync_to(self._written)  # raises, or ends the fault
+
+    def _cut_back(self) -> None:
+        """Truncate the file to the end of the last record written whole (a failed write's bytes)."""
+        if os.fstat(self._fd).st_size > self._size:
+            self._os.ftruncate(self._fd, self._size)
 
     def flush_due(self) -> None:
         """fsync what was written since the last fsync (the interval policy's timer)."""
@@ -351,12 +431,12 @@ class FileLog:
         try:
             fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
             try:
-                _write_all(fd, data)
+                _write_all(os, fd, data)
                 if durable:
                     os.fsync(fd)
                     os.fsync(self._fd)
                 target = self.layout.segment(first)
-                if not self.layout.directory:
+                if not self.layout.directory and self.active.exists():
                     # Keep the old segment under its archive name, then swap the new one in
                     # atomically: the configured path always names a complete log.
                     archive = self.layout.archive(self._active_first)
@@ -437,11 +517,12 @@ class FileLog:
                 cond.notify_all()
             try:
                 if self._policy != "never":
-                    os.fsync(fd)
+                    self._os.fsync(fd)
+            except OSError as exc:
+                raise AuditLogError(f"event_log cannot be synced to disk at close: {exc.strerror or exc}") from None
             finally:
                 os.close(fd)
                 _release_lock(self._lock_fd)
-
 
     def head(self) -> tuple[int, str] | None:
         """(seq, hex) of the chain head after the last sealed record; None when the log is not chained.
@@ -465,7 +546,7 @@ class FileLog:
             data = bytearray(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
             new_head = _chain.seal(data, head)
             try:
-                _write_all(self._fd, data)
+                _write_all(self._os, self._fd, data)
             except OSError:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, self._size)
@@ -488,10 +569,10 @@ class _Flusher(threading.Thread):
 
     def run(self) -> None:
         while not self._stopped.wait(self._period):
-            try:
+            # A failed fsync puts the log in its fault (logged and reported there, once); this
+            # timer goes on and is one of the ways the log is tried again.
+            with contextlib.suppress(AuditLogError, OSError):
                 self._log.flush_due()
-            except OSError:
-                logger.exception("session-engine: audit log fsync failed")
 
     def stop(self) -> None:
         self._stopped.set()
@@ -518,10 +599,10 @@ def _release_lock(fd: int) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(os_calls: Any, fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = os_calls.write(fd, view)
         view = view[written:]
 
 

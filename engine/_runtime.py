@@ -14,7 +14,8 @@ import pykka
 from engine._capacity import Capacity
 from engine._clock import Clock
 from engine._config import Config
-from engine._log import LogSink
+from engine._guard import guarded_observer
+from engine._log import AuditLogError, LogSink
 from engine._reply import Reply
 from engine._shard import DRAIN, Mailbox, Shard, ShardState, shard_index
 from engine._time import now_ms
@@ -32,7 +33,9 @@ class Observer:
     """What the engine reports as it works (engine.metrics implements it).
 
     Every hook is a no-op here, so an observer overrides only what it needs.
-    Hooks run on engine threads, must be quick, and must not raise.
+    Hooks run on engine threads and must be quick. A hook that raises is isolated
+    (engine/_guard.py): it is logged (at most once a minute per hook and error type) and
+    reported to ``on_hook_error``; the engine's answers and state never depend on it.
     """
 
     def on_start(self, live_sessions: int) -> None:
@@ -51,6 +54,17 @@ class Observer:
     def on_log_sync(self, seconds: float) -> None:
         """One group-commit fsync (``fsync="always"``) took ``seconds``."""
 
+    def on_log_failure(self, op: str, error: BaseException) -> None:
+        """The audit log refused a batch: ``op`` is "write" or "fsync" (the OS call failed),
+        "removed" (the log file was removed) or "refused" (turned away without a try while the
+        log waits to retry; docs/audit-log.md, "Failures")."""
+
+    def on_log_writable(self, writable: bool) -> None:
+        """The audit log stopped (False) or resumed (True) taking records."""
+
+    def on_hook_error(self, hook: str, error: BaseException) -> None:
+        """Hook ``hook`` (or "clock", a clock pass) raised ``error``; the engine went on without it."""
+
 
 class Supervisor(pykka.ThreadingActor):
     """Restarts a failed shard with the same mailbox and the committed session table."""
@@ -64,7 +78,8 @@ class Supervisor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         kind, index, error = message
         if kind == "shard_failed":
-            self._rt.restart_shard(index, error)
+            # A restart that raises must not end the supervisor: the next failure needs it.
+            self._rt.guard.run("supervisor", self._rt.restart_shard, index, error)
         return None
 
 
@@ -93,6 +108,7 @@ class Acknowledger(threading.Thread):
             self._cond.notify()
 
     def run(self) -> None:
+        log = self._log
         cond = self._cond
         while True:
             with cond:
@@ -105,16 +121,21 @@ class Acknowledger(threading.Thread):
             error: BaseException | None = None
             started = time.perf_counter()
             try:
-                self._log.sync(max(seq for seq, _ in items))
+                log.sync(max(seq for seq, _ in items))
             except Exception as exc:  # the callers learn that their records may not be durable
-                error = exc
+                error = exc if isinstance(exc, EngineError) else AuditLogError(
+                    f"event_log cannot be synced to disk: {exc}", applied=True)  # written, not known durable
             if self._observer is not None:
                 self._observer.on_log_sync(time.perf_counter() - started)
-            for _, answers in items:
-                for reply, result in answers:
-                    if error is None:
+            # A failed fsync fails only the batches it was to cover: those written before the
+            # last good fsync, and reads that wrote nothing (seq 0), are answered as usual.
+            synced = getattr(log, "synced", 0) if error is not None else 0
+            for seq, answers in items:
+                if error is None or seq <= synced:
+                    for reply, result in answers:
                         reply.set(result)
-                    else:
+                else:
+                    for reply, _ in answers:
                         reply.fail(error)
 
     def stop(self) -> None:
@@ -133,7 +154,12 @@ class Runtime:
                  states: list[ShardState] | None = None) -> None:
         self.config = config
         self.log = log_sink
-        self.observer = observer
+        # Every hook call goes through the guard: a raising hook never reaches an engine thread.
+        self.observer, self.guard = guarded_observer(observer)
+        observer = self.observer
+        watch = getattr(log_sink, "watch", None)
+        if observer is not None and watch is not None:
+            watch(observer)
         self.mailboxes = [Mailbox(i) for i in range(config.shards)]
         self.states = states or [ShardState() for _ in range(config.shards)]
         self.capacity = Capacity(config.max_sessions, config.max_sessions_per_tenant,
@@ -168,14 +194,26 @@ class Runtime:
         now = now_ms()
         for sid, _, _ in victims:
             self.states[self.shard_of(sid)].sessions.pop(sid, None)  # its deadlines go stale
-        self.write([{"seq": 0, "ts": now, "event": R.SESSION_EVICTED, "session_id": sid, "reason": reason}
-                    for sid, _, reason in victims])
-
-    def write(self, records: list[dict[str, Any]]) -> None:
-        """Log records that no shard batch carries, and tell the observer."""
-        self.log.append(records)
+        records = [{"seq": 0, "ts": now, "event": R.SESSION_EVICTED, "session_id": sid, "reason": reason}
+                   for sid, _, reason in victims]
+        self.log.append(records)  # transitions: a log that refuses them fails the store's start
         if self.observer is not None:
             self.observer.on_records(records)
+
+    def write(self, records: list[dict[str, Any]]) -> bool:
+        """Log records that no shard batch carries (notes, not transitions), and tell the observer.
+
+        While the log cannot be written the note is dropped (False): the log has already reported
+        the fault, and the call that caused the note (an ``InvalidEvent``, a shard restart) must go
+        on as it would with a healthy log.
+        """
+        try:
+            self.log.append(records)
+        except AuditLogError:
+            return False
+        if self.observer is not None:
+            self.observer.on_records(records)
+        return True
 
     # -- routing -------------------------------------------------------------
     def shard_of(self, session_id: str) -> int:
@@ -236,6 +274,7 @@ class Runtime:
             record = {"seq": 0, "ts": now_ms(), "event": R.SHARD_RESTARTED, "shard": index,
                       "error": type(error).__name__ if error else None,
                       "sessions": len(self.states[index].sessions)}
+            # A note: a log that cannot take it must not keep the new incarnation from draining.
             self.write([record])
             mailbox = self.mailboxes[index]
             mailbox.scheduled = True

@@ -24,7 +24,8 @@ import pykka
 
 from engine._core import apply, clear_for_all, idle_deadline, pin_deadline, settle
 from engine._entry import Entry
-from events import ClearAll, EngineError, Evict, GetStats, Tick
+from engine._log_fault import AuditLogError
+from events import ClearAll, EngineError, Evict, GetCost, GetSession, GetStats, IsCacheSticky, Tick
 from events import records as R
 
 if TYPE_CHECKING:
@@ -95,6 +96,26 @@ class _TickPass:
 
 _PASSES = (Tick, _TickPass)
 
+#: Events that only read: while the log refuses records they are answered from the logged state.
+_READS = frozenset({GetSession, GetCost, IsCacheSticky})
+
+
+class _Refused:
+    """Stands in for a reply whose change the log refused: completing it fails it with the log's
+    error, so a refused batch's answers keep their place in the acknowledger's order."""
+
+    __slots__ = ("error", "reply")
+
+    def __init__(self, reply: Any, error: BaseException) -> None:
+        self.reply = reply
+        self.error = error
+
+    def set(self, _value: Any) -> None:
+        self.reply.fail(self.error)
+
+    def fail(self, _error: BaseException) -> None:
+        self.reply.fail(self.error)  # the change was refused whatever else failed since
+
 
 class Shard(pykka.ThreadingActor):
     # A store its owner forgot to close must not keep the host process from exiting.
@@ -153,6 +174,7 @@ class Shard(pykka.ThreadingActor):
         apply = self._apply
         push = heapq.heappush
         add = records.append
+        more: tuple[_TickPass, int, Any] | None = None
         for position, item in enumerate(batch):
             event, now, reply = item
             sid = event.session_id
@@ -196,29 +218,35 @@ class Shard(pykka.ThreadingActor):
                             break
                     done, result = self._store_event(event, now, records, ended if track else None, undo)
                     if not done:
-                        # More is due: queue the rest behind what other sessions sent meanwhile.
-                        self._mailbox.queue.append((_TickPass(result), now, reply))
+                        # More is due: the rest is queued, once this part is logged, behind what
+                        # other sessions sent meanwhile (a pass always has a batch of its own).
+                        more = (_TickPass(result), now, reply)
                     elif reply is not None:
                         answers.append((reply, result))
             except Exception as exc:
                 rest = batch[position + 1:]
                 self._mailbox.queue.extendleft(reversed(rest))
-                self._commit(records, answers, used, ended, undo, started, len(batch), now)
+                self._commit(records, answers, used, ended, undo, started, batch, now)
                 if reply is not None:
                     reply.fail(ShardFailed(
                         f"shard {self._index} failed applying {type(event).__name__}: "
                         f"{type(exc).__name__}; it is being restarted"))
                 raise
-        self._commit(records, answers, used, ended, undo, started, len(batch), now)
+        refused = self._commit(records, answers, used, ended, undo, started, batch, now)
+        if more is not None:
+            if refused is None:
+                self._mailbox.queue.append(more)
+            elif more[2] is not None:
+                more[2].fail(refused)  # tick(): the pass stopped with the log; a later one goes on
 
     def _commit(self, records: list[dict[str, Any]], answers: list[tuple[Any, Any]],
                 used: list[tuple[str, int]], ended: list[str], undo: list[tuple[str, Entry | None]],
-                started: float, n_events: int, now: int) -> None:
+                started: float, batch: list[tuple[Any, int, Any]], now: int) -> AuditLogError | None:
         """Write the batch's records, report it, evict past capacity, answer the callers.
 
         ``now`` is the time of the batch's last event: evictions it causes happen then. If the
-        log refuses the records (disk full, ...), the batch's changes are put back so memory
-        matches the log, every caller of the batch gets the error, and the shard fails.
+        log refuses the records (disk full, ...), ``_refused`` puts the batch back and answers
+        it, and the log's error is returned.
         """
         rt = self._rt
         observer = rt.observer
@@ -226,7 +254,10 @@ class Shard(pykka.ThreadingActor):
         applied = written - started  # the core's work only
         try:
             seq = rt.log.append(records) if records else 0
-        except Exception as exc:
+        except AuditLogError as exc:
+            self._refused(exc, answers, undo, batch)
+            return exc
+        except Exception as exc:  # a bug in the log: put back, answer, and let the supervisor restart
             self._put_back(undo)
             for reply, _ in answers:
                 reply.fail(exc)
@@ -237,7 +268,7 @@ class Shard(pykka.ThreadingActor):
         if observer is not None:
             if records:
                 observer.on_log_write(time.perf_counter() - written)
-            observer.on_batch(self._index, n_events, records, applied, len(self._mailbox.queue))
+            observer.on_batch(self._index, len(batch), records, applied, len(self._mailbox.queue))
         if rt.capacity is not None and (used or ended):
             for sid, last_used, reason in rt.capacity.note(used, ended):
                 rt.route(Evict(sid, last_used, reason), now, None)
@@ -245,8 +276,47 @@ class Shard(pykka.ThreadingActor):
             # fsync="always": the acknowledger answers once the records are on disk; this shard
             # goes on with its mailbox meanwhile, so one fsync covers what every shard wrote.
             acknowledger.submit(seq, answers)
-            return
+            return None
         for reply, result in answers:
+            reply.set(result)
+        return None
+
+    def _refused(self, error: AuditLogError, answers: list[tuple[Any, Any]],
+                 undo: list[tuple[str, Entry | None]], batch: list[tuple[Any, int, Any]]) -> None:
+        """The log refused the batch's records: serve nothing it did not log, and keep serving.
+
+        The batch's changes are put back, so the table is again what the log holds. Its reads
+        are answered again from that table (a read that settled an idle session, which needs a
+        record, answers as the settle would but leaves the session to a later pass); every
+        other caller gets the log's error. A clock pass ends here (``_run_batch`` does not queue
+        its continuation) and the clock may send the next one. The shard goes on with its
+        mailbox: the log retries with backoff (engine/_log.py); the first write it takes ends
+        the fault.
+        """
+        self._put_back(undo)
+        config = self._config
+        sessions = self._state.sessions
+        if batch and type(batch[0][0]) in _PASSES:
+            self._mailbox.tick_pending = False
+        waiting = {id(reply) for reply, _ in answers}
+        redone: list[tuple[Any, Any]] = []
+        for event, now, reply in batch:
+            if reply is None or id(reply) not in waiting:
+                continue
+            kind = type(event)
+            if kind in _READS:
+                redone.append((reply, apply(sessions.get(event.session_id), event, now, config).result))
+            elif kind is GetStats:
+                redone.append((reply, self._store_event(event, now, [], None, [])[1]))
+            else:
+                redone.append((_Refused(reply, error), None))
+        acknowledger = self._rt.acknowledger
+        if acknowledger is not None:
+            # Handed over like a batch that wrote nothing (seq 0): answered in order after what
+            # was handed over before, and never failed by another batch's fsync.
+            acknowledger.submit(0, redone)
+            return
+        for reply, result in redone:
             reply.set(result)
 
     def _put_back(self, undo: list[tuple[str, Entry | None]]) -> None:

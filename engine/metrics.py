@@ -127,6 +127,17 @@ class Metrics(Observer):
         self.log_sync_seconds = Histogram(
             "log_sync_seconds", "Time of one group-commit fsync under fsync=\"always\".",
             namespace=ns, registry=reg, buckets=LATENCY_BUCKETS)
+        self.hook_errors = Counter(
+            "hook_errors", "Observer hooks (or clock passes, hook=\"clock\") that raised; the engine went on "
+            "without them.", ["hook"], namespace=ns, registry=reg)
+        self.log_failures = Counter(
+            "log_write_failures", "Batches the audit log refused, by op: write or fsync (the OS call failed), "
+            "removed (the log file was removed), refused (turned away while the log waits to retry).",
+            ["op"], namespace=ns, registry=reg)
+        self.log_writable = Gauge(
+            "log_writable", "1 while the audit log takes records, 0 during a fault (docs/audit-log.md).",
+            namespace=ns, registry=reg)
+        self.log_writable.set(1)
         self.observer_errors = Counter(
             "observer_errors", "Batches the metrics observer failed to account for (see the log).",
             namespace=ns, registry=reg)
@@ -139,6 +150,8 @@ class Metrics(Observer):
         self._tenant_refusals = _Labels(self.tenant_refusals)
         self._decisions = _Labels(self.decisions)
         self._unavailable = _Labels(self.unavailable)
+        self._hook_errors = _Labels(self.hook_errors)
+        self._log_failures = _Labels(self.log_failures)
         self._shards: dict[int, tuple[Any, Any, Any]] = {}
 
     # -- the Observer protocol ---------------------------------------------------------
@@ -222,6 +235,15 @@ class Metrics(Observer):
 
     def on_log_sync(self, seconds: float) -> None:
         self.log_sync_seconds.observe(seconds)
+
+    def on_log_failure(self, op: str, error: BaseException) -> None:
+        self._log_failures(op).inc()
+
+    def on_log_writable(self, writable: bool) -> None:
+        self.log_writable.set(1 if writable else 0)
+
+    def on_hook_error(self, hook: str, error: BaseException) -> None:
+        self._hook_errors(hook).inc()
 
     # -- exposition ---------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:

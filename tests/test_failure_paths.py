@@ -4,40 +4,33 @@ an unknown event type, a log holding a bad value. Callers get an answer; state s
 from __future__ import annotations
 
 import errno
-import threading
 
 import orjson
 import pytest
+from freezegun import freeze_time
 
-import engine._log
 from engine import AuditLogError, Config, InvalidEvent, LogCorrupt, SessionStore, replay
 from engine._reply import Reply
 from events import GetSession, SessionEvent, Touch
+from tests.faults import FaultyOS, inject
 
 
-def test_a_refused_log_write_answers_the_callers_and_keeps_memory_equal_to_the_log(
-        make_store, log_path, monkeypatch):
-    store = make_store(event_log=str(log_path), fsync="never", ask_timeout_s=30.0)
-    store.set_session("a", "m")
-    real_write = engine._log._write_all
-    calls = {"n": 0}
-
-    def full_disk(fd, data):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(engine._log, "_write_all", full_disk)
-    with pytest.raises(AuditLogError):
-        store.touch_session("a")  # answered with the error, not left waiting for the timeout
-    restarted = threading.Event()
-    while store._rt.restarts == 0:
-        restarted.wait(0.005)
-    assert store.get_session("a").request_count == 1  # the refused touch was put back
-    store.touch_session("a")
-    assert store.get_session("a").request_count == 2
-    store.close()
+def test_a_refused_log_write_answers_the_callers_and_keeps_memory_equal_to_the_log(make_store, log_path):
+    """The refused change is put back and answered with AuditLogError; the shard keeps serving."""
+    with freeze_time("2026-01-01") as clock:
+        store = make_store(event_log=str(log_path), fsync="never", ask_timeout_s=30.0)
+        store.set_session("a", "m")
+        seam = inject(store, FaultyOS())
+        seam.write_errno = errno.ENOSPC
+        with pytest.raises(AuditLogError, match="No space left"):
+            store.touch_session("a")  # answered with the error, not left waiting for the timeout
+        assert store.get_session("a").request_count == 1  # the refused touch was put back
+        assert store._rt.restarts == 0
+        seam.clear()
+        clock.tick(10)  # past the log's retry delay
+        store.touch_session("a")
+        assert store.get_session("a").request_count == 2
+        store.close()
     assert replay(log_path)["a"].request_count == 2
 
 
