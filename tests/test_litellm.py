@@ -148,19 +148,24 @@ def test_third_identical_request_escalates_one_tier(make_hook):
 
 
 def test_strict_budget_refuses_before_any_deployment_is_called(make_hook):
-    hook = make_hook(max_cost_usd=0.004, budget_mode="strict")
+    # The default estimate: LiteLLM's token count of the prompt at the group's input price, plus
+    # max_tokens (20, the mock's usage) at its output price: about $0.006 a call on "mid".
+    hook = make_hook(max_cost_usd=0.008, budget_mode="strict")
 
     async def run() -> BudgetExceeded:
         router = Router(model_list=model_list())
-        await hook.acompletion(router, model="mid", messages=ask("first"), metadata={"session_id": "capped"})
+        await hook.acompletion(router, model="mid", messages=ask("first"), metadata={"session_id": "capped"},
+                               max_tokens=20)
         await hook.wait_recorded(1)
         with pytest.raises(BudgetExceeded) as refused:
-            await hook.acompletion(router, model="mid", messages=ask("second"), metadata={"session_id": "capped"})
+            await hook.acompletion(router, model="mid", messages=ask("second"), metadata={"session_id": "capped"},
+                                   max_tokens=20)
         return refused.value
 
     refusal = asyncio.run(run())
-    assert refusal.spent_usd == pytest.approx(0.005)
-    assert refusal.limit_usd == 0.004
+    assert refusal.spent_usd == pytest.approx(0.005)  # settled: the actual cost replaced the estimate
+    assert 0.003 < refusal.estimate_usd < 0.008
+    assert refusal.limit_usd == 0.008
     assert hook.recorded == 1  # the refused request never reached a deployment
 
 

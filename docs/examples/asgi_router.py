@@ -222,6 +222,7 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
         routed = Request(model=model, tier=tier, session_id=session_id, messages=messages, tools=tools,
                          user_explicit=explicit, source=source[:64], tenant=tenant,
                          estimate_usd=price(model, prompt_tokens(messages), COMPLETION_TOKENS))
+        # One ask: the session's turn decides, applies the pin and reserves the estimate under a cap.
         decision = await policy.decide(routed)
         if decision.kind is Kind.UNAVAILABLE:
             metrics.count_unavailable(decision.reason.rsplit(" ", 1)[-1])
@@ -231,7 +232,11 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
         if decision.refused:
             return JSONResponse(decision.budget_error().error_body(decision.reason), status_code=429,
                                 headers=headers)
-        reply, cost = await upstream.complete(decision.model, body)
+        try:
+            reply, cost = await upstream.complete(decision.model, body)
+        except Exception:
+            await policy.release(decision)  # no answer, no cost: give back the budget the route reserved
+            raise
         if decision.session_id:
             await policy.record_response(decision.session_id, cost_usd=cost, decision=decision)
         headers["x-session-cost-usd"] = f"{cost:.6f}"

@@ -1,124 +1,135 @@
-"""How long ``Policy.route`` takes end to end, the figure ``Options.deadline_s`` is chosen from.
+"""Workload 10: the routing turn against the snapshot route it replaces, side by side.
 
-A route is one ask (``GetSession``) answered by a shard plus the decision and
-its told events, so its tail is set by thread hand-offs and the GIL, not by
-the rules. The default deadline must sit well above this tail: a route that
-misses it serves the router's own choice (kind ``unavailable``, pin skipped).
+Per request a router routes and, after the (instant) upstream call, reports its cost:
+
+- **route turn** (issue 10): ``Policy.route`` (one ask carrying a ``Route`` event: the session's turn
+  decides, applies the pin and, with a cap, reserves the estimate), then ``record_response`` (a tell
+  that settles the reservation);
+- **snapshot route** (before issue 10): ask ``GetSession``, run the same pure rules on the snapshot,
+  tell the events they imply plus the ``Decision``, then tell the cost.
+
+Both at 1 and 8 caller threads, without a cap and with one (large enough never to refuse), on one
+store with the audit log on, interleaved repetition by repetition.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from common import median, percentile, session_ids
+from common import barrier, median, percentile, session_ids
 
 from engine import Config, SessionStore, Tier
-from engine.aio import AsyncSessionStore
-from engine.policy import AsyncPolicy, Kind, Options, Policy, Request
+from engine._rules import decide as decide_route
+from engine.policy import Options, Policy, Request, provider_from_model
+from events import Cost, GetSession
+from events import Decision as DecisionEvent
 
-MODELS = {Tier.SIMPLE: "cheap", Tier.MEDIUM: "mid", Tier.COMPLEX: "strong", Tier.REASONING: "deep"}
-#: Large enough that no route in the run is cut short: the run measures the route, not the deadline.
-MEASURING = Options(deadline_s=10.0)
-TIERS = (Tier.MEDIUM, Tier.COMPLEX, Tier.MEDIUM, Tier.SIMPLE)
+MODELS = {Tier.SIMPLE: "openai/gpt-4o-mini", Tier.MEDIUM: "openai/gpt-4o", Tier.COMPLEX: "openai/o3"}
+TIERS = (Tier.MEDIUM, Tier.MEDIUM, Tier.COMPLEX, Tier.SIMPLE)
 
 
-def _requests(sids: list[str], n: int, seed: int) -> list[Request]:
-    rng = random.Random(seed)
+def _row(metric: str, value: float, unit: str, target: str = "", met: bool | None = None) -> dict[str, Any]:
+    return {"metric": metric, "value": value, "unit": unit, "target": target, "met": met}
+
+
+def _requests(sids: list[str], n: int, offset: int) -> list[Request]:
     out = []
     for i in range(n):
-        tier = TIERS[i % len(TIERS)]
-        out.append(Request(model=MODELS[tier], tier=tier, session_id=rng.choice(sids),
-                           messages=({"role": "user", "content": f"step {rng.randrange(50)}"},)))
+        tier = TIERS[(i + offset) % len(TIERS)]
+        out.append(Request(model=MODELS[tier], tier=tier, session_id=sids[(i * 7 + offset) % len(sids)],
+                           messages=[{"role": "user", "content": f"step {i % 5}"}], estimate_usd=0.001))
     return out
 
 
-def _sync_run(policy: Policy, requests: list[Request], threads: int) -> tuple[list[float], int]:
-    """Route ``requests`` split across ``threads`` callers; return every latency and the unavailable count."""
-    latencies: list[list[float]] = [[] for _ in range(threads)]
-    unavailable = [0] * threads
-    start = threading.Barrier(threads)
+def _turn(policy: Policy, request: Request) -> None:
+    decision = policy.route(request)
+    policy.record_response(request.session_id, cost_usd=0.0009, decision=decision)
 
-    def caller(k: int) -> None:
-        own, lat = requests[k::threads], latencies[k]
+
+def _snapshot(policy: Policy, request: Request) -> None:
+    store = policy.store
+    state = store.ask(GetSession(request.session_id), timeout=5.0)
+    event = policy._route_event(request)
+    routed, events = decide_route(state, event, store.config)
+    events.append(DecisionEvent(request.session_id, routed.kind, routed.model, routed.tier,
+                                provider_from_model(routed.model), routed.reason, event.rules.strategy,
+                                request.source, routed.deployment))
+    store.tell_many(events)
+    store.tell(Cost(request.session_id, 900))
+
+
+def _run(fn: Any, policy: Policy, requests: list[Request], threads: int) -> tuple[float, list[float]]:
+    """Wall time for all requests over ``threads`` callers, and each request's latency."""
+    chunks = [requests[i::threads] for i in range(threads)]
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    start = threading.Barrier(threads + 1)
+
+    def caller(index: int) -> None:
+        mine, out = chunks[index], latencies[index]
+        clock = time.perf_counter
         start.wait()
-        for request in own:
-            t0 = time.perf_counter()
-            decision = policy.decide(request)
-            lat.append(time.perf_counter() - t0)
-            unavailable[k] += decision.kind is Kind.UNAVAILABLE
-    workers = [threading.Thread(target=caller, args=(k,)) for k in range(threads)]
+        for request in mine:
+            t0 = clock()
+            fn(policy, request)
+            out.append(clock() - t0)
+
+    workers = [threading.Thread(target=caller, args=(i,)) for i in range(threads)]
     for w in workers:
         w.start()
+    start.wait()
+    started = time.perf_counter()
     for w in workers:
         w.join()
-    return [x for lat in latencies for x in lat], sum(unavailable)
+    barrier(policy.store)
+    return time.perf_counter() - started, [x for chunk in latencies for x in chunk]
 
 
-def _async_run(store: SessionStore, requests: list[Request], concurrency: int) -> tuple[list[float], int]:
-    """The LiteLLM hook's path: ``AsyncPolicy.decide`` from ``concurrency`` tasks on one event loop."""
-    async def main() -> tuple[list[float], int]:
-        policy = AsyncPolicy(AsyncSessionStore(store), MODELS, MEASURING)
-        latencies: list[float] = []
-        unavailable = 0
-
-        async def task(own: list[Request]) -> None:
-            nonlocal unavailable
-            for request in own:
-                t0 = time.perf_counter()
-                decision = await policy.decide(request)
-                latencies.append(time.perf_counter() - t0)
-                unavailable += decision.kind is Kind.UNAVAILABLE
-        await asyncio.gather(*(task(requests[k::concurrency]) for k in range(concurrency)))
-        return latencies, unavailable
-    return asyncio.run(main())
-
-
-def route_latency(scale: float) -> list[dict[str, Any]]:
-    sessions = 10_000
-    calls = max(2_000, int(20_000 * scale))  # per repetition and mode
-    reps = 3 if scale >= 1 else 1
-    sids = session_ids(sessions)
-    modes = {"1 thread": ("sync", 1), "8 threads": ("sync", 8), "asyncio, 8 tasks": ("async", 8)}
-    agg: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+def route(scale: float) -> list[dict[str, Any]]:
+    sessions = 1_000
+    n = max(2_000, int(20_000 * scale))
+    reps = 3 if scale >= 1 else 2
+    sids = session_ids(sessions, "route")
+    variants = {"turn": _turn, "snapshot": _snapshot}
+    caps = {"no cap": None, "cap": 1_000_000.0}
+    rates: dict[tuple[str, str, int], list[float]] = {}
+    lats: dict[tuple[str, str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        store = SessionStore(Config(enabled=True, tick_ms=0, event_log=str(Path(tmp) / "audit.jsonl")))
+        store = SessionStore(Config(enabled=True, tick_ms=0, event_log=Path(tmp) / "audit.jsonl"))
         try:
-            policy = Policy(store, MODELS, MEASURING)
-            for request in _requests(sids, sessions, 0):  # every session exists: routes are follow-ups
-                policy.decide(request)
+            policies = {cap: Policy(store, MODELS, Options(max_cost_usd=limit, deadline_s=5.0))
+                        for cap, limit in caps.items()}
             for rep in range(reps):
-                for mode, (kind, n) in modes.items():
-                    requests = _requests(sids, calls, rep + 1)
-                    lat, unavailable = (_sync_run(policy, requests, n) if kind == "sync"
-                                        else _async_run(store, requests, n))
-                    lat.sort()
-                    a = agg[mode]
-                    for key, value in (("p50", percentile(lat, 50)), ("p99", percentile(lat, 99)),
-                                       ("p99.9", percentile(lat, 99.9)), ("max", lat[-1]),
-                                       ("over 5 ms", sum(x > 0.005 for x in lat) / len(lat)),
-                                       ("over default", sum(x > Options().deadline_s for x in lat) / len(lat)),
-                                       ("unavailable", unavailable)):
-                        a.setdefault(key, []).append(value)
+                for threads in (1, 8):
+                    for cap, policy in policies.items():
+                        for name, fn in variants.items():
+                            requests = _requests(sids, n, rep * 31 + threads)
+                            elapsed, latencies = _run(fn, policy, requests, threads)
+                            key = (name, cap, threads)
+                            rates.setdefault(key, []).append(n / elapsed)
+                            lats.setdefault(key, []).extend(latencies)
         finally:
             store.close()
     rows = []
-    for mode, a in agg.items():
-        rows += [{"metric": f"{mode}: {key}", "value": median(a[key]) * (1e3 if key in ("p50", "p99", "p99.9", "max")
-                                                                          else 100 if key.startswith("over") else 1),
-                  "unit": "ms" if key in ("p50", "p99", "p99.9", "max") else "%" if key.startswith("over") else "",
-                  "target": f"< default deadline {Options().deadline_s * 1e3:.0f} ms" if key == "p99.9" else "",
-                  "met": median(a[key]) < Options().deadline_s if key == "p99.9" else None}
-                 for key in ("p50", "p99", "p99.9", "max", "over 5 ms", "over default")]
+    for threads in (1, 8):
+        for cap in caps:
+            for name in variants:
+                key = (name, cap, threads)
+                ordered = sorted(lats[key])
+                label = f"{name}, {cap}, {threads} thread{'s' if threads > 1 else ''}"
+                rows.append(_row(f"routes/s, {label}", median(rates[key]), "routes/s"))
+                rows.append(_row(f"p50, {label}", percentile(ordered, 50) * 1e6, "µs"))
+                rows.append(_row(f"p99, {label}", percentile(ordered, 99) * 1e6, "µs"))
+            ratio = median(rates[("turn", cap, threads)]) / median(rates[("snapshot", cap, threads)])
+            rows.append(_row(f"route turn / snapshot route throughput, {cap}, {threads} thread(s)", ratio, "x",
+                             "≥ 1x", ratio >= 1))
     return [{
-        "id": "route", "title": "Route latency (Options.deadline_s)",
-        "setup": f"Policy.decide / AsyncPolicy.decide on {sessions:,} live sessions (follow-ups), audit log on; "
-                 f"{calls:,} routes per mode and repetition; medians of {reps} repetitions; measured with a 10 s "
-                 f"deadline, so 'over' rows count the routes a deadline would have cut short",
+        "id": 10, "title": "Routing turn vs snapshot route (issue 10)",
+        "setup": f"{sessions:,} sessions, {n:,} requests per variant and repetition (route + cost report), "
+                 f"tiers MEDIUM, MEDIUM, COMPLEX, SIMPLE in turn; audit log on; {reps} repetitions, "
+                 "variants interleaved; cap: $1,000,000 (reserve and settle, never refuses)",
         "rows": rows,
     }]
