@@ -111,14 +111,16 @@ def test_close_unregisters_and_a_new_hook_records_cost_and_enforces_its_budget(t
     old.close()
     assert registered(old) == []
 
-    new = make(tmp_path, "new", max_cost_usd=0.004, budget_mode="strict")
+    new = make(tmp_path, "new", max_cost_usd=0.008, budget_mode="strict")
     try:
         async def run() -> BudgetExceeded:
             r = router()
-            await new.acompletion(r, model="mid", messages=ask("one"), metadata={"session_id": "after"})
+            await new.acompletion(r, model="mid", messages=ask("one"), max_tokens=20, metadata={"session_id": "after"})
             await new.wait_seen(1)
             with pytest.raises(BudgetExceeded) as refused:
-                await new.acompletion(r, model="mid", messages=ask("two"), metadata={"session_id": "after"})
+                # Spent $0.005 + the estimate (20 output tokens alone: $0.004) > $0.008.
+                await new.acompletion(r, model="mid", messages=ask("two"), max_tokens=20,
+                                      metadata={"session_id": "after"})
             return refused.value
 
         refusal = asyncio.run(run())
