@@ -130,7 +130,7 @@ class Options:
     #: Estimated USD of a request for a model; None: ``Request.estimate_usd`` for every model.
     estimator: Estimator | None = None
     #: Most seconds ``Policy.route`` waits for the engine before answering ``unavailable``.
-    deadline_s: float = 0.005
+    deadline_s: float = 0.1
     #: How long a request's budget reservation holds when its cost is never reported (a crashed caller).
     reservation_ttl_ms: int = 600_000
 
