@@ -178,7 +178,7 @@ class FileLog:
             if found.head is None:  # a new log, or one written without a chain: start one here
                 self._head, self._genesis_due = _chain.genesis(), True
             else:
-                self._head, self._pending = found.head, self._unsealed(found.head_end)
+                self._head, self._pending = found.head, self._unsealed(found.head_file or self.active, found.head_end)
         self._signed_head = self._head
         self._policy = fsync
         self._processors = processors
@@ -192,17 +192,29 @@ class FileLog:
         self._os: Any = os if os_calls is None else os_calls
         self.fault = LogFault(self.path)
         self._flusher: _Flusher | None = None
+        if found.rewrite:
+            # A crash cut the active segment inside its opening snapshot (recover() read the sessions from
+            # the segment before it, and _open_active emptied it): start it again with a whole snapshot.
+            logger.warning("session-engine: %s lost its opening snapshot in a crash; restored the sessions from "
+                           "the segment before it and wrote the snapshot again", self.active)
+            try:
+                self._rotate(retire=False)
+            except AuditLogError:
+                self._close_fds()
+                raise
         if fsync == "interval":
             self._flusher = _Flusher(self, fsync_interval_ms / 1000)
             self._flusher.start()
 
-    def _unsealed(self, start: int) -> bytes:
-        """The active segment's bytes from ``start`` on (after the torn tail was cut): the next seal covers them."""
-        if start >= self._size:
-            return b""
-        with open(self.active, "rb") as f:  # the append descriptor is write-only
+    def _close_fds(self) -> None:
+        os.close(self._fd)
+        _release_lock(self._lock_fd)
+
+    def _unsealed(self, path: Path, start: int) -> bytes:
+        """A segment's bytes from ``start`` on (after the torn tail was cut): the next seal covers them."""
+        with open(path, "rb") as f:  # the append descriptor is write-only
             f.seek(start)
-            return f.read(self._size - start)
+            return f.read()
 
     def _open_active(self, found: Recovered) -> int:
         fd = os.open(found.active, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -389,8 +401,15 @@ class FileLog:
             self._sync_to(self._written)
 
     # -- segments -------------------------------------------------------------------------
-    def _rotate(self) -> None:
-        """Start a new segment that opens with a snapshot of every live session (under ``_lock``)."""
+    def _rotate(self, *, retire: bool = True) -> None:
+        """Start a new segment that opens with a snapshot of every live session (under ``_lock``).
+
+        The new segment is written whole and fsynced, with the old one and the
+        directory, before it is renamed into place, under every ``fsync``
+        policy: a segment on disk always opens with its whole snapshot (a
+        rotation is rare, one per ``segment_bytes``). ``retire`` False starts
+        the active segment again in place (a cut snapshot, see ``recover``).
+        """
         first = self.seq + 1
         if self._source is not None:
             live = [(sid, core_entry_fields(entry)) for sid, entry in self._source()]
@@ -421,7 +440,6 @@ class FileLog:
         data = bytearray(b"\n".join(lines))
         if head is not None:
             head = _chain.seal(data, head, 0, self._pending)
-        durable = self._policy != "never"
         staging = self.layout.staging(first)
         cond = self._sync_cond
         with cond:
@@ -432,19 +450,18 @@ class FileLog:
             fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
             try:
                 _write_all(os, fd, data)
-                if durable:
-                    os.fsync(fd)
-                    os.fsync(self._fd)
+                os.fsync(fd)
+                os.fsync(self._fd)
                 target = self.layout.segment(first)
-                if not self.layout.directory and self.active.exists():
+                if retire and not self.layout.directory and self.active.exists():
                     # Keep the old segment under its archive name, then swap the new one in
                     # atomically: the configured path always names a complete log.
                     archive = self.layout.archive(self._active_first)
                     archive.unlink(missing_ok=True)
                     _link_or_copy(self.active, archive)
+                _fsync_dir(target.parent)  # the new segment's name (and the archive link) before the rename
                 os.replace(staging, target)
-                if durable:
-                    _fsync_dir(target.parent)
+                _fsync_dir(target.parent)
             except BaseException:
                 os.close(fd)
                 staging.unlink(missing_ok=True)
@@ -459,9 +476,7 @@ class FileLog:
         old = self._fd
         with cond:
             self._fd = fd
-            self.seq = self._written = seq
-            if durable:
-                self._synced = seq
+            self.seq = self._written = self._synced = seq
             self._syncing = False
             cond.notify_all()
         os.close(old)
