@@ -362,8 +362,12 @@ class FileLog:
         return self.fault.error is None
 
     def watch(self, observer: Any) -> None:
-        """Report faults to ``observer.on_log_failure(op, error)`` and ``on_log_writable(bool)``."""
+        """Report faults to ``observer.on_log_failure(op, error)`` and ``on_log_writable(bool)``, and the
+        chain's head to ``on_log_head(seq, hex)``: now (a log that holds one) and at every rotation and close."""
         self.fault.watcher = observer
+        head = self.head()
+        if head is not None:
+            observer.on_log_head(*head)
 
     def _retry(self) -> None:
         """In a fault (under ``_lock``): refuse at once until the retry is due, then repair the tail.
@@ -488,7 +492,7 @@ class FileLog:
             if self._key is not None:
                 self._signed_head = self._head
             self._head, self._pending = head, b""
-            logger.info("session-engine: audit log head seq=%d sha256=%s", seq, head.hex())
+            self._export_head(seq, head)
 
     def _next_rotation(self, snapshot_bytes: int) -> int:
         """Segment size that triggers rotation: records after the snapshot reach ``segment_bytes``,
@@ -570,7 +574,15 @@ class FileLog:
             self._size += len(data)
             self.seq = self._written = record["seq"]
             self._head = self._signed_head = head = new_head
-        logger.info("session-engine: audit log head seq=%d sha256=%s", self.seq, head.hex())
+        if not self._pending:
+            self._export_head(self.seq, head)
+
+    def _export_head(self, seq: int, head: bytes) -> None:
+        """Tell the host's log and the watcher (``on_log_head``, e.g. a metric) the head reached at ``seq``."""
+        logger.info("session-engine: audit log head seq=%d sha256=%s", seq, head.hex())
+        watcher = self.fault.watcher
+        if watcher is not None:
+            watcher.on_log_head(seq, head.hex())
 
 
 class _Flusher(threading.Thread):
