@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from freezegun import freeze_time
 
-import engine._log as log_module
+import engine._log_segment as log_module
 from engine import Entry, LogCorrupt, SessionStore, replay
 from engine._log import FileLog
 from engine._replay import archives, list_segments, read_head
