@@ -65,6 +65,8 @@ class Life:
     deployment: str = ""
     user_explicit: bool = False
     rejected: int = 0
+    #: Open budget reservations: [reservation id, micro-USD held, lapse ms].
+    reservations: list[list[Any]] = field(default_factory=list)
     #: None while live; else {"how": expired|cleared|evicted, "reason", "ts"}.
     ended: dict[str, Any] | None = None
     last_seq: int = 0
@@ -95,7 +97,12 @@ class Life:
             "pin_count": self.pin_count, "pins": self.pins, "decision_count": self.decision_count,
             "decisions": self.decisions, "deployment": self.deployment, "user_explicit": self.user_explicit,
             "rejected_inputs": self.rejected, "ended": self.ended,
+            "reservations": self.reservations, "reserved_micros": self.reserved_micros,
         }
+
+    @property
+    def reserved_micros(self) -> int:
+        return sum(r[1] for r in self.reservations)
 
 
 _ENDINGS = {R.SESSION_EXPIRED: "expired", R.SESSION_CLEARED: "cleared", R.SESSION_EVICTED: "evicted"}
@@ -120,6 +127,8 @@ def _update(life: Life, fields: dict[str, Any]) -> None:
         life.user_explicit = True
     if fields.get("deployment"):
         life.deployment = fields["deployment"]
+    if "reservations" in fields:
+        life.reservations = fields["reservations"]
 
 
 #: Keys that are not session fields: the record envelope and the hash chain's (docs/audit-log.md).
@@ -273,6 +282,17 @@ def explain(record: dict[str, Any], before: dict[str, Any]) -> str:
         text = f"escalated from tier {_tier(r('from_tier'))} to {_tier(r('tier'))} ({why})"
     elif name == R.COST_ADDED:
         text = f"cost {fmt_usd(r('micros', 0))} added; session total {fmt_usd(r('session_cost_micros', 0))}"
+        if r("reservation_id"):
+            text += (f"; settles reservation {r('reservation_id')} (estimate {fmt_usd(r('estimate_micros', 0))} "
+                     "replaced by the actual cost)")
+    elif name == R.BUDGET_RESERVED:
+        text = (f"budget reserved: {fmt_usd(r('micros', 0))} held for this request (reservation "
+                f"{r('reservation_id')}, lapses at {fmt_ts(r('expires_at'))}); {len(r('reservations', []))} open")
+    elif name == R.BUDGET_RELEASED:
+        text = f"budget released: reservation {r('reservation_id')} ({fmt_usd(r('micros', 0))}) given back, no cost"
+    elif name == R.BUDGET_LAPSED:
+        text = (f"budget reservation(s) {', '.join(r('reservation_ids', []))} lapsed unsettled after their TTL: "
+                f"{fmt_usd(r('micros', 0))} freed")
     elif name == R.STICKY_PINNED:
         text = (f"cache-pinned to provider {r('provider')!r} while its prefix cache is warm "
                 f"(ends after {_secs(r('ttl_ms'))} idle)")

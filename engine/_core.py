@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 from engine._config import Config
 from engine._entry import SLOT_SETTERS, Entry, build_entry
 from engine._helpers import cache_ttl_for_provider
+from engine._rules import HASH_WINDOW, Routed, count_strikes
+from engine._rules import decide as decide_route
 from events import (
     Clear,
     Cost,
@@ -31,6 +33,8 @@ from events import (
     Hash,
     InvalidEvent,
     IsCacheSticky,
+    Release,
+    Route,
     SessionEvent,
     SetCacheSticky,
     SetDeployment,
@@ -42,7 +46,8 @@ from events import records as R
 
 Record = tuple[str, dict[str, Any]]
 _NO_RECORDS: tuple[Record, ...] = ()
-HASH_WINDOW = 3
+__all__ = ["HASH_WINDOW", "Outcome", "apply", "clear_for_all", "entry_fields", "idle_deadline", "pin_deadline",
+           "LAPSE_GEN", "reservation_deadlines", "settle"]
 
 
 class Outcome(NamedTuple):
@@ -55,13 +60,14 @@ _put_model, _put_tier = SLOT_SETTERS["model"], SLOT_SETTERS["tier"]
 _put_last_used_at, _put_request_count = SLOT_SETTERS["last_used_at"], SLOT_SETTERS["request_count"]
 _put_recent_hashes, _put_strikes = SLOT_SETTERS["recent_hashes"], SLOT_SETTERS["strikes"]
 _put_user_explicit, _put_cost = SLOT_SETTERS["user_explicit"], SLOT_SETTERS["session_cost_micros"]
+_put_reservations = SLOT_SETTERS["reservations"]
 
 
 def _copy(e: Entry) -> Entry:
     """An equal, distinct Entry (only ever modified before anyone else sees it)."""
     return build_entry(e.model, e.tier, e.created_at, e.last_used_at, e.request_count, e.recent_hashes,
                        e.strikes, e.escalated, e.user_explicit, e.cache_sticky, e.cache_sticky_at, e.provider,
-                       e.session_cost_micros, e.deployment)
+                       e.session_cost_micros, e.deployment, e.reservations)
 
 
 def _evolve(e: Entry, **changes: Any) -> Entry:
@@ -81,6 +87,7 @@ def entry_fields(e: Entry) -> dict[str, Any]:
         "user_explicit": e.user_explicit, "cache_sticky": e.cache_sticky,
         "cache_sticky_at": e.cache_sticky_at, "provider": e.provider,
         "session_cost_micros": e.session_cost_micros, "deployment": e.deployment,
+        "reservations": [list(r) for r in e.reservations],
     }
 
 
@@ -94,19 +101,40 @@ def pin_deadline(e: Entry) -> int:
     return e.last_used_at + cache_ttl_for_provider(e.provider) + 1
 
 
+#: Generation of a deadline-heap entry that checks budget reservations (idle checks use the session's
+#: ``created_at`` >= 0, pin checks ``-cache_sticky_at - 1``, which stays far above this).
+LAPSE_GEN = -(1 << 62)
+
+
+def reservation_deadlines(e: Entry) -> list[int]:
+    """First ms at which each open budget reservation counts as lapsed."""
+    return [r[2] for r in e.reservations]
+
+
+def _lapse_due(reservations: tuple[tuple[str, int, int], ...], now: int) -> bool:
+    return any(r[2] <= now for r in reservations)
+
+
 def settle(state: Entry | None, now: int, config: Config) -> tuple[Entry | None, tuple[Record, ...]]:
-    """Apply what the passage of time implies: expiry, then the end of a lapsed cache pin."""
+    """Apply what the passage of time implies: expiry, then the end of a lapsed cache pin, then the
+    lapse of budget reservations past their TTL (a crashed caller never holds budget for ever)."""
     if state is None:
         return None, _NO_RECORDS
     idle = now - state.last_used_at
     if idle > config.timeout_ms:
         return None, ((R.SESSION_EXPIRED, {"reason": "idle", "idle_ms": idle}),)
+    records: tuple[Record, ...] = _NO_RECORDS
     if state.cache_sticky and idle > cache_ttl_for_provider(state.provider):
-        return (
-            _evolve(state, cache_sticky=False),
-            ((R.STICKY_EXPIRED, {"cache_sticky": False, "idle_ms": idle}),),
-        )
-    return state, _NO_RECORDS
+        state = _evolve(state, cache_sticky=False)
+        records = ((R.STICKY_EXPIRED, {"cache_sticky": False, "idle_ms": idle}),)
+    if state.reservations and _lapse_due(state.reservations, now):
+        lapsed = [r for r in state.reservations if r[2] <= now]
+        kept = tuple(r for r in state.reservations if r[2] > now)
+        state = _evolve(state, reservations=kept)
+        records += ((R.BUDGET_LAPSED, {"reservation_ids": [r[0] for r in lapsed],
+                                       "micros": sum(r[1] for r in lapsed),
+                                       "reservations": [list(r) for r in kept]}),)
+    return state, records
 
 
 def _escalate(state: Entry, reason: str) -> tuple[Entry, Record | None]:
@@ -153,13 +181,7 @@ def _touch(s: Entry | None, now: int) -> Outcome:
 def _hash(s: Entry | None, ev: Hash, config: Config) -> Outcome:
     if s is None:
         return Outcome(None, 0, _NO_RECORDS)
-    hashes = (*s.recent_hashes, ev.hash)[-HASH_WINDOW:]
-    run = 0
-    for h in reversed(hashes):
-        if h != ev.hash:
-            break
-        run += 1
-    strikes = s.strikes + 1 if run >= 2 else s.strikes
+    hashes, strikes = count_strikes(s.recent_hashes, s.strikes, ev.hash, ev.stall)
     new = _copy(s)
     _put_recent_hashes(new, hashes)
     _put_strikes(new, strikes)
@@ -180,19 +202,123 @@ def _escalate_event(s: Entry | None, ev: Escalate) -> Outcome:
     return Outcome(new, new.tier, (record,) if record else _NO_RECORDS)
 
 
+def _cost_only(now: int) -> tuple[Entry, tuple[Record, ...]]:
+    # The seed dropped spend for unknown sessions; a cost-only entry keeps it (SPEC.md: even
+    # for 0 micros, an absent session gets its entry).
+    s = Entry("", None, now, now, 0)
+    return s, ((R.SESSION_CREATED, {**entry_fields(s), "cause": "cost"}),)
+
+
+def _find(reservations: tuple[tuple[str, int, int], ...], rid: str) -> int:
+    for i, r in enumerate(reservations):
+        if r[0] == rid:
+            return i
+    return -1
+
+
 def _cost(s: Entry | None, ev: Cost, now: int) -> Outcome:
     records: tuple[Record, ...] = ()
     if s is None:
-        # The seed dropped spend for unknown sessions; a cost-only entry keeps it (SPEC.md: even
-        # for 0 micros, an absent session gets its entry).
-        s = Entry("", None, now, now, 0)
-        records = ((R.SESSION_CREATED, {**entry_fields(s), "cause": "cost"}),)
-    if ev.micros == 0:
+        s, records = _cost_only(now)
+    at = _find(s.reservations, ev.reservation_id) if ev.reservation_id and s.reservations else -1
+    if ev.micros == 0 and at < 0:
         return Outcome(s, None, records)
     total = s.session_cost_micros + ev.micros
     new = _copy(s)
     _put_cost(new, total)
-    return Outcome(new, None, (*records, (R.COST_ADDED, {"micros": ev.micros, "session_cost_micros": total})))
+    fields: dict[str, Any] = {"micros": ev.micros, "session_cost_micros": total}
+    if ev.prompt_tokens or ev.completion_tokens:
+        fields.update(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens)
+    if at >= 0:
+        # Settlement: the actual cost replaces the reservation's estimate.
+        kept = s.reservations[:at] + s.reservations[at + 1:]
+        _put_reservations(new, kept)
+        fields.update(reservation_id=ev.reservation_id, estimate_micros=s.reservations[at][1],
+                      reservations=[list(r) for r in kept])
+    return Outcome(new, None, (*records, (R.COST_ADDED, fields)))
+
+
+def _release(s: Entry | None, ev: Release) -> Outcome:
+    at = _find(s.reservations, ev.reservation_id) if s is not None and s.reservations else -1
+    if at < 0:
+        return Outcome(s, False, _NO_RECORDS)
+    assert s is not None
+    kept = s.reservations[:at] + s.reservations[at + 1:]
+    fields = {"reservation_id": ev.reservation_id, "micros": s.reservations[at][1],
+              "reservations": [list(r) for r in kept]}
+    return Outcome(_evolve(s, reservations=kept), True, ((R.BUDGET_RELEASED, fields),))
+
+
+def _implied(s: Entry | None, event: SessionEvent, now: int, config: Config) -> Outcome:
+    """One event a routing decision implies, applied within the route's turn: the session is already
+    settled at ``now``, so this skips ``apply``'s settle check (the turn's hot path)."""
+    t = type(event)
+    if t is Touch:
+        return _touch(s, now)
+    if t is Hash:
+        return _hash(s, event, config)  # type: ignore[arg-type]
+    if t is SetSession:
+        return _set_session(s, event, now)  # type: ignore[arg-type]
+    return apply(s, event, now, config)
+
+
+def _route(s: Entry | None, ev: Route, now: int, config: Config) -> Outcome:
+    """Decide on the live state, apply what the decision implies, reserve its estimate, log it: one turn."""
+    routed, implied = decide_route(s, ev, config)
+    records: list[Record] = []
+    before = s
+    for event in implied:
+        out = _implied(s, event, now, config)
+        s = out.state
+        records.extend(out.records)
+    if routed.reservation_id:
+        if s is None:  # strategy none: nothing else keeps the session, the reservation needs one
+            s, created = _cost_only(now)
+            records.extend(created)
+        expires = now + ev.rules.reservation_ttl_ms
+        held = (*s.reservations, (routed.reservation_id, routed.estimate_micros, expires))
+        if s is before:  # else the entry is this turn's own, unseen yet: set the slot in place
+            s = _copy(s)
+        _put_reservations(s, held)
+        records.append((R.BUDGET_RESERVED, {"reservation_id": routed.reservation_id,
+                                            "micros": routed.estimate_micros, "expires_at": expires,
+                                            "reservations": [list(r) for r in held]}))
+    records.append((R.DECISION_MADE, _decision_fields(ev, routed)))
+    return Outcome(s, routed, tuple(records))
+
+
+def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
+    """``decision.made`` of a routed request: the decision, then its inputs (never prompt text)."""
+    fields: dict[str, Any] = {"kind": routed.kind, "model": routed.model}
+    if routed.tier is not None:
+        fields["tier"] = routed.tier.value
+    slash = routed.model.find("/")
+    fields["provider"] = routed.model[:slash] if slash > 0 else "default"
+    fields["reason"] = routed.reason
+    fields["strategy"] = ev.rules.strategy
+    if ev.source:
+        fields["source"] = ev.source
+    if routed.deployment:
+        fields["deployment"] = routed.deployment
+    fields["requested_model"] = ev.model
+    if ev.tier is not None:
+        fields["requested_tier"] = ev.tier.value  # type: ignore[union-attr]
+    if ev.request_hash:
+        fields["request_hash"] = ev.request_hash
+    if ev.tools:
+        fields["tools"] = True
+    if ev.stall:
+        fields["stall"] = True
+    if ev.candidates:
+        fields["candidates"] = list(ev.candidates)
+    if routed.limit_micros >= 0 or routed.estimate_micros:
+        fields["estimate_micros"] = routed.estimate_micros
+    if routed.limit_micros >= 0:
+        fields.update(limit_micros=routed.limit_micros, spent_micros=routed.spent_micros,
+                      reserved_micros=routed.reserved_micros)
+    if routed.reservation_id:
+        fields["reservation_id"] = routed.reservation_id
+    return fields
 
 
 def _set_sticky(s: Entry | None, ev: SetCacheSticky, now: int) -> Outcome:
@@ -235,12 +361,15 @@ def apply(state: Entry | None, event: SessionEvent, now: int, config: Config) ->
     else:
         # Most events find the session neither idle nor holding a lapsed pin: skip settle's call.
         idle = now - state.last_used_at
-        if idle > config.timeout_ms or (state.cache_sticky and idle > cache_ttl_for_provider(state.provider)):
+        if (idle > config.timeout_ms or (state.cache_sticky and idle > cache_ttl_for_provider(state.provider))
+                or (state.reservations and _lapse_due(state.reservations, now))):
             s, settled = settle(state, now, config)
         else:
             s, settled = state, _NO_RECORDS
     t = type(event)
-    if t is Touch:
+    if t is Route:
+        out = _route(s, event, now, config)  # type: ignore[arg-type]
+    elif t is Touch:
         out = _touch(s, now)
     elif t is Hash:
         out = _hash(s, event, config)  # type: ignore[arg-type]
@@ -262,6 +391,8 @@ def apply(state: Entry | None, event: SessionEvent, now: int, config: Config) ->
         out = _set_deployment(s, event)  # type: ignore[arg-type]
     elif t is Decision:
         out = _decision(s, event)  # type: ignore[arg-type]
+    elif t is Release:
+        out = _release(s, event)  # type: ignore[arg-type]
     elif t is Expire:
         out = Outcome(s, state is not None and s is None, _NO_RECORDS)
     elif t is Clear:

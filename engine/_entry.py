@@ -31,6 +31,13 @@ class Entry:
     session_cost_micros: int = 0
     #: Deployment (provider + key or base URL) that last served the session; not in the seed.
     deployment: str = ""
+    #: Open budget reservations, oldest first: (reservation id, micro-USD, first ms it counts as lapsed).
+    reservations: tuple[tuple[str, int, int], ...] = ()
+
+    @property
+    def reserved_micros(self) -> int:
+        """Budget held by open reservations (lapsed ones included until the session is settled)."""
+        return sum(r[1] for r in self.reservations)
 
     def __str__(self) -> str:
         tier = "" if self.tier is None else self.tier.value
@@ -71,14 +78,14 @@ class MessageInfo:
 SLOT_SETTERS: dict[str, Any] = {name: Entry.__dict__[name].__set__ for name in Entry.__slots__}
 (_put_model, _put_tier, _put_created_at, _put_last_used_at, _put_request_count, _put_recent_hashes, _put_strikes,
  _put_escalated, _put_user_explicit, _put_cache_sticky, _put_cache_sticky_at, _put_provider, _put_cost,
- _put_deployment) = SLOT_SETTERS.values()
+ _put_deployment, _put_reservations) = SLOT_SETTERS.values()
 _new = object.__new__
 
 
 def build_entry(model: str, tier: Tier | None, created_at: int, last_used_at: int, request_count: int,
                 recent_hashes: tuple[str, ...], strikes: int, escalated: bool, user_explicit: bool,
                 cache_sticky: bool, cache_sticky_at: int, provider: str, session_cost_micros: int,
-                deployment: str) -> Entry:
+                deployment: str, reservations: tuple[tuple[str, int, int], ...] = ()) -> Entry:
     """``Entry(...)`` without the frozen ``__init__``'s cost; every field given, in order, unchecked."""
     e = _new(Entry)
     _put_model(e, model)
@@ -95,6 +102,7 @@ def build_entry(model: str, tier: Tier | None, created_at: int, last_used_at: in
     _put_provider(e, provider)
     _put_cost(e, session_cost_micros)
     _put_deployment(e, deployment)
+    _put_reservations(e, reservations)
     return e
 
 

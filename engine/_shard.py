@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from engine._core import apply, clear_for_all, idle_deadline, pin_deadline, settle
+from engine._core import LAPSE_GEN, apply, clear_for_all, idle_deadline, pin_deadline, reservation_deadlines, settle
 from engine._entry import Entry
 from engine._log_fault import AuditLogError
 from events import ClearAll, EngineError, Evict, GetCost, GetSession, GetStats, IsCacheSticky, Tick
@@ -63,7 +63,8 @@ class ShardState:
         self.sessions: dict[str, Entry] = {}
         #: (deadline_ms, session_id, generation): generation >= 0 is the idle
         #: check of the session created at that ms; < 0 the pin check of the pin
-        #: set at ``-generation - 1``. Stale entries are skipped when popped.
+        #: set at ``-generation - 1``; ``LAPSE_GEN`` a budget reservation's lapse.
+        #: Stale entries are skipped when popped.
         self.deadlines: list[tuple[int, str, int]] = []
 
     def restore(self, session_id: str, entry: Entry, config: Any) -> None:
@@ -72,6 +73,8 @@ class ShardState:
         heapq.heappush(self.deadlines, (idle_deadline(entry, config), session_id, entry.created_at))
         if entry.cache_sticky:
             heapq.heappush(self.deadlines, (pin_deadline(entry), session_id, -entry.cache_sticky_at - 1))
+        for deadline in reservation_deadlines(entry):
+            heapq.heappush(self.deadlines, (deadline, session_id, LAPSE_GEN))
 
 
 def shard_index(session_id: str, shards: int) -> int:
@@ -200,6 +203,9 @@ class Shard(pykka.ThreadingActor):
                             if after.cache_sticky and (before is None or not before.cache_sticky
                                                        or before.cache_sticky_at != after.cache_sticky_at):
                                 push(deadlines, (pin_deadline(after), sid, -after.cache_sticky_at - 1))
+                            held = after.reservations
+                            if held and (before is None or held[-1] not in before.reservations):
+                                push(deadlines, (held[-1][2], sid, LAPSE_GEN))  # a new budget reservation
                         if track:
                             used.append((sid, after.last_used_at))
                     for name, fields in out.records:
@@ -381,6 +387,9 @@ class Shard(pykka.ThreadingActor):
             if gen >= 0:
                 if state.created_at != gen:
                     continue
+            elif gen == LAPSE_GEN:
+                if not state.reservations:
+                    continue
             elif not state.cache_sticky or state.cache_sticky_at != -gen - 1:
                 continue
             new, settled = settle(state, now, config)
@@ -399,7 +408,7 @@ class Shard(pykka.ThreadingActor):
                 undo.append((sid, state))
             if gen >= 0:
                 heapq.heappush(deadlines, (idle_deadline(new, config), sid, gen))
-            elif new.cache_sticky:
+            elif gen != LAPSE_GEN and new.cache_sticky:
                 heapq.heappush(deadlines, (pin_deadline(new), sid, gen))
         if deadlines and deadlines[0][0] <= now:
             return False, count

@@ -1,20 +1,22 @@
-"""Routing policy: a pure decision function, and a thin wrapper over the store that never fails a request.
+"""Routing policy: the rules of docs/policy.md over a store, never failing a request.
 
-``decide(request, state, models, options, config)`` is pure: from the router's
-own choice, the session's snapshot and a tier -> models table it returns a
-``RouteDecision`` (model, tier, provider, kind, reason) and the store events
-the decision implies. ``Policy.route(request)`` reads the snapshot with one
-bounded ``ask``, decides, and *tells* the events (fire and forget), so a
-request costs one round trip to the engine; if the engine does not answer
+``Policy.route(request)`` sends one ``Route`` event with one bounded ``ask``:
+the session's own turn runs the routing rules (``engine._rules``) on its live
+state, applies the events the decision implies, reserves the request's
+estimate under a budget cap, and logs the decision, so concurrent requests of
+one session are decided one after the other. If the engine does not answer
 within ``Options.deadline_s`` or fails, the router's own choice is returned
-with kind ``unavailable`` and the request goes on. docs/policy.md has the
-table of rules and options.
+with kind ``unavailable`` and the request goes on. ``record_response``
+settles the cost, ``release`` gives a failed call's reservation back.
+``decide(request, state, ...)`` runs the same rules, purely, on a snapshot.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,30 +24,26 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from engine._config import Config, default_config
-from engine._core import apply
 from engine._entry import Entry
 from engine._helpers import hash_request_content, provider_from_model, should_cache_sticky
+from engine._rules import Routed
+from engine._rules import decide as decide_route
 from engine.identity import FINGERPRINT, INVALID_PREFIX, IdentityResolver, check_tenant, message_text
 from engine.store import SessionStore
 from events import (
     Cost,
     EngineError,
-    Escalate,
-    GetSession,
-    Hash,
     InvalidEvent,
+    Release,
+    Route,
+    RouteRules,
     SessionEvent,
-    SetCacheSticky,
     SetDeployment,
-    SetSession,
     Tier,
-    Touch,
     parse_tier,
-    tier_above,
-    tier_rank,
 )
 from events import Decision as DecisionEvent
-from events._validate import check_text, is_valid_session_id
+from events._validate import MAX_MICROS, check_text, is_valid_session_id
 
 if TYPE_CHECKING:
     from engine.aio import AsyncSessionStore
@@ -104,7 +102,7 @@ class BudgetExceeded(EngineError):
         self.decision = decision
 
     def error_body(self, message: str | None = None) -> dict[str, Any]:
-        """The refusal as an OpenAI-style JSON error body (what an HTTP 429 carries)."""
+        """The refusal as an OpenAI-style JSON error body (what an HTTP 422 refusal carries: not retried by clients)."""
         return {"error": {
             "message": str(self) if message is None else message, "type": "budget_exceeded",
             "code": "session_budget_exceeded", "session_id": self.session_id, "spent_usd": self.spent_usd,
@@ -132,7 +130,9 @@ class Options:
     #: Estimated USD of a request for a model; None: ``Request.estimate_usd`` for every model.
     estimator: Estimator | None = None
     #: Most seconds ``Policy.route`` waits for the engine before answering ``unavailable``.
-    deadline_s: float = 0.005
+    deadline_s: float = 0.1
+    #: How long a request's budget reservation holds when its cost is never reported (a crashed caller).
+    reservation_ttl_ms: int = 600_000
 
     def __post_init__(self) -> None:
         try:
@@ -155,6 +155,8 @@ class Options:
             raise InvalidEvent("estimator", "must be callable or None")
         if type(self.deadline_s) not in (int, float) or not self.deadline_s > 0:
             raise InvalidEvent("deadline_s", "must be a positive number of seconds")
+        if type(self.reservation_ttl_ms) is not int or self.reservation_ttl_ms < 1:
+            raise InvalidEvent("reservation_ttl_ms", "must be an int >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +182,8 @@ class Request:
     tenant: str = ""
     #: A top-level system prompt (Anthropic Messages' ``system``), fingerprinted like the chain does.
     system: Any = None
+    #: The request's output limit (0: not given); read by estimators.
+    max_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_text(self.model, "model")
@@ -195,6 +199,8 @@ class Request:
             check_text(candidate, "candidates", 256)
         check_text(self.source, "source", 64)
         check_tenant(self.tenant)
+        if type(self.max_tokens) is not int or self.max_tokens < 0:
+            raise InvalidEvent("max_tokens", "must be an int >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +223,13 @@ class RouteDecision:
     spent_usd: float = 0.0
     estimate_usd: float = 0.0
     limit_usd: float | None = None
-    #: Store events implied by the decision, in the order they must be applied.
+    #: Store events implied by the decision, in the order they apply (``decide`` only: a policy's
+    #: ``Route`` has already applied them).
     events: tuple[SessionEvent, ...] = field(default=(), repr=False)
+    #: The budget reservation this request holds ("" when none); ``record_response`` settles it.
+    reservation_id: str = ""
+    #: The deployment that had served the session when the decision was taken ("" when none).
+    served_deployment: str = ""
 
     @property
     def refused(self) -> bool:
@@ -288,221 +299,149 @@ def request_hash(messages: Sequence[Any]) -> str:
     return hash_request_content(last_user or "", tools)
 
 
+#: The same tool call (same name and arguments) answered with an error this many times in a row is a
+#: stall: the request counts a strike even when its three-strike hash is new (docs/policy.md).
+STALL_ERRORS = 3
+_ERROR_PREFIXES = ("error", "exception", "traceback", '{"error"', "{'error'")
+
+
+def _is_error_result(is_error: Any, content: Any) -> bool:
+    """A tool result is an error when it says so (Anthropic ``is_error: true``) or its text starts with
+    error, exception, traceback or an ``{"error"`` object (case-insensitive, after whitespace)."""
+    if is_error is True:
+        return True
+    return message_text(content).lstrip()[:16].lower().startswith(_ERROR_PREFIXES)
+
+
+def tool_error_run(messages: Sequence[Any]) -> int:
+    """How many times in a row, at the end of the conversation, the same tool call returned an error."""
+    calls: dict[str, str] = {}  # tool call id -> "name(arguments)"
+    results: list[tuple[str, bool]] = []  # (signature, error) of each tool result, in order
+    for message in messages:
+        role = _get(message, "role")
+        if role == "assistant":
+            for call in _get(message, "tool_calls") or ():
+                fn = _get(call, "function")
+                if fn is not None and isinstance(_get(call, "id"), str):
+                    calls[_get(call, "id")] = f"{_get(fn, 'name')}({_get(fn, 'arguments')})"
+            content = _get(message, "content")
+            if isinstance(content, Sequence) and not isinstance(content, str):
+                for block in content:
+                    if _get(block, "type") == "tool_use" and isinstance(_get(block, "id"), str):
+                        calls[_get(block, "id")] = f"{_get(block, 'name')}({_get(block, 'input')!r})"
+        elif role == "tool":
+            call_id = _get(message, "tool_call_id")
+            results.append((calls.get(call_id, "") if isinstance(call_id, str) else "",
+                            _is_error_result(None, _get(message, "content"))))
+        elif role == "user":
+            content = _get(message, "content")
+            if isinstance(content, Sequence) and not isinstance(content, str):
+                for block in content:
+                    if _get(block, "type") == "tool_result":
+                        call_id = _get(block, "tool_use_id")
+                        results.append((calls.get(call_id, "") if isinstance(call_id, str) else "",
+                                        _is_error_result(_get(block, "is_error"), _get(block, "content"))))
+    run = 0
+    last = results[-1][0] if results else ""
+    for signature, error in reversed(results):
+        if not error or not signature or signature != last:
+            break
+        run += 1
+    return run
+
+
 # -- the pure decision --------------------------------------------------------------------
-def _models_for(models: TierModels, tier: Tier | None) -> tuple[str, ...]:
-    value = models.get(tier) if tier is not None else None
-    if value is None and tier is not None:
-        value = models.get(tier.value)
-    if value is None:
-        return ()
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _pick(models: TierModels, tier: Tier | None, fallback: str, provider: str) -> str:
-    """The tier's model, preferring one of ``provider`` while a cache pin holds it."""
-    choices = _models_for(models, tier)
-    if provider:
-        for model in choices:
-            if provider_from_model(model) == provider:
-                return model
-        if provider_from_model(fallback) == provider:
-            return fallback
-    return choices[0] if choices else fallback
-
-
-def _cheapest_tier(models: TierModels) -> Tier | None:
+def route_rules(models: TierModels, options: Options) -> RouteRules:
+    """The options and tier table as the routing transition reads them (frozen data, built once)."""
+    table = []
     for tier in _TIERS:
-        if _models_for(models, tier):
-            return tier
-    return None
+        value = models.get(tier)
+        if value is None:
+            value = models.get(tier.value)
+        if value is not None:
+            table.append((tier.value, (value,) if isinstance(value, str) else tuple(value)))
+    cap = -1 if options.max_cost_usd is None else cost_micros(options.max_cost_usd)
+    return RouteRules(tuple(table), options.strategy.value, options.simple_bypass,  # type: ignore[union-attr]
+                      options.warmup_turns, options.escalate_on_strikes, options.strike_limit or 0,
+                      options.cache_sticky, cap, options.budget_mode, options.reservation_ttl_ms)
 
 
 def _estimate(model: str, request: Request, options: Options) -> float:
     if options.estimator is None:
         return float(request.estimate_usd)
-    value = options.estimator(model, request)
-    return float(value) if isinstance(value, (int, float)) and value >= 0 else float(request.estimate_usd)
+    try:
+        value = options.estimator(model, request)
+    except Exception as exc:  # an estimator's bug must not fail the request
+        log.warning("session-engine policy: estimator failed (%s); using the request's estimate",
+                    type(exc).__name__)
+        return float(request.estimate_usd)
+    return float(value) if type(value) in (int, float) and value >= 0 else float(request.estimate_usd)
 
 
-def _name(tier: Tier | None) -> str:
-    return tier.value if tier else "none"
+def route_event(request: Request, rules: RouteRules, options: Options, reservation_id: str = "",
+                models: Sequence[str] = ()) -> Route:
+    """The ``Route`` event of a request: what the rules read of it, computed here, outside the session's
+    turn (hashes, stall signal, context length, estimates), never the prompt text itself.
+
+    With a cap, every model of ``models`` (the tier table's) and the router's own are priced
+    (``Options.estimator``); without one only the request's own ``estimate_usd`` is carried.
+    """
+    messages = request.messages
+    if rules.max_cost_micros >= 0 and options.estimator is not None:
+        priced = dict.fromkeys((request.model, *models))
+        estimates = tuple((m, min(cost_micros(_estimate(m, request, options)), MAX_MICROS)) for m in priced)
+    elif rules.max_cost_micros >= 0:  # every model at the request's own estimate
+        estimates = (("", min(cost_micros(request.estimate_usd), MAX_MICROS)),)
+    else:
+        estimates = (("", min(cost_micros(request.estimate_usd), MAX_MICROS)),) if request.estimate_usd else ()
+    return Route(
+        request.session_id, request.model, request.tier, rules, request.user_explicit,
+        request_hash(messages) if messages else "",
+        bool(messages) and tool_error_run(messages) >= STALL_ERRORS,
+        bool(request.tools),
+        bool(messages) and rules.cache_sticky and should_cache_sticky(messages),
+        request.candidates, request.source, estimates,
+        reservation_id or ("decide" if rules.max_cost_micros >= 0 else ""))
 
 
-def _usd(value: float) -> str:
-    return f"${value:.6f}".rstrip("0").rstrip(".")
+def _decision(request: Request, routed: Routed, strategy: Strategy, events: tuple[SessionEvent, ...] = ()
+              ) -> RouteDecision:
+    limit = None if routed.limit_micros < 0 else routed.limit_micros / 1_000_000
+    return RouteDecision(request.session_id, Kind(routed.kind), routed.model, routed.tier,
+                         provider_from_model(routed.model), routed.reason, strategy, request.source,
+                         routed.deployment, routed.candidates,
+                         (routed.spent_micros + routed.reserved_micros) / 1_000_000,
+                         routed.estimate_micros / 1_000_000, limit, events, routed.reservation_id, routed.served)
 
 
 def decide(request: Request, state: Entry | None, models: TierModels, options: Options | None = None,
            config: Config | None = None) -> RouteDecision:
     """The pure routing decision (docs/policy.md): no I/O, no clock, no engine.
 
-    ``state`` is the session's snapshot (``store.get_session``), ``config`` the
-    store's config (strike limit, auto-escalation). Rules, highest first:
-    user-explicit pin, warmup, strategy, three-strike escalation, never-downgrade
-    with SIMPLE bypass, cache-provider preference, budget, deployment affinity.
+    ``state`` is the session's snapshot, ``config`` the store's config (strike
+    limit, auto-escalation). It runs the same rules (``engine._rules.RULES``)
+    as the ``Route`` transition a ``Policy`` sends, and returns the session
+    events the decision implies, ending with its ``Decision``. A ``Policy``
+    never applies these: its ``Route`` applies them in the session's turn.
     """
     options = options or Options()
     config = config or default_config()
-    sid = request.session_id
     strategy: Strategy = options.strategy  # type: ignore[assignment]
-    r_model, r_tier = request.model, request.tier
-
-    def out(kind: Kind, model: str, tier: Tier | None, reason: str, events: list[SessionEvent] | None = None,
-            **extra: Any) -> RouteDecision:
-        return RouteDecision(sid, kind, model, tier, provider_from_model(model), reason, strategy,
-                             request.source, events=tuple(events or ()), **extra)
-
+    sid = request.session_id
     if not sid or not is_valid_session_id(sid):
-        return out(Kind.BYPASS, r_model, r_tier, "no session id" if not sid else "invalid session id")
+        return RouteDecision(sid, Kind.BYPASS, request.model, request.tier,  # type: ignore[arg-type]
+                             provider_from_model(request.model), "no session id" if not sid else "invalid session id",
+                             strategy, request.source)
+    rules = route_rules(models, options)
+    routed, events = decide_route(state, route_event(request, rules, options, models=_table_models(rules)), config)
+    routed = replace(routed, reservation_id="")  # nothing is reserved on a snapshot
+    decision = DecisionEvent(sid, routed.kind, routed.model, routed.tier, provider_from_model(routed.model),
+                             routed.reason, strategy.value, request.source, routed.deployment)
+    return _decision(request, routed, strategy, (*events, decision))
 
-    # A cost-only entry (spend recorded, no model yet) pins nothing.
-    pinned = None if state is not None and not state.model and state.request_count == 0 else state
-    turn = 1 if pinned is None else pinned.request_count + 1
-    events: list[SessionEvent] = []
-    cache_provider = state.provider if state is not None and state.cache_sticky else ""
-    h = request_hash(request.messages) if request.messages else ""
 
-    def strikes_rule(base: Entry | None) -> tuple[bool, list[SessionEvent]]:
-        """Record the hash; True when this request brings the session to the strike limit."""
-        if not h:
-            return False, []
-        hash_events: list[SessionEvent] = [Hash(sid, h)]
-        if base is None or not base.model:
-            return False, hash_events
-        limit = options.strike_limit or config.strike_limit
-        predicted = apply(base, Hash(sid, h), base.last_used_at, config)
-        strikes = predicted.result
-        if (not options.escalate_on_strikes or strikes < limit or strikes <= base.strikes
-                or base.escalated or base.user_explicit):
-            return False, hash_events
-        if predicted.state is None or not predicted.state.escalated:
-            hash_events.append(Escalate(sid, "strikes"))
-        return True, hash_events
-
-    # 1. Strategy none: the router decides every time; only the budget and the audit apply.
-    if strategy is Strategy.NONE:
-        kind, model, tier, reason = Kind.BYPASS, r_model, r_tier, "strategy none: router's choice"
-    # 2. A user-explicit model wins over everything.
-    elif request.user_explicit:
-        events.append(SetSession(sid, r_model, r_tier, True))
-        if pinned is not None and pinned.model == r_model:
-            kind, reason = Kind.RETAIN, "user-explicit pin"
-        else:
-            kind, reason = Kind.INITIALIZE, "user-explicit model pinned"
-        _, hashed = strikes_rule(None)
-        events += hashed
-        model, tier = r_model, r_tier
-    elif pinned is not None and pinned.user_explicit and pinned.model:
-        events.append(Touch(sid))
-        _, hashed = strikes_rule(None)
-        events += hashed
-        kind, model, tier, reason = Kind.RETAIN, pinned.model, pinned.tier, "user-explicit pin"
-    # 3. Warmup: the first turns follow the router without committing to a tier.
-    elif turn <= options.warmup_turns:
-        events.append(SetSession(sid, r_model, r_tier))
-        _, hashed = strikes_rule(None)
-        events += hashed
-        model = _pick(models, r_tier, r_model, cache_provider) if cache_provider else r_model
-        kind, tier, reason = Kind.BYPASS, r_tier, f"warmup turn {turn} of {options.warmup_turns}"
-    # 4. No pin yet (or warmup just ended): the router's choice becomes the pin.
-    elif pinned is None or not pinned.model or (options.warmup_turns and turn == options.warmup_turns + 1):
-        model = _pick(models, r_tier, r_model, cache_provider) if cache_provider else r_model
-        events.append(SetSession(sid, model, r_tier))
-        _, hashed = strikes_rule(None)
-        events += hashed
-        reason = "warmup over: pinned router's choice" if options.warmup_turns else "first turn: pinned router's choice"
-        kind, tier = Kind.INITIALIZE, r_tier
-    else:
-        escalate, hashed = strikes_rule(pinned)
-        p_tier = pinned.tier
-        if escalate:
-            up = tier_above(p_tier)
-            if strategy is Strategy.ADAPTIVE and tier_rank(r_tier) > tier_rank(up):
-                model = _pick(models, r_tier, r_model, cache_provider) if cache_provider else r_model
-                kind, tier, reason = Kind.UPGRADE, r_tier, "strike limit reached; router asked for a higher tier"
-            else:
-                model = _pick(models, up, pinned.model, cache_provider)
-                kind, tier = Kind.ESCALATE, up
-                reason = f"strike limit reached: {_name(p_tier)} -> {up.value}"
-            events += [*hashed, SetSession(sid, model, tier)]
-        elif strategy is Strategy.ADAPTIVE and tier_rank(r_tier) > tier_rank(p_tier):
-            model = _pick(models, r_tier, r_model, cache_provider) if cache_provider else r_model
-            kind, tier = Kind.UPGRADE, r_tier
-            reason = f"router tier {_name(r_tier)} above pinned {_name(p_tier)}"
-            events += [SetSession(sid, model, tier), *hashed]
-        elif (strategy is Strategy.ADAPTIVE and options.simple_bypass and r_tier is Tier.SIMPLE
-              and tier_rank(p_tier) > 0):
-            model = _pick(models, Tier.SIMPLE, r_model, cache_provider) if cache_provider else r_model
-            kind, tier, reason = Kind.BYPASS, Tier.SIMPLE, "SIMPLE follow-up: cheap model, pin kept"
-            events += [Touch(sid), *hashed]
-        else:
-            model, tier = pinned.model, p_tier
-            kind = Kind.RETAIN
-            reason = ("sticky: pinned model kept" if strategy is Strategy.STICKY
-                      else "never downgrade: pinned model kept")
-            events += [Touch(sid), *hashed]
-
-    # 5. Prompt-cache stickiness: a long context pins the provider that holds its prefix cache.
-    if (options.cache_sticky and strategy is not Strategy.NONE and not cache_provider and request.messages
-            and should_cache_sticky(request.messages)):
-        events.append(SetCacheSticky(sid, provider_from_model(model)))
-    if cache_provider and kind is not Kind.RETAIN:
-        reason += f"; cache pin {cache_provider}"
-
-    # 6. Budget: spent plus this request's estimate must stay within the cap.
-    spent = (state.session_cost_micros if state is not None else 0) / 1_000_000
-    limit = options.max_cost_usd
-    estimate = _estimate(model, request, options) if limit is not None else float(request.estimate_usd)
-    budget = {"spent_usd": spent, "estimate_usd": estimate, "limit_usd": limit}
-    if limit is not None and spent + estimate > limit:
-        over = f"budget: {_usd(spent)} spent + {_usd(estimate)} estimate > {_usd(limit)} cap"
-        cheap_tier = _cheapest_tier(models)
-        serious = bool(request.tools) or tier in (Tier.COMPLEX, Tier.REASONING) or request.user_explicit
-        if options.budget_mode == "strict" or serious or cheap_tier is None:
-            why = "strict" if options.budget_mode == "strict" else (
-                "tool use" if request.tools else "explicit model" if request.user_explicit
-                else f"{tier.value if tier else 'no'} tier" if serious else "no cheaper tier")
-            refused = out(Kind.REFUSE, model, tier, f"{over}; refused ({why})",
-                          [DecisionEvent(sid, Kind.REFUSE.value, model, tier, provider_from_model(model),
-                                         f"{over}; refused ({why})", strategy.value, request.source)],
-                          **budget)
-            return refused
-        cheap = _pick(models, cheap_tier, model, cache_provider)
-        cheap_estimate = _estimate(cheap, request, options)
-        if spent + cheap_estimate > limit:
-            reason = f"budget: {_usd(spent)} spent + {_usd(cheap_estimate)} estimate > {_usd(limit)} cap; refused"
-            return out(Kind.REFUSE, cheap, cheap_tier, reason,
-                       [DecisionEvent(sid, Kind.REFUSE.value, cheap, cheap_tier, provider_from_model(cheap),
-                                      reason, strategy.value, request.source)],
-                       spent_usd=spent, estimate_usd=cheap_estimate, limit_usd=limit)
-        # Downgrade for this request only: the pin is kept (SetSession would move it down).
-        events = [Touch(sid) if isinstance(e, SetSession) and pinned is not None else e for e in events]
-        kind, model, tier, reason = Kind.BYPASS, cheap, cheap_tier, f"{over}; cheapest tier"
-        budget["estimate_usd"] = cheap_estimate
-
-    # 7. Deployment affinity: the deployment that served the session goes first. The
-    # candidates are the chosen model's deployments, so only a turn that keeps the
-    # pinned model can find its deployment gone (a switch); a new pin records its
-    # first deployment, and a bypass leaves the pin's deployment alone.
-    candidates = request.candidates
-    deployment = ""
-    if candidates and strategy is not Strategy.NONE:
-        served = state.deployment if state is not None else ""
-        if served and served in candidates:
-            deployment = served
-            candidates = (served, *(c for c in candidates if c != served))
-        else:
-            deployment = candidates[0]
-            if kind is not Kind.BYPASS:
-                if served and kind is Kind.RETAIN:
-                    kind = Kind.SWITCH
-                    reason += "; deployment gone, switched"
-                events.append(SetDeployment(sid, deployment))
-
-    events.append(DecisionEvent(sid, kind.value, model, tier, provider_from_model(model), reason[:256],
-                                strategy.value, request.source, deployment))
-    return out(kind, model, tier, reason[:256], events, deployment=deployment, candidates=tuple(candidates),
-               **budget)
+def _table_models(rules: RouteRules) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m for _, ms in rules.models for m in ms))
 
 
 def unavailable(request: Request, options: Options | None, why: str) -> RouteDecision:
@@ -530,12 +469,29 @@ class _Base:
         for key in models:
             parse_tier(key, "models")
         self.models = models
-        self.options = options or Options()
+        self.options = options or Options()  # also builds self.rules
         self.identity = identity
         self._config = config
         self._lock = threading.Lock()
+        # Reservation ids: unique per policy (a random prefix) and cheap (a counter, no uuid per request).
+        self._prefix = secrets.token_hex(4)
+        self._ids = itertools.count(1)
         #: Requests answered with kind ``unavailable`` (engine too slow or failed); read by metrics.
         self.unavailable_count = 0
+
+    @property
+    def options(self) -> Options:
+        return self._options
+
+    @options.setter
+    def options(self, options: Options) -> None:
+        """Replace the options; the rules the ``Route`` event carries are rebuilt from them."""
+        if not isinstance(options, Options):
+            raise InvalidEvent("options", "must be an engine.policy.Options")
+        self._options = options
+        #: The options and the tier table as the Route transition reads them (built once per options).
+        self.rules = route_rules(self.models, options)
+        self._models = _table_models(self.rules)
 
     def _identify(self, request: Request) -> Request:
         # An explicit id the chain rejected gives no session, never a weaker fingerprint.
@@ -551,7 +507,7 @@ class _Base:
         raise NotImplementedError
 
     def _without_lookup(self, request: Request) -> RouteDecision | None:
-        """The decision when there is no session to look up (no id, invalid id, store disabled)."""
+        """The decision when there is no session to route in (no id, invalid id, store disabled)."""
         store = self._sync_store()
         if request.session_id and is_valid_session_id(request.session_id) and store.enabled:
             return None
@@ -560,20 +516,41 @@ class _Base:
             decision = _no_events(decision, "session store disabled")
         return decision
 
-    def _decided(self, request: Request, state: Entry | None) -> RouteDecision:
-        """Decide on the session's snapshot and tell the events the decision implies."""
-        decision = decide(request, state, self.models, self.options, self._config)
-        self._tell(decision.events)
-        return decision
+    def _route_event(self, request: Request) -> Route:
+        rid = f"{self._prefix}-{next(self._ids)}" if self.rules.max_cost_micros >= 0 else ""
+        return route_event(request, self.rules, self.options, rid, self._models)
 
-    def _unavailable(self, request: Request, exc: BaseException) -> RouteDecision:
-        """The engine was too slow or failed: serve the router's own choice, count and log it."""
+    def decide_blocking(self, request: Request) -> RouteDecision:
+        """The decision with one blocking ask of at most ``deadline_s`` (``AsyncPolicy``: for sync callers)."""
+        request = self._identify(request)
+        decision = self._without_lookup(request)
+        if decision is not None:
+            return decision
+        event = self._route_event(request)
+        try:
+            routed = self._sync_store().ask(event, timeout=self.options.deadline_s)
+        except (EngineError, TimeoutError) as exc:
+            return self._unavailable(request, exc, event)
+        return self._routed(request, routed)
+
+    def _routed(self, request: Request, routed: Routed) -> RouteDecision:
+        return _decision(request, routed, self.options.strategy)  # type: ignore[arg-type]
+
+    def _unavailable(self, request: Request, exc: BaseException, route: Route | None = None) -> RouteDecision:
+        """The engine was too slow or failed: serve the router's own choice, count and log it.
+
+        A ``Route`` that timed out may still be applied later in the session's turn; the reservation it
+        would hold is released right behind it (same mailbox, so in order).
+        """
         with self._lock:
             self.unavailable_count += 1
         why = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
         log.warning("session-engine policy: engine %s for a request; serving the router's choice", why)
         decision = unavailable(request, self.options, why)
-        self._tell([_decision_event(decision)])
+        events: list[SessionEvent] = [_decision_event(decision)]
+        if route is not None and route.reservation_id:
+            events.append(Release(route.session_id, route.reservation_id))
+        self._tell(events)
         return decision
 
     def _tell(self, events: Sequence[SessionEvent]) -> None:
@@ -586,16 +563,23 @@ class _Base:
             log.warning("session-engine policy: could not record a decision (%s)", type(exc).__name__)
 
     def _response_events(self, session_id: str, cost_usd: float | None, micros: int | None, deployment: str,
-                         decision: RouteDecision | None) -> list[SessionEvent]:
+                         decision: RouteDecision | None, tokens: tuple[int, int] = (0, 0)) -> list[SessionEvent]:
         if not session_id or not is_valid_session_id(session_id):
             return []
         events: list[SessionEvent] = []
         amount = micros if micros is not None else cost_micros(cost_usd or 0.0)
-        if amount:
-            events.append(Cost(session_id, amount))
+        rid = decision.reservation_id if decision is not None and decision.session_id == session_id else ""
+        if amount or rid:
+            p_tokens, c_tokens = (t if type(t) is int and 0 <= t <= MAX_MICROS else 0 for t in tokens)
+            events.append(Cost(session_id, amount, rid, p_tokens, c_tokens))
         if deployment and (decision is None or decision.kind is not Kind.BYPASS):
             events.append(SetDeployment(session_id, deployment))
         return events
+
+    def _release_events(self, decision: RouteDecision | None) -> list[SessionEvent]:
+        if decision is None or not decision.reservation_id or not is_valid_session_id(decision.session_id):
+            return []
+        return [Release(decision.session_id, decision.reservation_id)]
 
 
 class Policy(_Base):
@@ -615,31 +599,32 @@ class Policy(_Base):
 
     def decide(self, request: Request) -> RouteDecision:
         """Like ``route`` but never raises ``BudgetExceeded``: a refusal is returned as a decision."""
-        request = self._identify(request)
-        decision = self._without_lookup(request)
-        if decision is not None:
-            return decision
-        try:
-            state = self.store.ask(GetSession(request.session_id), timeout=self.options.deadline_s)
-        except (EngineError, TimeoutError) as exc:
-            return self._unavailable(request, exc)
-        return self._decided(request, state)
+        return self.decide_blocking(request)
 
     def route(self, request: Request) -> RouteDecision:
-        """Decide, record, and return the decision; raises ``BudgetExceeded`` on a refusal."""
+        """Decide in the session's turn (its effects applied) and return the decision; raises
+        ``BudgetExceeded`` on a refusal."""
         decision = self.decide(request)
         if decision.refused:
             raise decision.budget_error()
         return decision
 
     def record_response(self, session_id: str, *, cost_usd: float | None = None, micros: int | None = None,
-                        deployment: str = "", decision: RouteDecision | None = None) -> None:
+                        deployment: str = "", decision: RouteDecision | None = None, prompt_tokens: int = 0,
+                        completion_tokens: int = 0) -> None:
         """After the response: add its cost (USD, or micros) and remember the deployment that served it.
 
-        Pass the request's ``decision`` so that a bypass (a model other than the
-        pin served) does not replace the pinned model's deployment.
+        Pass the request's ``decision``: its budget reservation is settled (the
+        actual cost replaces the estimate), and a bypass (a model other than the
+        pin served) does not replace the pinned model's deployment. Token counts,
+        when known, are logged with the cost.
         """
-        self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision))
+        self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision,
+                                         (prompt_tokens, completion_tokens)))
+
+    def release(self, decision: RouteDecision | None) -> None:
+        """The call failed (no cost): give back the budget the decision reserved."""
+        self._tell(self._release_events(decision))
 
     def record_cost(self, session_id: str, cost_usd: float) -> None:
         """Add a response's cost in USD (stored in micros)."""
@@ -662,11 +647,12 @@ class AsyncPolicy(_Base):
         decision = self._without_lookup(request)
         if decision is not None:
             return decision
+        event = self._route_event(request)
         try:
-            state = await self.store.ask(GetSession(request.session_id), timeout=self.options.deadline_s)
+            routed = await self.store.ask(event, timeout=self.options.deadline_s)
         except (EngineError, TimeoutError) as exc:  # asyncio.TimeoutError is TimeoutError
-            return self._unavailable(request, exc)
-        return self._decided(request, state)
+            return self._unavailable(request, exc, event)
+        return self._routed(request, routed)
 
     async def route(self, request: Request) -> RouteDecision:
         decision = await self.decide(request)
@@ -675,9 +661,15 @@ class AsyncPolicy(_Base):
         return decision
 
     async def record_response(self, session_id: str, *, cost_usd: float | None = None, micros: int | None = None,
-                              deployment: str = "", decision: RouteDecision | None = None) -> None:
-        """After the response: add its cost and remember the deployment (see ``Policy.record_response``)."""
-        self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision))
+                              deployment: str = "", decision: RouteDecision | None = None, prompt_tokens: int = 0,
+                              completion_tokens: int = 0) -> None:
+        """After the response: settle its cost and remember the deployment (see ``Policy.record_response``)."""
+        self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision,
+                                         (prompt_tokens, completion_tokens)))
+
+    async def release(self, decision: RouteDecision | None) -> None:
+        """The call failed (no cost): give back the budget the decision reserved."""
+        self._tell(self._release_events(decision))
 
     async def record_cost(self, session_id: str, cost_usd: float) -> None:
         await self.record_response(session_id, cost_usd=cost_usd)

@@ -21,6 +21,9 @@ from events._events import (
     GetStats,
     Hash,
     IsCacheSticky,
+    Release,
+    Route,
+    RouteRules,
     SessionEvent,
     SetCacheSticky,
     SetDeployment,
@@ -34,7 +37,7 @@ from events._tier import Tier, parse_tier, tier_above, tier_rank
 __all__ = [
     "RECORD_NAMES", "SESSION_EVENTS", "STORE_EVENTS", "Clear", "ClearAll", "Cost",
     "Decision", "EngineError", "Escalate", "Event", "Evict", "Expire", "GetCost",
-    "GetSession", "GetStats", "Hash", "InvalidEvent", "IsCacheSticky", "SessionEvent",
+    "GetSession", "GetStats", "Hash", "InvalidEvent", "IsCacheSticky", "Release", "Route", "RouteRules", "SessionEvent",
     "SetCacheSticky", "SetDeployment", "SetSession", "Tick", "Tier", "Touch",
     "parse_tier", "records", "tier_above", "tier_rank",
 ]

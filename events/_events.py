@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from events._errors import InvalidEvent
 from events._tier import Tier, parse_tier
 from events._validate import (
+    MAX_MICROS,
     check_bool,
     check_micros,
     check_session_id,
@@ -64,14 +66,21 @@ class Touch(SessionEvent):
 
 @dataclass(frozen=True, slots=True)
 class Hash(SessionEvent):
-    """Record a request hash; result: the strike count."""
+    """Record a request hash; result: the strike count.
+
+    ``stall``: the request shows another stall signal (the same tool call
+    failing ``STALL_ERRORS`` times in a row, docs/policy.md): a strike even
+    when the hash is new.
+    """
 
     session_id: str
     hash: str
+    stall: bool = False
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
         check_text(self.hash, "hash", 128)
+        check_bool(self.stall, "stall")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +97,40 @@ class Escalate(SessionEvent):
 
 @dataclass(frozen=True, slots=True)
 class Cost(SessionEvent):
-    """Add spend in micro-USD; creates a cost-only entry when absent; result None."""
+    """Add spend in micro-USD; creates a cost-only entry when absent; result None.
+
+    ``reservation_id``: the budget reservation this cost settles (its estimate
+    is replaced by ``micros``, not added to); "" or a reservation no longer
+    open (lapsed) just adds ``micros``. ``prompt_tokens``/``completion_tokens``
+    (0: unknown) are logged with it.
+    """
 
     session_id: str
     micros: int
+    reservation_id: str = ""
+    #: Token counts of the response, when the caller knows them (logged with the cost, for audits).
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
         check_micros(self.micros)
+        check_text(self.reservation_id, "reservation_id", 64)
+        if self.prompt_tokens or self.completion_tokens:
+            check_micros(self.prompt_tokens, "prompt_tokens")
+            check_micros(self.completion_tokens, "completion_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class Release(SessionEvent):
+    """Give back a budget reservation whose call failed (no cost); result: whether it was open."""
+
+    session_id: str
+    reservation_id: str
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session_id)
+        check_text(self.reservation_id, "reservation_id", 64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +197,116 @@ class Decision(SessionEvent):
         check_text(self.deployment, "deployment", 256)
 
 
+STRATEGIES = ("sticky", "adaptive", "none")
+BUDGET_MODES = ("graceful", "strict")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRules:
+    """What the routing rules read besides the request and the session: the policy's options and its
+    tier -> models table, as frozen data (``engine.policy.Options`` builds one once per policy).
+
+    Carried by every ``Route`` event, so the transition stays a pure function of (state, event, now,
+    config) whichever host runs it (a shard, replay, another backend).
+    """
+
+    #: tier name -> models in order of preference, lowest tier first.
+    models: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    strategy: str = "adaptive"
+    simple_bypass: bool = True
+    warmup_turns: int = 0
+    escalate_on_strikes: bool = True
+    #: 0: the store's ``config.strike_limit``.
+    strike_limit: int = 0
+    cache_sticky: bool = True
+    #: Budget cap in micro-USD; -1: no cap.
+    max_cost_micros: int = -1
+    budget_mode: str = "graceful"
+    #: How long an unsettled budget reservation holds before it lapses.
+    reservation_ttl_ms: int = 600_000
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InvalidEvent("strategy", "must be one of sticky, adaptive, none")
+        if self.budget_mode not in BUDGET_MODES:
+            raise InvalidEvent("budget_mode", "must be graceful or strict")
+        for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky"):
+            check_bool(getattr(self, name), name)
+        for name, low in (("warmup_turns", 0), ("strike_limit", 0), ("max_cost_micros", -1),
+                          ("reservation_ttl_ms", 1)):
+            value = getattr(self, name)
+            if type(value) is not int or value < low or value > MAX_MICROS:
+                raise InvalidEvent(name, f"must be an int >= {low}")
+        if type(self.models) is not tuple:
+            raise InvalidEvent("models", "must be a tuple of (tier, models) pairs")
+        for pair in self.models:
+            if type(pair) is not tuple or len(pair) != 2 or type(pair[1]) is not tuple:
+                raise InvalidEvent("models", "must be a tuple of (tier, models) pairs")
+            parse_tier(pair[0], "models")
+            for model in pair[1]:
+                check_text(model, "models")
+
+
+@dataclass(frozen=True, slots=True)
+class Route(SessionEvent):
+    """Decide where a request goes, on the live session, and apply what the decision implies.
+
+    The fields are what the rules read of the request, computed by the caller
+    (``engine.policy``), never prompt text. Result: an ``engine.policy``
+    ``Routed`` (kind, model, tier, reason, budget figures, reservation id).
+    """
+
+    session_id: str
+    #: The router's own choice.
+    model: str
+    tier: Tier | str | None
+    rules: RouteRules
+    user_explicit: bool = False
+    #: Three-strike hash of the request ("" when it has no messages).
+    request_hash: str = ""
+    #: Another stall signal (see ``Hash.stall``).
+    stall: bool = False
+    #: The request defines tools (never silently degraded by the budget).
+    tools: bool = False
+    #: The context is long enough for a provider prefix cache to matter.
+    long_context: bool = False
+    #: Deployment keys able to serve the request.
+    candidates: tuple[str, ...] = ()
+    #: Where the session id came from.
+    source: str = ""
+    #: model -> estimated micro-USD of this request; "" is the default for a model not listed.
+    estimates: tuple[tuple[str, int], ...] = ()
+    #: The id a budget reservation gets (required when ``rules`` has a cap).
+    reservation_id: str = ""
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session_id)
+        check_text(self.model, "model")
+        object.__setattr__(self, "tier", parse_tier(self.tier))
+        if type(self.rules) is not RouteRules:
+            raise InvalidEvent("rules", "must be a RouteRules")
+        check_bool(self.user_explicit, "user_explicit")
+        check_text(self.request_hash, "request_hash", 128)
+        check_bool(self.stall, "stall")
+        check_bool(self.tools, "tools")
+        check_bool(self.long_context, "long_context")
+        if type(self.candidates) is not tuple:
+            raise InvalidEvent("candidates", "must be a tuple of str")
+        for candidate in self.candidates:
+            check_text(candidate, "candidates", 256)
+        check_text(self.source, "source", 64)
+        if type(self.estimates) is not tuple:
+            raise InvalidEvent("estimates", "must be a tuple of (model, micros) pairs")
+        for pair in self.estimates:
+            if type(pair) is not tuple or len(pair) != 2:
+                raise InvalidEvent("estimates", "must be a tuple of (model, micros) pairs")
+            check_text(pair[0], "estimates")
+            check_micros(pair[1], "estimates")
+        check_text(self.reservation_id, "reservation_id", 64)
+        if self.rules.max_cost_micros >= 0 and not self.reservation_id:
+            raise InvalidEvent("reservation_id", "must be given when the rules set a budget cap")
+
+
 @dataclass(frozen=True, slots=True)
 class Expire(SessionEvent):
     """End the session now if it is idle past its timeout; result: whether it ended."""
@@ -218,6 +363,6 @@ class Tick(Event):
 
 SESSION_EVENTS: tuple[type[SessionEvent], ...] = (
     SetSession, GetSession, Touch, Hash, Escalate, Cost, GetCost, SetCacheSticky,
-    IsCacheSticky, SetDeployment, Decision, Expire, Clear, Evict,
+    IsCacheSticky, SetDeployment, Decision, Expire, Clear, Evict, Route, Release,
 )
 STORE_EVENTS: tuple[type[Event], ...] = (ClearAll, GetStats, Tick)

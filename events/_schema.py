@@ -83,6 +83,18 @@ def hex64(v: Any) -> bool:
     return type(v) is str and len(v) == 64 and _HEX.issuperset(v)
 
 
+@_domain("a list of strings", "type(v) is list and all(type(x) is str for x in v)")
+def strings(v: Any) -> bool:
+    return type(v) is list and all(type(x) is str for x in v)
+
+
+@_domain("a list of [reservation id, micros >= 0, expires_at >= 0]")
+def reservations(v: Any) -> bool:
+    return type(v) is list and all(
+        type(r) is list and len(r) == 3 and type(r[0]) is str and type(r[1]) is int and r[1] >= 0
+        and type(r[2]) is int and r[2] >= 0 for r in v)
+
+
 def const(value: Any) -> Check:
     return _domain(f"exactly {value!r}")(lambda v: v is value if isinstance(value, bool) else v == value)
 
@@ -99,6 +111,8 @@ ENTRY: dict[str, Check] = {
     "cache_sticky": boolean, "cache_sticky_at": int0, "provider": text, "session_cost_micros": int0,
     "deployment": text,
 }
+#: Entry fields a record may lack (written since they were added; replay reads their defaults).
+ENTRY_OPTIONAL: dict[str, Check] = {"reservations": reservations}
 
 
 def entry_problem(fields: Any, strict: bool = True) -> tuple[str, str] | None:
@@ -106,15 +120,17 @@ def entry_problem(fields: Any, strict: bool = True) -> tuple[str, str] | None:
     if type(fields) is not dict:
         return "", "an object of Entry fields"
     for key, value in fields.items():
-        check = ENTRY.get(key)
+        check = ENTRY.get(key) or ENTRY_OPTIONAL.get(key)
         if check is None:
             if strict:
                 return key, "not a field of an Entry"
             continue
         if not check(value):
             return key, check.rule  # type: ignore[attr-defined]
-    if strict and len(fields) != len(ENTRY):
-        return next(k for k in ENTRY if k not in fields), "required"
+    if strict:
+        missing = next((k for k in ENTRY if k not in fields), None)
+        if missing is not None:
+            return missing, "required"
     return None
 
 
@@ -129,7 +145,8 @@ REQUIRED_ENVELOPE = ("seq", "ts", "event")
 
 #: Record name -> (required fields, {field: domain} of every field it may carry besides the envelope).
 RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
-    R.SESSION_CREATED: (("session_id", *ENTRY), {"session_id": session_id, **ENTRY, "cause": const("cost")}),
+    R.SESSION_CREATED: (("session_id", *ENTRY), {"session_id": session_id, **ENTRY, **ENTRY_OPTIONAL,
+                                                 "cause": const("cost")}),
     R.SESSION_UPDATED: (("session_id", "last_used_at", "request_count"), {
         "session_id": session_id, "last_used_at": int0, "request_count": int0, "model": text, "tier": tier,
         "user_explicit": const(True)}),
@@ -141,7 +158,8 @@ RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
         "session_id": session_id, "tier": tier_set, "escalated": const(True), "reason": text, "from_tier": tier,
         "strikes": int0}),
     R.COST_ADDED: (("session_id", "micros", "session_cost_micros"), {
-        "session_id": session_id, "micros": int1, "session_cost_micros": int0}),
+        "session_id": session_id, "micros": int0, "session_cost_micros": int0, "reservation_id": text,
+        "estimate_micros": int0, "reservations": reservations, "prompt_tokens": int0, "completion_tokens": int0}),
     R.STICKY_PINNED: (("session_id", "cache_sticky", "cache_sticky_at", "provider", "ttl_ms"), {
         "session_id": session_id, "cache_sticky": const(True), "cache_sticky_at": int0, "provider": text,
         "ttl_ms": int0}),
@@ -151,7 +169,17 @@ RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
         "session_id": session_id, "deployment": text, "previous": text}),
     R.DECISION_MADE: (("session_id", "kind"), {
         "session_id": session_id, "kind": text, "model": text, "tier": tier, "provider": text, "reason": text,
-        "strategy": text, "source": text, "deployment": text}),
+        "strategy": text, "source": text, "deployment": text, "requested_model": text, "requested_tier": tier,
+        "request_hash": text, "tools": const(True), "stall": const(True), "candidates": strings,
+        "estimate_micros": int0, "limit_micros": int0, "spent_micros": int0, "reserved_micros": int0,
+        "reservation_id": text}),
+    R.BUDGET_RESERVED: (("session_id", "reservation_id", "micros", "expires_at", "reservations"), {
+        "session_id": session_id, "reservation_id": text, "micros": int1, "expires_at": int0,
+        "reservations": reservations}),
+    R.BUDGET_RELEASED: (("session_id", "reservation_id", "micros", "reservations"), {
+        "session_id": session_id, "reservation_id": text, "micros": int0, "reservations": reservations}),
+    R.BUDGET_LAPSED: (("session_id", "reservation_ids", "micros", "reservations"), {
+        "session_id": session_id, "reservation_ids": strings, "micros": int0, "reservations": reservations}),
     R.SESSION_EXPIRED: (("session_id", "reason", "idle_ms"), {
         "session_id": session_id, "reason": const("idle"), "idle_ms": int0}),
     R.SESSION_EVICTED: (("session_id", "reason"), {"session_id": session_id, "reason": const("capacity")}),

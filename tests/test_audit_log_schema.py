@@ -25,7 +25,7 @@ import engine._core
 from engine import InvalidEvent, SessionStore, ShardFailed
 from engine._capacity import SessionRefused
 from engine._log import FileLog
-from events import Decision, SetDeployment
+from events import Cost, Decision, Release, Route, RouteRules, SetDeployment
 from events import records as R
 from tests.conftest import read_log
 
@@ -150,6 +150,15 @@ def _every_record(make_store: Callable[..., SessionStore], log: Path, monkeypatc
         store.clear_session("late")
         for i in range(60):
             store.set_session(f"bulk-{i}", "m", "MEDIUM")  # enough bytes to rotate
+        # A routed turn with a budget: reserved, settled, released, and one left to lapse at the tick.
+        rules = RouteRules(models=(("MEDIUM", ("m",)),), max_cost_micros=10**6, reservation_ttl_ms=1_000)
+        for rid in ("r1", "r2", "r3"):
+            store.ask(Route("budget", "m", "MEDIUM", rules, request_hash="h", tools=True, candidates=("d1",),
+                            estimates=(("", 100),), reservation_id=rid))
+        store.ask(Cost("budget", 90, "r1", prompt_tokens=10, completion_tokens=20))
+        store.ask(Release("budget", "r2"))
+        frozen.tick(timedelta(milliseconds=2_000))
+        store.tick()  # r3's TTL has passed: the clock's deadline heap lapses it
         frozen.tick(timedelta(milliseconds=1_000_000))
         store.tick()
         store.set_session("z", "m")

@@ -19,10 +19,9 @@ from typing import Any
 
 import litellm
 import pytest
-from fastapi import HTTPException
 from litellm import Router
 from litellm.caching.dual_cache import DualCache
-from litellm.proxy._types import UserAPIKeyAuth
+from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
 from engine import Config, Tier
 from engine.integrations.litellm import DECISION_KEY, SessionEngineCallback, deployment_id
@@ -149,19 +148,24 @@ def test_third_identical_request_escalates_one_tier(make_hook):
 
 
 def test_strict_budget_refuses_before_any_deployment_is_called(make_hook):
-    hook = make_hook(max_cost_usd=0.004, budget_mode="strict")
+    # The default estimate: LiteLLM's token count of the prompt at the group's input price, plus
+    # max_tokens (20, the mock's usage) at its output price: about $0.006 a call on "mid".
+    hook = make_hook(max_cost_usd=0.008, budget_mode="strict")
 
     async def run() -> BudgetExceeded:
         router = Router(model_list=model_list())
-        await hook.acompletion(router, model="mid", messages=ask("first"), metadata={"session_id": "capped"})
+        await hook.acompletion(router, model="mid", messages=ask("first"), metadata={"session_id": "capped"},
+                               max_tokens=20)
         await hook.wait_recorded(1)
         with pytest.raises(BudgetExceeded) as refused:
-            await hook.acompletion(router, model="mid", messages=ask("second"), metadata={"session_id": "capped"})
+            await hook.acompletion(router, model="mid", messages=ask("second"), metadata={"session_id": "capped"},
+                                   max_tokens=20)
         return refused.value
 
     refusal = asyncio.run(run())
-    assert refusal.spent_usd == pytest.approx(0.005)
-    assert refusal.limit_usd == 0.004
+    assert refusal.spent_usd == pytest.approx(0.005)  # settled: the actual cost replaced the estimate
+    assert 0.003 < refusal.estimate_usd < 0.008
+    assert refusal.limit_usd == 0.008
     assert hook.recorded == 1  # the refused request never reached a deployment
 
 
@@ -209,7 +213,7 @@ def test_the_deployment_that_served_the_session_keeps_serving_it(make_hook):
     assert len(switches) == 1 and switches[0]["deployment"] == f"openai/gpt-4.1-mini#{ids[0][:12]}"
 
 
-def test_proxy_pre_call_hook_routes_and_turns_a_refusal_into_429(make_hook):
+def test_proxy_pre_call_hook_routes_and_answers_a_refusal_as_litellms_budget_error(make_hook):
     hook = make_hook(max_cost_usd=0.01, budget_mode="strict")
     auth = UserAPIKeyAuth(token="hashed-key-1")
     sid = f"{hook.proxy_tenant(auth)}:proxy-1"  # the session is scoped by the caller's key
@@ -218,18 +222,20 @@ def test_proxy_pre_call_hook_routes_and_turns_a_refusal_into_429(make_hook):
         return {"model": "cheap", "messages": ask(text), "metadata": {},
                 "proxy_server_request": {"headers": {"X-Session-Id": "proxy-1"}}}
 
-    async def run() -> tuple[dict[str, Any], HTTPException]:
+    async def run() -> tuple[dict[str, Any], ProxyException]:
         first = await hook.async_pre_call_hook(auth, DualCache(), request("hi"), "acompletion")
         await hook.policy.record_cost(sid, 0.02)
-        with pytest.raises(HTTPException) as refused:
+        with pytest.raises(ProxyException) as refused:
             await hook.async_pre_call_hook(auth, DualCache(), request("more"), "acompletion")
         return first, refused.value
 
     first, refused = asyncio.run(run())
     assert first["model"] == "cheap" and first["metadata"][DECISION_KEY]["session_id"] == sid
-    assert refused.status_code == 429
-    assert refused.detail["error"]["type"] == "budget_exceeded"
-    assert refused.detail["error"]["spent_usd"] == pytest.approx(0.02)
+    # LiteLLM's own budget errors: 422 (not a 429 that the OpenAI SDKs would retry), type budget_exceeded.
+    assert refused.code == "422" and refused.headers["x-should-retry"] == "false"
+    error = refused.to_dict()
+    assert error["type"] == "budget_exceeded"
+    assert error["provider_specific_fields"]["spent_usd"] == pytest.approx(0.02)
 
 
 def test_proxy_hook_rewrites_the_model_to_the_pinned_group(make_hook):

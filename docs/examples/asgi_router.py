@@ -18,7 +18,8 @@ header, for demos and tests); ``"model": "auto"`` lets it choose, a model of
 the tier table pins that model as the user's explicit choice. The session id
 comes from ``x-session-id`` or the identity chain (docs/identity.md), the
 decision goes back in ``x-session-*`` response headers, and a budget refusal is
-HTTP 429 with an OpenAI-style JSON error. With ``event_log`` set, sessions
+HTTP 422 with an OpenAI-style JSON error (the status LiteLLM gives its own budget errors:
+the OpenAI SDKs retry 408, 409, 429 and 5xx, so a 429 would be sent three times). With ``event_log`` set, sessions
 survive a restart: the store restores them from the log.
 
 Run it (``pip install 'session-engine[asgi]' uvicorn``)::
@@ -222,6 +223,7 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
         routed = Request(model=model, tier=tier, session_id=session_id, messages=messages, tools=tools,
                          user_explicit=explicit, source=source[:64], tenant=tenant,
                          estimate_usd=price(model, prompt_tokens(messages), COMPLETION_TOKENS))
+        # One ask: the session's turn decides, applies the pin and reserves the estimate under a cap.
         decision = await policy.decide(routed)
         if decision.kind is Kind.UNAVAILABLE:
             metrics.count_unavailable(decision.reason.rsplit(" ", 1)[-1])
@@ -229,9 +231,13 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
         if "x-session-id" in headers:  # the caller's own id, as it sent it: its scope is implied by its key
             headers["x-session-id"] = split(headers["x-session-id"])[1]
         if decision.refused:
-            return JSONResponse(decision.budget_error().error_body(decision.reason), status_code=429,
-                                headers=headers)
-        reply, cost = await upstream.complete(decision.model, body)
+            return JSONResponse(decision.budget_error().error_body(decision.reason), status_code=422,
+                                headers={**headers, "x-should-retry": "false"})
+        try:
+            reply, cost = await upstream.complete(decision.model, body)
+        except Exception:
+            await policy.release(decision)  # no answer, no cost: give back the budget the route reserved
+            raise
         if decision.session_id:
             await policy.record_response(decision.session_id, cost_usd=cost, decision=decision)
         headers["x-session-cost-usd"] = f"{cost:.6f}"

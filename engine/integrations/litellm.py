@@ -11,9 +11,19 @@
   stay warm; when it is gone, another one takes over and a ``switch`` is logged;
   ``async_pre_call_deployment_hook`` remembers the deployment LiteLLM picked;
 - ``async_pre_call_hook`` (the LiteLLM proxy server): the same decision, with
-  the refusal turned into HTTP 429;
+  the refusal answered as LiteLLM answers its own budget errors (HTTP 422,
+  ``type: budget_exceeded``), which standard clients do not retry;
+- ``async_post_call_response_headers_hook`` (the proxy server): the decision as
+  ``x-session-engine-*`` response headers;
 - ``async_log_success_event`` (every successful call): records
-  ``response_cost`` in micros.
+  ``response_cost`` in micros, settling the request's budget reservation,
+  unless ``acompletion``/``completion`` already did (once per request);
+  ``async_log_failure_event`` releases the reservation of a failed call.
+
+``acompletion``/``completion`` settle the cost from the response before they
+return and put the decision in ``response._hidden_params["session_engine"]``.
+With no ``Options.estimator``, requests are priced from LiteLLM's own price
+map and token counter (``LiteLLMEstimator``).
 
 Routers built on LiteLLM's Rust core (1.9x and later) no longer call a
 callback's ``async_pre_routing_hook``: there, send requests through
@@ -36,7 +46,11 @@ The policy's tier table names LiteLLM *model groups*; name groups
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
@@ -45,19 +59,22 @@ from litellm.types.router import PreRoutingHookResponse
 from engine._config import Config
 from engine.aio import AsyncSessionStore
 from engine.identity import DEFAULT_ORDER, FINGERPRINT, IdentityResolver, Scope
-from engine.policy import AsyncPolicy, BudgetExceeded, Options, Request, RouteDecision, TierModels
+from engine.policy import AsyncPolicy, BudgetExceeded, Options, Request, RouteDecision, TierModels, cost_micros
 from engine.store import SessionStore
 from events import (
+    Cost,
     Decision,
     EngineError,
     GetSession,
     InvalidEvent,
+    Release,
     SessionEvent,
     SetDeployment,
     Tier,
     parse_tier,
     tier_rank,
 )
+from events._validate import MAX_MICROS
 
 log = logging.getLogger("engine.integrations.litellm")
 
@@ -74,6 +91,88 @@ _PINNING = frozenset({"initialize", "retain", "upgrade", "escalate", "switch"})
 _RETAINED = frozenset({"retain", "switch"})
 #: What a session is scoped by: the caller's API-key hash, its team (else its key), or nothing.
 SCOPES = ("key", "team", "off")
+
+
+#: Output tokens an estimate assumes when the request sets no ``max_tokens`` (docs/integration.md).
+DEFAULT_OUTPUT_TOKENS = 1024
+#: Key of the decision in an SDK response's ``_hidden_params``.
+HIDDEN_KEY = "session_engine"
+#: Request ids remembered as settled, so each request's cost counts once (oldest forgotten first).
+_SETTLED_MEMORY = 10_000
+
+
+class LiteLLMEstimator:
+    """``Options.estimator`` from LiteLLM's own price map and token counter.
+
+    A request costs ``prompt tokens x input price + output allowance x output price``, the
+    allowance being the request's ``max_tokens`` or ``DEFAULT_OUTPUT_TOKENS``. A model group's
+    prices are those of its most expensive deployment (``input_cost_per_token`` /
+    ``output_cost_per_token`` in its ``litellm_params``, else LiteLLM's price map for its model),
+    looked up in the Router the hook last served, else the price map under the group's name. An
+    unpriced model is estimated at the request's ``estimate_usd``.
+    """
+
+    def __init__(self, hook: SessionEngineCallback, default_output_tokens: int = DEFAULT_OUTPUT_TOKENS) -> None:
+        self._hook = hook
+        self.default_output_tokens = default_output_tokens
+        self._tokens: tuple[int, int] = (0, 0)  # (id of the request counted last, its prompt tokens)
+
+    def __call__(self, model: str, request: Request) -> float:
+        prices = self._prices(model)
+        if prices is None:
+            return float(request.estimate_usd)
+        return self.prompt_tokens(model, request) * prices[0] + self._output(request) * prices[1]
+
+    def _output(self, request: Request) -> int:
+        return request.max_tokens if request.max_tokens else self.default_output_tokens
+
+    def prompt_tokens(self, model: str, request: Request) -> int:
+        # The policy prices one request for every model of its table in a row: count it once.
+        if self._tokens[0] == id(request):
+            return self._tokens[1]
+        import litellm
+
+        try:
+            count = int(litellm.token_counter(model=model, messages=list(request.messages)))
+        except Exception:  # an unknown tokenizer or odd content: bytes / 4, as LiteLLM's fallback does
+            count = sum(len(str(m).encode()) for m in request.messages) // 4
+        self._tokens = (id(request), count)
+        return count
+
+    def _prices(self, group: str) -> tuple[float, float] | None:
+        import litellm
+
+        best: tuple[float, float] | None = None
+        router = self._hook._router
+        deployments: Sequence[Any] = ()
+        if router is not None:
+            try:  # LiteLLM 1.9x: the registry; before it, the model_list attribute
+                registry = getattr(router, "registry", None)
+                deployments = (registry().deployments(group) if callable(registry)
+                               else [d for d in router.model_list if d.get("model_name") == group])
+            except Exception:
+                deployments = ()
+        deployments = [d for d in deployments if isinstance(d, Mapping)]
+        for deployment in deployments:
+            params = deployment.get("litellm_params") or {}
+            found = _price_of(params, litellm.model_cost.get(params.get("model")) or
+                              litellm.model_cost.get(str(params.get("model", "")).split("/", 1)[-1]))
+            if found is not None and (best is None or sum(found) > sum(best)):
+                best = found
+        if best is None:
+            best = _price_of({}, litellm.model_cost.get(group))
+        return best
+
+
+def _price_of(params: Mapping[str, Any], entry: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    entry = entry or {}
+    prices = []
+    for key in ("input_cost_per_token", "output_cost_per_token"):
+        value = params.get(key, entry.get(key))
+        prices.append(value if type(value) in (int, float) and value >= 0 else None)
+    if prices[0] is None and prices[1] is None:
+        return None
+    return float(prices[0] or 0.0), float(prices[1] or 0.0)
 
 
 def _metadata(kwargs: Mapping[str, Any] | None, create: bool = False) -> dict[str, Any]:
@@ -126,15 +225,76 @@ def tiers_of(models: TierModels) -> dict[str, Tier]:
     return out
 
 
+#: Prefix of the response headers that carry the decision on the proxy.
+HEADER_PREFIX = "x-session-engine-"
+#: LiteLLM's own budget errors answer 422 (``litellm.budget_exceeded_status_code``, 1.110); the
+#: OpenAI SDKs retry 408, 409, 429 and 5xx, so a refusal must not be a 429.
+_BUDGET_STATUS = 422
+
+
+def budget_status_code() -> int:
+    """The HTTP status LiteLLM gives its own budget errors (an operator may change it), else 422."""
+    import litellm
+
+    status = getattr(litellm, "budget_exceeded_status_code", _BUDGET_STATUS)
+    return status if type(status) is int and 400 <= status <= 599 else _BUDGET_STATUS
+
+
 def budget_http_error(exc: BudgetExceeded) -> Exception:
-    """The refusal as the proxy returns it: HTTP 429 with a JSON error body (FastAPI's HTTPException)."""
-    body = exc.error_body()
+    """The refusal as the proxy answers it: LiteLLM's own budget error, ``ProxyException`` with
+    ``type: budget_exceeded`` and ``budget_status_code()`` (422), the session's figures in
+    ``provider_specific_fields`` and ``x-should-retry: false`` for clients that honour it."""
+    body = exc.error_body()["error"]
+    status = budget_status_code()
     try:
-        from fastapi import HTTPException
-    except ImportError:  # the proxy always has FastAPI; a bare SDK install may not
-        exc.status_code = 429  # type: ignore[attr-defined]
+        from litellm.proxy._types import ProxyException
+    except ImportError:  # the proxy always has it; a bare SDK install may miss its dependencies
+        exc.status_code = status  # type: ignore[attr-defined]
         return exc
-    return HTTPException(status_code=429, detail=body)
+    details = {k: v for k, v in body.items() if k not in ("message", "type")}
+    return ProxyException(message=body["message"], type=body["type"], param=None, code=status,
+                          provider_specific_fields=details, headers={"x-should-retry": "false"})
+
+
+def decision_headers(stashed: Mapping[str, Any], cost_usd: float | None = None) -> dict[str, str]:
+    """A stashed decision as ``x-session-engine-*`` headers: decision kind, served model group and
+    tier, the session id's source and, when a budget applies, what remains of it after this call
+    (limit - spent before it - its cost, negative when a graceful budget was overrun)."""
+    values = {"decision": stashed.get("kind"), "model": stashed.get("model"), "tier": stashed.get("tier"),
+              "session-source": stashed.get("source")}
+    limit, spent = stashed.get("limit_usd"), stashed.get("spent_usd")
+    if type(limit) in (int, float) and type(spent) in (int, float):
+        remaining = limit - spent - (cost_usd if stashed.get("kind") != "refuse" and cost_usd else 0.0)
+        values["budget-remaining-usd"] = f"{remaining:.6f}"
+        values["budget-limit-usd"] = f"{limit:.6f}"
+    return {HEADER_PREFIX + k: v.encode("ascii", "replace").decode() for k, v in values.items()
+            if isinstance(v, str) and v}
+
+
+def _response_cost(response: Any) -> float | None:
+    hidden = getattr(response, "_hidden_params", None)
+    cost = hidden.get("response_cost") if isinstance(hidden, Mapping) else None
+    return float(cost) if type(cost) in (int, float) else None
+
+
+#: LiteLLM's process-wide callback lists a registered hook may have been copied into.
+_CALLBACK_LISTS = ("callbacks", "input_callback", "_async_input_callback", "success_callback", "failure_callback",
+                   "_async_success_callback", "_async_failure_callback", "service_callback")
+
+
+def unregister(hook: CustomLogger) -> None:
+    """Remove ``hook`` (and its bound methods) from every LiteLLM callback list, under LiteLLM's own
+    lock for those lists where it has one."""
+    import contextlib
+
+    import litellm
+
+    manager = getattr(litellm, "logging_callback_manager", None)
+    with getattr(manager, "callback_lists_lock", None) or contextlib.nullcontext():
+        for name in _CALLBACK_LISTS:
+            callbacks = getattr(litellm, name, None)
+            if isinstance(callbacks, list):
+                callbacks[:] = [c for c in callbacks if c is not hook and getattr(c, "__self__", None) is not hook]
 
 
 class SessionEngineCallback(CustomLogger):
@@ -167,11 +327,15 @@ class SessionEngineCallback(CustomLogger):
             identity = policy.identity or IdentityResolver(tuple(s for s in DEFAULT_ORDER if s != FINGERPRINT))
         self.identity = identity
         self.affinity = affinity
+        #: Unique per instance. LiteLLM de-duplicates callbacks by class name plus public str/int/bool
+        #: attributes: without it a second hook would be taken for the first and never called.
+        self.instance_id = uuid.uuid4().hex
         self._owned: SessionStore | None = None
         if scope not in SCOPES:
             raise InvalidEvent("scope", "must be one of key, team, off")
         self.scope = scope
         self._scope = None if scope == "off" else Scope.from_env(secret)
+        self._init_call_path()
 
     @classmethod
     def create(cls, models: TierModels, config: Config | None = None, options: Options | None = None, *,
@@ -191,9 +355,26 @@ class SessionEngineCallback(CustomLogger):
         return hook
 
     def close(self) -> None:
-        """Stop the store this callback created (a store passed in is the caller's to close)."""
+        """Unregister from LiteLLM's callback lists, then stop the store this callback created (a store
+        passed in is the caller's to close). A hook created afterwards starts with clean lists."""
+        unregister(self)
         if self._owned is not None:
             self._owned.close()
+
+    def _own_stash(self, kwargs: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """This hook's decision stashed in the request; None when there is none or another hook made it
+        (each hook keeps its own books when several share a process)."""
+        stashed = _metadata(kwargs).get(DECISION_KEY)
+        return stashed if isinstance(stashed, Mapping) and stashed.get("hook") == self.instance_id else None
+
+    def _init_call_path(self) -> None:
+        """The SDK call path's own state: the settled-request memory and the default estimator."""
+        self._router: Any = None  # the Router acompletion/completion last served (for prices)
+        self._settled: OrderedDict[str, None] = OrderedDict()
+        self._settled_lock = threading.Lock()
+        if self.policy.options.estimator is None:
+            # Graceful budgets need a per-model price: LiteLLM's own, by default.
+            self.policy.options = replace(self.policy.options, estimator=LiteLLMEstimator(self))
 
     # -- reading a request --------------------------------------------------------------
     def tenant(self, identity: str) -> str:
@@ -226,6 +407,8 @@ class SessionEngineCallback(CustomLogger):
         chain, scoped by ``tenant`` (default: ``request_tenant``)."""
         metadata = _metadata(kwargs)
         stashed = metadata.get(DECISION_KEY)
+        if isinstance(stashed, Mapping) and stashed.get("hook") != self.instance_id:
+            return "", ""  # another hook's request: its session is in that hook's store
         if isinstance(stashed, Mapping) and isinstance(stashed.get("session_id"), str):
             return stashed["session_id"], stashed.get("source", "")
         if tenant is None:
@@ -252,7 +435,8 @@ class SessionEngineCallback(CustomLogger):
                 model=model, tier=metadata.get("tier") or self.tiers.get(model), session_id=sid,
                 messages=messages if isinstance(messages, Sequence) and not isinstance(messages, str) else (),
                 tools=kwargs.get("tools") or (), user_explicit=metadata.get("user_explicit") is True,
-                estimate_usd=estimate if type(estimate) in (int, float) else 0.0, source=source[:64], tenant=tenant)
+                estimate_usd=estimate if type(estimate) in (int, float) else 0.0, source=source[:64], tenant=tenant,
+                max_tokens=_max_tokens(kwargs))
         except InvalidEvent as exc:
             # A malformed hint from the caller must not fail the request: LiteLLM routes it as asked.
             log.warning("session-engine litellm: request not routed by the policy (%s: %s)", exc.field, exc.rule)
@@ -268,17 +452,39 @@ class SessionEngineCallback(CustomLogger):
         None when the request is not the policy's to route: a re-entry for a
         request already decided (retry, fallback), or a malformed hint.
         """
+        prepared = self._prepare(model, kwargs, messages, tenant)
+        if prepared is None:
+            return None
+        return self._stash(prepared[0], model, await self.policy.decide(prepared[1]))
+
+    def decide_sync(self, model: str, kwargs: dict[str, Any], messages: Any = None,
+                    tenant: str = "") -> RouteDecision | None:
+        """``decide`` for synchronous callers (``Router.completion``): the same decision, blocking for
+        at most the policy's deadline."""
+        prepared = self._prepare(model, kwargs, messages, tenant)
+        if prepared is None:
+            return None
+        return self._stash(prepared[0], model, self.policy.decide_blocking(prepared[1]))
+
+    def _prepare(self, model: str, kwargs: dict[str, Any], messages: Any,
+                 tenant: str) -> tuple[dict[str, Any], Request] | None:
         metadata = _metadata(kwargs, create=True)
         if isinstance(metadata.get(DECISION_KEY), Mapping):
             return None
         request = self._request(model, kwargs, messages, tenant)
-        if request is None:
-            return None
-        decision = await self.policy.decide(request)
+        return None if request is None else (metadata, request)
+
+    def _stash(self, metadata: dict[str, Any], model: str, decision: RouteDecision) -> RouteDecision:
         metadata[DECISION_KEY] = {
             "requested": model, "model": decision.model, "kind": decision.kind.value,
             "tier": decision.tier.value if decision.tier else None, "reason": decision.reason,
-            "session_id": decision.session_id, "source": decision.source,
+            "session_id": decision.session_id, "source": decision.source, "hook": self.instance_id,
+            # Settlement key: each request's cost is counted once, by the hook or the success callback.
+            "request_id": decision.reservation_id or uuid.uuid4().hex,
+            "reservation_id": decision.reservation_id, "estimate_usd": decision.estimate_usd,
+            "spent_usd": decision.spent_usd, "limit_usd": decision.limit_usd,
+            # Affinity reads it in async_filter_deployments: no second ask per request.
+            "served_deployment": decision.served_deployment,
         }
         if decision.refused:
             raise decision.budget_error()
@@ -286,8 +492,8 @@ class SessionEngineCallback(CustomLogger):
 
     def _target(self, model: str, kwargs: Mapping[str, Any]) -> str | None:
         """The group the stashed decision sends ``model`` to; None: leave it (a fallback, or unchanged)."""
-        stashed = _metadata(kwargs).get(DECISION_KEY)
-        if not isinstance(stashed, Mapping) or stashed.get("requested") != model:
+        stashed = self._own_stash(kwargs)
+        if stashed is None or stashed.get("requested") != model:
             return None
         target = stashed.get("model")
         return target if isinstance(target, str) and target and target != model else None
@@ -306,17 +512,87 @@ class SessionEngineCallback(CustomLogger):
 
     async def acompletion(self, router: Any, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
         """``router.acompletion`` with the policy applied first: the entry point for Routers that do
-        not call a callback's pre-routing hook. Raises ``BudgetExceeded`` when refused."""
+        not call a callback's pre-routing hook. Raises ``BudgetExceeded`` when refused.
+
+        The response's cost is settled before this returns (from its ``response_cost``), and the
+        decision is in ``response._hidden_params["session_engine"]``; a failed call releases the
+        budget the decision reserved.
+        """
+        self._router = router
         kwargs["metadata"] = dict(kwargs.get("metadata") or {})
         request_kwargs = {**kwargs, "model": model, "messages": messages}  # shares the metadata dict
         routed = await self.async_pre_routing_hook(model, request_kwargs, messages)
-        return await router.acompletion(model=routed.model if routed else model, messages=messages, **kwargs)
+        try:
+            response = await router.acompletion(model=routed.model if routed else model, messages=messages,
+                                                **kwargs)
+        except BaseException:
+            self._release(kwargs["metadata"])
+            raise
+        return self._settle_response(kwargs["metadata"], response)
+
+    def completion(self, router: Any, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        """``router.completion`` (synchronous) with the same semantics as ``acompletion``."""
+        self._router = router
+        kwargs["metadata"] = dict(kwargs.get("metadata") or {})
+        request_kwargs = {**kwargs, "model": model, "messages": messages}
+        self.decide_sync(model, request_kwargs, messages)
+        target = self._target(model, request_kwargs)
+        try:
+            response = router.completion(model=target or model, messages=messages, **kwargs)
+        except BaseException:
+            self._release(kwargs["metadata"])
+            raise
+        return self._settle_response(kwargs["metadata"], response)
+
+    # -- settlement ---------------------------------------------------------------------
+    def _first_settlement(self, request_id: str) -> bool:
+        """True exactly once per request id (the hook and the success callback both try)."""
+        with self._settled_lock:
+            if request_id in self._settled:
+                return False
+            self._settled[request_id] = None
+            if len(self._settled) > _SETTLED_MEMORY:
+                self._settled.popitem(last=False)
+            return True
+
+    def _settle(self, stashed: Mapping[str, Any], sid: str, cost: Any, response: Any = None) -> None:
+        """Count a request's cost once: settle its reservation with the actual cost (or add it), with the
+        response's token counts."""
+        request_id = stashed.get("request_id") if isinstance(stashed, Mapping) else None
+        if isinstance(request_id, str) and request_id and not self._first_settlement(request_id):
+            return
+        micros = min(cost_micros(float(cost)), MAX_MICROS) if type(cost) in (int, float) else 0
+        rid = stashed.get("reservation_id", "") if isinstance(stashed, Mapping) else ""
+        rid = rid if isinstance(rid, str) else ""
+        if sid and (micros or rid):
+            self._tell(Cost(sid, micros, rid, *_usage(response)))
+
+    def _settle_response(self, metadata: Mapping[str, Any], response: Any) -> Any:
+        stashed = metadata.get(DECISION_KEY)
+        if not isinstance(stashed, Mapping) or stashed.get("hook") != self.instance_id:
+            return response
+        hidden = getattr(response, "_hidden_params", None)
+        if isinstance(hidden, dict):
+            hidden[HIDDEN_KEY] = {k: v for k, v in stashed.items() if k != "request_id"}
+            cost = hidden.get("response_cost")
+            if cost is not None:
+                self._settle(stashed, stashed.get("session_id") or "", cost, response)
+        return response
+
+    def _release(self, metadata: Mapping[str, Any]) -> None:
+        stashed = metadata.get(DECISION_KEY)
+        if (not isinstance(stashed, Mapping) or stashed.get("hook") != self.instance_id
+                or not stashed.get("reservation_id") or not stashed.get("session_id")):
+            return  # no reservation, or another hook's
+        # Not marked settled: a retry or fallback that then succeeds still counts its cost (the
+        # reservation is gone, so the cost is added); a second release finds nothing to release.
+        self._tell(Release(stashed["session_id"], stashed["reservation_id"]))
 
     def _pinned(self, model: str, kwargs: Mapping[str, Any] | None, kinds: frozenset[str]) -> str:
         """The session id when this request is served by its session's pinned group with a decision
         of one of ``kinds``; "" otherwise (a bypass, a fallback group, no decision)."""
-        stashed = _metadata(kwargs).get(DECISION_KEY)
-        if (not isinstance(stashed, Mapping) or stashed.get("kind") not in kinds
+        stashed = self._own_stash(kwargs)
+        if (stashed is None or stashed.get("kind") not in kinds
                 or stashed.get("model") != model or not isinstance(stashed.get("session_id"), str)):
             return ""
         return stashed["session_id"]
@@ -331,11 +607,13 @@ class SessionEngineCallback(CustomLogger):
         sid = self._pinned(model, request_kwargs, _RETAINED)
         if not sid:
             return healthy_deployments
-        try:
-            state = await self.policy.store.ask(GetSession(sid), timeout=self.policy.options.deadline_s)
-        except (EngineError, TimeoutError):  # best effort: LiteLLM's own choice
-            return healthy_deployments
-        served = state.deployment if state is not None else ""
+        served = _metadata(request_kwargs)[DECISION_KEY].get("served_deployment")
+        if not isinstance(served, str):  # a decision stashed without it: read the session
+            try:
+                state = await self.policy.store.ask(GetSession(sid), timeout=self.policy.options.deadline_s)
+            except (EngineError, TimeoutError):  # best effort: LiteLLM's own choice
+                return healthy_deployments
+            served = state.deployment if state is not None else ""
         if not served:
             return healthy_deployments
         ids = [deployment_id(d) for d in healthy_deployments]
@@ -365,7 +643,8 @@ class SessionEngineCallback(CustomLogger):
     # -- the LiteLLM proxy server -------------------------------------------------------
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict,
                                   call_type: str) -> dict | Exception | str | None:
-        """The proxy's hook: route ``data["model"]`` per the policy; a refusal becomes HTTP 429."""
+        """The proxy's hook: route ``data["model"]`` per the policy; a refusal becomes LiteLLM's budget
+        error (``budget_http_error``: HTTP 422, not retried)."""
         model = data.get("model")
         if call_type not in CHAT_CALL_TYPES or not isinstance(model, str) or not model:
             return data
@@ -380,10 +659,19 @@ class SessionEngineCallback(CustomLogger):
             data["model"] = target
         return data
 
+    async def async_post_call_response_headers_hook(self, data: dict, user_api_key_dict: Any, response: Any,
+                                                    request_headers: dict[str, str] | None = None,
+                                                    litellm_call_info: dict[str, object] | None = None,
+                                                    ) -> dict[str, str] | None:
+        """The proxy's response headers (success and refusal): this hook's decision as
+        ``x-session-engine-*`` (``decision_headers``); None for requests it did not decide."""
+        stashed = self._own_stash(data)
+        return decision_headers(stashed, _response_cost(response)) if stashed is not None else None
+
     # -- outcomes -------------------------------------------------------------------------
     async def async_log_success_event(self, kwargs: dict, response_obj: Any, start_time: Any,
                                       end_time: Any) -> None:
-        """Record the call's ``response_cost`` (USD) in micros."""
+        """Record the call's ``response_cost`` (USD) in micros, unless the hook already settled it."""
         try:
             params = kwargs.get("litellm_params") or {}
             source = params if _metadata(params) else kwargs
@@ -391,14 +679,43 @@ class SessionEngineCallback(CustomLogger):
                                       or kwargs.get("litellm_session_id")})
             if not sid:
                 return
-            cost = kwargs.get("response_cost")
-            if type(cost) in (int, float) and cost > 0:
-                await self.policy.record_response(sid, cost_usd=float(cost))
+            stashed = _metadata(source).get(DECISION_KEY)
+            if not isinstance(stashed, Mapping):  # not decided here: key it by LiteLLM's call id
+                stashed = {"request_id": kwargs.get("litellm_call_id") or ""}
+            self._settle(stashed, sid, kwargs.get("response_cost"), response_obj)
         except Exception as exc:  # logging must never break LiteLLM's call path
             log.warning("session-engine litellm: outcome not recorded (%s)", type(exc).__name__)
 
+    async def async_log_failure_event(self, kwargs: dict, response_obj: Any, start_time: Any,
+                                      end_time: Any) -> None:
+        """A failed call (the proxy's path; the SDK path releases in ``acompletion``): give back the
+        budget its decision reserved, once."""
+        try:
+            params = kwargs.get("litellm_params") or {}
+            self._release(_metadata(params) or _metadata(kwargs))
+        except Exception as exc:  # logging must never break LiteLLM's call path
+            log.warning("session-engine litellm: reservation not released (%s)", type(exc).__name__)
+
     def _tell(self, event: SessionEvent) -> None:
         self.policy._tell([event])  # the policy's own path: a closed store is logged, never raised
+
+
+def _usage(response: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens of a LiteLLM response's ``usage``; 0 for what it does not say."""
+    usage = getattr(response, "usage", None)
+    out = []
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = getattr(usage, name, None) if usage is not None else None
+        out.append(value if type(value) is int and 0 <= value <= MAX_MICROS else 0)
+    return out[0], out[1]
+
+
+def _max_tokens(kwargs: Mapping[str, Any]) -> int:
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = kwargs.get(key)
+        if type(value) is int and value > 0:
+            return value
+    return 0
 
 
 def _text(value: Any) -> str:

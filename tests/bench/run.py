@@ -35,9 +35,11 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "recovery": ("w_log", "recovery"),  # 7
     "asyncio": ("w_core", "asyncio_awaits"),  # 8
     "chain": ("w_chain", "chain"),  # 9
+    "route": ("w_route", "route"),  # 10
     "tenancy": ("w_tenancy", "tenancy"),  # the per-tenant limits' cost (docs/identity.md)
     "profile": ("w_profile", "profile"),
     "report": ("w_report", "report"),
+    "deadline": ("w_deadline", "route_latency"),  # the default Options.deadline_s
 }
 
 

@@ -1,0 +1,403 @@
+"""The routing rules, pure: where one request goes, decided on the session's live state.
+
+All that affects a routing decision lives in this file (as h11 keeps its
+state machine in one). ``decide(state, route, config)`` runs the rules of
+``RULES`` in order: the *choice* rules pick the model, and the first that
+applies wins; the *adjusting* rules then run on that choice, every time. Each
+rule is a small function over the request (a ``Route`` event, frozen), the
+session's state before the turn, and the ``Draft`` decision it may change;
+none reads a clock, a file or an actor, so each can be tested alone and the
+same rules run in a shard's turn, in ``engine.policy.decide`` and on any
+other backend. docs/policy.md is the table of these rules.
+
+The result is the decision (``Routed``) and the session events it implies;
+``engine._core`` applies those events in the same turn, then the budget
+reservation, then logs ``decision.made``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine._config import Config
+from engine._entry import Entry
+from engine._helpers import provider_from_model
+from events import (
+    Escalate,
+    Hash,
+    Route,
+    RouteRules,
+    SessionEvent,
+    SetCacheSticky,
+    SetDeployment,
+    SetSession,
+    Tier,
+    Touch,
+    tier_above,
+    tier_rank,
+)
+
+HASH_WINDOW = 3
+_TIERS = (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING)
+
+# Decision kinds (engine.policy.Kind has the same values).
+INITIALIZE, RETAIN, UPGRADE, BYPASS = "initialize", "retain", "upgrade", "bypass"
+ESCALATE, SWITCH, REFUSE = "escalate", "switch", "refuse"
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A routing decision as the transition returns it (``engine.policy.RouteDecision`` wraps it)."""
+
+    kind: str
+    model: str
+    tier: Tier | None
+    reason: str
+    #: The deployment to try first, and the candidates with it first.
+    deployment: str = ""
+    candidates: tuple[str, ...] = ()
+    #: Budget figures in micro-USD: settled spend, open reservations before this request, this
+    #: request's estimate, the cap (-1: none).
+    spent_micros: int = 0
+    reserved_micros: int = 0
+    estimate_micros: int = 0
+    limit_micros: int = -1
+    #: The deployment that had served the session when the turn began ("" when none).
+    served: str = ""
+    #: The reservation this request holds ("" when none: no cap, a zero estimate, or a refusal).
+    #: ``decide`` names it; the ``Route`` transition adds it to the session.
+    reservation_id: str = ""
+
+
+@dataclass(slots=True)
+class Draft:
+    """The decision while the rules build it (local to one ``decide`` call)."""
+
+    kind: str = ""
+    model: str = ""
+    tier: Tier | None = None
+    reason: str = ""
+    events: list[SessionEvent] = field(default_factory=list)
+    #: The session's pin (None: a new or cost-only session) and the turn this request is.
+    pinned: Entry | None = None
+    turn: int = 1
+    #: The provider a live cache pin holds ("" when none).
+    cache_provider: str = ""
+    estimate: int = 0
+    deployment: str = ""
+    candidates: tuple[str, ...] = ()
+    refused: bool = False
+
+
+# -- implied events, built unchecked ------------------------------------------------------------
+# Their fields come from the Route event, validated when it was built (session id, model, tier,
+# hash): building them through the slots skips a second validation on the session's turn, which
+# is the shard's hot path (about a sixth of a routed turn's cost). SetCacheSticky and SetDeployment
+# are rarer and keep their checks.
+_new = object.__new__
+
+
+def _slots(cls: type) -> tuple[Any, ...]:
+    return tuple(cls.__dict__[name].__set__ for name in cls.__slots__)
+
+
+_TOUCH, _HASH, _SET = _slots(Touch), _slots(Hash), _slots(SetSession)
+
+
+def touch_event(sid: str) -> Touch:
+    e = _new(Touch)
+    _TOUCH[0](e, sid)
+    return e
+
+
+def hash_event(sid: str, h: str, stall: bool) -> Hash:
+    e = _new(Hash)
+    put_sid, put_hash, put_stall = _HASH
+    put_sid(e, sid)
+    put_hash(e, h)
+    put_stall(e, stall)
+    return e
+
+
+def set_event(sid: str, model: str, tier: Tier | None, explicit: bool = False) -> SetSession:
+    e = _new(SetSession)
+    put_sid, put_model, put_tier, put_explicit = _SET
+    put_sid(e, sid)
+    put_model(e, model)
+    put_tier(e, tier)
+    put_explicit(e, explicit)
+    return e
+
+
+if (Touch.__slots__, Hash.__slots__, SetSession.__slots__) != (
+        ("session_id",), ("session_id", "hash", "stall"), ("session_id", "model", "tier", "user_explicit")):
+    raise ImportError("engine._rules builds Touch, Hash and SetSession by their slots: update it")
+
+
+# -- helpers the rules share --------------------------------------------------------------
+def count_strikes(recent: tuple[str, ...], strikes: int, h: str, stall: bool) -> tuple[tuple[str, ...], int]:
+    """The hash window and strike count after recording ``h``: a strike when the same hash ends a
+    run of two or more in the window, or when the request shows another stall signal."""
+    hashes = (*recent, h)[-HASH_WINDOW:]
+    run = 0
+    for x in reversed(hashes):
+        if x != h:
+            break
+        run += 1
+    return hashes, strikes + 1 if run >= 2 or stall else strikes
+
+
+def models_for(rules: RouteRules, tier: Tier | None) -> tuple[str, ...]:
+    if tier is None:
+        return ()
+    for name, models in rules.models:
+        if name == tier.value:
+            return models
+    return ()
+
+
+def pick(rules: RouteRules, tier: Tier | None, fallback: str, provider: str) -> str:
+    """The tier's model, preferring one of ``provider`` while a cache pin holds it."""
+    choices = models_for(rules, tier)
+    if provider:
+        for model in choices:
+            if provider_from_model(model) == provider:
+                return model
+        if provider_from_model(fallback) == provider:
+            return fallback
+    return choices[0] if choices else fallback
+
+
+def cheapest_tier(rules: RouteRules) -> Tier | None:
+    for tier in _TIERS:
+        if models_for(rules, tier):
+            return tier
+    return None
+
+
+def estimate_of(route: Route, model: str) -> int:
+    """This request's estimate for ``model`` (micro-USD): its own entry, else the "" default, else 0."""
+    default = 0
+    for name, micros in route.estimates:
+        if name == model:
+            return micros
+        if not name:
+            default = micros
+    return default
+
+
+def _name(tier: Tier | None) -> str:
+    return tier.value if tier else "none"
+
+
+def usd(micros: int) -> str:
+    return f"${micros / 1_000_000:.6f}".rstrip("0").rstrip(".")
+
+
+def _routers_model(route: Route, d: Draft) -> str:
+    """The router's model, or the tier's model of the cache-pinned provider while a cache pin holds."""
+    return pick(route.rules, route.tier, route.model, d.cache_provider) if d.cache_provider else route.model
+
+
+def _hash(route: Route) -> list[SessionEvent]:
+    return [hash_event(route.session_id, route.request_hash, route.stall)] if route.request_hash else []
+
+
+def _reaches_strike_limit(route: Route, base: Entry, config: Config) -> tuple[bool, list[SessionEvent]]:
+    """Whether this request brings the pinned session to the strike limit; and the events recording it
+    (the hash, plus ``Escalate`` unless the store's auto-escalation does it on the hash)."""
+    hashed = _hash(route)
+    if not hashed or not base.model:
+        return False, hashed
+    rules = route.rules
+    limit = rules.strike_limit or config.strike_limit
+    _, strikes = count_strikes(base.recent_hashes, base.strikes, route.request_hash, route.stall)
+    if (not rules.escalate_on_strikes or strikes < limit or strikes <= base.strikes
+            or base.escalated or base.user_explicit):
+        return False, hashed
+    if not (config.auto_escalate and strikes >= config.strike_limit):
+        hashed.append(Escalate(route.session_id, "strikes"))
+    return True, hashed
+
+
+# -- the choice rules: the first that applies picks the model -----------------------------
+def strategy_none(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
+    """Strategy none: the router decides every time; only the budget and the audit apply."""
+    if route.rules.strategy != "none":
+        return False
+    d.kind, d.model, d.tier, d.reason = BYPASS, route.model, route.tier, "strategy none: router's choice"
+    return True
+
+
+def explicit_pin(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
+    """A user-explicit model wins over everything, and an explicit pin holds for later requests."""
+    sid, pinned = route.session_id, d.pinned
+    if route.user_explicit:
+        d.events += [set_event(sid, route.model, route.tier, True), *_hash(route)]
+        same = pinned is not None and pinned.model == route.model
+        d.kind, d.reason = (RETAIN, "user-explicit pin") if same else (INITIALIZE, "user-explicit model pinned")
+        d.model, d.tier = route.model, route.tier
+        return True
+    if pinned is not None and pinned.user_explicit and pinned.model:
+        d.events += [touch_event(sid), *_hash(route)]
+        d.kind, d.model, d.tier, d.reason = RETAIN, pinned.model, pinned.tier, "user-explicit pin"
+        return True
+    return False
+
+
+def warmup(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
+    """The first ``warmup_turns`` turns follow the router without committing to a tier."""
+    turns = route.rules.warmup_turns
+    if d.turn > turns:
+        return False
+    d.events += [set_event(route.session_id, route.model, route.tier), *_hash(route)]
+    d.kind, d.model, d.tier = BYPASS, _routers_model(route, d), route.tier
+    d.reason = f"warmup turn {d.turn} of {turns}"
+    return True
+
+
+def first_pin(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
+    """No pin yet (or warmup just ended): the router's choice becomes the pin."""
+    turns = route.rules.warmup_turns
+    if d.pinned is not None and d.pinned.model and not (turns and d.turn == turns + 1):
+        return False
+    d.model, d.tier = _routers_model(route, d), route.tier
+    d.events += [set_event(route.session_id, d.model, route.tier), *_hash(route)]
+    d.kind = INITIALIZE
+    d.reason = "warmup over: pinned router's choice" if turns else "first turn: pinned router's choice"
+    return True
+
+
+def strikes(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
+    """Three strikes: the request that brings the session to the strike limit escalates it one tier
+    (a still higher router tier wins under adaptive)."""
+    pinned = d.pinned
+    assert pinned is not None  # first_pin took every session without a pin
+    escalate, hashed = _reaches_strike_limit(route, pinned, config)
+    if not escalate:
+        return False
+    up = tier_above(pinned.tier)
+    if route.rules.strategy == "adaptive" and tier_rank(route.tier) > tier_rank(up):
+        d.model, d.kind, d.tier = _routers_model(route, d), UPGRADE, route.tier
+        d.reason = "strike limit reached; router asked for a higher tier"
+    else:
+        d.model, d.kind, d.tier = pick(route.rules, up, pinned.model, d.cache_provider), ESCALATE, up
+        d.reason = f"strike limit reached: {_name(pinned.tier)} -> {up.value}"
+    d.events += [*hashed, set_event(route.session_id, d.model, d.tier)]
+    return True
+
+
+def never_downgrade(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
+    """The pin holds: a higher router tier upgrades it (adaptive), a SIMPLE follow-up is served by the
+    cheap model without replacing it (adaptive), anything else keeps the pinned model."""
+    pinned, sid, adaptive = d.pinned, route.session_id, route.rules.strategy == "adaptive"
+    assert pinned is not None
+    hashed = _hash(route)
+    if adaptive and tier_rank(route.tier) > tier_rank(pinned.tier):
+        d.model, d.kind, d.tier = _routers_model(route, d), UPGRADE, route.tier
+        d.reason = f"router tier {_name(route.tier)} above pinned {_name(pinned.tier)}"
+        d.events += [set_event(sid, d.model, d.tier), *hashed]
+    elif adaptive and route.rules.simple_bypass and route.tier is Tier.SIMPLE and tier_rank(pinned.tier) > 0:
+        d.model = pick(route.rules, Tier.SIMPLE, route.model, d.cache_provider) if d.cache_provider else route.model
+        d.kind, d.tier, d.reason = BYPASS, Tier.SIMPLE, "SIMPLE follow-up: cheap model, pin kept"
+        d.events += [touch_event(sid), *hashed]
+    else:
+        d.model, d.tier, d.kind = pinned.model, pinned.tier, RETAIN
+        d.reason = "sticky: pinned model kept" if not adaptive else "never downgrade: pinned model kept"
+        d.events += [touch_event(sid), *hashed]
+    return True
+
+
+# -- the adjusting rules: each runs on the choice ------------------------------------------
+def cache_stickiness(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
+    """A long context pins the provider that holds its prefix cache (while no pin holds one)."""
+    if route.rules.cache_sticky and route.rules.strategy != "none" and not d.cache_provider and route.long_context:
+        d.events.append(SetCacheSticky(route.session_id, provider_from_model(d.model)))
+    if d.cache_provider and d.kind != RETAIN:
+        d.reason += f"; cache pin {d.cache_provider}"
+
+
+def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
+    """Settled spend plus open reservations plus this request's estimate must stay within the cap:
+    else serve the cheapest tier (graceful, pin kept) or refuse."""
+    limit = route.rules.max_cost_micros
+    d.estimate = estimate_of(route, d.model)
+    if limit < 0:
+        return
+    committed = (state.session_cost_micros + state.reserved_micros) if state is not None else 0
+    if committed + d.estimate <= limit:
+        return
+    over = f"budget: {usd(committed)} committed + {usd(d.estimate)} estimate > {usd(limit)} cap"
+    cheap_tier = cheapest_tier(route.rules)
+    serious = route.tools or d.tier in (Tier.COMPLEX, Tier.REASONING) or route.user_explicit
+    if route.rules.budget_mode == "strict" or serious or cheap_tier is None:
+        why = "strict" if route.rules.budget_mode == "strict" else (
+            "tool use" if route.tools else "explicit model" if route.user_explicit
+            else f"{_name(d.tier)} tier" if serious else "no cheaper tier")
+        d.kind, d.reason, d.refused, d.events = REFUSE, f"{over}; refused ({why})", True, []
+        return
+    cheap = pick(route.rules, cheap_tier, d.model, d.cache_provider)
+    cheap_estimate = estimate_of(route, cheap)
+    if committed + cheap_estimate > limit:
+        d.kind, d.model, d.tier, d.estimate, d.refused, d.events = REFUSE, cheap, cheap_tier, cheap_estimate, True, []
+        d.reason = (f"budget: {usd(committed)} committed + {usd(cheap_estimate)} estimate > {usd(limit)} cap; "
+                    "refused")
+        return
+    # Downgrade for this request only: the pin is kept (SetSession would move it down).
+    if d.pinned is not None:
+        d.events = [touch_event(route.session_id) if type(e) is SetSession else e for e in d.events]
+    d.kind, d.model, d.tier, d.estimate, d.reason = BYPASS, cheap, cheap_tier, cheap_estimate, f"{over}; cheapest tier"
+
+
+def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
+    """The deployment that served the session goes first; a retained pin whose deployment is gone
+    switches to the first candidate. A new pin records its first deployment; a bypass leaves the
+    pin's deployment alone."""
+    d.candidates = route.candidates
+    if d.refused or not route.candidates or route.rules.strategy == "none":
+        return
+    served = state.deployment if state is not None else ""
+    if served and served in route.candidates:
+        d.deployment = served
+        d.candidates = (served, *(c for c in route.candidates if c != served))
+        return
+    d.deployment = route.candidates[0]
+    if d.kind != BYPASS:
+        if served and d.kind == RETAIN:
+            d.kind = SWITCH
+            d.reason += "; deployment gone, switched"
+        d.events.append(SetDeployment(route.session_id, d.deployment))
+
+
+Rule = Callable[[Route, "Entry | None", Draft, Config], Any]
+
+#: The rules in the order they apply: the first choice rule that returns True picks the model,
+#: then every adjusting rule runs (docs/policy.md numbers them the same way).
+RULES: tuple[tuple[str, tuple[Rule, ...]], ...] = (
+    ("choice", (strategy_none, explicit_pin, warmup, first_pin, strikes, never_downgrade)),
+    ("adjust", (cache_stickiness, budget, deployment_affinity)),
+)
+
+
+def decide(state: Entry | None, route: Route, config: Config) -> tuple[Routed, list[SessionEvent]]:
+    """The decision for ``route`` on ``state`` (already settled at the request's time) and the session
+    events it implies, in the order they apply. A refusal implies none."""
+    # A cost-only entry (spend recorded, no model yet) pins nothing.
+    pinned = None if state is not None and not state.model and state.request_count == 0 else state
+    d = Draft(pinned=pinned, turn=1 if pinned is None else pinned.request_count + 1,
+              cache_provider=state.provider if state is not None and state.cache_sticky else "")
+    choice, adjust = RULES[0][1], RULES[1][1]
+    for rule in choice:
+        if rule(route, state, d, config):
+            break
+    for rule in adjust:
+        rule(route, state, d, config)
+    spent = state.session_cost_micros if state is not None else 0
+    reserved = state.reserved_micros if state is not None else 0
+    limit = route.rules.max_cost_micros
+    # A served request under a cap holds its estimate (engine._core adds the reservation).
+    rid = route.reservation_id if limit >= 0 and d.estimate > 0 and not d.refused else ""
+    return Routed(d.kind, d.model, d.tier, d.reason[:256], d.deployment, d.candidates, spent, reserved,
+                  d.estimate, limit, state.deployment if state is not None else "", rid), d.events

@@ -1,0 +1,135 @@
+"""Workload 10: the routing turn against the snapshot route it replaces, side by side.
+
+Per request a router routes and, after the (instant) upstream call, reports its cost:
+
+- **route turn** (issue 10): ``Policy.route`` (one ask carrying a ``Route`` event: the session's turn
+  decides, applies the pin and, with a cap, reserves the estimate), then ``record_response`` (a tell
+  that settles the reservation);
+- **snapshot route** (before issue 10): ask ``GetSession``, run the same pure rules on the snapshot,
+  tell the events they imply plus the ``Decision``, then tell the cost.
+
+Both at 1 and 8 caller threads, without a cap and with one (large enough never to refuse), on one
+store with the audit log on, interleaved repetition by repetition.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import barrier, median, percentile, session_ids
+
+from engine import Config, SessionStore, Tier
+from engine._rules import decide as decide_route
+from engine.policy import Options, Policy, Request, provider_from_model
+from events import Cost, GetSession
+from events import Decision as DecisionEvent
+
+MODELS = {Tier.SIMPLE: "openai/gpt-4o-mini", Tier.MEDIUM: "openai/gpt-4o", Tier.COMPLEX: "openai/o3"}
+TIERS = (Tier.MEDIUM, Tier.MEDIUM, Tier.COMPLEX, Tier.SIMPLE)
+
+
+def _row(metric: str, value: float, unit: str, target: str = "", met: bool | None = None) -> dict[str, Any]:
+    return {"metric": metric, "value": value, "unit": unit, "target": target, "met": met}
+
+
+def _requests(sids: list[str], n: int, offset: int) -> list[Request]:
+    out = []
+    for i in range(n):
+        tier = TIERS[(i + offset) % len(TIERS)]
+        out.append(Request(model=MODELS[tier], tier=tier, session_id=sids[(i * 7 + offset) % len(sids)],
+                           messages=[{"role": "user", "content": f"step {i % 5}"}], estimate_usd=0.001))
+    return out
+
+
+def _turn(policy: Policy, request: Request) -> None:
+    decision = policy.route(request)
+    policy.record_response(request.session_id, cost_usd=0.0009, decision=decision)
+
+
+def _snapshot(policy: Policy, request: Request) -> None:
+    store = policy.store
+    state = store.ask(GetSession(request.session_id), timeout=5.0)
+    event = policy._route_event(request)
+    routed, events = decide_route(state, event, store.config)
+    events.append(DecisionEvent(request.session_id, routed.kind, routed.model, routed.tier,
+                                provider_from_model(routed.model), routed.reason, event.rules.strategy,
+                                request.source, routed.deployment))
+    store.tell_many(events)
+    store.tell(Cost(request.session_id, 900))
+
+
+def _run(fn: Any, policy: Policy, requests: list[Request], threads: int) -> tuple[float, list[float]]:
+    """Wall time for all requests over ``threads`` callers, and each request's latency."""
+    chunks = [requests[i::threads] for i in range(threads)]
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    start = threading.Barrier(threads + 1)
+
+    def caller(index: int) -> None:
+        mine, out = chunks[index], latencies[index]
+        clock = time.perf_counter
+        start.wait()
+        for request in mine:
+            t0 = clock()
+            fn(policy, request)
+            out.append(clock() - t0)
+
+    workers = [threading.Thread(target=caller, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    start.wait()
+    started = time.perf_counter()
+    for w in workers:
+        w.join()
+    barrier(policy.store)
+    return time.perf_counter() - started, [x for chunk in latencies for x in chunk]
+
+
+def route(scale: float) -> list[dict[str, Any]]:
+    sessions = 1_000
+    n = max(2_000, int(20_000 * scale))
+    reps = 3 if scale >= 1 else 2
+    sids = session_ids(sessions, "route")
+    variants = {"turn": _turn, "snapshot": _snapshot}
+    caps = {"no cap": None, "cap": 1_000_000.0}
+    rates: dict[tuple[str, str, int], list[float]] = {}
+    lats: dict[tuple[str, str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SessionStore(Config(enabled=True, tick_ms=0, event_log=Path(tmp) / "audit.jsonl"))
+        try:
+            policies = {cap: Policy(store, MODELS, Options(max_cost_usd=limit, deadline_s=5.0))
+                        for cap, limit in caps.items()}
+            for rep in range(reps):
+                for threads in (1, 8):
+                    for cap, policy in policies.items():
+                        for name, fn in variants.items():
+                            requests = _requests(sids, n, rep * 31 + threads)
+                            elapsed, latencies = _run(fn, policy, requests, threads)
+                            key = (name, cap, threads)
+                            rates.setdefault(key, []).append(n / elapsed)
+                            lats.setdefault(key, []).extend(latencies)
+        finally:
+            store.close()
+    rows = []
+    for threads in (1, 8):
+        for cap in caps:
+            for name in variants:
+                key = (name, cap, threads)
+                ordered = sorted(lats[key])
+                label = f"{name}, {cap}, {threads} thread{'s' if threads > 1 else ''}"
+                rows.append(_row(f"routes/s, {label}", median(rates[key]), "routes/s"))
+                rows.append(_row(f"p50, {label}", percentile(ordered, 50) * 1e6, "µs"))
+                rows.append(_row(f"p99, {label}", percentile(ordered, 99) * 1e6, "µs"))
+            ratio = median(rates[("turn", cap, threads)]) / median(rates[("snapshot", cap, threads)])
+            rows.append(_row(f"route turn / snapshot route throughput, {cap}, {threads} thread(s)", ratio, "x",
+                             "≥ 1x", ratio >= 1))
+    return [{
+        "id": 10, "title": "Routing turn vs snapshot route (issue 10)",
+        "setup": f"{sessions:,} sessions, {n:,} requests per variant and repetition (route + cost report), "
+                 f"tiers MEDIUM, MEDIUM, COMPLEX, SIMPLE in turn; audit log on; {reps} repetitions, "
+                 "variants interleaved; cap: $1,000,000 (reserve and settle, never refuses)",
+        "rows": rows,
+    }]
