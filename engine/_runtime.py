@@ -62,6 +62,11 @@ class Observer:
     def on_log_writable(self, writable: bool) -> None:
         """The audit log stopped (False) or resumed (True) taking records."""
 
+    def on_log_head(self, seq: int, head: str) -> None:
+        """The audit log's hash chain reached ``head`` (hex) at record ``seq``: reported when the store
+        starts on a chained log, at every segment rotation and on close. Export it off the machine: a
+        log truncated or rebuilt later no longer holds this head at this seq (docs/audit-log.md)."""
+
     def on_hook_error(self, hook: str, error: BaseException) -> None:
         """Hook ``hook`` (or "clock", a clock pass) raised ``error``; the engine went on without it."""
 

@@ -99,14 +99,21 @@ def audit(
         "--verify", help="Check the hash chain, seq and every record's value domains; exit 0 verified, 1 bad, "
                          "3 unchained/unsigned; signatures are checked when SESSION_ENGINE_AUDIT_KEY is set "
                          "(docs/audit-log.md).")] = False,
+    expect_head: Annotated[str | None, typer.Option(
+        "--expect-head", metavar="SEQ:HEX",
+        help="With --verify: a chain head exported earlier (the log_head_seq metric, or the host's log line "
+             "'audit log head seq=N sha256=HEX'); the seal at SEQ must start with HEX, and a log ending before "
+             "SEQ is reported as truncated.")] = None,
 ) -> None:
     """Per-session summary of a log: requests, models, tiers, strikes, escalations, cost, pins, how it ended.
 
     Scoped session ids are shown as their tenant and their id, separately (docs/identity.md).
     With --verify: prove the log is what the engine wrote, or name its first bad record (seq, byte offset, rule).
     """
+    if expect_head is not None and not verify:
+        fail("--expect-head needs --verify")
     if verify:
-        _verify(log, json_out)
+        _verify(log, json_out, expect_head)
         return
     from engine import _audit as A
     from engine._scope import check_tenant, scoped
@@ -155,15 +162,19 @@ def audit(
     _streamed(log, write_timeline if session is not None else write_table, history=True)
 
 
-def _verify(log: Path, json_out: bool) -> None:
+def _verify(log: Path, json_out: bool, expect_head: str | None = None) -> None:
     """``audit --verify``: the report on stdout, the verdict in the exit status."""
     from engine._chain import key_from_env
-    from engine._verify import verify
+    from engine._verify import parse_head, verify
 
+    try:
+        expect = parse_head(expect_head) if expect_head is not None else None
+    except ValueError as exc:
+        fail(f"--expect-head: {exc}")
     if not log.exists():
         fail(f"{log}: no such file or directory")
     try:
-        report = verify(log, key_from_env())
+        report = verify(log, key_from_env(), expect)
     except OSError as exc:
         fail(f"{log}: {exc.strerror or exc}")
     if json_out:
@@ -184,6 +195,8 @@ def _verify_text(report: Any) -> Iterator[str]:
     if report.signatures_checked or report.signatures_unchecked:
         yield (f"  signatures: {report.signatures_checked} checked (signed through seq {report.signed_through_seq}),"
                f" {report.signatures_unchecked} not checked")
+    if report.expected_head_matched:
+        yield f"  expected head {report.expected_head}: matched"
     if report.torn_tail_bytes:
         yield f"  torn last line: {report.torn_tail_bytes} bytes (ignored, as replay does)"
     for note in report.notes:
