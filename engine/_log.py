@@ -42,7 +42,7 @@ from engine._recovery import Layout, Recovered, recover
 from engine._replay import LogCorrupt, State, fold
 
 __all__ = ["FORBIDDEN_KEYS", "RENDER_LINE", "SNAPSHOT_PART", "AuditLogError", "EventDict", "FileLog", "LogSink",
-           "NullLog", "Processor", "default_processors", "drop_forbidden", "render"]
+           "NullLog", "Processor", "default_processors", "drop_forbidden", "open_log", "render"]
 
 logger = logging.getLogger("engine")
 
@@ -74,6 +74,15 @@ class NullLog:
 
     def close(self) -> None:
         return None
+
+
+def open_log(config: Any) -> LogSink:
+    """The audit log the config asks for (a no-op sink when ``event_log`` is None)."""
+    if config.event_log is None:
+        return NullLog()
+    # Opening the log recovers what it holds: restored_states() hands that to the shards.
+    return FileLog(config.event_log, fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms,
+                   segment_bytes=config.segment_bytes, chain=config.audit_chain)
 
 
 #: Most milliseconds of batch time between two checks that the log file was not removed.

@@ -28,7 +28,7 @@ from engine._replay import (
     segment_name,
     to_entry,
 )
-from engine._shard import ShardState, shard_index
+from engine._table import ShardState, shard_index
 from events import records as R
 
 logger = logging.getLogger("engine")
