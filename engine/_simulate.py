@@ -90,9 +90,11 @@ class SimulationConfig:
     clock_speed: float = 0.05
     shards: int = 2
     max_sessions: int | None = None
+    #: Router processes sharing one Redis started for the run (engine/_replicas.py); 1: this process.
+    replicas: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("sessions", "requests", "concurrency", "timeout_s", "shards"):
+        for name in ("sessions", "requests", "concurrency", "timeout_s", "shards", "replicas"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise InvalidEvent(name, "must be an int >= 1")
@@ -303,6 +305,10 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
 
     Raises ``EngineError`` (a bad option or log path, an engine failure) or ``OSError``.
     """
+    if cfg.replicas > 1:
+        from engine._replicas import run_replicated
+
+        return run_replicated(cfg, progress, out, err)
     log_path = Path(cfg.log)
     prepare_log(log_path)
     out = out or Console()
