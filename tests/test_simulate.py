@@ -15,7 +15,7 @@ from rich.console import Console
 
 import engine._time as engine_time
 from engine._simulate import SimulationConfig, SimulationResult, run_simulation
-from engine._workload import OUTAGE, OUTAGE_DEPLOYMENT, PolicyRouter, Request, Router
+from engine._workload import OUTAGE, OUTAGE_DEPLOYMENT, PolicyRouter, Request
 from events import EngineError, InvalidEvent, Tier, tier_above
 from events import records as R
 from tests.conftest import read_log
