@@ -430,10 +430,10 @@ class _Run:
         else:
             estimate = r.get("estimate_micros", 0)
             pairs = (("", estimate),) if estimate or variant.max_cost_micros >= 0 else ()
-        route = Route(sid, r["requested_model"], _TIER.get(r.get("requested_tier")), variant,
-                      r.get("explicit", False), r.get("request_hash", ""), r.get("stall", False),
-                      r.get("tools", False), r.get("long_context", False), tuple(r.get("candidates", ())),
-                      r.get("source", ""), pairs, rid)
+        route = _route(sid, r["requested_model"], _TIER.get(r.get("requested_tier")), variant,
+                       r.get("explicit", False), r.get("request_hash", ""), r.get("stall", False),
+                       r.get("tools", False), r.get("long_context", False), tuple(r.get("candidates", ())),
+                       r.get("source", ""), pairs, rid)
         ts = r["ts"]
         routed, records = self._apply(sid, route, ts, rules.config)
         vtier = routed.tier.value if routed.tier is not None else None
@@ -504,6 +504,20 @@ class _Run:
 
 
 _DEFAULT_CONFIG = Config(enabled=True, timeout_ms=_NEVER_MS, tick_ms=0)
+_ROUTE_SLOTS = tuple(Route.__dict__[name].__set__ for name in Route.__slots__)  # type: ignore[attr-defined]
+if Route.__slots__ != ("session_id", "model", "tier", "rules", "user_explicit", "request_hash",  # type: ignore[attr-defined]
+                       "stall", "tools", "long_context", "candidates", "source", "estimates", "reservation_id"):
+    raise ImportError("engine._backtest builds Route by its slots: update it")
+
+
+def _route(*values: Any) -> Route:
+    """A ``Route`` from a record the log reader has already checked against the value domains of
+    docs/events.md (names, tiers, flags, candidates, estimates), so its own validation is skipped:
+    building it is a large share of a re-run decision's cost."""
+    route = object.__new__(Route)
+    for put, value in zip(_ROUTE_SLOTS, values, strict=True):
+        put(route, value)
+    return route
 
 
 def run_backtest(records: Iterable[dict[str, Any]], changes: Mapping[str, Any] | Iterable[str] = (),

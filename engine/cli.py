@@ -15,7 +15,7 @@ from events import EngineError
 
 app = typer.Typer(
     name="session-engine",
-    help="Per-session memory for LLM routers: simulate a router workload; audit, replay and chart its log.",
+    help="Per-session memory for LLM routers: simulate a router workload; audit, replay, backtest and chart its log.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
