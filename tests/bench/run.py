@@ -39,6 +39,7 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "tenancy": ("w_tenancy", "tenancy"),  # the per-tenant limits' cost (docs/identity.md)
     "profile": ("w_profile", "profile"),
     "report": ("w_report", "report"),
+    "deadline": ("w_deadline", "route_latency"),  # the default Options.deadline_s
     "backtest": ("w_backtest", "backtest"),
 }
 
