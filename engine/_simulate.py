@@ -475,7 +475,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
         downgrades=counter.downgrades,
         unavailable=policy.unavailable_count if policy is not None else 0,
         sessions_capped=counter.capped,
-        max_session_cost_micros=counter.max_cost,
+        max_session_cost_micros=counter.max_cost if policy_mode else 0,
     )
     out.print(summary_table(cfg, result, log_path))
     return result
