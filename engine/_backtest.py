@@ -21,7 +21,9 @@ what a backtest can and cannot answer.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+import glob
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ import orjson
 from engine._config import Config
 from engine._core import apply
 from engine._entry import Entry
-from engine._replay import paused_gc, read_log
+from engine._replay import Tail, new_fields, paused_gc, read_file, read_log, to_entry
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
 from events import records as R
 
@@ -166,7 +168,9 @@ class Prices:
     def _map(self) -> dict[str, Any]:
         if self._table is None:
             try:
-                import litellm  # the price map ships with it; imported only when a price is needed
+                # The price map that ships with LiteLLM: never fetched over the network.
+                os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+                import litellm  # imported only when a price is needed
                 self._table = dict(litellm.model_cost)
             except Exception:  # not installed (or broken): nothing can be re-priced
                 self.source = "none (no price file, LiteLLM not installed)"
@@ -352,7 +356,14 @@ class _Run:
         for r in records:
             result.records += 1
             sid = r.get("session_id")
-            if sid is None or (only is not None and sid != only):
+            if sid is None:
+                if r["event"] == R.LOG_SNAPSHOT and result.records == r.get("part", 1):
+                    # The log starts at a snapshot (its older history deleted): the sessions live then.
+                    for snap_sid, fields in r["sessions"].items():
+                        if only is None or snap_sid == only:
+                            self.states[snap_sid] = to_entry(new_fields(fields))
+                continue
+            if only is not None and sid != only:
                 continue
             name = r["event"]
             held = self.held.pop(sid, None) if self.held else None
@@ -538,4 +549,20 @@ def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *
     ``prices``: a JSON price file (else LiteLLM's price map when installed). This is what the CLI runs.
     """
     table = read_models(models) if models else None
-    return run_backtest(read_log(log, history=True), changes, models=table, prices=Prices(prices), session=session)
+    return run_backtest(_history(Path(log)), changes, models=table, prices=Prices(prices), session=session)
+
+
+def _history(path: Path) -> Iterator[dict[str, Any]]:
+    """Every record still on disk, oldest first: a directory's segments, or a single file's rotated
+    archives (``<name>.<first seq, 20 digits>``) and then the file itself."""
+    if path.is_dir() or not path.exists():
+        yield from read_log(path, history=True)
+        return
+    archives = sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.*")
+                      if len(p.name) == len(path.name) + 21 and p.name[len(path.name) + 1:].isdigit())
+    files = [*archives, path]
+    expect = None
+    for index, file in enumerate(files):
+        tail = Tail()
+        yield from read_file(file, tail, expect=expect, last=index == len(files) - 1)
+        expect = tail.last_seq

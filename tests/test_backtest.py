@@ -196,3 +196,28 @@ def test_a_refusal_then_served_now_is_charged_at_its_estimate(tmp_path: Path) ->
     result = backtest(log, {"max_cost_usd": 1})
     assert result.baseline.refusals == 2 and result.variant.refusals == 0
     assert result.estimated == 2 and result.variant.cost_micros == 4 * 4_000
+
+
+def test_a_rotated_single_file_log_is_read_whole_and_a_cut_one_says_what_it_lacks(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    with SessionStore(Config(enabled=True, tick_ms=0, event_log=log, segment_bytes=4096)) as store:
+        policy = Policy(store, {Tier.SIMPLE: "a/cheap", Tier.MEDIUM: "b/mid"},
+                        Options(max_cost_usd=0.05, deadline_s=5.0))
+        for i in range(120):
+            sid = f"s{i % 5}"
+            try:
+                d = policy.route(Request(model="b/mid", tier=Tier.MEDIUM, session_id=sid, estimate_usd=0.002,
+                                         messages=[{"role": "user", "content": f"q{i % 7}"}]))
+            except BudgetExceeded:
+                continue
+            policy.record_response(sid, micros=1_500, decision=d)
+    archives = sorted(tmp_path.glob("audit.jsonl.*"))
+    assert len(archives) >= 2
+    decided = sum(r["event"] == "decision.made" for f in [*archives, log] for r in read_log(f))
+    whole = backtest(log)
+    assert whole.decisions == decided == 120 and whole.decisions_changed == 0
+    assert whole.variant == whole.baseline
+    archives[0].unlink()  # the oldest history is gone: the sessions' first turns (and rules) with it
+    cut = backtest(log)
+    left = sum(r["event"] == "decision.made" for f in [*archives[1:], log] for r in read_log(f))
+    assert cut.decisions + cut.no_rules == left < decided
