@@ -119,10 +119,11 @@ def _litellm_command() -> list[str]:
 
 @contextmanager
 def running_proxy(root: Path, config: str, modules: Mapping[str, str],
-                  env: Mapping[str, str] | None = None) -> Iterator[Proxy]:
+                  env: Mapping[str, str] | None = None, workers: int = 1) -> Iterator[Proxy]:
     """A LiteLLM proxy started from ``root``: ``config`` as its config.yaml, each of ``modules``
     (name -> source) as ``<name>.py`` beside it; the hook writes its audit log to
-    ``$SESSION_ENGINE_TEST_LOG``. ``env`` adds to the proxy's environment."""
+    ``$SESSION_ENGINE_TEST_LOG``. ``env`` adds to the proxy's environment. ``workers`` > 1 runs
+    ``--num_workers``, ready once every worker has said so."""
     (root / "config.yaml").write_text(config)
     for name, source in modules.items():
         (root / f"{name}.py").write_text(source)
@@ -131,7 +132,8 @@ def running_proxy(root: Path, config: str, modules: Mapping[str, str],
                  "SESSION_ENGINE_SECRET": secrets.token_hex(32), "SESSION_ENGINE_TEST_LOG": str(log), **(env or {})}
     output = (root / "proxy.out").open("wb")
     process = subprocess.Popen(
-        [*_litellm_command(), "--config", str(root / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
+        [*_litellm_command(), "--config", str(root / "config.yaml"), "--host", "127.0.0.1", "--port", str(port),
+         *(["--num_workers", str(workers)] if workers > 1 else [])],
         cwd=root, env=proxy_env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -140,7 +142,8 @@ def running_proxy(root: Path, config: str, modules: Mapping[str, str],
             if process.poll() is not None:
                 pytest.fail(f"the proxy exited ({process.returncode}):\n{(root / 'proxy.out').read_text()[-3000:]}")
             try:
-                if httpx.get(f"{url}/health/readiness", timeout=2).status_code == 200:
+                if (httpx.get(f"{url}/health/readiness", timeout=2).status_code == 200
+                        and _started(root / "proxy.out") >= workers):
                     break
             except httpx.TransportError:
                 pass
@@ -157,6 +160,11 @@ def running_proxy(root: Path, config: str, modules: Mapping[str, str],
             process.kill()
             process.wait()
         output.close()
+
+
+def _started(output: Path) -> int:
+    """How many uvicorn workers have finished starting (each logs it once, with its pid)."""
+    return output.read_bytes().count(b"Application startup complete")
 
 
 def decision(response: httpx.Response) -> tuple[str, str, str]:
