@@ -35,6 +35,7 @@ from events import (
     IsCacheSticky,
     Release,
     Route,
+    RouteRules,
     SessionEvent,
     SetCacheSticky,
     SetDeployment,
@@ -290,8 +291,22 @@ def _route(s: Entry | None, ev: Route, now: int, config: Config) -> Outcome:
         records.append((R.BUDGET_RESERVED, {"reservation_id": rid, "micros": micros, "expires_at": expires,
                                             "reservations": [list(r) for r in held] if open_
                                             else [[rid, micros, expires]]}))
-    records.append((R.DECISION_MADE, _decision_fields(ev, routed)))
+    fields = _decision_fields(ev, routed)
+    if before is None or (not before.model and before.request_count == 0):
+        # The session's first routed turn carries the rules it was decided under (backtest re-runs them).
+        fields["rules"] = rules_fields(ev.rules, config)
+    records.append((R.DECISION_MADE, fields))
     return Outcome(s, routed, tuple(records))
+
+
+def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
+    """A ``RouteRules`` (plus the store settings the rules read) as ``decision.made`` logs it."""
+    return {"models": {tier: list(models) for tier, models in rules.models}, "strategy": rules.strategy,
+            "simple_bypass": rules.simple_bypass, "warmup_turns": rules.warmup_turns,
+            "escalate_on_strikes": rules.escalate_on_strikes, "strike_limit": rules.strike_limit,
+            "cache_sticky": rules.cache_sticky, "max_cost_micros": rules.max_cost_micros,
+            "budget_mode": rules.budget_mode, "reservation_ttl_ms": rules.reservation_ttl_ms,
+            "config_strike_limit": config.strike_limit, "auto_escalate": config.auto_escalate}
 
 
 def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
@@ -312,10 +327,14 @@ def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
         fields["requested_tier"] = ev.tier.value  # type: ignore[union-attr]
     if ev.request_hash:
         fields["request_hash"] = ev.request_hash
+    if ev.user_explicit:
+        fields["explicit"] = True
     if ev.tools:
         fields["tools"] = True
     if ev.stall:
         fields["stall"] = True
+    if ev.long_context:
+        fields["long_context"] = True
     if ev.candidates:
         fields["candidates"] = list(ev.candidates)
     limit = routed.limit_micros
@@ -327,6 +346,8 @@ def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
         fields["reserved_micros"] = routed.reserved_micros
     if routed.reservation_id:
         fields["reservation_id"] = routed.reservation_id
+    if len(ev.estimates) > 1 or (ev.estimates and ev.estimates[0][0]):
+        fields["estimates"] = dict(ev.estimates)  # per model (an estimator priced the table)
     return fields
 
 
