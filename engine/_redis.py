@@ -7,6 +7,7 @@ a bucket under one hash tag so one script touches one Cluster slot:
 - ``{ns:b}:exp``             sorted set: session id -> its next deadline (idle expiry or cache-pin lapse)
 - ``{ns:b}:log``             stream of the bucket's records, each ``r`` = one JSON line with a per-bucket ``seq``
 - ``{ns:b}:seq``, ``{ns:b}:ver``  the bucket's record and version counters
+- ``{ns:b}:head``            the bucket stream's chain head (SHA-1 hex, docs/audit-log.md)
 - ``ns:meta``                hash: ``buckets`` (a replica configured differently refuses to start)
 
 A shard turn applies ``engine._core.apply`` to the entries it holds (a cache checked by the version),
@@ -110,6 +111,10 @@ class Keys:
         """seq, ver, exp, log of one bucket."""
         t = self.tag(bucket)
         return f"{t}:seq", f"{t}:ver", f"{t}:exp", f"{t}:log"
+
+    def head(self, bucket: int) -> str:
+        """The bucket stream's chain head (the hash after its newest entry)."""
+        return f"{self.tag(bucket)}:head"
 
     def tenant_keys(self, bucket: int, tenant: str) -> tuple[str, str]:
         """The tenant's sessions in the bucket (ZSET by last use), the bucket's creation token buckets."""
@@ -228,7 +233,8 @@ class RedisBackend:
         key = self.keys.session(bucket, sid) if sid is not None else f"{self.keys.tag(bucket)}:none"
         tenant = tenant_of(sid) if sid is not None else ""
         own, rate = self.keys.tenant_keys(bucket, tenant)
-        pipe.execute_command("EVALSHA", self.sha, 7, key, seq, ver, exp, log, own, rate, expected, state,
+        pipe.execute_command("EVALSHA", self.sha, 8, key, seq, ver, exp, log, own, rate, self.keys.head(bucket),
+                             expected, state,
                              deadline, pexpire_ms, sid or "", self.maxlen, token or self.token(), tenant,
                              self.tenant_cap if tenant else "", self.tenant_rate if tenant and creates else "",
                              now, last_used, *records)
@@ -629,16 +635,31 @@ def stream_records(url: str, *, history: bool = True, namespace: str = "se") -> 
 
 
 def export_streams(url: str, directory: Path, *, namespace: str = "se") -> tuple[int, Path]:
-    """Write the streams as a file-log segment (``<first seq>.jsonl``, seq renumbered 1, 2, 3 ...)."""
+    """Write the streams as a file-log segment (``<first seq>.jsonl``, seq renumbered 1, 2, 3 ...), chained
+    again with the file log's SHA-256 chain (a fresh genesis, one seal per 1,000 records): ``audit --verify
+    DIR`` accepts it. The Redis SHA-1 chain is not carried: check it first (the CLI's export does)."""
+    from engine import _chain
+
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / segment_name(1)
     staging = directory / f".{path.name}.tmp"
     count = 0
+    head = _chain.genesis()
+    batch = bytearray()
     with open(staging, "wb") as f:
         for record in stream_records(url, namespace=namespace):
             count += 1
             record["seq"] = count
-            f.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+            if count == 1:
+                record["genesis"] = head.hex()
+            batch += orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+            if count % 1000 == 0:
+                head = _chain.seal(batch, head)
+                f.write(batch)
+                batch.clear()
+        if batch:
+            _chain.seal(batch, head)
+            f.write(batch)
         f.flush()
         os.fsync(f.fileno())
     os.replace(staging, path)

@@ -213,14 +213,18 @@ def audit(
     """Per-session summary of a log: requests, models, tiers, strikes, escalations, cost, pins, how it ended.
 
     Scoped session ids are shown as their tenant and their id, separately (docs/identity.md).
-    With --verify: prove the log is what the engine wrote, or name its first bad record (seq, byte offset, rule).
+    With --verify: prove the log is what the engine wrote, or name its first bad record (seq, byte offset, rule);
+    on a Redis URL, every bucket stream's chain (its first bad entry by bucket, stream id and seq).
     """
     if expect_head is not None and not verify:
         fail("--expect-head needs --verify")
     if verify:
         target = _log_argument(log)
         if isinstance(target, str):
-            fail("--verify checks a file log's hash chain; a Redis backend's streams carry none (docs/distributed.md)")
+            if expect_head is not None:
+                fail("--expect-head checks a file log; a Redis backend's heads are its {ns:b}:head keys")
+            _verify_redis(target, json_out)
+            return
         _verify(target, json_out, expect_head)
         return
     from engine import _audit as A
@@ -293,10 +297,28 @@ def _verify(log: Path, json_out: bool, expect_head: str | None = None) -> None:
     raise typer.Exit(code=report.exit_code)
 
 
+def _verify_redis(url: str, json_out: bool) -> None:
+    """``audit --verify redis://...``: every bucket stream's chain, seq and records (docs/audit-log.md)."""
+    from engine._chain import key_from_env
+    from engine._verify import verify_redis
+
+    try:
+        report = verify_redis(url, key=key_from_env())
+    except EngineError as exc:
+        fail(str(exc))
+    if json_out:
+        sys.stdout.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        for line in _verify_text(report):
+            typer.echo(line)
+    raise typer.Exit(code=report.exit_code)
+
+
 def _verify_text(report: Any) -> Iterator[str]:
     span = f"seq {report.first_seq}..{report.last_seq}" if report.records else "no records"
     good = " good before the first bad one" if report.problem is not None else ""
-    yield f"{report.log}: {report.status.upper()}: {report.records:,} records{good} ({span}) in {report.files} file(s)"
+    unit = "bucket stream(s)" if report.log.startswith(("redis", "rediss:", "unix:")) else "file(s)"
+    yield f"{report.log}: {report.status.upper()}: {report.records:,} records{good} ({span}) in {report.files} {unit}"
     if report.anchor is not None:
         yield (f"  chain: from the {report.anchor} at seq {report.anchor_seq}, {report.seals:,} seal(s); "
                f"head at seq {report.head_seq}: {report.head}")
@@ -310,7 +332,11 @@ def _verify_text(report: Any) -> Iterator[str]:
     for note in report.notes:
         yield f"  note: {note}"
     problem = report.problem
-    if problem is not None:
+    if problem is not None and problem.bucket is not None:
+        yield (f"  first bad entry: bucket {problem.bucket}, stream {problem.file}"
+               f"{f' id {problem.stream_id}' if problem.stream_id else ''}, seq "
+               f"{problem.seq if problem.seq is not None else '?'}: {problem.field or 'entry'} must be {problem.rule}")
+    elif problem is not None:
         yield (f"  first bad record: seq {problem.seq if problem.seq is not None else '?'} at byte {problem.offset} "
                f"of {problem.file}: {problem.field or 'line'} must be {problem.rule}")
 
@@ -353,11 +379,19 @@ def export_command(
 ) -> None:
     """Write a Redis backend's audit streams as a file-log segment directory that every tool reads.
 
-    Records keep each bucket's order; seq is renumbered 1, 2, 3 ... across buckets (docs/distributed.md).
+    The streams are verified first (as audit --verify; a bad one is not exported). Records keep each bucket's
+    order; seq is renumbered 1, 2, 3 ... across buckets, and the segment is chained again with the file log's
+    chain, so audit --verify DIR accepts it (docs/distributed.md).
     """
     from engine._redis import export_streams
+    from engine._verify import verify_redis
 
     try:
+        checked = verify_redis(url, namespace)
+        if checked.problem is not None:
+            for line in _verify_text(checked):
+                typer.echo(line, err=True)
+            fail(f"{_shown(url)}: not exported: its streams' chain does not verify (audit --verify)")
         count, path = export_streams(url, directory, namespace=namespace)
     except EngineError as exc:
         fail(str(exc))

@@ -2,7 +2,8 @@
 -- Every key is in one bucket (one hash tag, so one Cluster slot):
 --   KEYS[1] session hash {v = version, e = entry JSON}   KEYS[2] bucket record seq (INCRBY)
 --   KEYS[3] bucket version counter (INCR)                 KEYS[4] bucket deadline ZSET (member = session id)
---   KEYS[5] bucket audit stream
+--   KEYS[5] bucket audit stream                         KEYS[6] the tenant's sessions in the bucket (ZSET)
+--   KEYS[7] the bucket's creation token buckets (hash)   KEYS[8] the bucket's chain head (40 hex)
 -- ARGV[1] expected version ("0": absent; "*": no session, records only)
 -- ARGV[2] new entry JSON, "" unchanged, "-" ended      ARGV[3] deadline (ZSET score, ms; "" unmoved)
 -- ARGV[4] PEXPIRE of the session key (ms, relative: no clock of a replica is trusted for it)            ARGV[5] session id
@@ -89,19 +90,36 @@ if expected ~= '*' then
     end
   end
 end
+-- The bucket's hash chain (docs/audit-log.md, "The chain on the Redis streams"): every entry carries
+-- h = sha1hex(previous head .. r), the first one of the bucket's chain also g = its genesis (the previous
+-- head it links to), and KEYS[8] holds the head after the newest entry. Redis 6.2 Lua has no SHA-256.
 local n = #ARGV - 12
 local seq = 0
 if n > 0 then
   seq = redis.call('INCRBY', KEYS[2], n) - n
+  local head = redis.call('GET', KEYS[8])
+  local genesis = nil
+  if not head then
+    genesis = redis.sha1hex('session-engine genesis ' .. KEYS[5] .. ' ' .. ARGV[7] .. ' ' .. tostring(seq))
+    head = genesis
+  end
   for i = 1, n do
     seq = seq + 1
     local record = '{"seq":' .. string.format('%d', seq) .. ',' .. ARGV[12 + i]
-    if ARGV[6] == '' then
-      redis.call('XADD', KEYS[5], '*', 'r', record)
-    else
-      redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'r', record)
+    head = redis.sha1hex(head .. record)
+    local args = {'XADD', KEYS[5]}
+    if ARGV[6] ~= '' then
+      table.insert(args, 'MAXLEN') table.insert(args, '~') table.insert(args, ARGV[6])
     end
+    table.insert(args, '*') table.insert(args, 'r') table.insert(args, record)
+    table.insert(args, 'h') table.insert(args, head)
+    if genesis then
+      table.insert(args, 'g') table.insert(args, genesis)
+      genesis = nil
+    end
+    redis.call(unpack(args))
   end
+  redis.call('SET', KEYS[8], head)
 end
 local reply = {1, version, seq}
 for _, item in ipairs(victims) do table.insert(reply, item) end
