@@ -318,7 +318,6 @@ class _Run:
         self.configs: dict[tuple[int, bool], Config] = {}
         if models is not None:  # an older log without rules: the defaults with this table
             self.fallback = self._variant(RouteRules(models), 2, False)
-        self.recent: dict[str, list[tuple[int, str, bool]]] = {}
         self.held: dict[str, dict[str, Any]] = {}
         self.by_rid: dict[str, _Joined] = {}
         self.last: dict[str, _Joined] = {}
@@ -361,8 +360,12 @@ class _Run:
         decision, cost, turn_records, released, endings = (R.DECISION_MADE, R.COST_ADDED, _TURN_RECORDS,
                                                            R.BUDGET_RELEASED, _ENDINGS)
         updated, deployment_set = R.SESSION_UPDATED, R.DEPLOYMENT_SET
-        recent_of = self.recent
         held_of = self.held
+        escalated = R.SESSION_ESCALATED
+        # The turn records just before a decision (consecutive seqs, the same session): the baseline's
+        # escalations and pin moves in that decision's turn.
+        run_sid: str | None = None
+        run_next = escalations = switches = 0
         for r in records:
             count += 1
             sid = r.get("session_id")
@@ -383,14 +386,22 @@ class _Run:
                     # A deployment the caller reported (record_response), not one the route's turn chose.
                     self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
             if name in turn_records:
-                recent = recent_of.get(sid)
-                if recent is None:
-                    recent = recent_of[sid] = []
-                recent.append((r["seq"], name, name == updated and "model" in r))
-                if name == deployment_set:
+                seq = r["seq"]
+                if seq != run_next or sid != run_sid:
+                    run_sid, escalations, switches = sid, 0, 0
+                run_next = seq + 1
+                if name == escalated:
+                    escalations += 1
+                elif name == updated and "model" in r:
+                    switches += 1
+                elif name == deployment_set:
                     held_of[sid] = r
             elif name == decision:
-                self._decision(sid, r)
+                if sid == run_sid and r["seq"] == run_next:
+                    self._decision(sid, r, escalations, switches)
+                else:
+                    self._decision(sid, r, 0, 0)
+                run_sid = None
             elif name == cost:
                 self._cost(sid, r)
             elif name == released:
@@ -400,35 +411,19 @@ class _Run:
             elif name in endings:
                 self.states.pop(sid, None)
                 self.last.pop(sid, None)
-                recent_of.pop(sid, None)
         result.records = count
         for sid, held in list(held_of.items()):
             self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
         held_of.clear()
         return result
 
-    def _turn_counts(self, sid: str, seq: int) -> tuple[int, int]:
-        """The baseline's escalations and pin moves in the turn that ends at ``seq`` (its records just before)."""
-        recent = self.recent.pop(sid, None)
-        if not recent:
-            return 0, 0
-        escalations = switches = 0
-        expect = seq - 1
-        for rseq, name, moved in reversed(recent):
-            if rseq != expect:
-                break
-            expect -= 1
-            escalations += name == R.SESSION_ESCALATED
-            switches += moved
-        return escalations, switches
-
-    def _decision(self, sid: str, r: dict[str, Any]) -> None:
+    def _decision(self, sid: str, r: dict[str, Any], escalations: int, switches: int) -> None:
+        """Re-run one recorded decision; ``escalations`` and ``switches``: the baseline's in its turn."""
         result = self.result
         get = r.get
         requested = get("requested_model")
         if requested is None:
             result.not_rerun += 1
-            self.recent.pop(sid, None)
             return
         recorded_rules = get("rules")
         if recorded_rules is not None:
@@ -440,7 +435,6 @@ class _Run:
                 rules = self.last_rules or self.fallback
                 if rules is None:
                     result.no_rules += 1
-                    self.recent.pop(sid, None)
                     return
                 self.rules[sid] = rules
         base, var = result.baseline, result.variant
@@ -453,10 +447,8 @@ class _Run:
         elif kind == "bypass" and _DOWNGRADE in get("reason", ""):
             base.downgrades += 1
         seq = r["seq"]
-        if sid in self.recent:
-            escalations, switches = self._turn_counts(sid, seq)
-            base.escalations += escalations
-            base.pin_switches += switches
+        base.escalations += escalations
+        base.pin_switches += switches
 
         variant = rules.variant
         recorded_rid = get("reservation_id", "")
