@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import os
 import time
 import uuid
@@ -47,6 +48,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from engine._backend import BackendError, BackendUnavailable, RedisTarget, parse_backend
+from engine._capacity import TENANT_LIMIT, TENANT_RATE, SessionRefused
 from engine._core import (
     Outcome,
     apply,
@@ -59,8 +61,10 @@ from engine._core import (
 from engine._entry import Entry
 from engine._log import drop_forbidden
 from engine._replay import LogCorrupt, State, fold, new_fields, segment_name, to_entry
+from engine._scope import tenant_of
 from engine._shard import Shard, ShardFailed
-from events import ClearAll, EngineError, Expire, GetStats, InvalidEvent, Tick
+from events import ClearAll, EngineError, Evict, Expire, GetStats, InvalidEvent, SetSession, Tick
+from events import records as R
 
 logger = logging.getLogger("engine")
 
@@ -75,7 +79,12 @@ _SCAN = 1_000
 #: Answers that mean "send it again shortly": a slot moving between Cluster nodes, a server loading its data.
 _TRANSIENT = (TryAgainError, AskError, MovedError, ClusterDownError, BusyLoadingError)
 
-Step = tuple[Callable[[Entry | None, int], Outcome], Any, int]  # (transition, reply or None, now)
+Step = tuple[Callable[[Entry | None, int], Outcome], Any, int, Any]  # (transition, reply or None, now, event)
+
+
+def share(limit: int, buckets: int) -> int:
+    """A bucket's share of a per-tenant limit: ceil(limit / buckets), at least 1."""
+    return max(1, math.ceil(limit / buckets))
 
 
 def bucket_of(session_id: str, buckets: int) -> int:
@@ -101,6 +110,11 @@ class Keys:
         """seq, ver, exp, log of one bucket."""
         t = self.tag(bucket)
         return f"{t}:seq", f"{t}:ver", f"{t}:exp", f"{t}:log"
+
+    def tenant_keys(self, bucket: int, tenant: str) -> tuple[str, str]:
+        """The tenant's sessions in the bucket (ZSET by last use), the bucket's creation token buckets."""
+        t = self.tag(bucket)
+        return f"{t}:t:{tenant}", f"{t}:rate"
 
 
 def connect(target: RedisTarget, timeout_s: float) -> Any:
@@ -165,6 +179,12 @@ class RedisBackend:
         self.target = target
         self.keys = Keys(config.redis_namespace, config.redis_buckets)
         self.maxlen = "" if config.redis_stream_maxlen is None else str(config.redis_stream_maxlen)
+        # The per-tenant limits, as each bucket's share (docs/distributed.md, "Per-tenant limits").
+        buckets = config.redis_buckets
+        self.tenant_cap = "" if config.max_sessions_per_tenant is None else \
+            str(share(config.max_sessions_per_tenant, buckets))
+        self.tenant_rate = "" if config.max_creations_per_tenant_per_minute is None else \
+            str(share(config.max_creations_per_tenant_per_minute, buckets))
         self.client = connect(target, max(0.05, min(config.ask_timeout_s / 4, 2.0)))
         try:
             self._check_meta()
@@ -201,11 +221,17 @@ class RedisBackend:
         return range(shard, self.keys.buckets, shards)
 
     def evalsha(self, pipe: Any, sid: str | None, bucket: int, expected: str, state: bytes | str,
-                deadline: int | str, pexpire_ms: int, records: list[bytes], token: str | None = None) -> None:
+                deadline: int | str, pexpire_ms: int, records: list[bytes], token: str | None = None,
+                creates: bool = False, now: int = 0, last_used: int = 0) -> None:
+        """Queue one commit script (redis_commit.lua); ``creates``: it creates its session by a SetSession."""
         seq, ver, exp, log = self.keys.bucket_keys(bucket)
         key = self.keys.session(bucket, sid) if sid is not None else f"{self.keys.tag(bucket)}:none"
-        pipe.execute_command("EVALSHA", self.sha, 5, key, seq, ver, exp, log, expected, state, deadline,
-                             pexpire_ms, sid or "", self.maxlen, token or self.token(), *records)
+        tenant = tenant_of(sid) if sid is not None else ""
+        own, rate = self.keys.tenant_keys(bucket, tenant)
+        pipe.execute_command("EVALSHA", self.sha, 7, key, seq, ver, exp, log, own, rate, expected, state,
+                             deadline, pexpire_ms, sid or "", self.maxlen, token or self.token(), tenant,
+                             self.tenant_cap if tenant else "", self.tenant_rate if tenant and creates else "",
+                             now, last_used, *records)
 
     def token(self) -> str:
         """Unique per commit attempt (this process, this backend, a counter): see redis_commit.lua."""
@@ -249,6 +275,15 @@ class RedisLog:
         self.backend.close()
 
 
+#: The result of a SetSession whose creation the script refused (its caller gets SessionRefused).
+_REFUSED = object()
+
+
+def work_now(work: dict[str, list[Step]]) -> int:
+    """The latest event time of a batch's work (the time its evictions are sent at)."""
+    return max(steps[-1][2] for steps in work.values())
+
+
 class RedisShard(Shard):
     """A shard whose sessions live in Redis (the class is made per backend: ``backend`` is set)."""
 
@@ -289,7 +324,7 @@ class RedisShard(Shard):
             sid = event.session_id
             if sid is not None:
                 work.setdefault(sid, []).append(
-                    (lambda state, at, ev=event: apply(state, ev, at, config), reply, now))
+                    (lambda state, at, ev=event: apply(state, ev, at, config), reply, now, event))
                 continue
             if work:
                 self._commit_all(work)
@@ -308,6 +343,8 @@ class RedisShard(Shard):
         buckets = backend.keys.buckets
         done: list[Any] = []
         pending = work
+        #: Sessions whose creation the script refused (their tenant's creation rate in the bucket).
+        refused: set[str] = set()
         for round_number in range(MAX_ROUNDS):
             plans = []
             pipe = backend.client.pipeline(transaction=False)
@@ -316,9 +353,17 @@ class RedisShard(Shard):
                 state = before
                 records: list[dict[str, Any]] = []
                 results = []
+                creates = False
                 try:
-                    for step, _reply, now in steps:
-                        out = step(state, now)
+                    for step, _reply, now, event in steps:
+                        if state is None and sid in refused and type(event) is SetSession:
+                            refused.discard(sid)  # this creation is refused: it writes its record only
+                            out = Outcome(None, _REFUSED, ((R.SESSION_REFUSED, {
+                                "reason": TENANT_RATE, "limit": config.max_creations_per_tenant_per_minute}),))
+                        else:
+                            out = step(state, now)
+                            if state is None and out.state is not None and type(event) is SetSession:
+                                creates = True
                         state = out.state
                         for name, fields in out.records:
                             records.append({"ts": now, "event": name, "session_id": sid, **fields})
@@ -342,7 +387,8 @@ class RedisShard(Shard):
                         deadline = deadline_of(state, config)
                         pexpire_ms = config.timeout_ms + EXPIRY_MARGIN_MS
                 backend.evalsha(pipe, sid, bucket_of(sid, buckets), version, encoded, deadline, pexpire_ms,
-                                [render_record(record) for record in records])
+                                [render_record(record) for record in records], creates=creates and before is None,
+                                now=steps[-1][2], last_used=state.last_used_at if state is not None else 0)
                 plans.append((sid, steps, state, results, records))
             try:
                 answers = pipe.execute(raise_on_error=False)
@@ -351,6 +397,7 @@ class RedisShard(Shard):
                 return done
             retry: dict[str, list[Step]] = {}
             reload = transient = False
+            victims: list[tuple[str, int]] = []
             for (sid, steps, state, results, records), answer in zip(plans, answers, strict=True):
                 if isinstance(answer, NoScriptError):
                     reload = True
@@ -361,7 +408,12 @@ class RedisShard(Shard):
                 elif isinstance(answer, Exception):
                     cache.pop(sid, None)
                     self._fail({sid: steps}, unavailable(backend.target, answer))
+                elif int(answer[0]) == 2:
+                    refused.add(sid)  # nothing was written: apply the events again with that creation refused
+                    retry[sid] = steps
                 elif int(answer[0]) == 1:
+                    for i in range(3, len(answer) - 1, 2):
+                        victims.append((answer[i].decode("utf-8", "surrogatepass"), int(float(answer[i + 1]))))
                     version = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
                     if state is None and version == "0":
                         cache.pop(sid, None)
@@ -369,8 +421,15 @@ class RedisShard(Shard):
                         if len(cache) >= CACHE_LIMIT:
                             cache.clear()
                         cache[sid] = (state, version)
-                    for (_, reply, _), result in zip(steps, results, strict=True):
-                        if reply is not None:
+                    for (_, reply, _, _), result in zip(steps, results, strict=True):
+                        if reply is None:
+                            continue
+                        if result is _REFUSED:
+                            self._reply(reply, error=SessionRefused(
+                                f"session not created: its tenant is past max_creations_per_tenant_per_minute "
+                                f"({config.max_creations_per_tenant_per_minute}; each of the {buckets} Redis "
+                                f"buckets allows {backend.tenant_rate} a minute)"))
+                        else:
                             self._reply(reply, result)
                     done.extend(results)
                     self._committed.extend(records)
@@ -385,6 +444,12 @@ class RedisShard(Shard):
                         continue
                     cache[sid] = (entry, current)
                     retry[sid] = steps
+            if victims:
+                # Past the tenant's share of a bucket: each victim is evicted in its shard's own turn by the
+                # same compare-and-set (the core keeps a session used since the script saw it).
+                rt, now = self._rt, work_now(pending)
+                for victim, last_used in victims:
+                    rt.route(Evict(victim, last_used, TENANT_LIMIT), now, None)
             if reload:
                 try:
                     backend.reload_script()
@@ -410,7 +475,7 @@ class RedisShard(Shard):
     def _fail(self, work: dict[str, list[Step]], error: BaseException) -> None:
         for sid, steps in work.items():
             self._cache.pop(sid, None)
-            for _, reply, _ in steps:
+            for _, reply, _, _ in steps:
                 if reply is not None:
                     self._reply(reply, error=error)
 
@@ -425,7 +490,7 @@ class RedisShard(Shard):
                 timeout = self._config.timeout_ms
                 result = [(sid, e) for sid, e in self._scan() if now - e.last_used_at <= timeout]
             elif type(event) is ClearAll:
-                work = {sid: [(lambda state, _at: clear_for_all(state), None, now)] for sid, _ in self._scan()}
+                work = {sid: [(lambda state, _at: clear_for_all(state), None, now, event)] for sid, _ in self._scan()}
                 self._commit_all(work)
                 result = None
             else:
@@ -464,7 +529,7 @@ class RedisShard(Shard):
                     break  # the next tick takes the rest
                 sid = raw.decode("utf-8", "surrogatepass")
                 # A cached entry that went stale comes back as a conflict with the current one.
-                work[sid] = [(lambda state, at, s=sid: apply(state, Expire(s), at, config), None, now)]
+                work[sid] = [(lambda state, at, s=sid: apply(state, Expire(s), at, config), None, now, None)]
         if not work:
             return 0
         return sum(1 for result in self._commit_all(work) if result is True)
