@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,dev,litellm,asgi,report]'
+	$(BIN)/python -m pip install -q -e '.[test,dev,litellm,proxy,asgi,report,redis]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -3,6 +3,7 @@
 Public API (SPEC.md); every other module is private and free to change.
 """
 
+from engine._backend import BackendUnavailable
 from engine._capacity import SessionRefused
 from engine._config import Config, default_config
 from engine._entry import Entry, MessageInfo, SessionInfo, Stats
@@ -24,7 +25,8 @@ from engine.store import SessionStore, StoreClosed
 from events import EngineError, InvalidEvent, Tier
 
 __all__ = [
-    "AskTimeout", "AuditLogError", "BudgetExceeded", "Config", "EngineError", "Entry", "InvalidEvent", "LogCorrupt",
+    "AskTimeout", "AuditLogError", "BackendUnavailable", "BudgetExceeded", "Config", "EngineError", "Entry",
+    "InvalidEvent", "LogCorrupt",
     "MessageInfo",
     "SessionInfo", "SessionRefused", "SessionStore", "ShardFailed", "Stats", "StoreClosed", "Tier",
     "cache_ttl_for_provider", "default_config", "derive_session_id", "get_session_id",

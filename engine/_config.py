@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine._backend import parse_backend
 from events import InvalidEvent
 from events._validate import check_bool, check_text
 
@@ -58,6 +59,14 @@ class Config:
     #: How long a session's budget ledger (spend and open reservations) outlives its idle expiry,
     #: counted from the session's first request (docs/policy.md); 0: the ledger ends with the session.
     budget_window_ms: int = 3_600_000
+    #: Where sessions live: "memory", or redis://, rediss://, unix://, redis+cluster:// (docs/distributed.md).
+    backend: str = "memory"
+    #: Redis backend: hash-tag buckets (fixed per namespace; stored in Redis and checked at start).
+    redis_buckets: int = 64
+    #: Redis backend: key prefix of every key the engine owns.
+    redis_namespace: str = "se"
+    #: Redis backend: keep about this many records per bucket stream (XADD MAXLEN ~); None keeps all.
+    redis_stream_maxlen: int | None = None
 
     def __post_init__(self) -> None:
         check_bool(self.enabled, "enabled")
@@ -88,6 +97,18 @@ class Config:
             raise InvalidEvent("audit_chain", "must be one of batch, record, off")
         if type(self.ask_timeout_s) not in (int, float) or not self.ask_timeout_s > 0:
             raise InvalidEvent("ask_timeout_s", "must be a positive number")
+        if parse_backend(self.backend) is not None:
+            if self.event_log is not None:
+                raise InvalidEvent("event_log", "must be None with a Redis backend (its audit log is in Redis streams)")
+            if self.max_sessions is not None:
+                raise InvalidEvent("max_sessions", "is not supported with a Redis backend (Redis frees idle "
+                                   "sessions by expiry and PEXPIRE; docs/distributed.md)")
+        _check_int(self.redis_buckets, "redis_buckets", 1)
+        check_text(self.redis_namespace, "redis_namespace", 64)
+        if not self.redis_namespace or any(c in self.redis_namespace for c in "{}: "):
+            raise InvalidEvent("redis_namespace", "must be non-empty, without braces, colons or spaces")
+        if self.redis_stream_maxlen is not None:
+            _check_int(self.redis_stream_maxlen, "redis_stream_maxlen", 1)
 
 
 def default_config() -> Config:

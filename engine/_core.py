@@ -35,6 +35,7 @@ from events import (
     IsCacheSticky,
     Release,
     Route,
+    RouteRules,
     SessionEvent,
     SetCacheSticky,
     SetDeployment,
@@ -136,7 +137,11 @@ def reservation_deadlines(e: Entry) -> list[int]:
 
 
 def _lapse_due(reservations: tuple[tuple[str, int, int], ...], now: int) -> bool:
-    return any(r[2] <= now for r in reservations)
+    # A plain loop, not any(): checked before every event on a session holding budget.
+    for r in reservations:  # noqa: SIM110
+        if r[2] <= now:
+            return True
+    return False
 
 
 def settle(state: Entry | None, now: int, config: Config) -> tuple[Entry | None, tuple[Record, ...]]:
@@ -262,10 +267,12 @@ def _cost(s: Entry | None, ev: Cost, now: int) -> Outcome:
         fields.update(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens)
     if at >= 0:
         # Settlement: the actual cost replaces the reservation's estimate.
-        kept = s.reservations[:at] + s.reservations[at + 1:]
+        held = s.reservations
+        kept = () if len(held) == 1 else held[:at] + held[at + 1:]
         _put_reservations(new, kept)
-        fields.update(reservation_id=ev.reservation_id, estimate_micros=s.reservations[at][1],
-                      reservations=[list(r) for r in kept])
+        fields["reservation_id"] = ev.reservation_id
+        fields["estimate_micros"] = held[at][1]
+        fields["reservations"] = [list(r) for r in kept] if kept else []
     return Outcome(new, None, (*records, (R.COST_ADDED, fields)))
 
 
@@ -306,16 +313,31 @@ def _route(s: Entry | None, ev: Route, now: int, config: Config) -> Outcome:
         if s is None:  # strategy none: nothing else keeps the session, the reservation needs one
             s, created = _cost_only(now)
             records.extend(created)
-        expires = now + ev.rules.reservation_ttl_ms
-        held = (*s.reservations, (routed.reservation_id, routed.estimate_micros, expires))
+        rid, micros, expires = routed.reservation_id, routed.estimate_micros, now + ev.rules.reservation_ttl_ms
+        open_ = s.reservations
+        held = (*open_, (rid, micros, expires)) if open_ else ((rid, micros, expires),)
         if s is before:  # else the entry is this turn's own, unseen yet: set the slot in place
             s = _copy(s)
         _put_reservations(s, held)
-        records.append((R.BUDGET_RESERVED, {"reservation_id": routed.reservation_id,
-                                            "micros": routed.estimate_micros, "expires_at": expires,
-                                            "reservations": [list(r) for r in held]}))
-    records.append((R.DECISION_MADE, _decision_fields(ev, routed)))
+        records.append((R.BUDGET_RESERVED, {"reservation_id": rid, "micros": micros, "expires_at": expires,
+                                            "reservations": [list(r) for r in held] if open_
+                                            else [[rid, micros, expires]]}))
+    fields = _decision_fields(ev, routed)
+    if before is None or (not before.model and before.request_count == 0):
+        # The session's first routed turn carries the rules it was decided under (backtest re-runs them).
+        fields["rules"] = rules_fields(ev.rules, config)
+    records.append((R.DECISION_MADE, fields))
     return Outcome(s, routed, tuple(records))
+
+
+def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
+    """A ``RouteRules`` (plus the store settings the rules read) as ``decision.made`` logs it."""
+    return {"models": {tier: list(models) for tier, models in rules.models}, "strategy": rules.strategy,
+            "simple_bypass": rules.simple_bypass, "warmup_turns": rules.warmup_turns,
+            "escalate_on_strikes": rules.escalate_on_strikes, "strike_limit": rules.strike_limit,
+            "cache_sticky": rules.cache_sticky, "max_cost_micros": rules.max_cost_micros,
+            "budget_mode": rules.budget_mode, "reservation_ttl_ms": rules.reservation_ttl_ms,
+            "config_strike_limit": config.strike_limit, "auto_escalate": config.auto_escalate}
 
 
 def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
@@ -336,21 +358,29 @@ def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
         fields["requested_tier"] = ev.tier.value  # type: ignore[union-attr]
     if ev.request_hash:
         fields["request_hash"] = ev.request_hash
+    if ev.user_explicit:
+        fields["explicit"] = True
     if ev.tools:
         fields["tools"] = True
     if ev.stall:
         fields["stall"] = True
     if ev.keyword:
         fields["keyword"] = ev.keyword
+    if ev.long_context:
+        fields["long_context"] = True
     if ev.candidates:
         fields["candidates"] = list(ev.candidates)
-    if routed.limit_micros >= 0 or routed.estimate_micros:
+    limit = routed.limit_micros
+    if limit >= 0 or routed.estimate_micros:
         fields["estimate_micros"] = routed.estimate_micros
-    if routed.limit_micros >= 0:
-        fields.update(limit_micros=routed.limit_micros, spent_micros=routed.spent_micros,
-                      reserved_micros=routed.reserved_micros)
+    if limit >= 0:
+        fields["limit_micros"] = limit
+        fields["spent_micros"] = routed.spent_micros
+        fields["reserved_micros"] = routed.reserved_micros
     if routed.reservation_id:
         fields["reservation_id"] = routed.reservation_id
+    if len(ev.estimates) > 1 or (ev.estimates and ev.estimates[0][0]):
+        fields["estimates"] = dict(ev.estimates)  # per model (an estimator priced the table)
     return fields
 
 

@@ -37,7 +37,12 @@ class Entry:
     @property
     def reserved_micros(self) -> int:
         """Budget held by open reservations (lapsed ones included until the session is settled)."""
-        return sum(r[1] for r in self.reservations)
+        held = self.reservations
+        if not held:  # the usual case on a routed turn: no generator to build
+            return 0
+        if len(held) == 1:
+            return held[0][1]
+        return sum(r[1] for r in held)
 
     def __str__(self) -> str:
         tier = "" if self.tier is None else self.tier.value

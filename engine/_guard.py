@@ -23,7 +23,7 @@ logger = logging.getLogger("engine")
 
 #: The Observer hooks a guard wraps (``on_hook_error`` is the guard's own report, never wrapped).
 HOOKS = ("on_start", "on_batch", "on_records", "on_log_write", "on_log_sync", "on_log_failure",
-         "on_log_writable")
+         "on_log_writable", "on_log_head")
 
 #: A hook's failures of one error type are logged at most once per this many milliseconds.
 REPORT_EVERY_MS = 60_000

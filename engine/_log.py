@@ -1,66 +1,50 @@
-"""The audit log: a structlog processor chain rendering JSON lines, and a writer.
+"""The audit log's writer: numbering, durability and fault handling (the rest beside it).
 
 Each record is a dict ``{"seq", "ts", "event", "session_id", <changed fields>}``.
 The writer owns ``seq`` (one counter, no gaps), durability (group commit,
 interval fsync), and growth (segments that start with a snapshot); shards
 hand it whole batches so the lock and the write are paid once per batch.
 docs/audit-log.md describes the format and the policies.
+
+Split along its seams: engine/_log_render.py renders a batch and seals it
+into the hash chain, engine/_log_segment.py starts segments (rotation and
+snapshots) and signs and exports the chain head, engine/_log_fault.py holds
+the fault state; this module is the writer that ties them together, and
+what the rest of the engine imports (``from engine._log import ...``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
-import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
-import structlog
-
 from engine import _chain
-from engine._core import entry_fields as core_entry_fields
 from engine._entry import Entry
 from engine._log_fault import AuditLogError, LogFault
+from engine._log_render import (
+    FORBIDDEN_KEYS,
+    RENDER_LINE,
+    EventDict,
+    Processor,
+    default_processors,
+    drop_forbidden,
+    render,
+    render_batch,
+)
+from engine._log_segment import SNAPSHOT_PART, Segments, _hold_lock, _release_lock, _write_all
 from engine._recovery import Layout, Recovered, recover
-from engine._replay import LogCorrupt, State, entry_fields, fold
-from events import records as R
+from engine._replay import LogCorrupt, State, fold
+
+__all__ = ["FORBIDDEN_KEYS", "RENDER_LINE", "SNAPSHOT_PART", "AuditLogError", "EventDict", "FileLog", "LogSink",
+           "NullLog", "Processor", "default_processors", "drop_forbidden", "open_log", "render"]
 
 logger = logging.getLogger("engine")
-
-EventDict = dict[str, Any]
-Processor = Callable[[Any, str, EventDict], Any]
-
-#: Keys that could carry raw request content; dropped if any code path ever adds them.
-FORBIDDEN_KEYS = frozenset({"content", "messages", "message", "prompt", "text", "value"})
-
-
-def drop_forbidden(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
-    """Never log raw message content, whatever a caller put in a record."""
-    for key in FORBIDDEN_KEYS.intersection(event_dict):
-        del event_dict[key]
-    return event_dict
-
-
-#: structlog's JSON renderer over orjson, one line per record: the last step of the default chain.
-RENDER_LINE: Processor = structlog.processors.JSONRenderer(serializer=orjson.dumps, option=orjson.OPT_APPEND_NEWLINE)
-
-
-def default_processors() -> list[Processor]:
-    """The chain every record goes through: drop content keys, then render a JSON line (bytes)."""
-    return [drop_forbidden, RENDER_LINE]
-
-
-def render(event_dict: EventDict, processors: Iterable[Processor]) -> bytes:
-    out: Any = event_dict
-    for processor in processors:
-        out = processor(None, "info", out)
-    return out if isinstance(out, bytes) else str(out).encode()
 
 
 class LogSink(Protocol):
@@ -92,15 +76,20 @@ class NullLog:
         return None
 
 
-#: Sessions per ``log.snapshot`` record: keeps each line a bounded size however many sessions live.
-SNAPSHOT_PART = 1_000
+def open_log(config: Any) -> LogSink:
+    """The audit log the config asks for (a no-op sink when ``event_log`` is None)."""
+    if config.event_log is None:
+        return NullLog()
+    # Opening the log recovers what it holds: restored_states() hands that to the shards.
+    return FileLog(config.event_log, fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms,
+                   segment_bytes=config.segment_bytes, chain=config.audit_chain)
 
 
 #: Most milliseconds of batch time between two checks that the log file was not removed.
 LINK_CHECK_MS = 1_000
 
 
-class FileLog:
+class FileLog(Segments):
     """Appends rendered records to a JSON-lines log under a durability policy.
 
     Opening it recovers what the log already holds (``recovered_state``),
@@ -178,7 +167,7 @@ class FileLog:
             if found.head is None:  # a new log, or one written without a chain: start one here
                 self._head, self._genesis_due = _chain.genesis(), True
             else:
-                self._head, self._pending = found.head, self._unsealed(found.head_end)
+                self._head, self._pending = found.head, self._unsealed(found.head_file or self.active, found.head_end)
         self._signed_head = self._head
         self._policy = fsync
         self._processors = processors
@@ -192,17 +181,29 @@ class FileLog:
         self._os: Any = os if os_calls is None else os_calls
         self.fault = LogFault(self.path)
         self._flusher: _Flusher | None = None
+        if found.rewrite:
+            # A crash cut the active segment inside its opening snapshot (recover() read the sessions from
+            # the segment before it, and _open_active emptied it): start it again with a whole snapshot.
+            logger.warning("session-engine: %s lost its opening snapshot in a crash; restored the sessions from "
+                           "the segment before it and wrote the snapshot again", self.active)
+            try:
+                self._rotate(retire=False)
+            except AuditLogError:
+                self._close_fds()
+                raise
         if fsync == "interval":
             self._flusher = _Flusher(self, fsync_interval_ms / 1000)
             self._flusher.start()
 
-    def _unsealed(self, start: int) -> bytes:
-        """The active segment's bytes from ``start`` on (after the torn tail was cut): the next seal covers them."""
-        if start >= self._size:
-            return b""
-        with open(self.active, "rb") as f:  # the append descriptor is write-only
+    def _close_fds(self) -> None:
+        os.close(self._fd)
+        _release_lock(self._lock_fd)
+
+    def _unsealed(self, path: Path, start: int) -> bytes:
+        """A segment's bytes from ``start`` on (after the torn tail was cut): the next seal covers them."""
+        with open(path, "rb") as f:  # the append descriptor is write-only
             f.seek(start)
-            return f.read(self._size - start)
+            return f.read()
 
     def _open_active(self, found: Recovered) -> int:
         fd = os.open(found.active, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -235,40 +236,7 @@ class FileLog:
             if self._genesis_due and records:
                 records[0]["genesis"] = self._head.hex()  # type: ignore[union-attr]
             per_record = self._chain == "record" and self._head is not None
-            head, pending = self._head, self._pending
-            # The batch is rendered into one growing buffer: each record's bytes are copied in and
-            # freed at once. Keeping every record's bytes alive until a join (a block each) made glibc
-            # grow the calling shard thread's heap past its trim threshold and hand the pages back
-            # after every call (measured in a thread, 512 records per call: 2.1 µs and 0.9 page
-            # faults per record joined; 0.26 µs and none in one buffer).
-            data = bytearray()
-            if self._processors is None:
-                # default_processors() unrolled for the hot path: drop_forbidden only runs when a
-                # record holds one of its keys, then structlog's renderer writes the line.
-                forbidden = FORBIDDEN_KEYS
-                render_line = RENDER_LINE
-                for record in records:
-                    seq += 1
-                    record["seq"] = seq
-                    if not forbidden.isdisjoint(record):
-                        drop_forbidden(None, "info", record)
-                    if per_record:
-                        start = len(data)
-                        data += render_line(None, "info", record)
-                        head, pending = _chain.seal(data, head, start, pending), b""  # type: ignore[arg-type]
-                    else:
-                        data += render_line(None, "info", record)
-            else:
-                for record in records:
-                    seq += 1
-                    record["seq"] = seq
-                    start = len(data)
-                    line = render(record, self._processors)
-                    data += line if line.endswith(b"\n") else line + b"\n"
-                    if per_record:
-                        head, pending = _chain.seal(data, head, start, pending), b""  # type: ignore[arg-type]
-            if head is not None and data and not per_record:
-                head = _chain.seal(data, head, 0, pending)  # one seal for the whole batch
+            data, seq, head = render_batch(records, seq, self._processors, self._head, self._pending, per_record)
             try:
                 _write_all(self._os, self._fd, data)
             except OSError as exc:
@@ -350,8 +318,12 @@ class FileLog:
         return self.fault.error is None
 
     def watch(self, observer: Any) -> None:
-        """Report faults to ``observer.on_log_failure(op, error)`` and ``on_log_writable(bool)``."""
+        """Report faults to ``observer.on_log_failure(op, error)`` and ``on_log_writable(bool)``, and the
+        chain's head to ``on_log_head(seq, hex)``: now (a log that holds one) and at every rotation and close."""
         self.fault.watcher = observer
+        head = self.head()
+        if head is not None:
+            observer.on_log_head(*head)
 
     def _retry(self) -> None:
         """In a fault (under ``_lock``): refuse at once until the retry is due, then repair the tail.
@@ -387,98 +359,6 @@ class FileLog:
         """fsync what was written since the last fsync (the interval policy's timer)."""
         if self._synced < self._written:
             self._sync_to(self._written)
-
-    # -- segments -------------------------------------------------------------------------
-    def _rotate(self) -> None:
-        """Start a new segment that opens with a snapshot of every live session (under ``_lock``)."""
-        first = self.seq + 1
-        if self._source is not None:
-            live = [(sid, core_entry_fields(entry)) for sid, entry in self._source()]
-        else:
-            live = [(sid, entry_fields(fields)) for sid, fields in self._live.items()]
-        parts = max(1, -(-len(live) // SNAPSHOT_PART))
-        items = iter(live)
-        lines = []
-        seq = self.seq
-        head = self._head
-        for part in range(1, parts + 1):
-            chunk = {}
-            for sid, fields in items:
-                chunk[sid] = fields
-                if len(chunk) == SNAPSHOT_PART:
-                    break
-            seq += 1
-            record = {"seq": seq, "ts": self._last_ts, "event": R.LOG_SNAPSHOT, "part": part, "parts": parts,
-                      "live": len(live), "sessions": chunk}
-            if part == 1 and head is not None:
-                # The chain continues into the new segment: the snapshot names the head it follows,
-                # signed when a key is set, so the segment can be verified on its own.
-                record["chain_head"] = head.hex()
-                if self._key is not None:
-                    record["signature"] = _chain.sign(self._key, self.seq, head)
-            lines.append(orjson.dumps(record))
-        lines.append(b"")
-        data = bytearray(b"\n".join(lines))
-        if head is not None:
-            head = _chain.seal(data, head, 0, self._pending)
-        durable = self._policy != "never"
-        staging = self.layout.staging(first)
-        cond = self._sync_cond
-        with cond:
-            while self._syncing:
-                cond.wait()
-            self._syncing = True  # keeps group-commit leaders off the descriptor being retired
-        try:
-            fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-            try:
-                _write_all(os, fd, data)
-                if durable:
-                    os.fsync(fd)
-                    os.fsync(self._fd)
-                target = self.layout.segment(first)
-                if not self.layout.directory and self.active.exists():
-                    # Keep the old segment under its archive name, then swap the new one in
-                    # atomically: the configured path always names a complete log.
-                    archive = self.layout.archive(self._active_first)
-                    archive.unlink(missing_ok=True)
-                    _link_or_copy(self.active, archive)
-                os.replace(staging, target)
-                if durable:
-                    _fsync_dir(target.parent)
-            except BaseException:
-                os.close(fd)
-                staging.unlink(missing_ok=True)
-                raise
-        except BaseException as exc:
-            with cond:
-                self._syncing = False
-                cond.notify_all()
-            if isinstance(exc, OSError):
-                raise AuditLogError(f"event_log segment cannot be started: {exc.strerror or exc}") from None
-            raise
-        old = self._fd
-        with cond:
-            self._fd = fd
-            self.seq = self._written = seq
-            if durable:
-                self._synced = seq
-            self._syncing = False
-            cond.notify_all()
-        os.close(old)
-        self.active = target
-        self._active_first = first
-        self._size = len(data)
-        self._rotate_at = self._next_rotation(len(data))
-        if head is not None:
-            if self._key is not None:
-                self._signed_head = self._head
-            self._head, self._pending = head, b""
-            logger.info("session-engine: audit log head seq=%d sha256=%s", seq, head.hex())
-
-    def _next_rotation(self, snapshot_bytes: int) -> int:
-        """Segment size that triggers rotation: records after the snapshot reach ``segment_bytes``,
-        and at least the snapshot's own size, so a large snapshot is not rewritten after every batch."""
-        return snapshot_bytes + max(self._segment_bytes, snapshot_bytes)
 
     # -- recovery and lifecycle ---------------------------------------------------------------
     def recovered_state(self) -> State:
@@ -534,30 +414,6 @@ class FileLog:
             head = self._head if not self._pending else None
             return None if head is None or self._genesis_due else (self.seq, head.hex())
 
-    def _sign_head(self) -> None:
-        """On close: append a signed ``log.signed`` record of the head (with a key, when it moved); log the head."""
-        head = self._head
-        if head is None or self._genesis_due:
-            return
-        # Unsealed bytes left by a crash, with nothing appended since: the next store seals them, then signs.
-        if self._key is not None and head != self._signed_head and not self._pending:
-            record = {"seq": self.seq + 1, "ts": self._last_ts, "event": R.LOG_SIGNED, "head_seq": self.seq,
-                      "head": head.hex(), "signature": _chain.sign(self._key, self.seq, head)}
-            data = bytearray(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
-            new_head = _chain.seal(data, head)
-            try:
-                _write_all(self._os, self._fd, data)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-                logger.exception("session-engine: the audit log head could not be signed on close")
-                return
-            self._size += len(data)
-            self.seq = self._written = record["seq"]
-            self._head = self._signed_head = head = new_head
-        logger.info("session-engine: audit log head seq=%d sha256=%s", self.seq, head.hex())
-
-
 class _Flusher(threading.Thread):
     """The interval policy's timer: fsyncs the log every period while something is unsynced."""
 
@@ -580,48 +436,3 @@ class _Flusher(threading.Thread):
             self.join()
 
 
-def _hold_lock(lock_file: Path, event_log: str | Path) -> int:
-    """Take the log's exclusive lock: two stores appending to one log would interleave seqs.
-
-    The kernel drops the lock when the process dies, so a crashed store never blocks its restart.
-    """
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise AuditLogError(f"event_log {event_log} is in use by another store (one store per log)") from None
-    return fd
-
-
-def _release_lock(fd: int) -> None:
-    if fd >= 0:
-        os.close(fd)
-
-
-def _write_all(os_calls: Any, fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os_calls.write(fd, view)
-        view = view[written:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)

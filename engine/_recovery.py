@@ -8,6 +8,7 @@ with its expiry and cache-pin deadlines, to the shards before serving.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +16,22 @@ from pathlib import Path
 from engine._config import Config
 from engine._entry import Entry
 from engine._replay import (
+    LogCorrupt,
     State,
     Tail,
-    fold_file,
+    archives,
     fold_files,
     list_segments,
-    log_files,
     paused_gc,
+    read_head,
+    readable_segments,
     segment_name,
     to_entry,
 )
-from engine._shard import ShardState, shard_index
+from engine._table import ShardState, shard_index
 from events import records as R
+
+logger = logging.getLogger("engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,25 @@ class Layout:
             return self.path / f".{segment_name(first_seq)}.tmp"
         return self.path.with_name(f".{self.path.name}.{first_seq:020d}.tmp")
 
+    def clean_archives(self) -> list[Path]:
+        """A single-file log's archives, oldest first, without the one an interrupted rotation left.
+
+        Rotation links the active file to its archive name, then renames the
+        new segment over it. A crash between the two leaves the archive
+        naming the active segment itself (a hard link, or a copy where links
+        are not supported): it is removed, and the next rotation makes it again.
+        """
+        found = archives(self.path)
+        head = read_head(self.path) if found else None
+        kept = []
+        for archive in found:
+            if archive.samefile(self.path) or (head is not None and archive.name == self.archive(head["seq"]).name):
+                archive.unlink()
+                logger.warning("session-engine: removed %s, left by an interrupted rotation", archive)
+            else:
+                kept.append(archive)
+        return kept
+
     def clean_staging(self) -> None:
         """Remove segments a crash left half-written: they were never renamed into place."""
         folder, pattern = (self.path, ".*.jsonl.tmp") if self.directory else (
@@ -85,6 +109,11 @@ class Recovered:
     tail: Tail
     #: Size of the snapshot at the head of the active segment (0 when it has none).
     snapshot_bytes: int
+    #: The file ``head_end`` is an offset in (None: ``active``): a predecessor when the active segment is cut.
+    head_file: Path | None = None
+    #: A crash cut the active segment inside its opening snapshot: the writer empties it and starts it
+    #: again with a whole snapshot of ``state`` (``recover``).
+    rewrite: bool = False
 
     @property
     def head(self) -> bytes | None:
@@ -98,7 +127,14 @@ class Recovered:
 
 
 def recover(layout: Layout) -> Recovered:
-    """Fold what the log holds; raises ``LogCorrupt`` (naming file and line) on a bad middle line."""
+    """Fold what the log holds; raises ``LogCorrupt`` (naming file and line) on a bad middle line.
+
+    When a crash cut the newest segment inside its opening snapshot (a
+    rotation not yet on disk), the sessions are read from the segments
+    before it and ``Recovered.rewrite`` asks the writer to start that
+    segment again with a whole snapshot; with no earlier segment on disk
+    the log is refused (``LogCorrupt``), never read as empty.
+    """
     layout.clean_staging()
     state: State = {}
     tail = Tail()
@@ -107,18 +143,31 @@ def recover(layout: Layout) -> Recovered:
         segments = list_segments(layout.path)
         if not segments:
             return Recovered(state, 0, layout.segment(1), 1, tail, 0)
-        fold_files(log_files(layout.path), state, tail)
-        active = segments[-1]
-        first = int(active.name.split(".")[0])
     else:
-        active = layout.path
-        if not active.exists():
-            return Recovered(state, 0, active, 1, tail, 0)
-        fold_file(active, state, tail)
-        first = tail.first["seq"] if tail.first else (tail.last_seq or 0) + 1
+        if not layout.path.exists():
+            return Recovered(state, 0, layout.path, 1, tail, 0)
+        segments = [*layout.clean_archives(), layout.path]
+    active = segments[-1]
+    files, cut = readable_segments(segments)
+    fold_files(files, state, tail)
+    if cut is None:
+        if layout.directory:
+            first = int(active.name.split(".")[0])
+        else:
+            first = tail.first["seq"] if tail.first else (tail.last_seq or 0) + 1
+        last = tail.last_seq or 0
+        return Recovered(state, last, active, first if tail.last_seq is not None else last + 1, tail,
+                         _snapshot_bytes(active))
+    # The cut segment is dropped whole (its snapshot is rewritten); the segment before it must be whole.
     last = tail.last_seq or 0
-    return Recovered(state, last, active, first if tail.last_seq is not None else last + 1, tail,
-                     _snapshot_bytes(active))
+    if tail.torn_bytes or (layout.directory and int(active.name.split(".")[0]) != last + 1):
+        raise LogCorrupt(f"{active}: a crash cut the snapshot this segment opens with, and {files[-1]} before it "
+                         f"{'ends with a torn record' if tail.torn_bytes else f'ends at seq {last}'}: "
+                         f"records are missing")
+    size = active.stat().st_size
+    cut_tail = Tail(first=None, last_seq=last, good_end=0, torn_bytes=size, chain=tail.chain,
+                    chain_end=tail.chain_end)
+    return Recovered(state, last, active, last + 1, cut_tail, 0, head_file=files[-1], rewrite=True)
 
 
 def _snapshot_bytes(path: Path) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import glob
 import operator
 import re
 from collections.abc import Iterator
@@ -55,6 +56,8 @@ if ENTRY_FIELDS != _UNPACKED:  # new_fields and to_entry name every field in thi
 #: Records that never change a session's state (their ``model``/``tier`` describe a decision, not the pin).
 STATELESS_RECORDS = frozenset({R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED, R.SESSION_REFUSED})
 SEGMENT_NAME = re.compile(r"^(\d{20})\.jsonl$")
+#: A single-file log's retired segment: ``<name>.<first seq, 20 digits>``.
+ARCHIVE_SUFFIX = re.compile(r"^\d{20}$")
 
 #: What a field holds when a record written by an older version lacks it.
 ENTRY_DEFAULTS: tuple[Any, ...] = ("", None, 0, 0, 0, [], 0, False, False, False, 0, "", 0, "", [])
@@ -338,26 +341,102 @@ def list_segments(directory: Path) -> list[Path]:
 
 
 def replay_start(segments: list[Path]) -> int:
-    """Index of the newest segment that starts with a snapshot (0 when none does)."""
+    """Index of the newest segment that stands alone: it opens with a snapshot, or with seq 1 (0 when none does)."""
     for index in range(len(segments) - 1, 0, -1):
-        if starts_snapshot(read_head(segments[index])):
+        head = read_head(segments[index])
+        if starts_snapshot(head) or (head is not None and head["seq"] == 1):
             return index
     return 0
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = orjson.loads(line)
+        record["seq"], record["event"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def cut_opening(path: Path) -> bool:
+    """True when a crash cut this (newest) segment inside its opening: it holds no whole record, or its
+    ``log.snapshot`` lacks parts and nothing follows them.
+
+    Such a segment holds nothing its predecessor lacks: a segment is
+    written whole (its snapshot) before it is renamed into place, and
+    records are appended only after that. A bad line *followed* by more
+    data is not a cut: reading it raises ``LogCorrupt`` as usual.
+    """
+    marker = b'"event":"%s"' % R.LOG_SNAPSHOT.encode()
+    with open(path, "rb") as f:
+        first = _record(f.readline())
+        if first is None:
+            return not f.read(1)  # no line at all, or one torn line and nothing after it
+        if not starts_snapshot(first):
+            return False
+        for _ in range(int(first.get("parts", 1)) - 1):
+            line = f.readline()  # the parts are not parsed here: recovery folds them next
+            if not line.endswith(b"\n") and _record(line) is None:
+                return True  # readline stops short of a newline only at the end of the file
+            if marker not in line[:128]:
+                return False
+        return False
+
+
+def names_later_segment(path: Path) -> bool:
+    """Whether the (torn) bytes of a segment show it followed another: a snapshot, or a first seq above 1."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    match = re.match(rb'\s*\{"seq":(\d+)', head)
+    return R.LOG_SNAPSHOT.encode() in head or (match is not None and int(match.group(1)) > 1)
+
+
+def archives(path: Path) -> list[Path]:
+    """A single-file log's retired segments ``<name>.<first seq, 20 digits>``, oldest first."""
+    prefix = path.name + "."
+    found = [(int(p.name[len(prefix):]), p) for p in path.parent.glob(f"{glob.escape(prefix)}*")
+             if ARCHIVE_SUFFIX.match(p.name[len(prefix):])]
+    return [p for _, p in sorted(found)]
+
+
+def readable_segments(segments: list[Path]) -> tuple[list[Path], Path | None]:
+    """The segments to fold (oldest first, from the newest that stands alone), and the newest one when a
+    crash cut it inside its opening snapshot (``cut_opening``): it is left out, its predecessors are read.
+
+    A cut segment with no predecessor on disk is ``LogCorrupt`` when its
+    bytes show it followed one (its sessions are gone: refused, never
+    silently empty); otherwise it is a new log whose first record was torn.
+    """
+    if not segments:
+        return [], None
+    cut = None
+    if cut_opening(segments[-1]):
+        if len(segments) == 1:
+            if names_later_segment(segments[-1]):
+                raise LogCorrupt(f"{segments[-1]}: a crash cut the snapshot this segment opens with, and no "
+                                 f"earlier segment is on disk to restore its sessions from")
+            return segments, None
+        cut, segments = segments[-1], segments[:-1]
+    return segments[replay_start(segments):], cut
 
 
 def log_files(path: str | Path, *, history: bool = False) -> list[Path]:
     """The files to read for a log: the file itself, or a directory's segments.
 
-    By default a directory is read from its newest snapshot; ``history``
-    reads every segment still on disk (the audit report wants the past).
+    By default a log is read from its newest snapshot (``readable_segments``:
+    a newest segment whose snapshot a crash cut is left out, its predecessors
+    are read); ``history`` reads every segment still on disk (the audit
+    report wants the past).
     """
     path = Path(path)
     if path.is_dir():
         segments = list_segments(path)
-        return segments if history else segments[replay_start(segments):]
+        return segments if history else readable_segments(segments)[0]
     if not path.exists():
         raise FileNotFoundError(2, "no such file or directory", str(path))
-    return [path]
+    if history or not cut_opening(path):
+        return [path]
+    return readable_segments([p for p in archives(path) if not p.samefile(path)] + [path])[0]
 
 
 def read_log(path: str | Path, tail: Tail | None = None, *, history: bool = False) -> Iterator[dict[str, Any]]:

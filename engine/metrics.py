@@ -39,6 +39,8 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: Label values come from the engine's own records, but a caller-chosen escalation
 #: reason could still be anything: past this many distinct values they count as "other".
 MAX_LABEL_VALUES = 32
+#: Hex digits of the chain head in the ``log_head_seq`` label (64 bits: enough to tell heads apart).
+HEAD_PREFIX = 16
 ENDED = {R.SESSION_EXPIRED: "expired", R.SESSION_EVICTED: "evicted", R.SESSION_CLEARED: "cleared"}
 
 
@@ -138,6 +140,11 @@ class Metrics(Observer):
             "log_writable", "1 while the audit log takes records, 0 during a fault (docs/audit-log.md).",
             namespace=ns, registry=reg)
         self.log_writable.set(1)
+        self.log_head = Gauge(
+            "log_head_seq", "The seq of the audit log's hash-chain head last exported (at start, every segment "
+            "rotation and close), labelled with the head's first 16 hex digits; one series at a time. Keep it "
+            "off the machine and check it with `session-engine audit --verify --expect-head SEQ:HEX LOG`.",
+            ["head"], namespace=ns, registry=reg)
         self.observer_errors = Counter(
             "observer_errors", "Batches the metrics observer failed to account for (see the log).",
             namespace=ns, registry=reg)
@@ -153,6 +160,7 @@ class Metrics(Observer):
         self._hook_errors = _Labels(self.hook_errors)
         self._log_failures = _Labels(self.log_failures)
         self._shards: dict[int, tuple[Any, Any, Any]] = {}
+        self._head_lock = threading.Lock()
 
     # -- the Observer protocol ---------------------------------------------------------
     def on_batch(self, shard: int, n_events: int, records: list[dict[str, Any]],
@@ -244,6 +252,12 @@ class Metrics(Observer):
 
     def on_hook_error(self, hook: str, error: BaseException) -> None:
         self._hook_errors(hook).inc()
+
+    def on_log_head(self, seq: int, head: str) -> None:
+        """Replace the exported head: the previous head's series goes, so the label never piles up."""
+        with self._head_lock:
+            self.log_head.clear()
+            self.log_head.labels(head[:HEAD_PREFIX]).set(seq)
 
     # -- exposition ---------------------------------------------------------------------
     def render(self) -> tuple[bytes, str]:

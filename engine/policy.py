@@ -104,7 +104,7 @@ class BudgetExceeded(EngineError):
         self.decision = decision
 
     def error_body(self, message: str | None = None) -> dict[str, Any]:
-        """The refusal as an OpenAI-style JSON error body (what an HTTP 429 carries)."""
+        """The refusal as an OpenAI-style JSON error body (what an HTTP 422 refusal carries: not retried by clients)."""
         return {"error": {
             "message": str(self) if message is None else message, "type": "budget_exceeded",
             "code": "session_budget_exceeded", "session_id": self.session_id, "spent_usd": self.spent_usd,
@@ -132,7 +132,7 @@ class Options:
     #: Estimated USD of a request for a model; None: ``Request.estimate_usd`` for every model.
     estimator: Estimator | None = None
     #: Most seconds ``Policy.route`` waits for the engine before answering ``unavailable``.
-    deadline_s: float = 0.005
+    deadline_s: float = 0.1
     #: How long a request's budget reservation holds when its cost is never reported (a crashed caller).
     reservation_ttl_ms: int = 600_000
     #: Text that, found in the last user message (case-sensitive), moves the session one configured tier

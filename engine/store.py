@@ -6,10 +6,9 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
+from engine._backend import open_backend
 from engine._config import Config, default_config
 from engine._entry import Entry, SessionInfo, Stats
-from engine._log import FileLog, LogSink, NullLog
-from engine._recovery import restored_states
 from engine._reply import Reply
 from engine._runtime import Observer, Runtime, StoreClosed
 from engine._time import now_ms
@@ -37,15 +36,6 @@ from events import (
 from events import records as R
 
 
-def open_log(config: Config) -> LogSink:
-    """The audit log the config asks for (a no-op sink when ``event_log`` is None)."""
-    if config.event_log is None:
-        return NullLog()
-    # Opening the log recovers what it holds: restored_states() hands that to the shards.
-    return FileLog(config.event_log, fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms,
-                   segment_bytes=config.segment_bytes, chain=config.audit_chain)
-
-
 def _short_id(session_id: str) -> str:
     return session_id[:8] + "..." if len(session_id) > 8 else session_id
 
@@ -67,13 +57,9 @@ class SessionStore:
         self._rt: Runtime | None = None
         self._closed = False
         if config.enabled:
-            log = open_log(config)
-            try:
-                states = restored_states(log, config)
-            except BaseException:
-                log.close()  # its lock and fsync timer must not outlive a store that never started
-                raise
-            self._rt = Runtime(config, log, observer, states=states)
+            backend = open_backend(config)  # the file log's or Redis's state, and the shard class
+            self._rt = Runtime(config, backend.log, observer, states=backend.states(),
+                               shard_class=backend.shard_class)
 
     # -- context manager / lifecycle -------------------------------------------------
     def __enter__(self) -> SessionStore:

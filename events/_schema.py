@@ -95,6 +95,17 @@ def reservations(v: Any) -> bool:
         and type(r[2]) is int and r[2] >= 0 for r in v)
 
 
+@_domain("an object of model -> micros >= 0",
+         "type(v) is dict and all(type(x) is int and x >= 0 for x in v.values())")
+def micros_by_model(v: Any) -> bool:
+    return type(v) is dict and all(type(x) is int and x >= 0 for x in v.values())
+
+
+@_domain("an object", "type(v) is dict")
+def an_object(v: Any) -> bool:
+    return type(v) is dict
+
+
 def const(value: Any) -> Check:
     return _domain(f"exactly {value!r}")(lambda v: v is value if isinstance(value, bool) else v == value)
 
@@ -172,7 +183,8 @@ RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
         "strategy": text, "source": text, "deployment": text, "requested_model": text, "requested_tier": tier,
         "request_hash": text, "tools": const(True), "stall": const(True), "keyword": text, "candidates": strings,
         "estimate_micros": int0, "limit_micros": int0, "spent_micros": int0, "reserved_micros": int0,
-        "reservation_id": text}),
+        "reservation_id": text, "explicit": const(True), "long_context": const(True),
+        "estimates": micros_by_model, "rules": an_object}),
     R.BUDGET_RESERVED: (("session_id", "reservation_id", "micros", "expires_at", "reservations"), {
         "session_id": session_id, "reservation_id": text, "micros": int1, "expires_at": int0,
         "reservations": reservations}),

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from engine import Config, SessionStore
+from tests.redis_servers import redis_cluster, redis_server  # noqa: F401  (fixtures)
 
 #: The operator secret that keys tenants (docs/identity.md), set as a deployment sets it; the tests of a
 #: missing or weak secret remove it with monkeypatch.

@@ -112,12 +112,12 @@ def test_third_identical_request_escalates(serve):
     assert state["escalated"] is True and state["tier"] == "COMPLEX"
 
 
-def test_strict_budget_refuses_with_429_and_a_json_error(serve):
+def test_strict_budget_refuses_with_422_and_a_json_error(serve):
     client = serve(max_cost_usd=0.0004, budget_mode="strict")
     first = chat(client, "write a parser", tier="MEDIUM")
     assert served(first) == (HAIKU, "initialize")
     refused = chat(client, "and another one", tier="MEDIUM")
-    assert refused.status_code == 429
+    assert refused.status_code == 422 and refused.headers["x-should-retry"] == "false"
     error = refused.json()["error"]
     assert error["type"] == "budget_exceeded" and error["code"] == "session_budget_exceeded"
     assert error["spent_usd"] == pytest.approx(float(first.headers["x-session-cost-usd"]))

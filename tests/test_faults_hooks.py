@@ -57,6 +57,10 @@ class RaisingObserver(Metrics):
         super().on_log_writable(writable)
         self._hit("on_log_writable")
 
+    def on_log_head(self, seq: int, head: str) -> None:
+        super().on_log_head(seq, head)
+        self._hit("on_log_head")
+
     def on_hook_error(self, hook: str, error: BaseException) -> None:
         super().on_hook_error(hook, error)
         self.hook_errors_seen.append(hook)
@@ -71,7 +75,7 @@ def test_every_raising_hook_is_isolated_and_the_store_answers_at_once(tmp_path: 
     with freeze_time(T0) as clock:
         # A short ask deadline: a wedged shard would turn every call below into AskTimeout.
         store = SessionStore(Config(enabled=True, tick_ms=0, ask_timeout_s=2.0, event_log=str(log_path),
-                                    fsync="always"), observer=obs)
+                                    fsync="always", segment_bytes=4096), observer=obs)  # rotates: on_log_head
         try:
             for i in range(20):
                 store.set_session(f"s{i}", "m", "MEDIUM")
@@ -90,10 +94,11 @@ def test_every_raising_hook_is_isolated_and_the_store_answers_at_once(tmp_path: 
             assert store.get_stats().count == 20
             assert store._rt.restarts == 0
             guard_errors = dict(store._rt.guard.errors)
+            called = dict(obs.called)  # close() reports the head once more
         finally:
             store.close()
     assert set(guard_errors) == set(HOOKS), "every hook was called, raised, and was reported"
-    assert obs.called == guard_errors
+    assert called == guard_errors
     assert set(obs.hook_errors_seen) == set(HOOKS)
     assert obs.value("session_engine_hook_errors_total", {"hook": "on_batch"}) == guard_errors["on_batch"]
     # Rate-limited: one line per hook and error type within the minute, however many failures.

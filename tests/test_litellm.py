@@ -19,10 +19,9 @@ from typing import Any
 
 import litellm
 import pytest
-from fastapi import HTTPException
 from litellm import Router
 from litellm.caching.dual_cache import DualCache
-from litellm.proxy._types import UserAPIKeyAuth
+from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 
 from engine import Config, Tier
 from engine.integrations.litellm import DECISION_KEY, SessionEngineCallback, deployment_id
@@ -214,7 +213,7 @@ def test_the_deployment_that_served_the_session_keeps_serving_it(make_hook):
     assert len(switches) == 1 and switches[0]["deployment"] == f"openai/gpt-4.1-mini#{ids[0][:12]}"
 
 
-def test_proxy_pre_call_hook_routes_and_turns_a_refusal_into_429(make_hook):
+def test_proxy_pre_call_hook_routes_and_answers_a_refusal_as_litellms_budget_error(make_hook):
     hook = make_hook(max_cost_usd=0.01, budget_mode="strict")
     auth = UserAPIKeyAuth(token="hashed-key-1")
     sid = f"{hook.proxy_tenant(auth)}:proxy-1"  # the session is scoped by the caller's key
@@ -223,18 +222,20 @@ def test_proxy_pre_call_hook_routes_and_turns_a_refusal_into_429(make_hook):
         return {"model": "cheap", "messages": ask(text), "metadata": {},
                 "proxy_server_request": {"headers": {"X-Session-Id": "proxy-1"}}}
 
-    async def run() -> tuple[dict[str, Any], HTTPException]:
+    async def run() -> tuple[dict[str, Any], ProxyException]:
         first = await hook.async_pre_call_hook(auth, DualCache(), request("hi"), "acompletion")
         await hook.policy.record_cost(sid, 0.02)
-        with pytest.raises(HTTPException) as refused:
+        with pytest.raises(ProxyException) as refused:
             await hook.async_pre_call_hook(auth, DualCache(), request("more"), "acompletion")
         return first, refused.value
 
     first, refused = asyncio.run(run())
     assert first["model"] == "cheap" and first["metadata"][DECISION_KEY]["session_id"] == sid
-    assert refused.status_code == 429
-    assert refused.detail["error"]["type"] == "budget_exceeded"
-    assert refused.detail["error"]["spent_usd"] == pytest.approx(0.02)
+    # LiteLLM's own budget errors: 422 (not a 429 that the OpenAI SDKs would retry), type budget_exceeded.
+    assert refused.code == "422" and refused.headers["x-should-retry"] == "false"
+    error = refused.to_dict()
+    assert error["type"] == "budget_exceeded"
+    assert error["provider_specific_fields"]["spent_usd"] == pytest.approx(0.02)
 
 
 def test_proxy_hook_rewrites_the_model_to_the_pinned_group(make_hook):

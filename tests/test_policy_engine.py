@@ -121,7 +121,8 @@ def test_stalled_shard_answers_within_the_deadline_then_recovers(make_store, log
         assert faults.stalled.wait(5), "the shard never reached the stall"
         served = [policy.route(req("stalled", Tier.COMPLEX, f"turn {i}")) for i in range(5)]
         neighbour = policy.route(req(peer, Tier.MEDIUM, "hi"))  # queued behind the stall
-        elsewhere = policy.route(req(far, Tier.MEDIUM, "hi"))  # another shard keeps working
+        # another shard keeps working (a generous deadline: a loaded machine may take > 0.1 s to schedule it)
+        elsewhere = Policy(store, MODELS, Options(deadline_s=5.0)).route(req(far, Tier.MEDIUM, "hi"))
 
         assert [d.kind for d in served] == [Kind.UNAVAILABLE] * 5
         assert all((d.model, d.tier) == ("openai/o3", Tier.COMPLEX) for d in served)  # the router's own choice

@@ -1,4 +1,5 @@
-"""The main job: ``session-engine simulate`` drives a router workload through a real store."""
+"""The main job: ``session-engine simulate`` drives a router workload through the routing policy
+(default) or the store's seed API (``workload="seed"``), on a real store."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from rich.console import Console
 
 import engine._time as engine_time
 from engine._simulate import SimulationConfig, SimulationResult, run_simulation
-from engine._workload import Request, Router
+from engine._workload import OUTAGE, OUTAGE_DEPLOYMENT, PolicyRouter, Request
 from events import EngineError, InvalidEvent, Tier, tier_above
 from events import records as R
 from tests.conftest import read_log
 
-# Small enough for a test, with a clock fast enough that quiet conversations expire.
-SMALL = {"sessions": 50, "requests": 2_000, "concurrency": 4, "shards": 2, "timeout_s": 60, "clock_speed": 0.5}
+# Small enough for a test, with a clock fast enough that quiet conversations expire; a cap small enough
+# that busy sessions reach it.
+SMALL = {"sessions": 50, "requests": 2_000, "concurrency": 4, "shards": 2, "timeout_s": 60, "clock_speed": 0.5,
+         "max_cost_usd": 0.6}
+SEED = {"workload": "seed"}
 
 
 def simulate(tmp_path: Path, **overrides: object) -> tuple[SimulationResult, str]:
@@ -42,8 +46,37 @@ def session_engine() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "engine"]
 
 
-def test_workload_escalates_expires_pins_and_charges(tmp_path: Path) -> None:
+def test_policy_workload_routes_every_request_through_the_policy(tmp_path: Path) -> None:
     result, _ = simulate(tmp_path)
+    records = read_log(tmp_path / "audit.jsonl")
+    decisions = [r for r in records if r["event"] == R.DECISION_MADE]
+    assert len(decisions) == result.requests == sum(result.decisions.values())
+    assert all("requested_model" in r and "rules" in decisions[0] for r in decisions)  # every one a routed turn
+    assert {"initialize", "retain", "bypass", "escalate", "upgrade", "switch", "refuse"} <= set(result.decisions)
+    assert result.refusals == result.decisions["refuse"] > 0 and result.downgrades > 0
+    assert result.unavailable == 0  # the simulation waits for the engine (deadline_s), so no unavailable
+    assert any(r.get("tools") for r in decisions) and any(r.get("stall") for r in decisions)
+    assert any(r.get("explicit") for r in decisions) and result.cache_pins > 0
+    # Every served request under the cap reserved its estimate, and its response settled it.
+    reserved = {r["reservation_id"] for r in records if r["event"] == R.BUDGET_RESERVED}
+    settled = {r["reservation_id"] for r in records if r["event"] == R.COST_ADDED and "reservation_id" in r}
+    assert reserved and settled == reserved
+    assert sum(r["kind"] != "refuse" for r in decisions) == len(reserved)
+    # Settled spend passes the cap only by what the last responses cost above their estimates.
+    assert 0 < result.max_session_cost_micros <= 0.6e6 * 1.1 and result.sessions_capped > 0
+    # The outage: the deployment that is down is never offered while it is down; sessions served by it
+    # switch to the other one then, and only then.
+    start = 1_735_689_600_000 + int(OUTAGE[0] * 2_000 * 500)
+    end = 1_735_689_600_000 + int(OUTAGE[1] * 2_000 * 500)
+    assert not any(OUTAGE_DEPLOYMENT in r.get("candidates", ()) for r in decisions if start <= r["ts"] < end)
+    # (Candidates are the router's model's deployments, so a pin that moved to another provider also switches.)
+    other = OUTAGE_DEPLOYMENT.replace("east", "west")
+    moved = [r for r in decisions if r["kind"] == "switch" and r["deployment"] == other]
+    assert moved and all(start <= r["ts"] < end for r in moved)
+
+
+def test_seed_workload_escalates_expires_pins_and_charges(tmp_path: Path) -> None:
+    result, _ = simulate(tmp_path, **SEED)
     assert result.requests == 2_000
     assert result.escalations > 0
     assert result.strikes >= 2 * result.escalations  # the third identical request in a row escalates
@@ -56,7 +89,7 @@ def test_workload_escalates_expires_pins_and_charges(tmp_path: Path) -> None:
 
 
 def test_audit_log_holds_every_transition_with_seq_1_to_n(tmp_path: Path) -> None:
-    result, _ = simulate(tmp_path)
+    result, _ = simulate(tmp_path, **SEED)
     records = read_log(tmp_path / "audit.jsonl")
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert result.records == len(records) and result.log_seq_ok
@@ -82,17 +115,22 @@ def test_audit_log_never_holds_message_content(tmp_path: Path) -> None:
 def test_summary_names_every_count(tmp_path: Path) -> None:
     result, summary = simulate(tmp_path)
     for label in ("requests routed", "sessions seen", "live sessions", "strikes", "escalations", "expiries",
-                  "cache pins", "user-explicit pins", "total cost", "log records written", "events/s", "threads"):
+                  "cache pins", "user-explicit pins", "total cost", "log records written", "events/s", "threads",
+                  "decisions by kind", "refusals / downgrades", "engine unavailable", "spend against caps"):
         assert label in summary
+    assert f"{result.refusals:,} / {result.downgrades:,}" in summary
     assert f"{result.escalations:,}" in summary
     assert f"${result.cost_micros / 1_000_000:,.2f}" in summary
     assert "no gaps" in summary
 
 
-def test_same_seed_gives_same_counts_whatever_the_concurrency(tmp_path: Path) -> None:
-    first, _ = simulate(tmp_path, concurrency=1)
-    second, _ = simulate(tmp_path, concurrency=6, shards=3)
+@pytest.mark.parametrize("workload", ["policy", "seed"])
+def test_same_seed_gives_same_counts_whatever_the_concurrency(tmp_path: Path, workload: str) -> None:
+    first, _ = simulate(tmp_path, concurrency=1, workload=workload)
+    second, _ = simulate(tmp_path, concurrency=6, shards=3, workload=workload)
     assert counts(first) == counts(second)
+    if workload == "policy":  # every number of the summary, decisions and spend included
+        assert first.decisions == second.decisions and first.refusals + first.downgrades > 0
 
 
 def test_another_seed_gives_another_workload(tmp_path: Path) -> None:
@@ -130,16 +168,16 @@ def test_engine_clock_is_restored_after_the_run(tmp_path: Path) -> None:
 
 def test_worker_failure_stops_the_run_with_that_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original = engine_time._read
-    route = Router.route
+    route = PolicyRouter.route
     seen = []
 
-    def failing(self: Router, req: Request) -> None:
+    def failing(self: PolicyRouter, req: Request) -> None:
         seen.append(req.number)
         if len(seen) == 300:
             raise EngineError("upstream router broke")
         route(self, req)
 
-    monkeypatch.setattr(Router, "route", failing)
+    monkeypatch.setattr(PolicyRouter, "route", failing)
     with pytest.raises(EngineError, match="upstream router broke"):
         simulate(tmp_path)
     assert engine_time._read is original  # and no thread survives (the autouse fixture checks)
@@ -148,7 +186,7 @@ def test_worker_failure_stops_the_run_with_that_error(tmp_path: Path, monkeypatc
 
 @pytest.mark.parametrize(("field", "value"), [
     ("sessions", 0), ("requests", -1), ("concurrency", True), ("clock_speed", 0.0), ("max_sessions", 0),
-    ("timeout_s", 1.5),
+    ("timeout_s", 1.5), ("workload", "random"), ("max_cost_usd", -1), ("deadline_s", 0),
 ])
 def test_bad_option_names_the_field(tmp_path: Path, field: str, value: object) -> None:
     with pytest.raises(InvalidEvent, match=field):
@@ -162,7 +200,8 @@ def test_cli_prints_summary_and_writes_log(tmp_path: Path) -> None:
          "--clock-speed", "0.5", "--log", str(log)],
         capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert "escalations" in proc.stdout and "total cost" in proc.stdout
+    assert "escalations" in proc.stdout and "total cost" in proc.stdout and "policy workload" in proc.stdout
+    assert "decisions by kind" in proc.stdout and "spend against caps" in proc.stdout
     assert proc.stderr == ""  # no progress bar garbage when stderr is not a terminal
     records = read_log(log)
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
@@ -186,16 +225,16 @@ def test_cli_interrupted_run_exits_130_with_one_line(tmp_path: Path, monkeypatch
 
     from engine.cli import app
 
-    route = Router.route
+    route = PolicyRouter.route
     seen = []
 
-    def interrupted(self: Router, req: Request) -> None:
+    def interrupted(self: PolicyRouter, req: Request) -> None:
         seen.append(req.number)
         if len(seen) == 100:
             raise KeyboardInterrupt  # as if ^C arrived while this request was routed
         route(self, req)
 
-    monkeypatch.setattr(Router, "route", interrupted)
+    monkeypatch.setattr(PolicyRouter, "route", interrupted)
     result = CliRunner().invoke(app, ["simulate", "--requests", "2000", "--log", str(tmp_path / "a.jsonl")])
     assert result.exit_code == 130
     assert "interrupted" in result.output and "Traceback" not in result.output

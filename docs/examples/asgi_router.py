@@ -18,7 +18,8 @@ header, for demos and tests); ``"model": "auto"`` lets it choose, a model of
 the tier table pins that model as the user's explicit choice. The session id
 comes from ``x-session-id`` or the identity chain (docs/identity.md), the
 decision goes back in ``x-session-*`` response headers, and a budget refusal is
-HTTP 429 with an OpenAI-style JSON error. With ``event_log`` set, sessions
+HTTP 422 with an OpenAI-style JSON error (the status LiteLLM gives its own budget errors:
+the OpenAI SDKs retry 408, 409, 429 and 5xx, so a 429 would be sent three times). With ``event_log`` set, sessions
 survive a restart: the store restores them from the log.
 
 Run it (``pip install 'session-engine[asgi]' uvicorn``)::
@@ -230,8 +231,8 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
         if "x-session-id" in headers:  # the caller's own id, as it sent it: its scope is implied by its key
             headers["x-session-id"] = split(headers["x-session-id"])[1]
         if decision.refused:
-            return JSONResponse(decision.budget_error().error_body(decision.reason), status_code=429,
-                                headers=headers)
+            return JSONResponse(decision.budget_error().error_body(decision.reason), status_code=422,
+                                headers={**headers, "x-should-retry": "false"})
         try:
             reply, cost = await upstream.complete(decision.model, body)
         except Exception:

@@ -11,7 +11,10 @@
   stay warm; when it is gone, another one takes over and a ``switch`` is logged;
   ``async_pre_call_deployment_hook`` remembers the deployment LiteLLM picked;
 - ``async_pre_call_hook`` (the LiteLLM proxy server): the same decision, with
-  the refusal turned into HTTP 429;
+  the refusal answered as LiteLLM answers its own budget errors (HTTP 422,
+  ``type: budget_exceeded``), which standard clients do not retry;
+- ``async_post_call_response_headers_hook`` (the proxy server): the decision as
+  ``x-session-engine-*`` response headers;
 - ``async_log_success_event`` (every successful call): records
   ``response_cost`` in micros, settling the request's budget reservation,
   unless ``acompletion``/``completion`` already did (once per request);
@@ -247,15 +250,76 @@ def tiers_of(models: TierModels) -> dict[str, Tier]:
     return out
 
 
+#: Prefix of the response headers that carry the decision on the proxy.
+HEADER_PREFIX = "x-session-engine-"
+#: LiteLLM's own budget errors answer 422 (``litellm.budget_exceeded_status_code``, 1.110); the
+#: OpenAI SDKs retry 408, 409, 429 and 5xx, so a refusal must not be a 429.
+_BUDGET_STATUS = 422
+
+
+def budget_status_code() -> int:
+    """The HTTP status LiteLLM gives its own budget errors (an operator may change it), else 422."""
+    import litellm
+
+    status = getattr(litellm, "budget_exceeded_status_code", _BUDGET_STATUS)
+    return status if type(status) is int and 400 <= status <= 599 else _BUDGET_STATUS
+
+
 def budget_http_error(exc: BudgetExceeded) -> Exception:
-    """The refusal as the proxy returns it: HTTP 429 with a JSON error body (FastAPI's HTTPException)."""
-    body = exc.error_body()
+    """The refusal as the proxy answers it: LiteLLM's own budget error, ``ProxyException`` with
+    ``type: budget_exceeded`` and ``budget_status_code()`` (422), the session's figures in
+    ``provider_specific_fields`` and ``x-should-retry: false`` for clients that honour it."""
+    body = exc.error_body()["error"]
+    status = budget_status_code()
     try:
-        from fastapi import HTTPException
-    except ImportError:  # the proxy always has FastAPI; a bare SDK install may not
-        exc.status_code = 429  # type: ignore[attr-defined]
+        from litellm.proxy._types import ProxyException
+    except ImportError:  # the proxy always has it; a bare SDK install may miss its dependencies
+        exc.status_code = status  # type: ignore[attr-defined]
         return exc
-    return HTTPException(status_code=429, detail=body)
+    details = {k: v for k, v in body.items() if k not in ("message", "type")}
+    return ProxyException(message=body["message"], type=body["type"], param=None, code=status,
+                          provider_specific_fields=details, headers={"x-should-retry": "false"})
+
+
+def decision_headers(stashed: Mapping[str, Any], cost_usd: float | None = None) -> dict[str, str]:
+    """A stashed decision as ``x-session-engine-*`` headers: decision kind, served model group and
+    tier, the session id's source and, when a budget applies, what remains of it after this call
+    (limit - spent before it - its cost, negative when a graceful budget was overrun)."""
+    values = {"decision": stashed.get("kind"), "model": stashed.get("model"), "tier": stashed.get("tier"),
+              "session-source": stashed.get("source")}
+    limit, spent = stashed.get("limit_usd"), stashed.get("spent_usd")
+    if type(limit) in (int, float) and type(spent) in (int, float):
+        remaining = limit - spent - (cost_usd if stashed.get("kind") != "refuse" and cost_usd else 0.0)
+        values["budget-remaining-usd"] = f"{remaining:.6f}"
+        values["budget-limit-usd"] = f"{limit:.6f}"
+    return {HEADER_PREFIX + k: v.encode("ascii", "replace").decode() for k, v in values.items()
+            if isinstance(v, str) and v}
+
+
+def _response_cost(response: Any) -> float | None:
+    hidden = getattr(response, "_hidden_params", None)
+    cost = hidden.get("response_cost") if isinstance(hidden, Mapping) else None
+    return float(cost) if type(cost) in (int, float) else None
+
+
+#: LiteLLM's process-wide callback lists a registered hook may have been copied into.
+_CALLBACK_LISTS = ("callbacks", "input_callback", "_async_input_callback", "success_callback", "failure_callback",
+                   "_async_success_callback", "_async_failure_callback", "service_callback")
+
+
+def unregister(hook: CustomLogger) -> None:
+    """Remove ``hook`` (and its bound methods) from every LiteLLM callback list, under LiteLLM's own
+    lock for those lists where it has one."""
+    import contextlib
+
+    import litellm
+
+    manager = getattr(litellm, "logging_callback_manager", None)
+    with getattr(manager, "callback_lists_lock", None) or contextlib.nullcontext():
+        for name in _CALLBACK_LISTS:
+            callbacks = getattr(litellm, name, None)
+            if isinstance(callbacks, list):
+                callbacks[:] = [c for c in callbacks if c is not hook and getattr(c, "__self__", None) is not hook]
 
 
 class SessionEngineCallback(CustomLogger):
@@ -288,6 +352,9 @@ class SessionEngineCallback(CustomLogger):
             identity = policy.identity or IdentityResolver(tuple(s for s in DEFAULT_ORDER if s != FINGERPRINT))
         self.identity = identity
         self.affinity = affinity
+        #: Unique per instance. LiteLLM de-duplicates callbacks by class name plus public str/int/bool
+        #: attributes: without it a second hook would be taken for the first and never called.
+        self.instance_id = uuid.uuid4().hex
         self._owned: SessionStore | None = None
         if scope not in SCOPES:
             raise InvalidEvent("scope", "must be one of key, team, off")
@@ -313,9 +380,17 @@ class SessionEngineCallback(CustomLogger):
         return hook
 
     def close(self) -> None:
-        """Stop the store this callback created (a store passed in is the caller's to close)."""
+        """Unregister from LiteLLM's callback lists, then stop the store this callback created (a store
+        passed in is the caller's to close). A hook created afterwards starts with clean lists."""
+        unregister(self)
         if self._owned is not None:
             self._owned.close()
+
+    def _own_stash(self, kwargs: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """This hook's decision stashed in the request; None when there is none or another hook made it
+        (each hook keeps its own books when several share a process)."""
+        stashed = _metadata(kwargs).get(DECISION_KEY)
+        return stashed if isinstance(stashed, Mapping) and stashed.get("hook") == self.instance_id else None
 
     def _init_call_path(self) -> None:
         """The SDK call path's own state: the settled-request memory and the default estimator."""
@@ -357,6 +432,8 @@ class SessionEngineCallback(CustomLogger):
         chain, scoped by ``tenant`` (default: ``request_tenant``)."""
         metadata = _metadata(kwargs)
         stashed = metadata.get(DECISION_KEY)
+        if isinstance(stashed, Mapping) and stashed.get("hook") != self.instance_id:
+            return "", ""  # another hook's request: its session is in that hook's store
         if isinstance(stashed, Mapping) and isinstance(stashed.get("session_id"), str):
             return stashed["session_id"], stashed.get("source", "")
         if tenant is None:
@@ -422,12 +499,11 @@ class SessionEngineCallback(CustomLogger):
         request = self._request(model, kwargs, messages, tenant)
         return None if request is None else (metadata, request)
 
-    @staticmethod
-    def _stash(metadata: dict[str, Any], model: str, decision: RouteDecision) -> RouteDecision:
+    def _stash(self, metadata: dict[str, Any], model: str, decision: RouteDecision) -> RouteDecision:
         metadata[DECISION_KEY] = {
             "requested": model, "model": decision.model, "kind": decision.kind.value,
             "tier": decision.tier.value if decision.tier else None, "reason": decision.reason,
-            "session_id": decision.session_id, "source": decision.source,
+            "session_id": decision.session_id, "source": decision.source, "hook": self.instance_id,
             # Settlement key: each request's cost is counted once, by the hook or the success callback.
             "request_id": decision.reservation_id or uuid.uuid4().hex,
             "reservation_id": decision.reservation_id, "estimate_usd": decision.estimate_usd,
@@ -441,8 +517,8 @@ class SessionEngineCallback(CustomLogger):
 
     def _target(self, model: str, kwargs: Mapping[str, Any]) -> str | None:
         """The group the stashed decision sends ``model`` to; None: leave it (a fallback, or unchanged)."""
-        stashed = _metadata(kwargs).get(DECISION_KEY)
-        if not isinstance(stashed, Mapping) or stashed.get("requested") != model:
+        stashed = self._own_stash(kwargs)
+        if stashed is None or stashed.get("requested") != model:
             return None
         target = stashed.get("model")
         return target if isinstance(target, str) and target and target != model else None
@@ -518,7 +594,7 @@ class SessionEngineCallback(CustomLogger):
 
     def _settle_response(self, metadata: Mapping[str, Any], response: Any) -> Any:
         stashed = metadata.get(DECISION_KEY)
-        if not isinstance(stashed, Mapping):
+        if not isinstance(stashed, Mapping) or stashed.get("hook") != self.instance_id:
             return response
         hidden = getattr(response, "_hidden_params", None)
         if isinstance(hidden, dict):
@@ -530,8 +606,9 @@ class SessionEngineCallback(CustomLogger):
 
     def _release(self, metadata: Mapping[str, Any]) -> None:
         stashed = metadata.get(DECISION_KEY)
-        if not isinstance(stashed, Mapping) or not stashed.get("reservation_id") or not stashed.get("session_id"):
-            return
+        if (not isinstance(stashed, Mapping) or stashed.get("hook") != self.instance_id
+                or not stashed.get("reservation_id") or not stashed.get("session_id")):
+            return  # no reservation, or another hook's
         # Not marked settled: a retry or fallback that then succeeds still counts its cost (the
         # reservation is gone, so the cost is added); a second release finds nothing to release.
         self._tell(Release(stashed["session_id"], stashed["reservation_id"]))
@@ -539,8 +616,8 @@ class SessionEngineCallback(CustomLogger):
     def _pinned(self, model: str, kwargs: Mapping[str, Any] | None, kinds: frozenset[str]) -> str:
         """The session id when this request is served by its session's pinned group with a decision
         of one of ``kinds``; "" otherwise (a bypass, a fallback group, no decision)."""
-        stashed = _metadata(kwargs).get(DECISION_KEY)
-        if (not isinstance(stashed, Mapping) or stashed.get("kind") not in kinds
+        stashed = self._own_stash(kwargs)
+        if (stashed is None or stashed.get("kind") not in kinds
                 or stashed.get("model") != model or not isinstance(stashed.get("session_id"), str)):
             return ""
         return stashed["session_id"]
@@ -609,7 +686,8 @@ class SessionEngineCallback(CustomLogger):
     # -- the LiteLLM proxy server -------------------------------------------------------
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict,
                                   call_type: str) -> dict | Exception | str | None:
-        """The proxy's hook: route ``data["model"]`` per the policy; a refusal becomes HTTP 429."""
+        """The proxy's hook: route ``data["model"]`` per the policy; a refusal becomes LiteLLM's budget
+        error (``budget_http_error``: HTTP 422, not retried)."""
         model = data.get("model")
         if call_type not in CHAT_CALL_TYPES or not isinstance(model, str) or not model:
             return data
@@ -623,6 +701,15 @@ class SessionEngineCallback(CustomLogger):
         if target:
             data["model"] = target
         return data
+
+    async def async_post_call_response_headers_hook(self, data: dict, user_api_key_dict: Any, response: Any,
+                                                    request_headers: dict[str, str] | None = None,
+                                                    litellm_call_info: dict[str, object] | None = None,
+                                                    ) -> dict[str, str] | None:
+        """The proxy's response headers (success and refusal): this hook's decision as
+        ``x-session-engine-*`` (``decision_headers``); None for requests it did not decide."""
+        stashed = self._own_stash(data)
+        return decision_headers(stashed, _response_cost(response)) if stashed is not None else None
 
     # -- outcomes -------------------------------------------------------------------------
     async def async_log_success_event(self, kwargs: dict, response_obj: Any, start_time: Any,

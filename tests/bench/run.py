@@ -39,6 +39,9 @@ WORKLOADS: dict[str, tuple[str, str]] = {
     "tenancy": ("w_tenancy", "tenancy"),  # the per-tenant limits' cost (docs/identity.md)
     "profile": ("w_profile", "profile"),
     "report": ("w_report", "report"),
+    "deadline": ("w_deadline", "route_latency"),  # the default Options.deadline_s
+    "redis": ("w_redis", "redis"),
+    "backtest": ("w_backtest", "backtest"),
 }
 
 

@@ -1,0 +1,169 @@
+"""Where a store's sessions live: the seam between the shard actors and their state.
+
+A ``Backend`` gives the runtime three things: the audit sink for records written outside a
+shard batch, the shard tables to start with, and the shard actor class that applies the pure
+core (engine/_core.apply) to the state it holds and commits it.
+
+- ``memory`` (the default): the shard's dict is the truth; records go to the file log
+  (engine/_log.py), which a restart recovers (engine/_recovery.py).
+- ``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://``: Redis holds the truth and the
+  audit streams; each shard commits with one compare-and-set script per session
+  (engine/_redis.py, docs/distributed.md).
+
+This module parses the URL without importing redis-py, so ``Config`` validates a backend on a
+machine without the ``redis`` extra; nothing here ever renders a password.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from events import EngineError, InvalidEvent
+
+#: Environment variables read when the URL carries no credentials.
+PASSWORD_ENV = "SESSION_ENGINE_REDIS_PASSWORD"
+USERNAME_ENV = "SESSION_ENGINE_REDIS_USERNAME"
+
+SCHEMES = ("redis", "rediss", "unix", "redis+cluster")
+
+
+class BackendUnavailable(EngineError):
+    """The backend (Redis) could not be reached, or did not answer, within the ask deadline."""
+
+
+class BackendError(EngineError):
+    """The backend holds something the engine cannot use (a foreign key, a corrupt record...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """A parsed Redis URL. ``display`` is the URL without credentials: the only form ever shown."""
+
+    scheme: str
+    hosts: tuple[tuple[str, int], ...] = ()
+    path: str = ""
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    display: str = ""
+
+    @property
+    def cluster(self) -> bool:
+        return self.scheme == "redis+cluster"
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "rediss"
+
+
+def _bad(rule: str) -> InvalidEvent:
+    return InvalidEvent("backend", rule)
+
+
+def parse_backend(url: Any) -> RedisTarget | None:
+    """None for ``"memory"``; else the Redis target. Raises ``InvalidEvent("backend", ...)``.
+
+    The error never repeats the URL (it may hold a password): it names the part that is wrong.
+    """
+    if type(url) is not str:
+        raise _bad(f"must be a str, got {type(url).__name__}")
+    if url == "memory":
+        return None
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise _bad('must be "memory" or a URL redis://, rediss://, unix:// or redis+cluster://host:port[,host:port]')
+    if scheme == "unix":
+        parts = urlsplit(url)
+        if not parts.path:
+            raise _bad("a unix:// URL needs the socket's path (unix:///path/redis.sock)")
+        query = parse_qs(parts.query)
+        db = _db(query.get("db", ["0"])[0])
+        return _with_credentials(RedisTarget("unix", path=parts.path, db=db, display=f"unix://{parts.path}"),
+                                 parts.username, parts.password)
+    rest = url[len(scheme) + 3:]
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        userinfo, hostpart = "", rest
+    hostpart, _, dbpart = hostpart.partition("/")
+    hosts = []
+    for item in hostpart.split(","):
+        host, colon, port = item.rpartition(":")
+        if not colon:
+            host, port = item, "6379"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _bad(f"{scheme}:// needs host:port (a port 1-65535), got {_safe(item)!r}")
+        hosts.append((host.strip("[]"), int(port)))
+    if len(hosts) > 1 and scheme != "redis+cluster":
+        raise _bad("several hosts need redis+cluster://")
+    if scheme == "redis+cluster" and dbpart not in ("", "0"):
+        raise _bad("Redis Cluster has only db 0")
+    db = _db(dbpart.split("?")[0] or "0")
+    user = password = None
+    if userinfo:
+        user, colon, password = userinfo.partition(":")
+        user, password = unquote(user) or None, unquote(password) if colon else None
+    display = f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in hosts) + ("" if scheme == "redis+cluster" else f"/{db}")
+    return _with_credentials(RedisTarget(scheme, hosts=tuple(hosts), db=db, display=display), user, password)
+
+
+def _db(text: str) -> int:
+    if not text.isdigit():
+        raise _bad(f"the database must be a number, got {_safe(text)!r}")
+    return int(text)
+
+
+def _safe(text: str) -> str:
+    """A fragment fit for an error message: no credentials, bounded length."""
+    return text.rpartition("@")[2][:60]
+
+
+def _with_credentials(target: RedisTarget, user: str | None, password: str | None) -> RedisTarget:
+    user = user or os.environ.get(USERNAME_ENV) or None
+    password = password or os.environ.get(PASSWORD_ENV) or None
+    return RedisTarget(target.scheme, target.hosts, target.path, target.db, user, password, target.display)
+
+
+class Backend(Protocol):
+    """What ``SessionStore`` runs on (see the module docstring)."""
+
+    #: Sink for records no shard batch carries (rejected input, shard restarts).
+    log: Any
+    #: The shard actor class (engine._shard.Shard or a subclass).
+    shard_class: type
+
+    def states(self) -> list[Any] | None:
+        """The shard tables to start with (None: empty). The runtime closes ``log`` last, which
+        releases what the backend holds (the file and its lock, or the Redis connections)."""
+
+
+class MemoryBackend:
+    """Today's engine: shard dicts, the file log and its restart recovery."""
+
+    def __init__(self, config: Any) -> None:
+        from engine._log import open_log
+        from engine._recovery import restored_states
+        from engine._shard import Shard
+
+        self.shard_class = Shard
+        self.log = open_log(config)
+        try:
+            self._states = restored_states(self.log, config)
+        except BaseException:
+            self.log.close()  # its lock and fsync timer must not outlive a store that never started
+            raise
+
+    def states(self) -> list[Any] | None:
+        return self._states
+
+
+def open_backend(config: Any) -> Backend:
+    """The backend ``config.backend`` names."""
+    target = parse_backend(config.backend)
+    if target is None:
+        return MemoryBackend(config)
+    from engine._redis import RedisBackend
+
+    return RedisBackend(config, target)

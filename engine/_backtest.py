@@ -1,0 +1,568 @@
+"""``session-engine backtest``: re-run the recorded routing decisions with changed options.
+
+Every ``decision.made`` record of a routed turn carries the decision's inputs
+(docs/events.md): the router's model and tier, the three-strike hash, the stall
+signal, tool use, the long-context flag, the candidates, the estimates, and on
+the session's first turn the rules it was decided under. The backtest streams
+the log once, rebuilds a ``Route`` event from each such record with the
+**variant** rules (the recorded ones with ``--set`` changes applied) and applies
+it to the session's variant state through the core's own transition
+(``engine._core.apply``, which runs ``engine._rules``): never a second copy of a
+rule. The responses' costs (``cost.added``, joined to their decision by the
+reservation id, else to the session's latest decision) settle the variant's
+reservations; a failed call's ``budget.released`` releases them.
+
+The baseline is what the log recorded. With no change the variant re-takes every
+decision exactly (kind, model, tier): ``decisions_changed == 0`` and the variant's
+figures equal the baseline's (tests/test_backtest.py). docs/backtest.md says
+what a backtest can and cannot answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from engine._config import Config
+from engine._core import apply
+from engine._entry import Entry
+from engine._replay import Tail, new_fields, paused_gc, read_file, read_log, to_entry
+from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
+from events import records as R
+
+__all__ = ["OPTIONS", "BacktestResult", "Figures", "Prices", "backtest", "parse_changes", "run_backtest"]
+
+#: The options ``--set`` may change, and how a value is read.
+OPTIONS: dict[str, str] = {
+    "max_cost_usd": "a number of USD, or none", "budget_mode": "graceful or strict",
+    "strike_limit": "an int >= 1", "escalate_on_strikes": "true or false",
+    "strategy": "sticky, adaptive or none", "warmup_turns": "an int >= 0", "cache_sticky": "true or false",
+    "simple_bypass": "true or false", "reservation_ttl_ms": "an int >= 1",
+}
+#: Records a route's turn writes besides its decision (the baseline's escalations and pin moves are
+#: counted from these, as the variant's are from the records its own turn produces).
+_TURN_RECORDS = frozenset({R.SESSION_CREATED, R.SESSION_UPDATED, R.SESSION_TOUCHED, R.HASH_RECORDED,
+                           R.SESSION_ESCALATED, R.STICKY_PINNED, R.DEPLOYMENT_SET, R.BUDGET_RESERVED,
+                           R.STICKY_EXPIRED, R.BUDGET_LAPSED})
+_ENDINGS = frozenset({R.SESSION_EXPIRED, R.SESSION_CLEARED, R.SESSION_EVICTED})
+_TIER = {t.value: t for t in Tier}
+#: The budget rule's reason for a graceful downgrade (engine._rules.budget).
+_DOWNGRADE = "; cheapest tier"
+_NEVER_MS = 10**15
+
+
+class BacktestError(EngineError):
+    """The backtest cannot run as asked (a bad option, model table or price file)."""
+
+
+# -- options -------------------------------------------------------------------------------------
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise InvalidEvent(name, "must be true or false")
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    try:
+        number = int(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < low or (isinstance(value, float) and value != number):
+        raise InvalidEvent(name, f"must be an int >= {low}")
+    return number
+
+
+def _pairs(changes: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+    if not isinstance(changes, Mapping):
+        pairs: dict[str, Any] = {}
+        for item in changes:
+            name, sep, value = str(item).partition("=")
+            if not sep:
+                raise InvalidEvent("set", f"{str(item)[:60]!r} is not OPTION=VALUE")
+            pairs[name.strip()] = value.strip()
+        return pairs
+    return dict(changes)
+
+
+def parse_changes(changes: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+    """``--set OPTION=VALUE`` pairs (or a mapping) -> the ``RouteRules`` fields they change.
+
+    Raises ``InvalidEvent`` naming the option for an unknown option or a bad value.
+    """
+    changes = _pairs(changes)
+    out: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name not in OPTIONS:
+            raise InvalidEvent(name, f"is not an option backtest can change (one of {', '.join(OPTIONS)})")
+        if name == "max_cost_usd":
+            if value is None or str(value).strip().lower() in ("none", "null", ""):
+                out["max_cost_micros"] = -1
+                continue
+            try:
+                usd = float(value)
+            except (TypeError, ValueError):
+                raise InvalidEvent(name, "must be a number of USD >= 0, or none") from None
+            if not usd >= 0 or usd == float("inf"):
+                raise InvalidEvent(name, "must be a number of USD >= 0, or none")
+            out["max_cost_micros"] = round(usd * 1_000_000)
+        elif name in ("escalate_on_strikes", "cache_sticky", "simple_bypass"):
+            out[name] = _bool(name, value)
+        elif name == "strike_limit":
+            out[name] = _int(name, value, 1)
+        elif name == "warmup_turns":
+            out[name] = _int(name, value, 0)
+        elif name == "reservation_ttl_ms":
+            out[name] = _int(name, value, 1)
+        else:
+            out[name] = str(value).strip()
+    probe = RouteRules()
+    dataclasses.replace(probe, **out)  # RouteRules validates strategy and budget_mode, naming the field
+    return out
+
+
+def read_models(path: str | Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A JSON model table ``{"SIMPLE": "model" | ["model", ...], ...}`` as ``RouteRules.models``."""
+    from engine.policy import Options, route_rules
+
+    try:
+        table = orjson.loads(Path(path).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise BacktestError(f"cannot read the model table {path}: {exc}") from None
+    if not isinstance(table, dict) or not table:
+        raise BacktestError(f"the model table {path} must be a JSON object of tier -> model or list of models")
+    return route_rules(table, Options()).models
+
+
+# -- prices ----------------------------------------------------------------------------------------
+class Prices:
+    """USD per input and output token, by model: a JSON price file, else LiteLLM's price map when installed.
+
+    A price file is LiteLLM's own format, ``{"model": {"input_cost_per_token": x,
+    "output_cost_per_token": y}}``; a model is looked up as written, then without its provider prefix.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.source = str(path) if path else "litellm"
+        self._table: dict[str, Any] | None = None
+        if path:
+            try:
+                table = orjson.loads(Path(path).read_bytes())
+            except (OSError, orjson.JSONDecodeError) as exc:
+                raise BacktestError(f"cannot read the price file {path}: {exc}") from None
+            if not isinstance(table, dict):
+                raise BacktestError(f"the price file {path} must be a JSON object of model -> prices")
+            self._table = table
+
+    def _map(self) -> dict[str, Any]:
+        if self._table is None:
+            try:
+                # The price map that ships with LiteLLM: never fetched over the network.
+                os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+                import litellm  # imported only when a price is needed
+                self._table = dict(litellm.model_cost)
+            except Exception:  # not installed (or broken): nothing can be re-priced
+                self.source = "none (no price file, LiteLLM not installed)"
+                self._table = {}
+        return self._table
+
+    def per_token(self, model: str) -> tuple[float, float] | None:
+        table = self._map()
+        for key in (model, model.partition("/")[2]):
+            entry = table.get(key) if key else None
+            if isinstance(entry, dict):
+                p_in, p_out = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
+                if isinstance(p_in, (int, float)) and isinstance(p_out, (int, float)):
+                    return float(p_in), float(p_out)
+        return None
+
+    def micros(self, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+        price = self.per_token(model)
+        if price is None:
+            return None
+        return (prompt_tokens * price[0] + completion_tokens * price[1]) * 1_000_000
+
+
+# -- figures ---------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Figures:
+    """One side of the comparison (the recorded baseline, or the variant)."""
+
+    cost_micros: int = 0
+    escalations: int = 0
+    refusals: int = 0
+    downgrades: int = 0
+    pin_switches: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cost_usd": self.cost_micros / 1_000_000, "escalations": self.escalations,
+                "refusals": self.refusals, "downgrades": self.downgrades, "pin_switches": self.pin_switches,
+                "decisions_by_kind": dict(sorted(self.kinds.items()))}
+
+
+@dataclass(slots=True)
+class Turn:
+    """One re-run decision of the session asked for (``--session``)."""
+
+    ts: int
+    requested: str
+    baseline: tuple[str, str, str | None]
+    variant: tuple[str, str, str | None]
+    baseline_micros: int = 0
+    variant_micros: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ts": self.ts, "requested": self.requested,
+                "baseline": {"kind": self.baseline[0], "model": self.baseline[1], "tier": self.baseline[2],
+                             "cost_usd": self.baseline_micros / 1_000_000},
+                "variant": {"kind": self.variant[0], "model": self.variant[1], "tier": self.variant[2],
+                            "cost_usd": self.variant_micros / 1_000_000},
+                "changed": self.baseline != self.variant}
+
+
+@dataclass(slots=True)
+class BacktestResult:
+    """The comparison; ``to_json()`` is the CLI's ``--json`` (its shape is binding, docs/backtest.md)."""
+
+    changes: dict[str, Any]
+    baseline: Figures = field(default_factory=Figures)
+    variant: Figures = field(default_factory=Figures)
+    decisions: int = 0
+    decisions_changed: int = 0
+    records: int = 0
+    #: Decision records that carry no inputs (``unavailable`` answers, logs older than issue 10): not re-run.
+    not_rerun: int = 0
+    #: Re-runnable decisions skipped because no rules were known for their session (older logs, no --models).
+    no_rules: int = 0
+    #: Costs re-priced from token counts because the variant served another model.
+    repriced: int = 0
+    #: Costs of another model that could not be re-priced (no tokens or no price): kept as recorded.
+    unpriced: int = 0
+    #: Requests the baseline refused and the variant serves: charged at their recorded estimate.
+    estimated: int = 0
+    prices: str = ""
+    session: str | None = None
+    turns: list[Turn] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "baseline": self.baseline.to_json(), "variant": self.variant.to_json(),
+            "decisions_changed": self.decisions_changed, "decisions": self.decisions, "records": self.records,
+            "changes": self.changes, "not_rerun": self.not_rerun, "no_rules": self.no_rules,
+            "repriced": self.repriced, "unpriced": self.unpriced, "estimated": self.estimated, "prices": self.prices,
+        }
+        if self.session is not None:
+            out["session"] = self.session
+            out["turns"] = [t.to_json() for t in self.turns]
+        return out
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def rules_from_record(fields: Mapping[str, Any]) -> tuple[RouteRules, int, bool]:
+    """The ``rules`` object of a ``decision.made`` record -> (RouteRules, store strike limit, auto-escalate)."""
+    models = tuple((str(t), tuple(ms)) for t, ms in fields.get("models", {}).items())
+    rules = RouteRules(models, fields.get("strategy", "adaptive"), fields.get("simple_bypass", True),
+                       fields.get("warmup_turns", 0), fields.get("escalate_on_strikes", True),
+                       fields.get("strike_limit", 0), fields.get("cache_sticky", True),
+                       fields.get("max_cost_micros", -1), fields.get("budget_mode", "graceful"),
+                       fields.get("reservation_ttl_ms", 600_000))
+    return rules, int(fields.get("config_strike_limit", 2)), bool(fields.get("auto_escalate", False))
+
+
+@dataclass(slots=True)
+class _Rules:
+    variant: RouteRules
+    config: Config
+
+
+@dataclass(slots=True)
+class _Joined:
+    """A decision as a later cost or release needs it."""
+
+    baseline_model: str
+    variant_model: str
+    variant_rid: str
+    variant_refused: bool
+    turn: Turn | None
+
+
+class _Run:
+    def __init__(self, changes: dict[str, Any], models: tuple[tuple[str, tuple[str, ...]], ...] | None,
+                 prices: Prices, session: str | None) -> None:
+        self.changes = changes
+        self.models = models
+        self.prices = prices
+        self.session = session
+        self.result = BacktestResult(changes=dict(changes), prices=prices.source, session=session)
+        self.states: dict[str, Entry | None] = {}
+        self.rules: dict[str, _Rules] = {}
+        self.by_rules: dict[tuple[RouteRules, int, bool], _Rules] = {}
+        self.last_rules: _Rules | None = None
+        self.fallback: _Rules | None = None
+        self.configs: dict[tuple[int, bool], Config] = {}
+        if models is not None:  # an older log without rules: the defaults with this table
+            self.fallback = self._variant(RouteRules(models), 2, False)
+        self.recent: dict[str, list[tuple[int, str, bool]]] = {}
+        self.held: dict[str, dict[str, Any]] = {}
+        self.by_rid: dict[str, _Joined] = {}
+        self.last: dict[str, _Joined] = {}
+
+    def _variant(self, recorded: RouteRules, strike_limit: int, auto: bool) -> _Rules:
+        key = (recorded, strike_limit, auto)
+        found = self.by_rules.get(key)
+        if found is not None:
+            return found
+        changes = dict(self.changes)
+        if self.models is not None:
+            changes["models"] = self.models
+        variant = dataclasses.replace(recorded, **changes) if changes else recorded
+        limit = variant.strike_limit or strike_limit
+        config_key = (limit if "strike_limit" in self.changes else strike_limit, auto)
+        config = self.configs.get(config_key)
+        if config is None:
+            config = self.configs[config_key] = Config(enabled=True, timeout_ms=_NEVER_MS, tick_ms=0,
+                                                       strike_limit=config_key[0], auto_escalate=auto)
+        found = self.by_rules[key] = _Rules(variant, config)
+        return found
+
+    # The variant state of one session.
+    def _apply(self, sid: str, event: Any, ts: int, config: Config) -> tuple[Any, tuple[Any, ...]]:
+        out = apply(self.states.get(sid), event, ts, config)
+        if out.state is None:
+            self.states.pop(sid, None)
+        else:
+            self.states[sid] = out.state
+        return out.result, out.records
+
+    def _config(self, sid: str) -> Config:
+        rules = self.rules.get(sid) or self.last_rules or self.fallback
+        return rules.config if rules is not None else _DEFAULT_CONFIG
+
+    def feed(self, records: Iterable[dict[str, Any]]) -> BacktestResult:
+        result = self.result
+        only = self.session
+        for r in records:
+            result.records += 1
+            sid = r.get("session_id")
+            if sid is None:
+                if r["event"] == R.LOG_SNAPSHOT and result.records == r.get("part", 1):
+                    # The log starts at a snapshot (its older history deleted): the sessions live then.
+                    for snap_sid, fields in r["sessions"].items():
+                        if only is None or snap_sid == only:
+                            self.states[snap_sid] = to_entry(new_fields(fields))
+                continue
+            if only is not None and sid != only:
+                continue
+            name = r["event"]
+            held = self.held.pop(sid, None) if self.held else None
+            if held is not None and not (name in (R.BUDGET_RESERVED, R.DECISION_MADE) and r["seq"] == held["seq"] + 1):
+                # A deployment the caller reported (record_response), not one the route's turn chose.
+                self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
+            if name == R.DECISION_MADE:
+                self._decision(sid, r)
+            elif name == R.COST_ADDED:
+                self._cost(sid, r)
+            elif name in _TURN_RECORDS:
+                recent = self.recent.setdefault(sid, [])
+                recent.append((r["seq"], name, name == R.SESSION_UPDATED and "model" in r))
+                if name == R.DEPLOYMENT_SET:
+                    self.held[sid] = r
+            elif name == R.BUDGET_RELEASED:
+                joined = self.by_rid.pop(r.get("reservation_id", ""), None)
+                if joined is not None and joined.variant_rid:
+                    self._apply(sid, Release(sid, joined.variant_rid), r["ts"], self._config(sid))
+            elif name in _ENDINGS:
+                self.states.pop(sid, None)
+                self.last.pop(sid, None)
+                self.recent.pop(sid, None)
+        for sid, held in list(self.held.items()):
+            self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
+        self.held.clear()
+        return result
+
+    def _turn_counts(self, sid: str, seq: int) -> tuple[int, int]:
+        """The baseline's escalations and pin moves in the turn that ends at ``seq`` (its records just before)."""
+        recent = self.recent.pop(sid, None)
+        if not recent:
+            return 0, 0
+        escalations = switches = 0
+        expect = seq - 1
+        for rseq, name, moved in reversed(recent):
+            if rseq != expect:
+                break
+            expect -= 1
+            escalations += name == R.SESSION_ESCALATED
+            switches += moved
+        return escalations, switches
+
+    def _decision(self, sid: str, r: dict[str, Any]) -> None:
+        result = self.result
+        base, var = result.baseline, result.variant
+        if "requested_model" not in r:
+            result.not_rerun += 1
+            self.recent.pop(sid, None)
+            return
+        if "rules" in r:
+            self.rules[sid] = self.last_rules = self._variant(*rules_from_record(r["rules"]))
+        rules = self.rules.get(sid) or self.last_rules or self.fallback
+        if rules is None:
+            result.no_rules += 1
+            self.recent.pop(sid, None)
+            return
+        self.rules.setdefault(sid, rules)
+        kind, model, tier = r["kind"], r.get("model", ""), r.get("tier")
+        base.kinds[kind] = base.kinds.get(kind, 0) + 1
+        refused = kind == "refuse"
+        base.refusals += refused
+        base.downgrades += kind == "bypass" and _DOWNGRADE in r.get("reason", "")
+        escalations, switches = self._turn_counts(sid, r["seq"])
+        base.escalations += escalations
+        base.pin_switches += switches
+
+        variant = rules.variant
+        rid = r.get("reservation_id", "")
+        if variant.max_cost_micros >= 0 and not rid:
+            rid = f"backtest-{r['seq']}"
+        estimates = r.get("estimates")
+        if estimates is not None:
+            pairs = tuple(estimates.items())
+        else:
+            estimate = r.get("estimate_micros", 0)
+            pairs = (("", estimate),) if estimate or variant.max_cost_micros >= 0 else ()
+        route = _route(sid, r["requested_model"], _TIER.get(r.get("requested_tier")), variant,
+                       r.get("explicit", False), r.get("request_hash", ""), r.get("stall", False),
+                       r.get("tools", False), r.get("long_context", False), tuple(r.get("candidates", ())),
+                       r.get("source", ""), pairs, rid)
+        ts = r["ts"]
+        routed, records = self._apply(sid, route, ts, rules.config)
+        vtier = routed.tier.value if routed.tier is not None else None
+        var.kinds[routed.kind] = var.kinds.get(routed.kind, 0) + 1
+        vrefused = routed.kind == "refuse"
+        var.refusals += vrefused
+        var.downgrades += routed.kind == "bypass" and _DOWNGRADE in routed.reason
+        for rec_name, fields in records:
+            var.escalations += rec_name == R.SESSION_ESCALATED
+            var.pin_switches += rec_name == R.SESSION_UPDATED and "model" in fields
+        result.decisions += 1
+        changed = (routed.kind, routed.model, vtier) != (kind, model, tier)
+        result.decisions_changed += changed
+        turn = None
+        if self.session is not None:
+            turn = Turn(ts, r.get("requested_tier") or "", (kind, model, tier), (routed.kind, routed.model, vtier))
+            result.turns.append(turn)
+        joined = _Joined(model, routed.model, routed.reservation_id, vrefused, turn)
+        if refused:
+            if not vrefused:  # served now, refused then: no response was recorded, charge the estimate
+                result.estimated += 1
+                var.cost_micros += routed.estimate_micros
+                if turn is not None:
+                    turn.variant_micros = routed.estimate_micros
+                self._apply(sid, Cost(sid, routed.estimate_micros, routed.reservation_id), ts, rules.config)
+            return
+        self.last[sid] = joined
+        if r.get("reservation_id"):
+            self.by_rid[r["reservation_id"]] = joined
+
+    def _cost(self, sid: str, r: dict[str, Any]) -> None:
+        result = self.result
+        micros = r["micros"]
+        result.baseline.cost_micros += micros
+        rid = r.get("reservation_id")
+        joined = self.by_rid.pop(rid, None) if rid else None
+        last = self.last.pop(sid, None)
+        if joined is None and not rid:
+            joined = last
+        if joined is None:  # spend the log does not tie to a routed decision: the same in both
+            result.variant.cost_micros += micros
+            self._apply(sid, Cost(sid, micros), r["ts"], self._config(sid))
+            return
+        if joined.turn is not None:
+            joined.turn.baseline_micros += micros
+        if joined.variant_refused:
+            return  # the variant did not serve this request
+        vmicros = micros
+        if joined.variant_model != joined.baseline_model:
+            vmicros = self._reprice(joined, micros, r.get("prompt_tokens", 0), r.get("completion_tokens", 0))
+        result.variant.cost_micros += vmicros
+        if joined.turn is not None:
+            joined.turn.variant_micros += vmicros
+        self._apply(sid, Cost(sid, vmicros, joined.variant_rid), r["ts"], self._config(sid))
+
+    def _reprice(self, joined: _Joined, micros: int, prompt: int, completion: int) -> int:
+        """The cost with the variant's model: the recorded cost scaled by the price ratio on the same tokens
+        (so discounts such as cached input carry over), or the variant's list price when the recorded
+        model has no price. No tokens or no price for the variant's model: the recorded cost, counted."""
+        if prompt or completion:
+            new = self.prices.micros(joined.variant_model, prompt, completion)
+            if new is not None:
+                self.result.repriced += 1
+                old = self.prices.micros(joined.baseline_model, prompt, completion)
+                return round(micros * new / old) if old else round(new)
+        self.result.unpriced += 1
+        return micros
+
+
+_DEFAULT_CONFIG = Config(enabled=True, timeout_ms=_NEVER_MS, tick_ms=0)
+_ROUTE_SLOTS = tuple(Route.__dict__[name].__set__ for name in Route.__slots__)  # type: ignore[attr-defined]
+if Route.__slots__ != ("session_id", "model", "tier", "rules", "user_explicit", "request_hash",  # type: ignore[attr-defined]
+                       "stall", "tools", "long_context", "candidates", "source", "estimates", "reservation_id"):
+    raise ImportError("engine._backtest builds Route by its slots: update it")
+
+
+def _route(*values: Any) -> Route:
+    """A ``Route`` from a record the log reader has already checked against the value domains of
+    docs/events.md (names, tiers, flags, candidates, estimates), so its own validation is skipped:
+    building it is a large share of a re-run decision's cost."""
+    route = object.__new__(Route)
+    for put, value in zip(_ROUTE_SLOTS, values, strict=True):
+        put(route, value)
+    return route
+
+
+def run_backtest(records: Iterable[dict[str, Any]], changes: Mapping[str, Any] | Iterable[str] = (),
+                 *, models: tuple[tuple[str, tuple[str, ...]], ...] | None = None, prices: Prices | None = None,
+                 session: str | None = None) -> BacktestResult:
+    """The backtest over a stream of records (in ``seq`` order)."""
+    run = _Run(parse_changes(changes), models, prices or Prices(), session)
+    run.result.changes = {name: str(value) for name, value in _pairs(changes).items()}
+    with paused_gc():
+        return run.feed(records)
+
+
+def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *, models: str | Path | None = None,
+             prices: str | Path | None = None, session: str | None = None) -> BacktestResult:
+    """The backtest of a log (file or segment directory, every segment on disk), streamed.
+
+    ``changes``: ``{"strike_limit": 5}`` or ``["strike_limit=5"]``; ``models``: a JSON model table file;
+    ``prices``: a JSON price file (else LiteLLM's price map when installed). This is what the CLI runs.
+    """
+    table = read_models(models) if models else None
+    return run_backtest(_history(Path(log)), changes, models=table, prices=Prices(prices), session=session)
+
+
+def _history(path: Path) -> Iterator[dict[str, Any]]:
+    """Every record still on disk, oldest first: a directory's segments, or a single file's rotated
+    archives (``<name>.<first seq, 20 digits>``) and then the file itself."""
+    if path.is_dir() or not path.exists():
+        yield from read_log(path, history=True)
+        return
+    archives = sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.*")
+                      if len(p.name) == len(path.name) + 21 and p.name[len(path.name) + 1:].isdigit())
+    files = [*archives, path]
+    expect = None
+    for index, file in enumerate(files):
+        tail = Tail()
+        yield from read_file(file, tail, expect=expect, last=index == len(files) - 1)
+        expect = tail.last_seq
