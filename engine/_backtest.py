@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from engine._config import Config
-from engine._core import apply
+from engine._core import apply, ledger_only
 from engine._entry import Entry
 from engine._replay import Tail, new_fields, paused_gc, read_file, read_log, to_entry
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
@@ -316,6 +316,7 @@ class _Run:
             self.fallback = self._variant(RouteRules(models), 2, False)
         self.recent: dict[str, list[tuple[int, str, bool]]] = {}
         self.held: dict[str, dict[str, Any]] = {}
+        self.ended: dict[str, Any] = {}  # sessions whose idle expiry may leave a budget ledger (next record)
         self.by_rid: dict[str, _Joined] = {}
         self.last: dict[str, _Joined] = {}
 
@@ -384,9 +385,18 @@ class _Run:
                 if joined is not None and joined.variant_rid:
                     self._apply(sid, Release(sid, joined.variant_rid), r["ts"], self._config(sid))
             elif name in _ENDINGS:
-                self.states.pop(sid, None)
+                ended = self.states.pop(sid, None)
                 self.last.pop(sid, None)
                 self.recent.pop(sid, None)
+                if ended is not None and name == R.SESSION_EXPIRED:
+                    self.ended[sid] = ended
+                continue
+            if name == R.SESSION_CREATED and r.get("cause") == "budget_ledger":
+                # The recorded session left its budget ledger behind: so does the variant's.
+                ended = self.ended.pop(sid, None)
+                if ended is not None and (ended.session_cost_micros or ended.reservations):
+                    self.states[sid] = ledger_only(ended)
+            self.ended.pop(sid, None)
         for sid, held in list(self.held.items()):
             self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
         self.held.clear()
@@ -444,7 +454,7 @@ class _Run:
         route = _route(sid, r["requested_model"], _TIER.get(r.get("requested_tier")), variant,
                        r.get("explicit", False), r.get("request_hash", ""), r.get("stall", False),
                        r.get("tools", False), r.get("long_context", False), tuple(r.get("candidates", ())),
-                       r.get("source", ""), pairs, rid)
+                       r.get("source", ""), pairs, rid, r.get("keyword", ""))
         ts = r["ts"]
         routed, records = self._apply(sid, route, ts, rules.config)
         vtier = routed.tier.value if routed.tier is not None else None
@@ -517,7 +527,8 @@ class _Run:
 _DEFAULT_CONFIG = Config(enabled=True, timeout_ms=_NEVER_MS, tick_ms=0)
 _ROUTE_SLOTS = tuple(Route.__dict__[name].__set__ for name in Route.__slots__)  # type: ignore[attr-defined]
 if Route.__slots__ != ("session_id", "model", "tier", "rules", "user_explicit", "request_hash",  # type: ignore[attr-defined]
-                       "stall", "tools", "long_context", "candidates", "source", "estimates", "reservation_id"):
+                       "stall", "tools", "long_context", "candidates", "source", "estimates", "reservation_id",
+                       "keyword"):
     raise ImportError("engine._backtest builds Route by its slots: update it")
 
 
