@@ -52,9 +52,13 @@ _TURN_RECORDS = frozenset({R.SESSION_CREATED, R.SESSION_UPDATED, R.SESSION_TOUCH
                            R.SESSION_ESCALATED, R.STICKY_PINNED, R.DEPLOYMENT_SET, R.BUDGET_RESERVED,
                            R.STICKY_EXPIRED, R.BUDGET_LAPSED})
 _ENDINGS = frozenset({R.SESSION_EXPIRED, R.SESSION_CLEARED, R.SESSION_EVICTED})
+#: Records the backtest reads nothing of but seq, event, session_id (and whether session.updated has a model):
+#: the reader checks only those for them (read_file's ``light``); the rest get every value-domain check.
+_LIGHT = (_TURN_RECORDS - {R.DEPLOYMENT_SET}) | _ENDINGS
 _TIER = {t.value: t for t in Tier}
 #: The budget rule's reason for a graceful downgrade (engine._rules.budget).
 _DOWNGRADE = "; cheapest tier"
+_ESCALATED, _UPDATED = R.SESSION_ESCALATED, R.SESSION_UPDATED
 _NEVER_MS = 10**15
 
 
@@ -314,7 +318,6 @@ class _Run:
         self.configs: dict[tuple[int, bool], Config] = {}
         if models is not None:  # an older log without rules: the defaults with this table
             self.fallback = self._variant(RouteRules(models), 2, False)
-        self.recent: dict[str, list[tuple[int, str, bool]]] = {}
         self.held: dict[str, dict[str, Any]] = {}
         self.ended: dict[str, Any] = {}  # sessions whose idle expiry may leave a budget ledger (next record)
         self.by_rid: dict[str, _Joined] = {}
@@ -354,11 +357,21 @@ class _Run:
     def feed(self, records: Iterable[dict[str, Any]]) -> BacktestResult:
         result = self.result
         only = self.session
+        count = result.records
+        decision, cost, turn_records, released, endings = (R.DECISION_MADE, R.COST_ADDED, _TURN_RECORDS,
+                                                           R.BUDGET_RELEASED, _ENDINGS)
+        updated, deployment_set = R.SESSION_UPDATED, R.DEPLOYMENT_SET
+        held_of = self.held
+        escalated = R.SESSION_ESCALATED
+        # The turn records just before a decision (consecutive seqs, the same session): the baseline's
+        # escalations and pin moves in that decision's turn.
+        run_sid: str | None = None
+        run_next = escalations = switches = 0
         for r in records:
-            result.records += 1
+            count += 1
             sid = r.get("session_id")
             if sid is None:
-                if r["event"] == R.LOG_SNAPSHOT and result.records == r.get("part", 1):
+                if r["event"] == R.LOG_SNAPSHOT and count == r.get("part", 1):
                     # The log starts at a snapshot (its older history deleted): the sessions live then.
                     for snap_sid, fields in r["sessions"].items():
                         if only is None or snap_sid == only:
@@ -367,110 +380,131 @@ class _Run:
             if only is not None and sid != only:
                 continue
             name = r["event"]
-            held = self.held.pop(sid, None) if self.held else None
-            if held is not None and not (name in (R.BUDGET_RESERVED, R.DECISION_MADE) and r["seq"] == held["seq"] + 1):
-                # A deployment the caller reported (record_response), not one the route's turn chose.
-                self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
-            if name == R.DECISION_MADE:
-                self._decision(sid, r)
-            elif name == R.COST_ADDED:
+            if held_of:
+                held = held_of.pop(sid, None)
+                if held is not None and not ((name == R.BUDGET_RESERVED or name == decision)
+                                             and r["seq"] == held["seq"] + 1):
+                    # A deployment the caller reported (record_response), not one the route's turn chose.
+                    self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
+            if name in turn_records:
+                seq = r["seq"]
+                if seq != run_next or sid != run_sid:
+                    run_sid, escalations, switches = sid, 0, 0
+                run_next = seq + 1
+                if name == escalated:
+                    escalations += 1
+                elif name == updated and "model" in r:
+                    switches += 1
+                elif name == deployment_set:
+                    held_of[sid] = r
+            elif name == decision:
+                if sid == run_sid and r["seq"] == run_next:
+                    self._decision(sid, r, escalations, switches)
+                else:
+                    self._decision(sid, r, 0, 0)
+                run_sid = None
+            elif name == cost:
                 self._cost(sid, r)
-            elif name in _TURN_RECORDS:
-                recent = self.recent.setdefault(sid, [])
-                recent.append((r["seq"], name, name == R.SESSION_UPDATED and "model" in r))
-                if name == R.DEPLOYMENT_SET:
-                    self.held[sid] = r
-            elif name == R.BUDGET_RELEASED:
+            elif name == released:
                 joined = self.by_rid.pop(r.get("reservation_id", ""), None)
                 if joined is not None and joined.variant_rid:
                     self._apply(sid, Release(sid, joined.variant_rid), r["ts"], self._config(sid))
-            elif name in _ENDINGS:
-                ended = self.states.pop(sid, None)
+            elif name in endings:
+                ended_state = self.states.pop(sid, None)
                 self.last.pop(sid, None)
-                self.recent.pop(sid, None)
-                if ended is not None and name == R.SESSION_EXPIRED:
-                    self.ended[sid] = ended
+                if ended_state is not None and name == R.SESSION_EXPIRED:
+                    self.ended[sid] = ended_state
                 continue
             if name == R.SESSION_CREATED and r.get("cause") == "budget_ledger":
                 # The recorded session left its budget ledger behind: so does the variant's.
-                ended = self.ended.pop(sid, None)
-                if ended is not None and (ended.session_cost_micros or ended.reservations):
-                    self.states[sid] = ledger_only(ended)
-            self.ended.pop(sid, None)
-        for sid, held in list(self.held.items()):
+                ended_state = self.ended.pop(sid, None)
+                if ended_state is not None and (ended_state.session_cost_micros or ended_state.reservations):
+                    self.states[sid] = ledger_only(ended_state)
+            if self.ended:
+                self.ended.pop(sid, None)
+        result.records = count
+        for sid, held in list(held_of.items()):
             self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
-        self.held.clear()
+        held_of.clear()
         return result
 
-    def _turn_counts(self, sid: str, seq: int) -> tuple[int, int]:
-        """The baseline's escalations and pin moves in the turn that ends at ``seq`` (its records just before)."""
-        recent = self.recent.pop(sid, None)
-        if not recent:
-            return 0, 0
-        escalations = switches = 0
-        expect = seq - 1
-        for rseq, name, moved in reversed(recent):
-            if rseq != expect:
-                break
-            expect -= 1
-            escalations += name == R.SESSION_ESCALATED
-            switches += moved
-        return escalations, switches
-
-    def _decision(self, sid: str, r: dict[str, Any]) -> None:
+    def _decision(self, sid: str, r: dict[str, Any], escalations: int, switches: int) -> None:
+        """Re-run one recorded decision; ``escalations`` and ``switches``: the baseline's in its turn."""
         result = self.result
-        base, var = result.baseline, result.variant
-        if "requested_model" not in r:
+        get = r.get
+        requested = get("requested_model")
+        if requested is None:
             result.not_rerun += 1
-            self.recent.pop(sid, None)
             return
-        if "rules" in r:
-            self.rules[sid] = self.last_rules = self._variant(*rules_from_record(r["rules"]))
-        rules = self.rules.get(sid) or self.last_rules or self.fallback
-        if rules is None:
-            result.no_rules += 1
-            self.recent.pop(sid, None)
-            return
-        self.rules.setdefault(sid, rules)
-        kind, model, tier = r["kind"], r.get("model", ""), r.get("tier")
-        base.kinds[kind] = base.kinds.get(kind, 0) + 1
+        recorded_rules = get("rules")
+        if recorded_rules is not None:
+            self.rules[sid] = self.last_rules = self._variant(*rules_from_record(recorded_rules))
+            rules = self.rules[sid]
+        else:
+            rules = self.rules.get(sid)
+            if rules is None:
+                rules = self.last_rules or self.fallback
+                if rules is None:
+                    result.no_rules += 1
+                    return
+                self.rules[sid] = rules
+        base, var = result.baseline, result.variant
+        kind, model, tier = r["kind"], get("model", ""), get("tier")
+        kinds = base.kinds
+        kinds[kind] = kinds.get(kind, 0) + 1
         refused = kind == "refuse"
-        base.refusals += refused
-        base.downgrades += kind == "bypass" and _DOWNGRADE in r.get("reason", "")
-        escalations, switches = self._turn_counts(sid, r["seq"])
+        if refused:
+            base.refusals += 1
+        elif kind == "bypass" and _DOWNGRADE in get("reason", ""):
+            base.downgrades += 1
+        seq = r["seq"]
         base.escalations += escalations
         base.pin_switches += switches
 
         variant = rules.variant
-        rid = r.get("reservation_id", "")
-        if variant.max_cost_micros >= 0 and not rid:
-            rid = f"backtest-{r['seq']}"
-        estimates = r.get("estimates")
+        recorded_rid = get("reservation_id", "")
+        rid = recorded_rid
+        if not rid and variant.max_cost_micros >= 0:
+            rid = f"backtest-{seq}"
+        estimates = get("estimates")
         if estimates is not None:
             pairs = tuple(estimates.items())
         else:
-            estimate = r.get("estimate_micros", 0)
+            estimate = get("estimate_micros", 0)
             pairs = (("", estimate),) if estimate or variant.max_cost_micros >= 0 else ()
-        route = _route(sid, r["requested_model"], _TIER.get(r.get("requested_tier")), variant,
-                       r.get("explicit", False), r.get("request_hash", ""), r.get("stall", False),
-                       r.get("tools", False), r.get("long_context", False), tuple(r.get("candidates", ())),
-                       r.get("source", ""), pairs, rid, r.get("keyword", ""))
+        candidates = get("candidates")
+        route = _route(sid, requested, _TIER.get(get("requested_tier")), variant, get("explicit", False),
+                       get("request_hash", ""), get("stall", False), get("tools", False), get("long_context", False),
+                       tuple(candidates) if candidates else (), get("source", ""), pairs, rid,
+                       get("keyword", ""))
         ts = r["ts"]
-        routed, records = self._apply(sid, route, ts, rules.config)
+        states = self.states
+        out = apply(states.get(sid), route, ts, rules.config)
+        if out.state is None:
+            states.pop(sid, None)
+        else:
+            states[sid] = out.state
+        routed = out.result
+        vkind = routed.kind
         vtier = routed.tier.value if routed.tier is not None else None
-        var.kinds[routed.kind] = var.kinds.get(routed.kind, 0) + 1
-        vrefused = routed.kind == "refuse"
-        var.refusals += vrefused
-        var.downgrades += routed.kind == "bypass" and _DOWNGRADE in routed.reason
-        for rec_name, fields in records:
-            var.escalations += rec_name == R.SESSION_ESCALATED
-            var.pin_switches += rec_name == R.SESSION_UPDATED and "model" in fields
+        kinds = var.kinds
+        kinds[vkind] = kinds.get(vkind, 0) + 1
+        vrefused = vkind == "refuse"
+        if vrefused:
+            var.refusals += 1
+        elif vkind == "bypass" and _DOWNGRADE in routed.reason:
+            var.downgrades += 1
+        for rec_name, fields in out.records:
+            if rec_name == _ESCALATED:
+                var.escalations += 1
+            elif rec_name == _UPDATED and "model" in fields:
+                var.pin_switches += 1
         result.decisions += 1
-        changed = (routed.kind, routed.model, vtier) != (kind, model, tier)
-        result.decisions_changed += changed
+        if vkind != kind or routed.model != model or vtier != tier:
+            result.decisions_changed += 1
         turn = None
         if self.session is not None:
-            turn = Turn(ts, r.get("requested_tier") or "", (kind, model, tier), (routed.kind, routed.model, vtier))
+            turn = Turn(ts, get("requested_tier") or "", (kind, model, tier), (vkind, routed.model, vtier))
             result.turns.append(turn)
         joined = _Joined(model, routed.model, routed.reservation_id, vrefused, turn)
         if refused:
@@ -482,8 +516,8 @@ class _Run:
                 self._apply(sid, Cost(sid, routed.estimate_micros, routed.reservation_id), ts, rules.config)
             return
         self.last[sid] = joined
-        if r.get("reservation_id"):
-            self.by_rid[r["reservation_id"]] = joined
+        if recorded_rid:
+            self.by_rid[recorded_rid] = joined
 
     def _cost(self, sid: str, r: dict[str, Any]) -> None:
         result = self.result
@@ -567,7 +601,7 @@ def _history(path: Path) -> Iterator[dict[str, Any]]:
     """Every record still on disk, oldest first: a directory's segments, or a single file's rotated
     archives (``<name>.<first seq, 20 digits>``) and then the file itself."""
     if path.is_dir() or not path.exists():
-        yield from read_log(path, history=True)
+        yield from read_log(path, history=True, light=_LIGHT)
         return
     archives = sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.*")
                       if len(p.name) == len(path.name) + 21 and p.name[len(path.name) + 1:].isdigit())
@@ -575,5 +609,5 @@ def _history(path: Path) -> Iterator[dict[str, Any]]:
     expect = None
     for index, file in enumerate(files):
         tail = Tail()
-        yield from read_file(file, tail, expect=expect, last=index == len(files) - 1)
+        yield from read_file(file, tail, expect=expect, last=index == len(files) - 1, light=_LIGHT)
         expect = tail.last_seq

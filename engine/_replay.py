@@ -128,13 +128,19 @@ def segment_name(first_seq: int) -> str:
     return f"{first_seq:020d}.jsonl"
 
 
-def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool = True) -> Iterator[dict[str, Any]]:
+def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool = True,
+              light: frozenset[str] = frozenset()) -> Iterator[dict[str, Any]]:
     """Yield each record of one file, checking that ``seq`` counts up by one.
 
     ``expect`` is the ``seq`` the previous file ended on (None: any start).
     Only when ``last`` is set may the final line be torn or garbage: it is
     skipped and measured in ``tail``. A bad line anywhere else raises
     ``LogCorrupt`` naming the file and the line number.
+
+    ``light``: record names whose caller reads nothing of them but ``seq``, ``event`` and
+    ``session_id`` (and whether a key is present). Such a record that carries a string
+    ``session_id`` skips the value-domain check of its other fields; every other record is
+    checked in full (the backtest reads its turn records this way).
     """
     loads = orjson.loads
     decode_error = orjson.JSONDecodeError
@@ -158,7 +164,9 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
                 _check_first(path, number, seq, record, tail)
             if prev is not None and seq != prev + 1:
                 raise LogCorrupt(f"{path} line {number}: seq {seq!r} does not follow {prev}")
-            if record_problem(record, strict=False) is not None:
+            name = record["event"]
+            if ((type(name) is not str or name not in light or type(record.get("session_id")) is not str)
+                    and record_problem(record, strict=False) is not None):
                 raise domain_error(path, record)
             prev = seq
             pos += len(line)
@@ -439,13 +447,14 @@ def log_files(path: str | Path, *, history: bool = False) -> list[Path]:
     return readable_segments([p for p in archives(path) if not p.samefile(path)] + [path])[0]
 
 
-def read_log(path: str | Path, tail: Tail | None = None, *, history: bool = False) -> Iterator[dict[str, Any]]:
-    """Every record of a log (file or segment directory), in seq order, across segments."""
+def read_log(path: str | Path, tail: Tail | None = None, *, history: bool = False,
+             light: frozenset[str] = frozenset()) -> Iterator[dict[str, Any]]:
+    """Every record of a log (file or segment directory), in seq order, across segments (``light``: read_file's)."""
     files = log_files(path, history=history)
     tail = tail if tail is not None else Tail()
     for index, file in enumerate(files):
         part = Tail()
-        yield from read_file(file, part, expect=tail.last_seq, last=index == len(files) - 1)
+        yield from read_file(file, part, expect=tail.last_seq, last=index == len(files) - 1, light=light)
         _merge(tail, part)
 
 

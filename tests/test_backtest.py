@@ -12,7 +12,7 @@ import orjson
 import pytest
 from rich.console import Console
 
-from engine import Config, SessionStore, Tier
+from engine import Config, LogCorrupt, SessionStore, Tier, replay
 from engine._backtest import backtest, parse_changes
 from engine._simulate import SimulationConfig, run_simulation
 from engine._workload import PRICES
@@ -221,3 +221,37 @@ def test_a_rotated_single_file_log_is_read_whole_and_a_cut_one_says_what_it_lack
     cut = backtest(log)
     left = sum(r["event"] == "decision.made" for f in [*archives[1:], log] for r in read_log(f))
     assert cut.decisions + cut.no_rules == left < decided
+
+
+def _rewrite(src: Path, dst: Path, event: str, change: dict[str, Any]) -> int:
+    """Copy a log, changing the fields of the first record named ``event``; returns its seq."""
+    out, seq = [], 0
+    for line in src.read_bytes().splitlines():
+        record = orjson.loads(line)
+        if not seq and record["event"] == event:
+            record.update(change)
+            seq = record["seq"]
+        out.append(orjson.dumps(record))
+    dst.write_bytes(b"\n".join(out) + b"\n")
+    assert seq
+    return seq
+
+
+def test_the_reader_checks_every_field_backtest_reads_and_only_the_keys_of_records_it_counts(
+        sim_log: Path, tmp_path: Path) -> None:
+    """The backtest reads the turn records it only counts (touched, hash.recorded, ...) by their seq, event and
+    session id: their other fields are not checked. Every record it re-runs or settles from is checked in full."""
+    clean = backtest(sim_log).to_json()
+    counted = tmp_path / "counted.jsonl"
+    _rewrite(sim_log, counted, "session.touched", {"request_count": -1})
+    assert backtest(counted).to_json() == clean
+    with pytest.raises(LogCorrupt, match="field request_count"):
+        replay(counted)  # replay folds it: checked
+    for event, change, field in (("decision.made", {"estimates": {"m": -1}}, "estimates"),
+                                 ("decision.made", {"request_hash": 7}, "request_hash"),
+                                 ("cost.added", {"prompt_tokens": "many"}, "prompt_tokens"),
+                                 ("session.touched", {"session_id": 7}, "session_id")):
+        bad = tmp_path / f"bad-{field}.jsonl"
+        seq = _rewrite(sim_log, bad, event, change)
+        with pytest.raises(LogCorrupt, match=f"seq {seq}: field {field} "):
+            backtest(bad)

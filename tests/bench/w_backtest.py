@@ -7,6 +7,11 @@ per-model estimates and a few repeated requests that escalate), each served requ
 settles its reservation (``Cost``), and every record goes out as a JSON line with ``seq`` and ``ts``.
 Then ``engine.replay`` and ``engine._backtest.backtest`` (no change, and ``strike_limit`` raised)
 read the same file, interleaved repetition by repetition.
+
+The target's ratio ("backtest speed in decisions/s ... as a ratio to replay of the same log") compares the
+two reads of the same log: replay's wall time over the backtest's (equally, the backtest's records/s over
+replay's), i.e. how many times longer a backtest of a log takes than its replay. Decisions/s over records/s
+is also reported, but it divides unlike units (a log of routed turns holds ~3.5 records per decision).
 """
 
 from __future__ import annotations
@@ -111,8 +116,10 @@ def backtest(scale: float) -> list[dict[str, Any]]:
                  f"strike_limit=9 ({changed:,} decisions changed); {reps} repetitions, interleaved",
         "rows": [
             _row("backtest, no change", decisions / median(out["backtest"]), "decisions/s"),
-            _row("backtest speed / replay speed (records/s, same log, same run)", ratio, "x", "≥ 0.5",
-                 ratio >= 0.5),
+            _row("backtest speed / replay speed: replay's wall time / backtest's, same log, same run", ratio, "x",
+                 "≥ 0.5", ratio >= 0.5),
+            _row("backtest decisions/s / replay records/s (the issue's words read literally: unlike units)",
+                 decisions / median(out["backtest"]) / replay_rate, "x"),
             _row("backtest, strike_limit=9", decisions / median(out["backtest_strikes"]), "decisions/s"),
             _row("replay", replay_rate, "records/s"),
             _row("backtest, no change", bt_rate, "records/s"),
