@@ -109,7 +109,8 @@ _ENDINGS = {R.SESSION_EXPIRED: "expired", R.SESSION_CLEARED: "cleared", R.SESSIO
 
 
 def _start(sid: str, fields: dict[str, Any], ts: int, origin: str) -> Life:
-    life = Life(sid, fields.get("created_at", ts), origin)
+    # A budget ledger keeps its session's created_at (its window's start) but is a lifetime of its own.
+    life = Life(sid, ts if origin == "budget_ledger" else fields.get("created_at", ts), origin)
     _update(life, fields)
     life.note_model(fields.get("model"), fields.get("tier"))
     return life
@@ -161,7 +162,8 @@ def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Itera
             continue
         life = live.get(sid)
         if name == R.SESSION_CREATED:
-            live[sid] = life = _start(sid, record, ts, "cost" if record.get("cause") == "cost" else "request")
+            cause = record.get("cause")
+            live[sid] = life = _start(sid, record, ts, cause if cause in ("cost", "budget_ledger") else "request")
         elif life is None:
             continue  # a record for a session that does not exist (a decision, a rejected input)
         life.last_seq = record["seq"]

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from engine._config import Config
-from engine._core import apply
+from engine._core import apply, ledger_only
 from engine._entry import Entry
 from engine._replay import Tail, new_fields, paused_gc, read_file, read_log, to_entry
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
@@ -319,6 +319,7 @@ class _Run:
         if models is not None:  # an older log without rules: the defaults with this table
             self.fallback = self._variant(RouteRules(models), 2, False)
         self.held: dict[str, dict[str, Any]] = {}
+        self.ended: dict[str, Any] = {}  # sessions whose idle expiry may leave a budget ledger (next record)
         self.by_rid: dict[str, _Joined] = {}
         self.last: dict[str, _Joined] = {}
 
@@ -409,8 +410,18 @@ class _Run:
                 if joined is not None and joined.variant_rid:
                     self._apply(sid, Release(sid, joined.variant_rid), r["ts"], self._config(sid))
             elif name in endings:
-                self.states.pop(sid, None)
+                ended_state = self.states.pop(sid, None)
                 self.last.pop(sid, None)
+                if ended_state is not None and name == R.SESSION_EXPIRED:
+                    self.ended[sid] = ended_state
+                continue
+            if name == R.SESSION_CREATED and r.get("cause") == "budget_ledger":
+                # The recorded session left its budget ledger behind: so does the variant's.
+                ended_state = self.ended.pop(sid, None)
+                if ended_state is not None and (ended_state.session_cost_micros or ended_state.reservations):
+                    self.states[sid] = ledger_only(ended_state)
+            if self.ended:
+                self.ended.pop(sid, None)
         result.records = count
         for sid, held in list(held_of.items()):
             self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
@@ -464,7 +475,8 @@ class _Run:
         candidates = get("candidates")
         route = _route(sid, requested, _TIER.get(get("requested_tier")), variant, get("explicit", False),
                        get("request_hash", ""), get("stall", False), get("tools", False), get("long_context", False),
-                       tuple(candidates) if candidates else (), get("source", ""), pairs, rid)
+                       tuple(candidates) if candidates else (), get("source", ""), pairs, rid,
+                       get("keyword", ""))
         ts = r["ts"]
         states = self.states
         out = apply(states.get(sid), route, ts, rules.config)
@@ -549,7 +561,8 @@ class _Run:
 _DEFAULT_CONFIG = Config(enabled=True, timeout_ms=_NEVER_MS, tick_ms=0)
 _ROUTE_SLOTS = tuple(Route.__dict__[name].__set__ for name in Route.__slots__)  # type: ignore[attr-defined]
 if Route.__slots__ != ("session_id", "model", "tier", "rules", "user_explicit", "request_hash",  # type: ignore[attr-defined]
-                       "stall", "tools", "long_context", "candidates", "source", "estimates", "reservation_id"):
+                       "stall", "tools", "long_context", "candidates", "source", "estimates", "reservation_id",
+                       "keyword"):
     raise ImportError("engine._backtest builds Route by its slots: update it")
 
 

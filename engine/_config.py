@@ -56,6 +56,9 @@ class Config:
     audit_chain: str = "batch"
     #: Default wait of a blocking store method, in seconds.
     ask_timeout_s: float = 10.0
+    #: How long a session's budget ledger (spend and open reservations) outlives its idle expiry,
+    #: counted from the session's first request (docs/policy.md); 0: the ledger ends with the session.
+    budget_window_ms: int = 3_600_000
     #: Where sessions live: "memory", or redis://, rediss://, unix://, redis+cluster:// (docs/distributed.md).
     backend: str = "memory"
     #: Redis backend: hash-tag buckets (fixed per namespace; stored in Redis and checked at start).
@@ -82,6 +85,7 @@ class Config:
             _check_int(self.max_creations_per_tenant_per_minute, "max_creations_per_tenant_per_minute", 1)
         check_bool(self.auto_escalate, "auto_escalate")
         _check_int(self.strike_limit, "strike_limit", 1)
+        _check_int(self.budget_window_ms, "budget_window_ms", 0)
         _check_int(self.shards, "shards", 1)
         _check_int(self.expiry_batch, "expiry_batch", 1)
         _check_int(self.drain_batch, "drain_batch", 1)

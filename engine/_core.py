@@ -47,7 +47,8 @@ from events import records as R
 
 Record = tuple[str, dict[str, Any]]
 _NO_RECORDS: tuple[Record, ...] = ()
-__all__ = ["HASH_WINDOW", "Outcome", "apply", "clear_for_all", "entry_fields", "idle_deadline", "pin_deadline",
+__all__ = ["HASH_WINDOW", "Outcome", "apply", "clear_for_all", "entry_fields", "holds_ledger", "idle_deadline",
+           "ledger_only", "ledger_until", "pin_deadline",
            "LAPSE_GEN", "reservation_deadlines", "settle"]
 
 
@@ -92,9 +93,32 @@ def entry_fields(e: Entry) -> dict[str, Any]:
     }
 
 
+def holds_ledger(e: Entry, config: Config) -> bool:
+    """Whether the entry's budget ledger (spend, open reservations) outlives its idle expiry."""
+    return config.budget_window_ms > 0 and (e.session_cost_micros > 0 or bool(e.reservations))
+
+
+def ledger_until(e: Entry, config: Config) -> int:
+    """First ms at which the budget ledger ends: ``budget_window_ms`` after the session's first request."""
+    return e.created_at + config.budget_window_ms
+
+
 def idle_deadline(e: Entry, config: Config) -> int:
-    """First ms at which the session counts as expired."""
-    return e.last_used_at + config.timeout_ms + 1
+    """First ms at which the session counts as expired (its ledger, if it holds one, then stays on as a
+    ledger-only entry: that one ends at ``ledger_until``)."""
+    idle = e.last_used_at + config.timeout_ms + 1
+    if not e.model and not e.request_count and holds_ledger(e, config):
+        until = ledger_until(e, config)
+        return until if until > idle else idle
+    return idle
+
+
+def ledger_only(e: Entry) -> Entry:
+    """What stays of an idle-expired session within its budget window: its spend and open reservations,
+    in an entry that pins nothing (model "", like a cost-only entry); ``created_at`` is kept, so the
+    window is still counted from the session's first request."""
+    return build_entry("", None, e.created_at, e.last_used_at, 0, (), 0, False, False, False, 0, "",
+                       e.session_cost_micros, "", e.reservations)
 
 
 def pin_deadline(e: Entry) -> int:
@@ -126,12 +150,19 @@ def settle(state: Entry | None, now: int, config: Config) -> tuple[Entry | None,
     if state is None:
         return None, _NO_RECORDS
     idle = now - state.last_used_at
-    if idle > config.timeout_ms:
-        return None, ((R.SESSION_EXPIRED, {"reason": "idle", "idle_ms": idle}),)
     records: tuple[Record, ...] = _NO_RECORDS
+    if idle > config.timeout_ms:
+        expired: Record = (R.SESSION_EXPIRED, {"reason": "idle", "idle_ms": idle})
+        if not holds_ledger(state, config) or now >= ledger_until(state, config):
+            return None, (expired,)
+        if state.model or state.request_count:
+            # The session ends; its budget ledger stays for the rest of the window (waiting out the
+            # idle timeout never buys a fresh budget).
+            state = ledger_only(state)
+            records = (expired, (R.SESSION_CREATED, {**entry_fields(state), "cause": "budget_ledger"}))
     if state.cache_sticky and idle > cache_ttl_for_provider(state.provider):
         state = _evolve(state, cache_sticky=False)
-        records = ((R.STICKY_EXPIRED, {"cache_sticky": False, "idle_ms": idle}),)
+        records += ((R.STICKY_EXPIRED, {"cache_sticky": False, "idle_ms": idle}),)
     if state.reservations and _lapse_due(state.reservations, now):
         lapsed = [r for r in state.reservations if r[2] <= now]
         kept = tuple(r for r in state.reservations if r[2] > now)
@@ -333,6 +364,8 @@ def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
         fields["tools"] = True
     if ev.stall:
         fields["stall"] = True
+    if ev.keyword:
+        fields["keyword"] = ev.keyword
     if ev.long_context:
         fields["long_context"] = True
     if ev.candidates:

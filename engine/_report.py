@@ -279,7 +279,8 @@ def add_timelines(d: Digest, records: Iterable[dict[str, Any]]) -> None:
             continue
         name = record["event"]
         if name == R.SESSION_CREATED:
-            tl = wanted.get((sid, record.get("created_at", record.get("ts"))))
+            start = record.get("ts") if record.get("cause") == "budget_ledger" else record.get("created_at")
+            tl = wanted.get((sid, start if start is not None else record.get("ts")))
             if tl is None:  # another lifetime of the same id
                 open_.pop(sid, None)
                 continue

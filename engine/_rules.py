@@ -35,7 +35,6 @@ from events import (
     SetSession,
     Tier,
     Touch,
-    tier_above,
     tier_rank,
 )
 
@@ -170,6 +169,16 @@ def pick(rules: RouteRules, tier: Tier | None, fallback: str, provider: str) -> 
     return choices[0] if choices else fallback
 
 
+def next_tier(rules: RouteRules, tier: Tier | None) -> Tier | None:
+    """The next tier above ``tier`` that has a model in the table (a tier without one is skipped, as
+    LiteLLM's complexity router does); None at the top configured tier."""
+    rank = tier_rank(tier)
+    for candidate in _TIERS[rank + 1:]:
+        if models_for(rules, candidate):
+            return candidate
+    return None
+
+
 def cheapest_tier(rules: RouteRules) -> Tier | None:
     for tier in _TIERS:
         if models_for(rules, tier):
@@ -270,18 +279,43 @@ def first_pin(route: Route, state: Entry | None, d: Draft, config: Config) -> bo
     return True
 
 
+def keyword(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
+    """An escalation keyword in the last user message (``Options.escalation_keywords``, LiteLLM's
+    default "LITELLM ESCALATE") moves the session one configured tier up, each time it is sent; at the
+    top configured tier the other rules apply."""
+    if not route.keyword or route.rules.strategy == "none":
+        return False
+    pinned, sid = d.pinned, route.session_id
+    held = pinned is not None and bool(pinned.model)
+    base_tier = pinned.tier if held else route.tier  # type: ignore[union-attr]
+    up = next_tier(route.rules, base_tier)
+    if up is None or (route.rules.strategy == "adaptive" and tier_rank(route.tier) > tier_rank(up)):
+        return False  # at the top, or the router asks for more: the usual rules
+    d.model, d.kind, d.tier = pick(route.rules, up, route.model, d.cache_provider), ESCALATE, up
+    d.reason = f"escalation keyword {route.keyword!r}: {_name(base_tier)} -> {up.value}"
+    d.events += [*_hash(route), *([Escalate(sid, "keyword")] if held else []), set_event(sid, d.model, up)]
+    return True
+
+
 def strikes(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
-    """Three strikes: the request that brings the session to the strike limit escalates it one tier
-    (a still higher router tier wins under adaptive)."""
+    """Three strikes: the request that brings the session to the strike limit escalates it to the next
+    configured tier (a still higher router tier wins under adaptive); at the top configured tier the
+    pin is kept."""
     pinned = d.pinned
     assert pinned is not None  # first_pin took every session without a pin
     escalate, hashed = _reaches_strike_limit(route, pinned, config)
     if not escalate:
         return False
-    up = tier_above(pinned.tier)
-    if route.rules.strategy == "adaptive" and tier_rank(route.tier) > tier_rank(up):
+    up = next_tier(route.rules, pinned.tier)
+    if route.rules.strategy == "adaptive" and tier_rank(route.tier) > tier_rank(up or pinned.tier):
         d.model, d.kind, d.tier = _routers_model(route, d), UPGRADE, route.tier
         d.reason = "strike limit reached; router asked for a higher tier"
+    elif up is None:
+        # Nothing is configured above: the pin stays (no tier is claimed that no model serves).
+        d.model, d.kind, d.tier = pinned.model, RETAIN, pinned.tier
+        d.reason = f"strike limit reached at the top configured tier ({_name(pinned.tier)}): pin kept"
+        d.events += [e for e in hashed if type(e) is not Escalate] + [touch_event(route.session_id)]
+        return True
     else:
         d.model, d.kind, d.tier = pick(route.rules, up, pinned.model, d.cache_provider), ESCALATE, up
         d.reason = f"strike limit reached: {_name(pinned.tier)} -> {up.value}"
@@ -327,9 +361,11 @@ def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
     if limit < 0:
         return
     committed = (state.session_cost_micros + state.reserved_micros) if state is not None else 0
-    if committed + d.estimate <= limit:
+    # At the cap nothing more is served, even a request with no estimate (LiteLLM: spent >= cap).
+    if committed + d.estimate <= limit and committed < limit:
         return
-    over = f"budget: {usd(committed)} committed + {usd(d.estimate)} estimate > {usd(limit)} cap"
+    over = (f"budget: {usd(committed)} committed + {usd(d.estimate)} estimate > {usd(limit)} cap"
+            if committed < limit else f"budget: {usd(committed)} committed >= {usd(limit)} cap")
     cheap_tier = cheapest_tier(route.rules)
     serious = route.tools or d.tier in (Tier.COMPLEX, Tier.REASONING) or route.user_explicit
     if route.rules.budget_mode == "strict" or serious or cheap_tier is None:
@@ -340,10 +376,10 @@ def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
         return
     cheap = pick(route.rules, cheap_tier, d.model, d.cache_provider)
     cheap_estimate = estimate_of(route, cheap)
-    if committed + cheap_estimate > limit:
+    if committed + cheap_estimate > limit or committed >= limit:
         d.kind, d.model, d.tier, d.estimate, d.refused, d.events = REFUSE, cheap, cheap_tier, cheap_estimate, True, []
         d.reason = (f"budget: {usd(committed)} committed + {usd(cheap_estimate)} estimate > {usd(limit)} cap; "
-                    "refused")
+                    "refused") if committed < limit else f"{over}; refused"
         return
     # Downgrade for this request only: the pin is kept (SetSession would move it down).
     if d.pinned is not None:
@@ -376,7 +412,7 @@ Rule = Callable[[Route, "Entry | None", Draft, Config], Any]
 #: The rules in the order they apply: the first choice rule that returns True picks the model,
 #: then every adjusting rule runs (docs/policy.md numbers them the same way).
 RULES: tuple[tuple[str, tuple[Rule, ...]], ...] = (
-    ("choice", (strategy_none, explicit_pin, warmup, first_pin, strikes, never_downgrade)),
+    ("choice", (strategy_none, explicit_pin, keyword, warmup, first_pin, strikes, never_downgrade)),
     ("adjust", (cache_stickiness, budget, deployment_affinity)),
 )
 

@@ -220,8 +220,8 @@ class Router:
                 keep = conv.history[:1] if conv.history[0].role == "system" else []
                 conv.history = keep + conv.history[-CONTEXT_MESSAGES:]
         entry = store.get_session(sid)
-        if entry is None or req.switch:
-            if entry is None:
+        if entry is None or not entry.model or req.switch:  # a ledger-only entry (budget window) pins nothing
+            if entry is None or not entry.model:
                 if conv.started:
                     self.resumed += 1  # the session expired (or was evicted) while the user was away
                 conv.strikes = 0

@@ -81,6 +81,8 @@ class Kind(str, Enum):
 
 
 BUDGET_MODES = ("graceful", "strict")
+#: LiteLLM 1.110's default ``escalation_keywords`` (its complexity router), kept here.
+DEFAULT_ESCALATION_KEYWORDS: tuple[str, ...] = ("LITELLM ESCALATE",)
 
 #: tier -> model, or tier -> models in order of preference (the first is the tier's default).
 TierModels = Mapping[Tier | str, str | Sequence[str]]
@@ -133,6 +135,9 @@ class Options:
     deadline_s: float = 0.1
     #: How long a request's budget reservation holds when its cost is never reported (a crashed caller).
     reservation_ttl_ms: int = 600_000
+    #: Text that, found in the last user message (case-sensitive), moves the session one configured tier
+    #: up (LiteLLM's ``escalation_keywords``, same default); () turns it off.
+    escalation_keywords: tuple[str, ...] = DEFAULT_ESCALATION_KEYWORDS
 
     def __post_init__(self) -> None:
         try:
@@ -157,6 +162,14 @@ class Options:
             raise InvalidEvent("deadline_s", "must be a positive number of seconds")
         if type(self.reservation_ttl_ms) is not int or self.reservation_ttl_ms < 1:
             raise InvalidEvent("reservation_ttl_ms", "must be an int >= 1")
+        keywords = self.escalation_keywords
+        if isinstance(keywords, str) or not isinstance(keywords, Sequence):
+            raise InvalidEvent("escalation_keywords", "must be a sequence of non-empty strings")
+        object.__setattr__(self, "escalation_keywords", tuple(keywords))
+        for word in self.escalation_keywords:
+            if type(word) is not str or not word or not word.strip():
+                raise InvalidEvent("escalation_keywords", "must be a sequence of non-empty strings")
+            check_text(word, "escalation_keywords", 64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +295,22 @@ def tool_call_names(message: Any) -> list[str]:
     return names
 
 
+def last_user_text(messages: Sequence[Any]) -> str:
+    """The text of the last user message ("" when there is none)."""
+    for message in reversed(list(messages)):
+        if _get(message, "role") == "user":
+            return message_text(_get(message, "content"))
+    return ""
+
+
+def escalation_keyword(messages: Sequence[Any], keywords: Sequence[str]) -> str:
+    """The first of ``keywords`` the last user message contains (case-sensitive, as LiteLLM matches), or ""."""
+    if not keywords or not messages:
+        return ""
+    text = last_user_text(messages)
+    return next((k for k in keywords if k in text), "")
+
+
 def request_hash(messages: Sequence[Any]) -> str:
     """Three-strike hash: the last user message plus the tool-call names of the last assistant message."""
     # In an agent loop the last user message stays the same while the assistant
@@ -401,7 +430,8 @@ def route_event(request: Request, rules: RouteRules, options: Options, reservati
         bool(request.tools),
         bool(messages) and rules.cache_sticky and should_cache_sticky(messages),
         request.candidates, request.source, estimates,
-        reservation_id or ("decide" if rules.max_cost_micros >= 0 else ""))
+        reservation_id or ("decide" if rules.max_cost_micros >= 0 else ""),
+        escalation_keyword(messages, options.escalation_keywords))
 
 
 def _decision(request: Request, routed: Routed, strategy: Strategy, events: tuple[SessionEvent, ...] = ()

@@ -278,6 +278,8 @@ class Route(SessionEvent):
     estimates: tuple[tuple[str, int], ...] = ()
     #: The id a budget reservation gets (required when ``rules`` has a cap).
     reservation_id: str = ""
+    #: The escalation keyword the last user message contains ("" when none; docs/policy.md).
+    keyword: str = ""
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
@@ -305,6 +307,7 @@ class Route(SessionEvent):
         check_text(self.reservation_id, "reservation_id", 64)
         if self.rules.max_cost_micros >= 0 and not self.reservation_id:
             raise InvalidEvent("reservation_id", "must be given when the rules set a budget cap")
+        check_text(self.keyword, "keyword", 64)
 
 
 @dataclass(frozen=True, slots=True)

@@ -157,7 +157,7 @@ REQUIRED_ENVELOPE = ("seq", "ts", "event")
 #: Record name -> (required fields, {field: domain} of every field it may carry besides the envelope).
 RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
     R.SESSION_CREATED: (("session_id", *ENTRY), {"session_id": session_id, **ENTRY, **ENTRY_OPTIONAL,
-                                                 "cause": const("cost")}),
+                                                 "cause": one_of("cost", "budget_ledger")}),
     R.SESSION_UPDATED: (("session_id", "last_used_at", "request_count"), {
         "session_id": session_id, "last_used_at": int0, "request_count": int0, "model": text, "tier": tier,
         "user_explicit": const(True)}),
@@ -181,7 +181,7 @@ RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
     R.DECISION_MADE: (("session_id", "kind"), {
         "session_id": session_id, "kind": text, "model": text, "tier": tier, "provider": text, "reason": text,
         "strategy": text, "source": text, "deployment": text, "requested_model": text, "requested_tier": tier,
-        "request_hash": text, "tools": const(True), "stall": const(True), "candidates": strings,
+        "request_hash": text, "tools": const(True), "stall": const(True), "keyword": text, "candidates": strings,
         "estimate_micros": int0, "limit_micros": int0, "spent_micros": int0, "reserved_micros": int0,
         "reservation_id": text, "explicit": const(True), "long_context": const(True),
         "estimates": micros_by_model, "rules": an_object}),

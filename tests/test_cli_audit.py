@@ -32,7 +32,8 @@ UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 def write_known_log(make_store: Callable[..., SessionStore], log: Path) -> None:
     """A short router story: escalation by strikes, a model switch, spend, a cache pin, the three endings."""
     with freeze_time("2025-03-01 09:00:00") as frozen:
-        store = make_store(event_log=log, auto_escalate=True, timeout_ms=600_000, max_sessions=4)
+        store = make_store(event_log=log, auto_escalate=True, timeout_ms=600_000, max_sessions=4,
+                           budget_window_ms=0)  # the seed's endings: no ledger outlives them
         store.set_session("alpha", "openai/gpt-4o-mini", "SIMPLE")
         store.ask(Decision("alpha", "route", model="openai/gpt-4o-mini", tier="SIMPLE", reason="classifier",
                            strategy="tier", source="new-session"))

@@ -73,7 +73,7 @@ def exported_names() -> tuple[set[str], int]:
     with freeze_time("2025-03-01 12:00:00"):
         store = SessionStore(Config(enabled=True, tick_ms=0, auto_escalate=True), observer=metrics)
         try:
-            policy = Policy(store, {Tier.MEDIUM: "openai/gpt-4o"}, Options(deadline_s=5.0))
+            policy = Policy(store, {Tier.MEDIUM: "openai/gpt-4o", Tier.COMPLEX: "openai/o3"}, Options(deadline_s=5.0))
             for _ in range(3):
                 policy.route(Request("openai/gpt-4o", Tier.MEDIUM, "s", [{"role": "user", "content": "again"}]))
             policy.record_cost("s", 0.25)

@@ -266,7 +266,7 @@ def route(**kw) -> Route:
 
 def test_the_rules_run_in_one_visible_order():
     names = [rule.__name__ for _, rules in RULES for rule in rules]
-    assert names == ["strategy_none", "explicit_pin", "warmup", "first_pin", "strikes", "never_downgrade",
+    assert names == ["strategy_none", "explicit_pin", "keyword", "warmup", "first_pin", "strikes", "never_downgrade",
                      "cache_stickiness", "budget", "deployment_affinity"]
 
 

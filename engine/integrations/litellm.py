@@ -208,6 +208,31 @@ def deployment_id(deployment: Mapping[str, Any]) -> str:
     return _compose(params.get("model"), info.get("id"))
 
 
+def _model_id(deployment: Mapping[str, Any]) -> str:
+    info = deployment.get("model_info") if isinstance(deployment, Mapping) else None
+    ident = info.get("id") if isinstance(info, Mapping) else None
+    return ident if isinstance(ident, str) else ""
+
+
+def failed_in_request(request_kwargs: Mapping[str, Any] | None, stashed: Mapping[str, Any],
+                      deployments: Sequence[Any]) -> frozenset[str]:
+    """The deployments (``deployment_id``) that already failed this request: those its earlier attempts
+    went to (``async_pre_call_deployment_hook`` lists them in the decision; a request back in the filter
+    did not succeed on them), plus the LiteLLM ids its retry loop or a failover hop names
+    (``_retry_skipped_deployment_ids``, ``_excluded_deployment_ids``: LiteLLM's
+    ``deployment_ids_failed_in_request``). Empty on a first attempt."""
+    out = {t for t in stashed.get("tried") or () if isinstance(t, str)}
+    litellm_ids: set[str] = set()
+    if isinstance(request_kwargs, Mapping):
+        for key in ("_retry_skipped_deployment_ids", "_excluded_deployment_ids"):
+            value = request_kwargs.get(key)
+            if isinstance(value, (list, tuple, set, frozenset)):
+                litellm_ids.update(v for v in value if isinstance(v, str))
+    if litellm_ids:
+        out.update(deployment_id(d) for d in deployments if isinstance(d, Mapping) and _model_id(d) in litellm_ids)
+    return frozenset(out)
+
+
 def _compose(model: Any, ident: Any) -> str:
     if not isinstance(model, str) or not model:
         return ""
@@ -616,14 +641,26 @@ class SessionEngineCallback(CustomLogger):
             served = state.deployment if state is not None else ""
         if not served:
             return healthy_deployments
+        stashed = _metadata(request_kwargs)[DECISION_KEY]
         ids = [deployment_id(d) for d in healthy_deployments]
+        failed = failed_in_request(request_kwargs, stashed, healthy_deployments)
+        if failed:
+            # A retry of this request: the deployments that already failed it are not tried again (as
+            # LiteLLM's own affinity checks do), so a pinned deployment answering 500 fails over at once.
+            kept = [(i, d) for i, d in zip(ids, healthy_deployments, strict=True) if i not in failed]
+            if kept:
+                ids, healthy_deployments = [i for i, _ in kept], [d for _, d in kept]
         if served in ids:
             chosen = healthy_deployments[ids.index(served)]
             if self.affinity == "only":
                 return [chosen]
             return [chosen, *(d for d in healthy_deployments if d is not chosen)]
-        self._tell(Decision(sid, "switch", model=model[:256], reason="deployment that served the session "
-                            "is not a healthy candidate; LiteLLM picks another", deployment=served[:256]))
+        if stashed.get("switched") != served:  # one switch per request, however many retries follow
+            stashed["switched"], stashed["kind"] = served, "switch"
+            why = ("failed in this request; retried on another" if served in failed
+                   else "is not a healthy candidate; LiteLLM picks another")
+            self._tell(Decision(sid, "switch", model=model[:256], reason=f"deployment that served the session {why}",
+                                deployment=served[:256]))
         return healthy_deployments
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, object], call_type: Any) -> dict | None:
@@ -636,6 +673,12 @@ class SessionEngineCallback(CustomLogger):
         sid = self._pinned(group, kwargs, _PINNING)
         info = metadata.get("model_info") or kwargs.get("model_info")
         deployment = _compose(metadata.get("deployment"), info.get("id") if isinstance(info, Mapping) else None)
+        stashed = metadata.get(DECISION_KEY)
+        if isinstance(stashed, dict) and deployment:
+            # The attempts of this request, in order: a retry that comes back to the filter failed on them.
+            tried = stashed.setdefault("tried", [])
+            if deployment not in tried:
+                tried.append(deployment[:256])
         if sid and deployment:
             self._tell(SetDeployment(sid, deployment[:256]))
         return None
