@@ -50,12 +50,20 @@ OPTIONS: dict[str, str] = {
 #: counted from these, as the variant's are from the records its own turn produces).
 _TURN_RECORDS = frozenset({R.SESSION_CREATED, R.SESSION_UPDATED, R.SESSION_TOUCHED, R.HASH_RECORDED,
                            R.SESSION_ESCALATED, R.STICKY_PINNED, R.DEPLOYMENT_SET, R.BUDGET_RESERVED,
-                           R.STICKY_EXPIRED, R.BUDGET_LAPSED})
+                           R.STICKY_EXPIRED, R.BUDGET_LAPSED, R.DEPLOYMENT_GROUP_SET})
 _ENDINGS = frozenset({R.SESSION_EXPIRED, R.SESSION_CLEARED, R.SESSION_EVICTED})
 #: Records the backtest reads nothing of but seq, event, session_id (and whether session.updated has a model):
 #: the reader checks only those for them (read_file's ``light``); the rest get every value-domain check.
-_LIGHT = (_TURN_RECORDS - {R.DEPLOYMENT_SET}) | _ENDINGS
+_LIGHT = (_TURN_RECORDS - {R.DEPLOYMENT_SET, R.DEPLOYMENT_GROUP_SET}) | _ENDINGS
 _TIER = {t.value: t for t in Tier}
+
+
+def _set_deployment(sid: str, record: dict[str, Any]) -> SetDeployment:
+    """The deployment a ``deployment.set`` or ``deployment.group_set`` record the caller reported names."""
+    if record["event"] == R.DEPLOYMENT_GROUP_SET:
+        return SetDeployment(sid, record["group_deployment"], record["group_model"],
+                             _TIER.get(record["group_tier"]))
+    return SetDeployment(sid, record["deployment"])
 #: The budget rule's reason for a graceful downgrade (engine._rules.budget).
 _DOWNGRADE = "; cheapest tier"
 _ESCALATED, _UPDATED = R.SESSION_ESCALATED, R.SESSION_UPDATED
@@ -360,7 +368,7 @@ class _Run:
         count = result.records
         decision, cost, turn_records, released, endings = (R.DECISION_MADE, R.COST_ADDED, _TURN_RECORDS,
                                                            R.BUDGET_RELEASED, _ENDINGS)
-        updated, deployment_set = R.SESSION_UPDATED, R.DEPLOYMENT_SET
+        updated, deployment_sets = R.SESSION_UPDATED, (R.DEPLOYMENT_SET, R.DEPLOYMENT_GROUP_SET)
         held_of = self.held
         escalated = R.SESSION_ESCALATED
         # The turn records just before a decision (consecutive seqs, the same session): the baseline's
@@ -385,7 +393,7 @@ class _Run:
                 if held is not None and not ((name == R.BUDGET_RESERVED or name == decision)
                                              and r["seq"] == held["seq"] + 1):
                     # A deployment the caller reported (record_response), not one the route's turn chose.
-                    self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
+                    self._apply(sid, _set_deployment(sid, held), held["ts"], self._config(sid))
             if name in turn_records:
                 seq = r["seq"]
                 if seq != run_next or sid != run_sid:
@@ -395,7 +403,7 @@ class _Run:
                     escalations += 1
                 elif name == updated and "model" in r:
                     switches += 1
-                elif name == deployment_set:
+                elif name in deployment_sets:
                     held_of[sid] = r
             elif name == decision:
                 if sid == run_sid and r["seq"] == run_next:
@@ -424,7 +432,7 @@ class _Run:
                 self.ended.pop(sid, None)
         result.records = count
         for sid, held in list(held_of.items()):
-            self._apply(sid, SetDeployment(sid, held["deployment"]), held["ts"], self._config(sid))
+            self._apply(sid, _set_deployment(sid, held), held["ts"], self._config(sid))
         held_of.clear()
         return result
 

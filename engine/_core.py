@@ -69,7 +69,7 @@ def _copy(e: Entry) -> Entry:
     """An equal, distinct Entry (only ever modified before anyone else sees it)."""
     return build_entry(e.model, e.tier, e.created_at, e.last_used_at, e.request_count, e.recent_hashes,
                        e.strikes, e.escalated, e.user_explicit, e.cache_sticky, e.cache_sticky_at, e.provider,
-                       e.session_cost_micros, e.deployment, e.reservations)
+                       e.session_cost_micros, e.deployment, e.reservations, e.deployments)
 
 
 def _evolve(e: Entry, **changes: Any) -> Entry:
@@ -90,6 +90,7 @@ def entry_fields(e: Entry) -> dict[str, Any]:
         "cache_sticky_at": e.cache_sticky_at, "provider": e.provider,
         "session_cost_micros": e.session_cost_micros, "deployment": e.deployment,
         "reservations": [list(r) for r in e.reservations],
+        "deployments": [list(p) for p in e.deployments],
     }
 
 
@@ -393,7 +394,31 @@ def _set_sticky(s: Entry | None, ev: SetCacheSticky, now: int) -> Outcome:
     return Outcome(new, None, ((R.STICKY_PINNED, fields),))
 
 
-def _set_deployment(s: Entry | None, ev: SetDeployment) -> Outcome:
+#: Deployment pins per (model group, tier) a session keeps; the oldest goes first.
+MAX_GROUP_DEPLOYMENTS = 8
+
+
+def _set_group_deployment(s: Entry | None, ev: SetDeployment, now: int) -> Outcome:
+    """The deployment of one (model group, tier) that served the session without moving its pin."""
+    created: tuple[Record, ...] = ()
+    if s is None:  # strategy none keeps no pin: the deployment pin needs an entry (like a cost-only one)
+        s = Entry("", None, now, now, 0)
+        created = ((R.SESSION_CREATED, {**entry_fields(s), "cause": "deployment"}),)
+    tier = ev.tier.value if ev.tier is not None else ""  # type: ignore[union-attr]
+    previous = s.group_deployment(ev.model, ev.tier)  # type: ignore[arg-type]
+    if previous == ev.deployment:
+        return Outcome(s, None, created)
+    others = tuple(p for p in s.deployments if p[0] != ev.model or p[1] != tier)
+    kept = (*others[len(others) - MAX_GROUP_DEPLOYMENTS + 1:], (ev.model, tier, ev.deployment))
+    new = _evolve(s, deployments=kept)
+    return Outcome(new, None, (*created, (R.DEPLOYMENT_GROUP_SET, {
+        "group_model": ev.model, "group_tier": tier, "group_deployment": ev.deployment, "previous": previous,
+        "deployments": [list(p) for p in kept]})))
+
+
+def _set_deployment(s: Entry | None, ev: SetDeployment, now: int) -> Outcome:
+    if ev.model:
+        return _set_group_deployment(s, ev, now)
     if s is None or s.deployment == ev.deployment:
         return Outcome(s, None, _NO_RECORDS)
     new = _evolve(s, deployment=ev.deployment)
@@ -451,7 +476,7 @@ def apply(state: Entry | None, event: SessionEvent, now: int, config: Config) ->
     elif t is IsCacheSticky:
         out = Outcome(s, bool(s and s.cache_sticky), _NO_RECORDS)
     elif t is SetDeployment:
-        out = _set_deployment(s, event)  # type: ignore[arg-type]
+        out = _set_deployment(s, event, now)  # type: ignore[arg-type]
     elif t is Decision:
         out = _decision(s, event)  # type: ignore[arg-type]
     elif t is Release:

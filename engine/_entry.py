@@ -33,6 +33,17 @@ class Entry:
     deployment: str = ""
     #: Open budget reservations, oldest first: (reservation id, micro-USD, first ms it counts as lapsed).
     reservations: tuple[tuple[str, int, int], ...] = ()
+    #: Deployment pins per (model group, tier) that served the session without moving its pin (a SIMPLE
+    #: bypass, a budget downgrade, strategy none), oldest first: (model, tier value or "", deployment).
+    deployments: tuple[tuple[str, str, str], ...] = ()
+
+    def group_deployment(self, model: str, tier: Tier | None) -> str:
+        """The deployment pinned for ``model`` at ``tier`` ("" when none)."""
+        key = tier.value if tier is not None else ""
+        for m, t, dep in self.deployments:
+            if m == model and t == key:
+                return dep
+        return ""
 
     @property
     def reserved_micros(self) -> int:
@@ -83,14 +94,15 @@ class MessageInfo:
 SLOT_SETTERS: dict[str, Any] = {name: Entry.__dict__[name].__set__ for name in Entry.__slots__}
 (_put_model, _put_tier, _put_created_at, _put_last_used_at, _put_request_count, _put_recent_hashes, _put_strikes,
  _put_escalated, _put_user_explicit, _put_cache_sticky, _put_cache_sticky_at, _put_provider, _put_cost,
- _put_deployment, _put_reservations) = SLOT_SETTERS.values()
+ _put_deployment, _put_reservations, _put_deployments) = SLOT_SETTERS.values()
 _new = object.__new__
 
 
 def build_entry(model: str, tier: Tier | None, created_at: int, last_used_at: int, request_count: int,
                 recent_hashes: tuple[str, ...], strikes: int, escalated: bool, user_explicit: bool,
                 cache_sticky: bool, cache_sticky_at: int, provider: str, session_cost_micros: int,
-                deployment: str, reservations: tuple[tuple[str, int, int], ...] = ()) -> Entry:
+                deployment: str, reservations: tuple[tuple[str, int, int], ...] = (),
+                deployments: tuple[tuple[str, str, str], ...] = ()) -> Entry:
     """``Entry(...)`` without the frozen ``__init__``'s cost; every field given, in order, unchecked."""
     e = _new(Entry)
     _put_model(e, model)
@@ -108,6 +120,7 @@ def build_entry(model: str, tier: Tier | None, created_at: int, last_used_at: in
     _put_cost(e, session_cost_micros)
     _put_deployment(e, deployment)
     _put_reservations(e, reservations)
+    _put_deployments(e, deployments)
     return e
 
 

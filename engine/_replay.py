@@ -50,7 +50,7 @@ def domain_error(path: Path, record: dict[str, Any]) -> LogCorrupt:
 ENTRY_FIELDS: tuple[str, ...] = tuple(Entry.__slots__)  # type: ignore[arg-type]
 _UNPACKED = ("model", "tier", "created_at", "last_used_at", "request_count", "recent_hashes", "strikes", "escalated",
              "user_explicit", "cache_sticky", "cache_sticky_at", "provider", "session_cost_micros", "deployment",
-             "reservations")
+             "reservations", "deployments")
 if ENTRY_FIELDS != _UNPACKED:  # new_fields and to_entry name every field in this order
     raise ImportError(f"engine._replay handles the Entry fields {_UNPACKED}, Entry has {ENTRY_FIELDS}")
 #: Records that never change a session's state (their ``model``/``tier`` describe a decision, not the pin).
@@ -60,7 +60,7 @@ SEGMENT_NAME = re.compile(r"^(\d{20})\.jsonl$")
 ARCHIVE_SUFFIX = re.compile(r"^\d{20}$")
 
 #: What a field holds when a record written by an older version lacks it.
-ENTRY_DEFAULTS: tuple[Any, ...] = ("", None, 0, 0, 0, [], 0, False, False, False, 0, "", 0, "", [])
+ENTRY_DEFAULTS: tuple[Any, ...] = ("", None, 0, 0, 0, [], 0, False, False, False, 0, "", 0, "", [], [])
 _DEFAULT_PAIRS = tuple(zip(ENTRY_FIELDS, ENTRY_DEFAULTS, strict=True))
 _FIELD_NAMES = frozenset(ENTRY_FIELDS)
 
@@ -90,7 +90,7 @@ def new_fields(source: dict[str, Any]) -> Fields:
     try:
         (f.model, f.tier, f.created_at, f.last_used_at, f.request_count, f.recent_hashes, f.strikes, f.escalated,
          f.user_explicit, f.cache_sticky, f.cache_sticky_at, f.provider, f.session_cost_micros,
-         f.deployment, f.reservations) = _all_fields(source)
+         f.deployment, f.reservations, f.deployments) = _all_fields(source)
     except KeyError:  # an older record lacking a field
         get = source.get
         for name, default in _DEFAULT_PAIRS:
@@ -527,7 +527,8 @@ def to_entry(fields: Fields) -> Entry:
     return build_entry(fields.model, _TIERS[tier], fields.created_at, fields.last_used_at, fields.request_count,
                        tuple(fields.recent_hashes), fields.strikes, fields.escalated, fields.user_explicit,
                        fields.cache_sticky, fields.cache_sticky_at, fields.provider, fields.session_cost_micros,
-                       fields.deployment, tuple(tuple(r) for r in fields.reservations))
+                       fields.deployment, tuple(tuple(r) for r in fields.reservations),
+                       tuple(tuple(p) for p in fields.deployments))
 
 
 def fold_log(path: str | Path, tail: Tail | None = None) -> State:

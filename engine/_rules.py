@@ -88,6 +88,8 @@ class Draft:
     deployment: str = ""
     candidates: tuple[str, ...] = ()
     refused: bool = False
+    #: The deployment pinned for the decision's (model group, tier) when it is not the pin's (a bypass).
+    served: str | None = None
 
 
 # -- implied events, built unchecked ------------------------------------------------------------
@@ -389,10 +391,21 @@ def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
 
 def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
     """The deployment that served the session goes first; a retained pin whose deployment is gone
-    switches to the first candidate. A new pin records its first deployment; a bypass leaves the
-    pin's deployment alone."""
+    switches to the first candidate. A new pin records its first deployment. A bypass (SIMPLE
+    follow-up, budget downgrade, strategy none) keeps its own deployment pin per (model group, tier),
+    so the cheap model's provider cache stays warm too; the pin's deployment is left alone."""
     d.candidates = route.candidates
-    if d.refused or not route.candidates or route.rules.strategy == "none":
+    if d.refused or not route.candidates:
+        return
+    if d.kind == BYPASS:
+        served = state.group_deployment(d.model, d.tier) if state is not None and state.deployments else ""
+        d.served = served
+        if served and served in route.candidates:
+            d.deployment = served
+            d.candidates = (served, *(c for c in route.candidates if c != served))
+            return
+        d.deployment = route.candidates[0]
+        d.events.append(SetDeployment(route.session_id, d.deployment, d.model, d.tier))
         return
     served = state.deployment if state is not None else ""
     if served and served in route.candidates:
@@ -400,11 +413,10 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
         d.candidates = (served, *(c for c in route.candidates if c != served))
         return
     d.deployment = route.candidates[0]
-    if d.kind != BYPASS:
-        if served and d.kind == RETAIN:
-            d.kind = SWITCH
-            d.reason += "; deployment gone, switched"
-        d.events.append(SetDeployment(route.session_id, d.deployment))
+    if served and d.kind == RETAIN:
+        d.kind = SWITCH
+        d.reason += "; deployment gone, switched"
+    d.events.append(SetDeployment(route.session_id, d.deployment))
 
 
 Rule = Callable[[Route, "Entry | None", Draft, Config], Any]
@@ -436,4 +448,5 @@ def decide(state: Entry | None, route: Route, config: Config) -> tuple[Routed, l
     # A served request under a cap holds its estimate (engine._core adds the reservation).
     rid = route.reservation_id if limit >= 0 and d.estimate > 0 and not d.refused else ""
     return Routed(d.kind, d.model, d.tier, d.reason[:256], d.deployment, d.candidates, spent, reserved,
-                  d.estimate, limit, state.deployment if state is not None else "", rid), d.events
+                  d.estimate, limit, d.served if d.served is not None else state.deployment if state is not None
+                  else "", rid), d.events

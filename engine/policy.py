@@ -241,7 +241,8 @@ class RouteDecision:
     events: tuple[SessionEvent, ...] = field(default=(), repr=False)
     #: The budget reservation this request holds ("" when none); ``record_response`` settles it.
     reservation_id: str = ""
-    #: The deployment that had served the session when the decision was taken ("" when none).
+    #: The deployment that had served the session when the decision was taken ("" when none); for a
+    #: bypass, the one pinned for the bypass's model group and tier.
     served_deployment: str = ""
 
     @property
@@ -602,8 +603,13 @@ class _Base:
         if amount or rid:
             p_tokens, c_tokens = (t if type(t) is int and 0 <= t <= MAX_MICROS else 0 for t in tokens)
             events.append(Cost(session_id, amount, rid, p_tokens, c_tokens))
-        if deployment and (decision is None or decision.kind is not Kind.BYPASS):
-            events.append(SetDeployment(session_id, deployment))
+        if deployment:
+            if decision is not None and decision.kind is Kind.BYPASS:
+                if decision.session_id == session_id and decision.model:
+                    # Served without moving the pin: the deployment pin of the bypass's (model group, tier).
+                    events.append(SetDeployment(session_id, deployment[:256], decision.model[:256], decision.tier))
+            else:
+                events.append(SetDeployment(session_id, deployment))
         return events
 
     def _release_events(self, decision: RouteDecision | None) -> list[SessionEvent]:
@@ -646,7 +652,8 @@ class Policy(_Base):
 
         Pass the request's ``decision``: its budget reservation is settled (the
         actual cost replaces the estimate), and a bypass (a model other than the
-        pin served) does not replace the pinned model's deployment. Token counts,
+        pin served) does not replace the pinned model's deployment: it pins the deployment of its own
+        model group and tier, which the next bypass to that model returns to. Token counts,
         when known, are logged with the cost.
         """
         self._tell(self._response_events(session_id, cost_usd, micros, deployment, decision,

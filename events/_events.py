@@ -161,14 +161,23 @@ class IsCacheSticky(SessionEvent):
 
 @dataclass(frozen=True, slots=True)
 class SetDeployment(SessionEvent):
-    """Remember which deployment (provider + key or base URL) served the session."""
+    """Remember which deployment (provider + key or base URL) served the session.
+
+    Without ``model``: the pinned model's deployment (``Entry.deployment``). With ``model`` (and
+    ``tier``): the deployment of that model group and tier when it served the session without
+    moving the pin (a SIMPLE bypass, a budget downgrade, strategy none), kept in ``Entry.deployments``.
+    """
 
     session_id: str
     deployment: str
+    model: str = ""
+    tier: Tier | str | None = None
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
         check_text(self.deployment, "deployment", 256)
+        check_text(self.model, "model", 256)
+        object.__setattr__(self, "tier", parse_tier(self.tier))
 
 
 @dataclass(frozen=True, slots=True)

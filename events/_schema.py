@@ -95,6 +95,13 @@ def reservations(v: Any) -> bool:
         and type(r[2]) is int and r[2] >= 0 for r in v)
 
 
+@_domain("a list of [model, tier or \"\", deployment]")
+def group_deployments(v: Any) -> bool:
+    return type(v) is list and all(
+        type(r) is list and len(r) == 3 and all(type(x) is str for x in r)
+        and r[1] in ("", "SIMPLE", "MEDIUM", "COMPLEX", "REASONING") for r in v)
+
+
 @_domain("an object of model -> micros >= 0",
          "type(v) is dict and all(type(x) is int and x >= 0 for x in v.values())")
 def micros_by_model(v: Any) -> bool:
@@ -123,7 +130,7 @@ ENTRY: dict[str, Check] = {
     "deployment": text,
 }
 #: Entry fields a record may lack (written since they were added; replay reads their defaults).
-ENTRY_OPTIONAL: dict[str, Check] = {"reservations": reservations}
+ENTRY_OPTIONAL: dict[str, Check] = {"reservations": reservations, "deployments": group_deployments}
 
 
 def entry_problem(fields: Any, strict: bool = True) -> tuple[str, str] | None:
@@ -157,7 +164,7 @@ REQUIRED_ENVELOPE = ("seq", "ts", "event")
 #: Record name -> (required fields, {field: domain} of every field it may carry besides the envelope).
 RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
     R.SESSION_CREATED: (("session_id", *ENTRY), {"session_id": session_id, **ENTRY, **ENTRY_OPTIONAL,
-                                                 "cause": one_of("cost", "budget_ledger")}),
+                                                 "cause": one_of("cost", "budget_ledger", "deployment")}),
     R.SESSION_UPDATED: (("session_id", "last_used_at", "request_count"), {
         "session_id": session_id, "last_used_at": int0, "request_count": int0, "model": text, "tier": tier,
         "user_explicit": const(True)}),
@@ -178,6 +185,11 @@ RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
         "session_id": session_id, "cache_sticky": const(False), "idle_ms": int0}),
     R.DEPLOYMENT_SET: (("session_id", "deployment", "previous"), {
         "session_id": session_id, "deployment": text, "previous": text}),
+    R.DEPLOYMENT_GROUP_SET: (("session_id", "group_model", "group_tier", "group_deployment", "previous",
+                              "deployments"), {
+        "session_id": session_id, "group_model": text, "group_tier": one_of("", "SIMPLE", "MEDIUM", "COMPLEX",
+                                                                            "REASONING"),
+        "group_deployment": text, "previous": text, "deployments": group_deployments}),
     R.DECISION_MADE: (("session_id", "kind"), {
         "session_id": session_id, "kind": text, "model": text, "tier": tier, "provider": text, "reason": text,
         "strategy": text, "source": text, "deployment": text, "requested_model": text, "requested_tier": tier,

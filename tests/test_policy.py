@@ -238,7 +238,9 @@ def test_bypass_leaves_the_pinned_models_deployment_alone():
     state = pinned("openai/o3", Tier.COMPLEX, deployment=pin)
     d = decide(ask(Tier.SIMPLE, "thanks", candidates=[cheap]), state, MODELS)
     assert (d.kind, d.deployment) == (Kind.BYPASS, cheap)
-    assert not any(isinstance(e, SetDeployment) for e in d.events)
+    # The bypass pins its own (model group, tier) deployment, never the pinned model's.
+    assert [e for e in d.events if isinstance(e, SetDeployment)] == [
+        SetDeployment("s", cheap, "openai/gpt-4o-mini", Tier.SIMPLE)]
     back = decide(ask(Tier.COMPLEX, candidates=[pin]), state, MODELS)
     assert (back.kind, back.deployment) == (Kind.RETAIN, pin)  # not a switch
 

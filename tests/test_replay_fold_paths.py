@@ -112,6 +112,7 @@ IN_DOMAIN: dict[str, tuple[Any, Any]] = {
     "model": ("m5", "m9"), "tier": ("SIMPLE", "COMPLEX"), "recent_hashes": (["h5"], ["h9"]), "escalated": (True, True),
     "user_explicit": (True, True), "cache_sticky": (True, True), "provider": ("p5", "p9"),
     "deployment": ("d5", "d9"), "micros": (5, 9), "reservations": ([["r5", 5, 5]], [["r9", 9, 9]]),
+    "deployments": ([["m5", "SIMPLE", "d5"]], [["m9", "", "d9"]]),
     **{f: (5, 9) for f in ("created_at", "last_used_at", "request_count", "strikes", "cache_sticky_at",
                            "session_cost_micros", "ts")},
 }
