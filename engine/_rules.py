@@ -395,11 +395,13 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
     follow-up, budget downgrade, strategy none) keeps its own deployment pin per (model group, tier),
     so the cheap model's provider cache stays warm too; the pin's deployment is left alone."""
     d.candidates = route.candidates
-    if d.refused or not route.candidates:
-        return
-    if d.kind == BYPASS:
+    bypass = d.kind == BYPASS
+    if bypass:  # also without candidates: a host that filters deployments itself reads it (Routed.served)
         served = state.group_deployment(d.model, d.tier) if state is not None and state.deployments else ""
         d.served = served
+    if d.refused or not route.candidates:
+        return
+    if bypass:
         if served and served in route.candidates:
             d.deployment = served
             d.candidates = (served, *(c for c in route.candidates if c != served))

@@ -72,3 +72,59 @@ def test_a_pinned_deployment_that_fails_is_dropped_for_the_retries_of_the_same_r
     assert len(switches) == 1 and switches[0]["deployment"] == f"openai/gpt-4.1-mini#{bad[:12]}"
     assert "failed in this request" in switches[0]["reason"]
     assert response._hidden_params["session_engine"]["kind"] == "switch"
+
+
+def two_cheap() -> list[dict[str, Any]]:
+    """Group "cheap" with two working deployments; "strong" with one."""
+    return [
+        *({"model_name": "cheap", "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": key,
+                                                     "mock_response": "from cheap"}} for key in ("k-c1", "k-c2")),
+        {"model_name": "strong", "litellm_params": {"model": "openai/gpt-4o", "api_key": "k-strong",
+                                                    "mock_response": "from strong"}},
+    ]
+
+
+def test_simple_bypasses_keep_one_deployment_of_their_group_and_tier(make_hook):
+    hook = make_hook()
+    sid = "bypass-pin"
+
+    async def run() -> tuple[list[str], Router]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            router = Router(model_list=two_cheap())
+        await hook.acompletion(router, model="strong", messages=ask("design the schema"),
+                               metadata={"session_id": sid})
+        served = []
+        for text in ("thanks", "ok", "great", "cool", "nice", "thanks again", "fine", "good"):
+            response = await hook.acompletion(router, model="cheap", messages=ask(text), metadata={"session_id": sid})
+            assert response._hidden_params["session_engine"]["kind"] == "bypass"
+            served.append(response._hidden_params["model_id"])
+        return served, router
+
+    served, router = asyncio.run(run())
+    # LiteLLM alone spreads the eight follow-ups over both cheap deployments (simple-shuffle).
+    assert len(set(served)) == 1 and served[0] in (_ids(router, "k-c1"), _ids(router, "k-c2"))
+    entry = hook.policy.store.store.get_session(sid)
+    assert entry.deployment == f"openai/gpt-4o#{_ids(router, 'k-strong')[:12]}"  # the pin's own, untouched
+    assert entry.deployments == (("cheap", "SIMPLE", f"openai/gpt-4o-mini#{served[0][:12]}"),)
+
+
+def test_strategy_none_keeps_one_deployment_per_model_group(make_hook):
+    hook = make_hook(strategy="none")
+    sid = "none-pin"
+
+    async def run() -> tuple[list[str], Router]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            router = Router(model_list=two_cheap())
+        served = []
+        for n in range(8):
+            response = await hook.acompletion(router, model="cheap", messages=ask(f"step {n}"),
+                                              metadata={"session_id": sid})
+            served.append(response._hidden_params["model_id"])
+        return served, router
+
+    served, router = asyncio.run(run())
+    assert len(set(served)) == 1
+    assert hook.policy.store.store.get_session(sid).deployments == (
+        ("cheap", "SIMPLE", f"openai/gpt-4o-mini#{served[0][:12]}"),)

@@ -9,6 +9,8 @@
 - ``async_filter_deployments`` (``Router``, after health filtering): keeps the
   deployment that served the session (or puts it first), so provider caches
   stay warm; when it is gone, another one takes over and a ``switch`` is logged;
+  a bypass (SIMPLE follow-up, budget downgrade, strategy none) returns to the
+  deployment pinned for its own model group and tier;
   ``async_pre_call_deployment_hook`` remembers the deployment LiteLLM picked;
 - ``async_pre_call_hook`` (the LiteLLM proxy server): the same decision, with
   the refusal answered as LiteLLM answers its own budget errors (HTTP 422,
@@ -89,6 +91,10 @@ _METADATA_KEYS = ("metadata", "litellm_metadata")
 #: Decisions after which the request is served by the session's pin (a bypass or a refusal is not).
 _PINNING = frozenset({"initialize", "retain", "upgrade", "escalate", "switch"})
 _RETAINED = frozenset({"retain", "switch"})
+#: Decisions served without moving the pin (SIMPLE bypass, budget downgrade, strategy none): their
+#: deployment pin is the one of their own model group and tier.
+_BYPASSED = frozenset({"bypass"})
+_TIER_VALUES = frozenset(t.value for t in Tier)
 #: What a session is scoped by: the caller's API-key hash, its team (else its key), or nothing.
 SCOPES = ("key", "team", "off")
 
@@ -628,20 +634,27 @@ class SessionEngineCallback(CustomLogger):
         """Keep (or put first) the healthy deployment that served the session; log a switch when it is gone."""
         if self.affinity == "off" or not healthy_deployments:
             return healthy_deployments
-        # Only a retained pin has a deployment of this group to return to.
+        # A retained pin returns to the deployment of its group; a bypass (SIMPLE follow-up, budget
+        # downgrade, strategy none) to the one pinned for its own model group and tier.
         sid = self._pinned(model, request_kwargs, _RETAINED)
+        bypass = False
         if not sid:
-            return healthy_deployments
-        served = _metadata(request_kwargs)[DECISION_KEY].get("served_deployment")
+            sid = self._pinned(model, request_kwargs, _BYPASSED)
+            if not sid:
+                return healthy_deployments
+            bypass = True
+        stashed = _metadata(request_kwargs)[DECISION_KEY]
+        served = stashed.get("served_deployment")
         if not isinstance(served, str):  # a decision stashed without it: read the session
             try:
                 state = await self.policy.store.ask(GetSession(sid), timeout=self.policy.options.deadline_s)
             except (EngineError, TimeoutError):  # best effort: LiteLLM's own choice
                 return healthy_deployments
-            served = state.deployment if state is not None else ""
+            tier = stashed.get("tier")
+            served = ("" if state is None else state.deployment if not bypass
+                      else state.group_deployment(model, Tier(tier) if tier in _TIER_VALUES else None))
         if not served:
             return healthy_deployments
-        stashed = _metadata(request_kwargs)[DECISION_KEY]
         ids = [deployment_id(d) for d in healthy_deployments]
         failed = failed_in_request(request_kwargs, stashed, healthy_deployments)
         if failed:
@@ -655,6 +668,8 @@ class SessionEngineCallback(CustomLogger):
             if self.affinity == "only":
                 return [chosen]
             return [chosen, *(d for d in healthy_deployments if d is not chosen)]
+        if bypass:  # the bypass's deployment is gone: LiteLLM picks another, which the pre-call hook pins
+            return healthy_deployments
         if stashed.get("switched") != served:  # one switch per request, however many retries follow
             stashed["switched"], stashed["kind"] = served, "switch"
             why = ("failed in this request; retried on another" if served in failed
@@ -681,6 +696,11 @@ class SessionEngineCallback(CustomLogger):
                 tried.append(deployment[:256])
         if sid and deployment:
             self._tell(SetDeployment(sid, deployment[:256]))
+        elif deployment:
+            sid = self._pinned(group, kwargs, _BYPASSED)
+            if sid:  # served without moving the pin: the deployment pin of its own model group and tier
+                tier = stashed.get("tier") if isinstance(stashed, dict) else None
+                self._tell(SetDeployment(sid, deployment[:256], group[:256], tier if tier in _TIER_VALUES else None))
         return None
 
     # -- the LiteLLM proxy server -------------------------------------------------------
