@@ -303,6 +303,10 @@ def explain(record: dict[str, Any], before: dict[str, Any]) -> str:
     elif name == R.DEPLOYMENT_SET:
         was = f"was {r('previous')!r}" if r("previous") else "none before"
         text = f"served by deployment {r('deployment')!r} ({was})"
+    elif name == R.DEPLOYMENT_GROUP_SET:
+        was = f"was {r('previous')!r}" if r("previous") else "none before"
+        tier = f" at {r('group_tier')}" if r("group_tier") else ""
+        text = f"{r('group_model')}{tier} served by deployment {r('group_deployment')!r} ({was}); the pin's own kept"
     elif name == R.DECISION_MADE:
         parts = [f"{k} {r(k)}" for k in ("model", "tier", "provider", "deployment", "strategy", "source")
                  if r(k)]

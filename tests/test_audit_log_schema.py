@@ -125,6 +125,7 @@ def _every_record(make_store: Callable[..., SessionStore], log: Path, monkeypatc
         store.add_session_cost("cost-only", 5)
         store.set_cache_sticky("b", "vllm")
         store.ask(SetDeployment("b", "vllm-eu-1"))
+        store.ask(SetDeployment("b", "vllm-eu-2", "vllm/llama-small", "SIMPLE"))  # a bypass's group pin
         store.ask(Decision("b", "route", model="vllm/llama", tier="COMPLEX", provider="vllm", reason="pinned",
                            strategy="sticky", source="session", deployment="vllm-eu-1"))
         store.ask(Decision("nobody", "reject"))

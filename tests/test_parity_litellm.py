@@ -124,7 +124,7 @@ def test_strategy_none_keeps_one_deployment_per_model_group(make_hook):
             served.append(response._hidden_params["model_id"])
         return served, router
 
-    served, router = asyncio.run(run())
+    served, _ = asyncio.run(run())
     assert len(set(served)) == 1
     assert hook.policy.store.store.get_session(sid).deployments == (
         ("cheap", "SIMPLE", f"openai/gpt-4o-mini#{served[0][:12]}"),)
