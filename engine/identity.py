@@ -4,10 +4,13 @@
 chain of sources and returns ``(session_id, source)``. The default order:
 
 1. the configured header (``x-session-id``);
-2. headers that agent harnesses send on their own (``x-session-affinity``, ...);
-3. the OpenAI-compatible body field ``prompt_cache_key``, then ``user``;
-4. an Anthropic Messages body's ``metadata.user_id`` when it holds JSON with a ``session_id``;
-5. a fingerprint of the system prompt plus the first user message, keyed per tenant (HMAC).
+2. headers that agent harnesses send on their own (``x-litellm-session-id``, ``x-session-affinity``, ...);
+3. any other vendor ``x-<vendor>-session-id`` header, LiteLLM's convention;
+4. the OpenAI-compatible body field ``prompt_cache_key``, then ``user``;
+5. an Anthropic Messages body's ``metadata.user_id``: JSON (or an object) with a ``session_id``, or
+   Claude Code's ``user_<hash>_account_<uuid>_session_<id>`` string;
+6. the W3C ``baggage`` header's ``session.id`` entry;
+7. a fingerprint of the system prompt plus the first user message, keyed per tenant (HMAC).
 
 With a tenant (``Scope.tenant`` of the authenticated caller), every id from
 every source is scoped by it (``<tenant>:<id>``, engine/_scope.py): two
@@ -24,8 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -44,34 +49,47 @@ from events import InvalidEvent
 from events._validate import check_text
 
 __all__ = [
-    "AFFINITY_HEADER", "DEFAULT_AFFINITY_HEADERS", "DEFAULT_ORDER", "FINGERPRINT", "HEADER", "INVALID_PREFIX",
-    "METADATA_USER_ID", "NONE", "PROMPT_CACHE_KEY", "SECRET_ENV", "USER", "IdentityResolver", "Scope",
-    "check_caller_id", "check_tenant", "first_user_message", "is_tenant", "keyed_session_id", "message_text",
-    "resolve_session", "scoped", "scoped_session_id", "split", "system_prompt", "tenant_of",
+    "AFFINITY_HEADER", "BAGGAGE", "DEFAULT_AFFINITY_HEADERS", "DEFAULT_ORDER", "FINGERPRINT", "HEADER",
+    "INVALID_PREFIX", "METADATA_USER_ID", "NONE", "PROMPT_CACHE_KEY", "SECRET_ENV", "USER", "VENDOR_HEADER",
+    "IdentityResolver", "Scope", "baggage_session", "check_caller_id", "check_tenant", "first_user_message",
+    "is_tenant", "keyed_session_id", "message_text", "resolve_session", "scoped", "scoped_session_id", "split",
+    "system_prompt", "tenant_of",
 ]
 
 #: Source names, in the default resolution order. A resolved source is one of these,
 #: with the header's name appended for header sources ("header:x-session-id").
 HEADER = "header"
 AFFINITY_HEADER = "affinity_header"
+VENDOR_HEADER = "vendor_header"
 PROMPT_CACHE_KEY = "prompt_cache_key"
 USER = "user"
 METADATA_USER_ID = "metadata.user_id"
+BAGGAGE = "baggage"
 FINGERPRINT = "fingerprint"
 NONE = "none"
 INVALID_PREFIX = "invalid:"
 
-DEFAULT_ORDER: tuple[str, ...] = (HEADER, AFFINITY_HEADER, PROMPT_CACHE_KEY, USER, METADATA_USER_ID, FINGERPRINT)
+DEFAULT_ORDER: tuple[str, ...] = (HEADER, AFFINITY_HEADER, VENDOR_HEADER, PROMPT_CACHE_KEY, USER, METADATA_USER_ID,
+                                  BAGGAGE, FINGERPRINT)
 _KNOWN = frozenset(DEFAULT_ORDER)
 
 #: Headers harnesses and gateways send on their own (docs/identity.md cites where each comes from).
 DEFAULT_AFFINITY_HEADERS: tuple[str, ...] = (
+    "x-litellm-session-id",  # LiteLLM's own session header
     "x-session-affinity",  # opencode
     "x-claude-code-session-id",  # Claude Code
     "session_id",  # Codex CLI
     "session-id",  # Codex CLI, as some proxies normalise it
     "x-model-affinity",  # Plano's affinity header, sent by its clients
 )
+
+#: ``x-<vendor>-session-id`` (LiteLLM's ``_GENERIC_SESSION_ID_HEADER_RE``) and the value such a header
+#: must hold to count (LiteLLM's ``_SESSION_ID_VALUE_RE``: 8 or more of letters, digits, ``-``, ``_``).
+_VENDOR_HEADER_RE = re.compile(r"^x-.+-session-id$", re.IGNORECASE)
+_VENDOR_VALUE_RE = re.compile(r"^[A-Za-z0-9_\-]{8,}$")
+#: The id after Claude Code's ``_session_`` marker (LiteLLM's ``_ANTHROPIC_SESSION_ID_VALUE_RE``).
+_SUFFIX_VALUE_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_SESSION_MARKER = "_session_"
 
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 
@@ -148,18 +166,67 @@ def scoped_session_id(tenant: str, session_id: str) -> str:
 
 # -- the chain ------------------------------------------------------------------------
 def _metadata_session(body: Mapping[str, Any]) -> str | None:
+    """``metadata.user_id``'s session: a JSON string or object with ``session_id``, or the id after the
+    last ``_session_`` of Claude Code's ``user_<hash>_account_<uuid>_session_<id>``."""
     metadata = body.get("metadata")
     if not isinstance(metadata, Mapping):
         return None
     raw = metadata.get("user_id")
-    if not isinstance(raw, str) or not raw.lstrip().startswith("{"):
+    if isinstance(raw, str) and raw.lstrip().startswith("{"):
+        try:
+            raw = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+    if isinstance(raw, Mapping):
+        value = raw.get("session_id")
+        return value if isinstance(value, str) and value else None
+    if not isinstance(raw, str):
         return None
-    try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    value = parsed.get("session_id") if isinstance(parsed, dict) else None
-    return value if isinstance(value, str) and value else None
+    at = raw.rfind(_SESSION_MARKER)
+    value = raw[at + len(_SESSION_MARKER):] if at >= 0 else ""
+    return value if _SUFFIX_VALUE_RE.fullmatch(value) else None
+
+
+def _header_items(headers: Any) -> Iterable[tuple[Any, Any]]:
+    """``(name, value)`` pairs of any headers ``get_session_id`` accepts (a mapping or a pair list)."""
+    if hasattr(headers, "items"):
+        return headers.items()
+    if isinstance(headers, Sequence) and not isinstance(headers, (str, bytes, bytearray)):
+        return (item for item in headers if isinstance(item, (tuple, list)) and len(item) == 2)
+    return ()
+
+
+def _text_of(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("latin-1")
+    return value if isinstance(value, str) else ""
+
+
+def _vendor_session(headers: Any, skip: frozenset[str]) -> tuple[str, str] | None:
+    """The first ``x-<vendor>-session-id`` header (in the order sent) not in ``skip`` whose value looks
+    like a session id: ``(name, value)``."""
+    for name, value in _header_items(headers):
+        name = _text_of(name).lower()
+        if name in skip or not _VENDOR_HEADER_RE.match(name):
+            continue
+        text = _text_of(value).strip()
+        if _VENDOR_VALUE_RE.fullmatch(text):
+            return name, text
+    return None
+
+
+def baggage_session(baggage: str) -> str | None:
+    """The ``session.id`` entry of a W3C Baggage header (``session.id=abc-123,user.id=42``), its
+    properties (``;...``) dropped and its percent-encoding decoded; None when absent or empty."""
+    for member in baggage.split(","):
+        key, _, value = member.partition("=")
+        if key.strip() == "session.id":
+            value = unquote(value.split(";", 1)[0].strip())
+            if value:
+                return value
+    return None
 
 
 class IdentityResolver:
@@ -227,6 +294,10 @@ class IdentityResolver:
                     value = get_session_id(headers, header)
                     if value:
                         return self.explicit(value, f"{HEADER}:{header}", tenant)
+            elif name == VENDOR_HEADER:
+                found = _vendor_session(headers, frozenset((self.header_name, *self.affinity_headers)))
+                if found:
+                    return self.explicit(found[1], f"{HEADER}:{found[0]}", tenant)
             elif name in (PROMPT_CACHE_KEY, USER):
                 value = body.get(name)
                 if isinstance(value, str) and value:
@@ -235,6 +306,10 @@ class IdentityResolver:
                 value = _metadata_session(body)
                 if value:
                     return self.explicit(value, name, tenant)
+            elif name == BAGGAGE:
+                value = baggage_session(get_session_id(headers, "baggage"))
+                if value:
+                    return self.explicit(value, "baggage:session.id", tenant)
             elif name == FINGERPRINT:
                 messages = body.get("messages")
                 if isinstance(messages, Sequence):

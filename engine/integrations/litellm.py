@@ -35,7 +35,8 @@ per request (the decision travels in the request's metadata under
 ``"session_engine"``), so a Router that does call it never decides twice,
 and a LiteLLM fallback to another group is left alone.
 
-The session id comes from ``litellm_session_id``, ``metadata["session_id"]``,
+The session id comes from ``litellm_session_id``, ``metadata["session_id"]``
+(never when the proxy generated them: ``litellm_session_id_generated``),
 or the identity chain over the request's headers and body (docs/identity.md),
 and is scoped by the caller (``scope``): on the proxy, by the caller's API-key
 hash (``"key"``, the default) or team (``"team"``); with the SDK, by
@@ -88,6 +89,8 @@ AFFINITY_MODES = ("only", "first", "off")
 #: Proxy call types whose body is a chat conversation.
 CHAT_CALL_TYPES = frozenset({"completion", "acompletion", "text_completion", "anthropic_messages"})
 _METADATA_KEYS = ("metadata", "litellm_metadata")
+#: LiteLLM's ``SESSION_ID_GENERATED_METADATA_KEY``: the proxy made the session id up (never pinned).
+GENERATED_KEY = "litellm_session_id_generated"
 #: Decisions after which the request is served by the session's pin (a bypass or a refusal is not).
 _PINNING = frozenset({"initialize", "retain", "upgrade", "escalate", "switch"})
 _RETAINED = frozenset({"retain", "switch"})
@@ -201,6 +204,13 @@ def _headers(kwargs: Mapping[str, Any], metadata: Mapping[str, Any]) -> Any:
     if isinstance(server, Mapping) and server.get("headers"):
         return server["headers"]
     return metadata.get("headers") or None
+
+
+def _generated(kwargs: Mapping[str, Any]) -> bool:
+    """The LiteLLM proxy generated this request's ``litellm_session_id`` (``general_settings:
+    missing_session_id: generate`` marks it ``litellm_session_id_generated``): a fresh id per request."""
+    return any(isinstance(kwargs.get(key), Mapping) and kwargs[key].get(GENERATED_KEY) is True
+               for key in _METADATA_KEYS)
 
 
 def deployment_id(deployment: Mapping[str, Any]) -> str:
@@ -444,10 +454,11 @@ class SessionEngineCallback(CustomLogger):
             return stashed["session_id"], stashed.get("source", "")
         if tenant is None:
             tenant = self.request_tenant(kwargs)
-        for source, value in (("litellm_session_id", kwargs.get("litellm_session_id")),
-                              ("metadata.session_id", metadata.get("session_id"))):
-            if isinstance(value, str) and value:
-                return self.identity.explicit(value, source, tenant)
+        if not _generated(kwargs):  # an id the proxy made up for this one request names no session
+            for source, value in (("litellm_session_id", kwargs.get("litellm_session_id")),
+                                  ("metadata.session_id", metadata.get("session_id"))):
+                if isinstance(value, str) and value:
+                    return self.identity.explicit(value, source, tenant)
         body = {k: kwargs[k] for k in ("user", "prompt_cache_key", "system") if k in kwargs}
         if isinstance(metadata.get("user_id"), str):
             body["metadata"] = {"user_id": metadata["user_id"]}
