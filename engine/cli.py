@@ -289,6 +289,11 @@ def _verify(log: Path, json_out: bool, expect_head: str | None = None) -> None:
         report = verify(log, key_from_env(), expect)
     except OSError as exc:
         fail(f"{log}: {exc.strerror or exc}")
+    _finish_verify(report, json_out)
+
+
+def _finish_verify(report: Any, json_out: bool) -> None:
+    """Print a verify report (text or ``--json``) and exit with its status."""
     if json_out:
         sys.stdout.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -306,12 +311,7 @@ def _verify_redis(url: str, json_out: bool) -> None:
         report = verify_redis(url, key=key_from_env())
     except EngineError as exc:
         fail(str(exc))
-    if json_out:
-        sys.stdout.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        for line in _verify_text(report):
-            typer.echo(line)
-    raise typer.Exit(code=report.exit_code)
+    _finish_verify(report, json_out)
 
 
 def _verify_text(report: Any) -> Iterator[str]:
