@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from engine._config import Config
 from engine._entry import SLOT_SETTERS, Entry, build_entry
-from engine._helpers import cache_ttl_for_provider
+from engine._helpers import cache_ttl_for_provider, provider_from_model
 from engine._rules import HASH_WINDOW, Routed, count_strikes
 from engine._rules import decide as decide_route
 from events import (
@@ -346,8 +346,7 @@ def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
     fields: dict[str, Any] = {"kind": routed.kind, "model": routed.model}
     if routed.tier is not None:
         fields["tier"] = routed.tier.value
-    slash = routed.model.find("/")
-    fields["provider"] = routed.model[:slash] if slash > 0 else "default"
+    fields["provider"] = provider_from_model(routed.model)
     fields["reason"] = routed.reason
     fields["strategy"] = ev.rules.strategy
     if ev.source:
