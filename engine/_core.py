@@ -239,11 +239,11 @@ def _escalate_event(s: Entry | None, ev: Escalate) -> Outcome:
     return Outcome(new, new.tier, (record,) if record else _NO_RECORDS)
 
 
-def _cost_only(now: int) -> tuple[Entry, tuple[Record, ...]]:
+def _cost_only(now: int, cause: str = "cost") -> tuple[Entry, tuple[Record, ...]]:
     # The seed dropped spend for unknown sessions; a cost-only entry keeps it (SPEC.md: even
     # for 0 micros, an absent session gets its entry).
     s = Entry("", None, now, now, 0)
-    return s, ((R.SESSION_CREATED, {**entry_fields(s), "cause": "cost"}),)
+    return s, ((R.SESSION_CREATED, {**entry_fields(s), "cause": cause}),)
 
 
 def _find(reservations: tuple[tuple[str, int, int], ...], rid: str) -> int:
@@ -401,8 +401,7 @@ def _set_group_deployment(s: Entry | None, ev: SetDeployment, now: int) -> Outco
     """The deployment of one (model group, tier) that served the session without moving its pin."""
     created: tuple[Record, ...] = ()
     if s is None:  # strategy none keeps no pin: the deployment pin needs an entry (like a cost-only one)
-        s = Entry("", None, now, now, 0)
-        created = ((R.SESSION_CREATED, {**entry_fields(s), "cause": "deployment"}),)
+        s, created = _cost_only(now, "deployment")
     tier = ev.tier.value if ev.tier is not None else ""  # type: ignore[union-attr]
     previous = s.group_deployment(ev.model, ev.tier)  # type: ignore[arg-type]
     if previous == ev.deployment:
