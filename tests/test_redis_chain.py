@@ -38,8 +38,11 @@ def _load(url: str) -> None:
             a.add_session_cost("s1", -5)
 
 
-def _busiest(client: Any, keys: Keys) -> int:
-    return max(range(keys.buckets), key=lambda b: client.xlen(keys.bucket_keys(b)[3]))
+def _busiest(client: Any) -> tuple[int, str]:
+    """The bucket whose stream holds the most entries, and that stream's key."""
+    keys = Keys("se", 8)
+    bucket = max(range(keys.buckets), key=lambda b: client.xlen(keys.bucket_keys(b)[3]))
+    return bucket, keys.bucket_keys(bucket)[3]
 
 
 def _verify_cli(url: str) -> tuple[int, dict[str, Any]]:
@@ -91,9 +94,7 @@ def test_an_altered_entry_is_caught_by_bucket_stream_id_and_seq(redis_server: Re
     url = redis_server.url
     _load(url)
     with redis_server.client() as client:
-        keys = Keys("se", 8)
-        bucket = _busiest(client, keys)
-        stream = keys.bucket_keys(bucket)[3]
+        bucket, stream = _busiest(client)
         entries = client.xrange(stream)
         victim = len(entries) // 2
         seq = orjson.loads(entries[victim][1][b"r"])["seq"]
@@ -122,9 +123,7 @@ def test_a_forged_entry_appended_is_caught_even_with_a_correct_sha1(redis_server
     url = redis_server.url
     _load(url)
     with redis_server.client() as client:
-        keys = Keys("se", 8)
-        bucket = _busiest(client, keys)
-        stream = keys.bucket_keys(bucket)[3]
+        bucket, stream = _busiest(client)
         last = client.xrange(stream)[-1][1]
         record = orjson.loads(last[b"r"])
         record["seq"] += 1
@@ -143,9 +142,7 @@ def test_a_deleted_entry_is_caught_in_the_middle_and_at_the_end(redis_server: Re
     url = redis_server.url
     _load(url)
     with redis_server.client() as client:
-        keys = Keys("se", 8)
-        bucket = _busiest(client, keys)
-        stream = keys.bucket_keys(bucket)[3]
+        bucket, stream = _busiest(client)
         entries = client.xrange(stream)
         middle = entries[len(entries) // 2]
         client.xdel(stream, middle[0])
@@ -160,9 +157,7 @@ def test_the_newest_entry_deleted_is_caught_by_the_head_key(redis_server: RedisS
     url = redis_server.url
     _load(url)
     with redis_server.client() as client:
-        keys = Keys("se", 8)
-        bucket = _busiest(client, keys)
-        stream = keys.bucket_keys(bucket)[3]
+        bucket, stream = _busiest(client)
         client.xdel(stream, client.xrange(stream)[-1][0])
     report = verify_redis(url)
     assert report.status == "bad" and report.problem is not None
