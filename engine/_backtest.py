@@ -35,6 +35,7 @@ from engine._core import apply, ledger_only
 from engine._entry import Entry
 from engine._replay import Tail, new_fields, paused_gc, read_file, read_log, to_entry
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
+from events._validate import MAX_MICROS
 from events import records as R
 
 __all__ = ["OPTIONS", "BacktestResult", "Figures", "Prices", "backtest", "parse_changes", "run_backtest"]
@@ -308,6 +309,8 @@ class _Joined:
     variant_rid: str
     variant_refused: bool
     turn: Turn | None
+    #: The store settings the variant decided it under (its costs settle under the same).
+    config: Config
 
 
 class _Run:
@@ -321,6 +324,9 @@ class _Run:
         self.states: dict[str, Entry | None] = {}
         self.rules: dict[str, _Rules] = {}
         self.by_rules: dict[tuple[RouteRules, int, bool], _Rules] = {}
+        #: The recorded ``rules`` objects read so far (as JSON bytes) -> their variant: every new session's first
+        #: decision carries one, and most are alike.
+        self.by_recorded: dict[bytes, _Rules] = {}
         self.last_rules: _Rules | None = None
         self.fallback: _Rules | None = None
         self.configs: dict[tuple[int, bool], Config] = {}
@@ -347,6 +353,14 @@ class _Run:
             config = self.configs[config_key] = Config(enabled=True, timeout_ms=_NEVER_MS, tick_ms=0,
                                                        strike_limit=config_key[0], auto_escalate=auto)
         found = self.by_rules[key] = _Rules(variant, config)
+        return found
+
+    def _recorded(self, recorded: dict[str, Any]) -> _Rules:
+        """The variant of a ``decision.made`` record's ``rules`` object (read once per distinct object)."""
+        key = orjson.dumps(recorded)
+        found = self.by_recorded.get(key)
+        if found is None:
+            found = self.by_recorded[key] = self._variant(*rules_from_record(recorded))
         return found
 
     # The variant state of one session.
@@ -446,8 +460,7 @@ class _Run:
             return
         recorded_rules = get("rules")
         if recorded_rules is not None:
-            self.rules[sid] = self.last_rules = self._variant(*rules_from_record(recorded_rules))
-            rules = self.rules[sid]
+            self.rules[sid] = self.last_rules = rules = self._recorded(recorded_rules)
         else:
             rules = self.rules.get(sid)
             if rules is None:
@@ -465,15 +478,16 @@ class _Run:
             base.refusals += 1
         elif kind == "bypass" and _DOWNGRADE in get("reason", ""):
             base.downgrades += 1
-        seq = r["seq"]
-        base.escalations += escalations
-        base.pin_switches += switches
+        if escalations:
+            base.escalations += escalations
+        if switches:
+            base.pin_switches += switches
 
-        variant = rules.variant
+        variant, config = rules.variant, rules.config
         recorded_rid = get("reservation_id", "")
         rid = recorded_rid
         if not rid and variant.max_cost_micros >= 0:
-            rid = f"backtest-{seq}"
+            rid = f"backtest-{r['seq']}"
         estimates = get("estimates")
         if estimates is not None:
             pairs = tuple(estimates.items())
@@ -481,20 +495,20 @@ class _Run:
             estimate = get("estimate_micros", 0)
             pairs = (("", estimate),) if estimate or variant.max_cost_micros >= 0 else ()
         candidates = get("candidates")
-        route = _route(sid, requested, _TIER.get(get("requested_tier")), variant, get("explicit", False),
-                       get("request_hash", ""), get("stall", False), get("tools", False), get("long_context", False),
-                       tuple(candidates) if candidates else (), get("source", ""), pairs, rid,
-                       get("keyword", ""))
+        requested_tier = get("requested_tier")
+        route = _route(sid, requested, _TIER[requested_tier] if requested_tier is not None else None, variant,
+                       get("explicit", False), get("request_hash", ""), get("stall", False), get("tools", False),
+                       get("long_context", False), tuple(candidates) if candidates else (), get("source", ""), pairs,
+                       rid, get("keyword", ""))
         ts = r["ts"]
         states = self.states
-        out = apply(states.get(sid), route, ts, rules.config)
-        if out.state is None:
+        out = apply(states.get(sid), route, ts, config, decision_record=False)
+        state, routed, records = out
+        if state is None:
             states.pop(sid, None)
         else:
-            states[sid] = out.state
-        routed = out.result
-        vkind = routed.kind
-        vtier = routed.tier.value if routed.tier is not None else None
+            states[sid] = state
+        vkind, vmodel, vtier = routed.kind, routed.model, routed.tier
         kinds = var.kinds
         kinds[vkind] = kinds.get(vkind, 0) + 1
         vrefused = vkind == "refuse"
@@ -502,27 +516,29 @@ class _Run:
             var.refusals += 1
         elif vkind == "bypass" and _DOWNGRADE in routed.reason:
             var.downgrades += 1
-        for rec_name, fields in out.records:
+        for rec_name, fields in records:
             if rec_name == _ESCALATED:
                 var.escalations += 1
             elif rec_name == _UPDATED and "model" in fields:
                 var.pin_switches += 1
         result.decisions += 1
-        if vkind != kind or routed.model != model or vtier != tier:
+        # A Tier is a str: it equals its recorded name.
+        if vkind != kind or vmodel != model or vtier != tier:
             result.decisions_changed += 1
         turn = None
         if self.session is not None:
-            turn = Turn(ts, get("requested_tier") or "", (kind, model, tier), (vkind, routed.model, vtier))
+            turn = Turn(ts, requested_tier or "", (kind, model, tier),
+                        (vkind, vmodel, vtier.value if vtier is not None else None))
             result.turns.append(turn)
-        joined = _Joined(model, routed.model, routed.reservation_id, vrefused, turn)
         if refused:
             if not vrefused:  # served now, refused then: no response was recorded, charge the estimate
                 result.estimated += 1
                 var.cost_micros += routed.estimate_micros
                 if turn is not None:
                     turn.variant_micros = routed.estimate_micros
-                self._apply(sid, Cost(sid, routed.estimate_micros, routed.reservation_id), ts, rules.config)
+                self._apply(sid, Cost(sid, routed.estimate_micros, routed.reservation_id), ts, config)
             return
+        joined = _Joined(model, vmodel, routed.reservation_id, vrefused, turn, config)
         self.last[sid] = joined
         if recorded_rid:
             self.by_rid[recorded_rid] = joined
@@ -540,17 +556,23 @@ class _Run:
             result.variant.cost_micros += micros
             self._apply(sid, Cost(sid, micros), r["ts"], self._config(sid))
             return
-        if joined.turn is not None:
-            joined.turn.baseline_micros += micros
+        turn = joined.turn
+        if turn is not None:
+            turn.baseline_micros += micros
         if joined.variant_refused:
             return  # the variant did not serve this request
         vmicros = micros
         if joined.variant_model != joined.baseline_model:
             vmicros = self._reprice(joined, micros, r.get("prompt_tokens", 0), r.get("completion_tokens", 0))
         result.variant.cost_micros += vmicros
-        if joined.turn is not None:
-            joined.turn.variant_micros += vmicros
-        self._apply(sid, Cost(sid, vmicros, joined.variant_rid), r["ts"], self._config(sid))
+        if turn is not None:
+            turn.variant_micros += vmicros
+        states = self.states
+        state = apply(states.get(sid), _settle(sid, vmicros, joined.variant_rid), r["ts"], joined.config).state
+        if state is None:
+            states.pop(sid, None)
+        else:
+            states[sid] = state
 
     def _reprice(self, joined: _Joined, micros: int, prompt: int, completion: int) -> int:
         """The cost with the variant's model: the recorded cost scaled by the price ratio on the same tokens
@@ -574,14 +596,54 @@ if Route.__slots__ != ("session_id", "model", "tier", "rules", "user_explicit", 
     raise ImportError("engine._backtest builds Route by its slots: update it")
 
 
-def _route(*values: Any) -> Route:
+(_put_sid, _put_model, _put_tier, _put_rules, _put_explicit, _put_hash, _put_stall, _put_tools, _put_long,
+ _put_candidates, _put_source, _put_estimates, _put_rid, _put_keyword) = _ROUTE_SLOTS
+_new = object.__new__
+
+
+def _route(sid: str, model: str, tier: Tier | None, rules: RouteRules, explicit: bool, request_hash: str,
+           stall: bool, tools: bool, long_context: bool, candidates: tuple[str, ...], source: str,
+           estimates: tuple[tuple[str, int], ...], rid: str, keyword: str) -> Route:
     """A ``Route`` from a record the log reader has already checked against the value domains of
     docs/events.md (names, tiers, flags, candidates, estimates), so its own validation is skipped:
     building it is a large share of a re-run decision's cost."""
-    route = object.__new__(Route)
-    for put, value in zip(_ROUTE_SLOTS, values, strict=True):
-        put(route, value)
+    route = _new(Route)
+    _put_sid(route, sid)
+    _put_model(route, model)
+    _put_tier(route, tier)
+    _put_rules(route, rules)
+    _put_explicit(route, explicit)
+    _put_hash(route, request_hash)
+    _put_stall(route, stall)
+    _put_tools(route, tools)
+    _put_long(route, long_context)
+    _put_candidates(route, candidates)
+    _put_source(route, source)
+    _put_estimates(route, estimates)
+    _put_rid(route, rid)
+    _put_keyword(route, keyword)
     return route
+
+
+_COST_SLOTS = tuple(Cost.__dict__[name].__set__ for name in Cost.__slots__)  # type: ignore[attr-defined]
+if Cost.__slots__ != ("session_id", "micros", "reservation_id", "prompt_tokens", "completion_tokens"):  # type: ignore[attr-defined]
+    raise ImportError("engine._backtest builds Cost by its slots: update it")
+_put_cost_sid, _put_micros, _put_cost_rid, _put_prompt, _put_completion = _COST_SLOTS
+
+
+def _settle(sid: str, micros: int, rid: str) -> Cost:
+    """``Cost(sid, micros, rid)`` for a session id and an amount the reader checked (an id of 1 to 256
+    characters, an int >= 0) and a reservation id the variant's own turn made: checked only for what the
+    reader does not check (``Cost``'s upper bound on one amount)."""
+    if not 0 <= micros <= MAX_MICROS or len(rid) > 64:
+        return Cost(sid, micros, rid)  # raises InvalidEvent, naming the field
+    cost = _new(Cost)
+    _put_cost_sid(cost, sid)
+    _put_micros(cost, micros)
+    _put_cost_rid(cost, rid)
+    _put_prompt(cost, 0)
+    _put_completion(cost, 0)
+    return cost
 
 
 def run_backtest(records: Iterable[dict[str, Any]], changes: Mapping[str, Any] | Iterable[str] = (),
@@ -591,7 +653,14 @@ def run_backtest(records: Iterable[dict[str, Any]], changes: Mapping[str, Any] |
     run = _Run(parse_changes(changes), models, prices or Prices(), session)
     run.result.changes = {name: str(value) for name, value in _pairs(changes).items()}
     with paused_gc():
-        return run.feed(records)
+        result = run.feed(records)
+        # The variant's sessions are dropped while the cyclic GC is still paused: freed by their reference
+        # counts now, not traced by the first collection after it resumes (a few % of a large run).
+        run.states.clear()
+        run.by_rid.clear()
+        run.last.clear()
+        run.rules.clear()
+        return result
 
 
 def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *, models: str | Path | None = None,

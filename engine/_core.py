@@ -301,8 +301,9 @@ def _implied(s: Entry | None, event: SessionEvent, now: int, config: Config) -> 
     return apply(s, event, now, config)
 
 
-def _route(s: Entry | None, ev: Route, now: int, config: Config) -> Outcome:
-    """Decide on the live state, apply what the decision implies, reserve its estimate, log it: one turn."""
+def _route(s: Entry | None, ev: Route, now: int, config: Config, decision_record: bool = True) -> Outcome:
+    """Decide on the live state, apply what the decision implies, reserve its estimate, log it: one turn.
+    ``decision_record=False``: the same turn without its ``decision.made`` record (see ``apply``)."""
     routed, implied = decide_route(s, ev, config)
     records: list[Record] = []
     before = s
@@ -323,12 +324,17 @@ def _route(s: Entry | None, ev: Route, now: int, config: Config) -> Outcome:
         records.append((R.BUDGET_RESERVED, {"reservation_id": rid, "micros": micros, "expires_at": expires,
                                             "reservations": [list(r) for r in held] if open_
                                             else [[rid, micros, expires]]}))
+    if decision_record:
+        _log_decision(records, before, ev, routed, config)
+    return Outcome(s, routed, tuple(records))
+
+
+def _log_decision(records: list[Record], before: Entry | None, ev: Route, routed: Routed, config: Config) -> None:
     fields = _decision_fields(ev, routed)
     if before is None or (not before.model and before.request_count == 0):
         # The session's first routed turn carries the rules it was decided under (backtest re-runs them).
         fields["rules"] = rules_fields(ev.rules, config)
     records.append((R.DECISION_MADE, fields))
-    return Outcome(s, routed, tuple(records))
 
 
 def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
@@ -440,8 +446,13 @@ def _end(s: Entry | None, name: str, reason: str) -> Outcome:
     return Outcome(None, True, ((name, {"reason": reason}),))
 
 
-def apply(state: Entry | None, event: SessionEvent, now: int, config: Config) -> Outcome:
-    """Apply one session event at ``now``: every rule of SPEC.md's SessionStore table."""
+def apply(state: Entry | None, event: SessionEvent, now: int, config: Config, *,
+          decision_record: bool = True) -> Outcome:
+    """Apply one session event at ``now``: every rule of SPEC.md's SessionStore table.
+
+    ``decision_record=False``: a ``Route``'s turn leaves out its ``decision.made`` record (state,
+    result and every other record are the same), for a caller that re-runs recorded decisions and
+    never writes that record (``engine._backtest``); it does not change any other event's turn."""
     if state is None:
         s, settled = None, _NO_RECORDS
     else:
@@ -454,7 +465,7 @@ def apply(state: Entry | None, event: SessionEvent, now: int, config: Config) ->
             s, settled = state, _NO_RECORDS
     t = type(event)
     if t is Route:
-        out = _route(s, event, now, config)  # type: ignore[arg-type]
+        out = _route(s, event, now, config, decision_record)  # type: ignore[arg-type]
     elif t is Touch:
         out = _touch(s, now)
     elif t is Hash:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from engine._config import Config
@@ -132,6 +133,34 @@ def set_event(sid: str, model: str, tier: Tier | None, explicit: bool = False) -
     return e
 
 
+_ROUTED = _slots(Routed)
+
+
+def routed_of(kind: str, model: str, tier: Tier | None, reason: str, deployment: str, candidates: tuple[str, ...],
+              spent: int, reserved: int, estimate: int, limit: int, served: str, reservation_id: str) -> Routed:
+    """``Routed(...)`` through its slots: every field given, in order (the frozen ``__init__`` sets each one
+    through ``object.__setattr__``, about a tenth of ``decide``'s cost)."""
+    e = _new(Routed)
+    (put_kind, put_model, put_tier, put_reason, put_deployment, put_candidates, put_spent, put_reserved,
+     put_estimate, put_limit, put_served, put_rid) = _ROUTED
+    put_kind(e, kind)
+    put_model(e, model)
+    put_tier(e, tier)
+    put_reason(e, reason)
+    put_deployment(e, deployment)
+    put_candidates(e, candidates)
+    put_spent(e, spent)
+    put_reserved(e, reserved)
+    put_estimate(e, estimate)
+    put_limit(e, limit)
+    put_served(e, served)
+    put_rid(e, reservation_id)
+    return e
+
+
+if Routed.__slots__ != ("kind", "model", "tier", "reason", "deployment", "candidates", "spent_micros",
+                        "reserved_micros", "estimate_micros", "limit_micros", "served", "reservation_id"):
+    raise ImportError("engine._rules.routed_of builds Routed by its slots: update it")
 if (Touch.__slots__, Hash.__slots__, SetSession.__slots__) != (
         ("session_id",), ("session_id", "hash", "stall"), ("session_id", "model", "tier", "user_explicit")):
     raise ImportError("engine._rules builds Touch, Hash and SetSession by their slots: update it")
@@ -203,8 +232,16 @@ def _name(tier: Tier | None) -> str:
     return tier.value if tier else "none"
 
 
+@lru_cache(maxsize=4096)  # a refusal's reason names the cap, the estimate and the spend: mostly the same few
 def usd(micros: int) -> str:
     return f"${micros / 1_000_000:.6f}".rstrip("0").rstrip(".")
+
+
+def served_first(served: str, candidates: tuple[str, ...]) -> tuple[str, ...]:
+    """``candidates`` (which hold ``served``) with ``served`` first and not repeated."""
+    if candidates[0] == served and candidates.count(served) == 1:
+        return candidates  # the usual case: the deployment that served the session is already first
+    return (served, *[c for c in candidates if c != served])
 
 
 def _routers_model(route: Route, d: Draft) -> str:
@@ -404,7 +441,7 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
     if bypass:
         if served and served in route.candidates:
             d.deployment = served
-            d.candidates = (served, *(c for c in route.candidates if c != served))
+            d.candidates = served_first(served, route.candidates)
             return
         d.deployment = route.candidates[0]
         d.events.append(SetDeployment(route.session_id, d.deployment, d.model, d.tier))
@@ -412,7 +449,7 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
     served = state.deployment if state is not None else ""
     if served and served in route.candidates:
         d.deployment = served
-        d.candidates = (served, *(c for c in route.candidates if c != served))
+        d.candidates = served_first(served, route.candidates)
         return
     d.deployment = route.candidates[0]
     if served and d.kind == RETAIN:
@@ -449,6 +486,6 @@ def decide(state: Entry | None, route: Route, config: Config) -> tuple[Routed, l
     limit = route.rules.max_cost_micros
     # A served request under a cap holds its estimate (engine._core adds the reservation).
     rid = route.reservation_id if limit >= 0 and d.estimate > 0 and not d.refused else ""
-    return Routed(d.kind, d.model, d.tier, d.reason[:256], d.deployment, d.candidates, spent, reserved,
-                  d.estimate, limit, d.served if d.served is not None else state.deployment if state is not None
-                  else "", rid), d.events
+    return routed_of(d.kind, d.model, d.tier, d.reason[:256], d.deployment, d.candidates, spent, reserved,
+                     d.estimate, limit, d.served if d.served is not None else state.deployment if state is not None
+                     else "", rid), d.events
