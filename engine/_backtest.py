@@ -35,8 +35,8 @@ from engine._core import apply, ledger_only
 from engine._entry import Entry
 from engine._replay import Tail, new_fields, paused_gc, read_file, read_log, to_entry
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
-from events._validate import MAX_MICROS
 from events import records as R
+from events._validate import MAX_MICROS
 
 __all__ = ["OPTIONS", "BacktestResult", "Figures", "Prices", "backtest", "parse_changes", "run_backtest"]
 
