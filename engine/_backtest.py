@@ -676,13 +676,18 @@ def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *
 
 def _history(path: Path) -> Iterator[dict[str, Any]]:
     """Every record still on disk, oldest first: a directory's segments, or a single file's rotated
-    archives (``<name>.<first seq, 20 digits>``) and then the file itself."""
+    archives (``<name>.<first seq, 20 digits>``) and then the file itself. A single file without
+    archives is read by ``read_file`` itself (no generator in between: a record costs ~0.1 µs less)."""
     if path.is_dir() or not path.exists():
-        yield from read_log(path, history=True, light=_LIGHT)
-        return
+        return read_log(path, history=True, light=_LIGHT)
     archives = sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.*")
                       if len(p.name) == len(path.name) + 21 and p.name[len(path.name) + 1:].isdigit())
-    files = [*archives, path]
+    if not archives:
+        return read_file(path, Tail(), light=_LIGHT)
+    return _files([*archives, path])
+
+
+def _files(files: list[Path]) -> Iterator[dict[str, Any]]:
     expect = None
     for index, file in enumerate(files):
         tail = Tail()

@@ -183,13 +183,13 @@ def _escalate(state: Entry, reason: str) -> tuple[Entry, Record | None]:
     return _evolve(state, tier=tier, escalated=True), (R.SESSION_ESCALATED, fields)
 
 
-def _set_session(s: Entry | None, ev: SetSession, now: int) -> Outcome:
+def _set_session(s: Entry | None, ev: SetSession, now: int, own: bool = False) -> Outcome:
     if s is None:
         new = Entry(ev.model, ev.tier, now, now, 1, user_explicit=ev.user_explicit)  # type: ignore[arg-type]
         return Outcome(new, None, ((R.SESSION_CREATED, entry_fields(new)),))
     used = now if now > s.last_used_at else s.last_used_at
     count = s.request_count + 1
-    new = _copy(s)
+    new = s if own else _copy(s)
     _put_last_used_at(new, used)
     _put_request_count(new, count)
     changes: dict[str, Any] = {"last_used_at": used, "request_count": count}
@@ -204,22 +204,23 @@ def _set_session(s: Entry | None, ev: SetSession, now: int) -> Outcome:
     return Outcome(new, None, ((R.SESSION_UPDATED, changes),))
 
 
-def _touch(s: Entry | None, now: int) -> Outcome:
+def _touch(s: Entry | None, now: int, own: bool = False) -> Outcome:
+    """``own``: ``s`` is an entry the caller's turn built and nobody else has seen: updated in place."""
     if s is None:
         return Outcome(None, None, _NO_RECORDS)
     used = now if now > s.last_used_at else s.last_used_at
     count = s.request_count + 1
-    new = _copy(s)
+    new = s if own else _copy(s)
     _put_last_used_at(new, used)
     _put_request_count(new, count)
     return Outcome(new, None, ((R.SESSION_TOUCHED, {"last_used_at": used, "request_count": count}),))
 
 
-def _hash(s: Entry | None, ev: Hash, config: Config) -> Outcome:
+def _hash(s: Entry | None, ev: Hash, config: Config, own: bool = False) -> Outcome:
     if s is None:
         return Outcome(None, 0, _NO_RECORDS)
     hashes, strikes = count_strikes(s.recent_hashes, s.strikes, ev.hash, ev.stall)
-    new = _copy(s)
+    new = s if own else _copy(s)
     _put_recent_hashes(new, hashes)
     _put_strikes(new, strikes)
     records: tuple[Record, ...] = ((R.HASH_RECORDED, {"recent_hashes": list(hashes), "strikes": strikes}),)
@@ -288,16 +289,18 @@ def _release(s: Entry | None, ev: Release) -> Outcome:
     return Outcome(_evolve(s, reservations=kept), True, ((R.BUDGET_RELEASED, fields),))
 
 
-def _implied(s: Entry | None, event: SessionEvent, now: int, config: Config) -> Outcome:
+def _implied(s: Entry | None, event: SessionEvent, now: int, config: Config, own: bool = False) -> Outcome:
     """One event a routing decision implies, applied within the route's turn: the session is already
-    settled at ``now``, so this skips ``apply``'s settle check (the turn's hot path)."""
+    settled at ``now``, so this skips ``apply``'s settle check (the turn's hot path). ``own``: ``s`` was
+    built by an earlier event of the same turn, unseen by anyone yet: Touch, Hash and SetSession update
+    it in place instead of copying it again."""
     t = type(event)
     if t is Touch:
-        return _touch(s, now)
+        return _touch(s, now, own)
     if t is Hash:
-        return _hash(s, event, config)  # type: ignore[arg-type]
+        return _hash(s, event, config, own)  # type: ignore[arg-type]
     if t is SetSession:
-        return _set_session(s, event, now)  # type: ignore[arg-type]
+        return _set_session(s, event, now, own)  # type: ignore[arg-type]
     return apply(s, event, now, config)
 
 
@@ -308,7 +311,7 @@ def _route(s: Entry | None, ev: Route, now: int, config: Config, decision_record
     records: list[Record] = []
     before = s
     for event in implied:
-        out = _implied(s, event, now, config)
+        out = _implied(s, event, now, config, s is not before)
         s = out.state
         records.extend(out.records)
     if routed.reservation_id:

@@ -28,7 +28,7 @@ import orjson
 from engine._entry import Entry, build_entry
 from events import EngineError, Tier
 from events import records as R
-from events._schema import record_problem
+from events._schema import LENIENT_CHECKS, record_problem
 
 
 class LogCorrupt(EngineError):
@@ -144,6 +144,7 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
     """
     loads = orjson.loads
     decode_error = orjson.JSONDecodeError
+    checks = LENIENT_CHECKS
     prev = expect
     pos = 0
     number = 0
@@ -154,7 +155,7 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
             try:
                 record = loads(line)
                 seq = record["seq"]
-                record["event"]
+                name = record["event"]
             except (decode_error, KeyError, TypeError):
                 if _bad_line(f, path, number, line, tail, last):
                     pos += len(line)
@@ -164,10 +165,11 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
                 _check_first(path, number, seq, record, tail)
             if prev is not None and seq != prev + 1:
                 raise LogCorrupt(f"{path} line {number}: seq {seq!r} does not follow {prev}")
-            name = record["event"]
-            if ((type(name) is not str or name not in light or type(record.get("session_id")) is not str)
-                    and record_problem(record, strict=False) is not None):
-                raise domain_error(path, record)
+            if type(name) is not str or name not in light or type(record.get("session_id")) is not str:
+                # record_problem's lenient check, called directly (record_problem explains a failure)
+                check = checks.get(name) if type(name) is str else None
+                if (check is None or check(record) is not None) and record_problem(record, strict=False) is not None:
+                    raise domain_error(path, record)
             prev = seq
             pos += len(line)
             tail.last_seq = seq
