@@ -383,8 +383,8 @@ class _Run:
         decision, cost, turn_records, released, endings = (R.DECISION_MADE, R.COST_ADDED, _TURN_RECORDS,
                                                            R.BUDGET_RELEASED, _ENDINGS)
         updated, deployment_sets = R.SESSION_UPDATED, (R.DEPLOYMENT_SET, R.DEPLOYMENT_GROUP_SET)
-        held_of = self.held
-        escalated = R.SESSION_ESCALATED
+        held_of, ended = self.held, self.ended
+        escalated, created = R.SESSION_ESCALATED, R.SESSION_CREATED
         # The turn records just before a decision (consecutive seqs, the same session): the baseline's
         # escalations and pin moves in that decision's turn.
         run_sid: str | None = None
@@ -437,13 +437,13 @@ class _Run:
                 if ended_state is not None and name == R.SESSION_EXPIRED:
                     self.ended[sid] = ended_state
                 continue
-            if name == R.SESSION_CREATED and r.get("cause") == "budget_ledger":
+            if name == created and r.get("cause") == "budget_ledger":
                 # The recorded session left its budget ledger behind: so does the variant's.
-                ended_state = self.ended.pop(sid, None)
+                ended_state = ended.pop(sid, None)
                 if ended_state is not None and (ended_state.session_cost_micros or ended_state.reservations):
                     self.states[sid] = ledger_only(ended_state)
-            if self.ended:
-                self.ended.pop(sid, None)
+            if ended:
+                ended.pop(sid, None)
         result.records = count
         for sid, held in list(held_of.items()):
             self._apply(sid, _set_deployment(sid, held), held["ts"], self._config(sid))
