@@ -132,7 +132,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--strike-limit", type=int, default=2)
     parser.add_argument("--window", type=int, default=6)
+    parser.add_argument("--sweep", action="store_true", help="session-engine's detector over other limits and windows")
     args = parser.parse_args()
+    if args.sweep:
+        print("| strike limit | window | false escalations | missed stalls |\n|---|---|---|---|")
+        for limit in (1, 2, 3):
+            for window in (3, 4, 6, 8):
+                f = measure(args.requests, args.sessions, args.seed, limit, window)
+                ours = DETECTORS[0]
+                print(f"| {limit} | {window} | {f.false[ours]:,} | {f.missed[ours]:,} of {f.episodes:,} |")
+        return
     f = measure(args.requests, args.sessions, args.seed, args.strike_limit, args.window)
     print(f"{f.requests:,} requests of the simulate workload (seed {args.seed}, {args.sessions:,} sessions), "
           f"{f.stall_requests:,} of them stalled, in {f.episodes:,} stalls; strike limit {args.strike_limit}, "
