@@ -199,3 +199,17 @@ def test_measured_on_the_simulate_workload_ours_beats_litellms_rule_and_the_old_
     assert (f.false[ours], f.missed[ours]) == (0, 0)
     assert f.false[litellm] > 0 and f.missed[litellm] > 0  # progress taken for stalls; identical requests missed
     assert f.false[before] > 0 and f.missed[before] > 0  # decay-less strikes; a retry broken by a lookup
+
+
+def test_the_report_counts_a_lifting_escalation_as_a_strike_escalation(make_store, tmp_path):
+    from engine._report import read_digest
+
+    log = tmp_path / "audit.jsonl"
+    store = make_store(event_log=str(log))
+    policy = Policy(store, MODELS, Options(stall_lift=True))
+    a = ("read_file", {"path": "a"}, "A")
+    for calls in ([], [a], [a, a], [a, a, a]):
+        route(policy, "r", openai_loop("t", calls))
+    store.close()
+    d = read_digest(log)
+    assert d.escalations["strikes"] == 1 and not any(r["event"] == "session.escalated" for r in read_log(log))
