@@ -40,7 +40,7 @@ def failing_pair() -> list[dict[str, Any]]:
 
 
 def _ids(router: Router, key: str) -> str:
-    for d in router.get_model_list() or ():
+    for d in router.registry().all():
         if d["litellm_params"].get("api_key") == key:
             return d["model_info"]["id"]
     raise AssertionError(key)
