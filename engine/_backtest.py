@@ -34,6 +34,7 @@ from engine._config import Config
 from engine._core import apply, ledger_only
 from engine._entry import Entry
 from engine._replay import Tail, new_fields, paused_gc, read_file, read_log, to_entry
+from engine._rules import LIFTING
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
 from events import records as R
 from events._validate import MAX_MICROS
@@ -46,6 +47,7 @@ OPTIONS: dict[str, str] = {
     "strike_limit": "an int >= 1", "escalate_on_strikes": "true or false",
     "strategy": "sticky, adaptive or none", "warmup_turns": "an int >= 0", "cache_sticky": "true or false",
     "simple_bypass": "true or false", "reservation_ttl_ms": "an int >= 1",
+    "stall_detector": "window or strikes (re-reads the recorded hash and counts)", "stall_lift": "true or false",
 }
 #: Records a route's turn writes besides its decision (the baseline's escalations and pin moves are
 #: counted from these, as the variant's are from the records its own turn produces).
@@ -130,7 +132,7 @@ def parse_changes(changes: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
             if not usd >= 0 or usd == float("inf"):
                 raise InvalidEvent(name, "must be a number of USD >= 0, or none")
             out["max_cost_micros"] = round(usd * 1_000_000)
-        elif name in ("escalate_on_strikes", "cache_sticky", "simple_bypass"):
+        elif name in ("escalate_on_strikes", "cache_sticky", "simple_bypass", "stall_lift"):
             out[name] = _bool(name, value)
         elif name == "strike_limit":
             out[name] = _int(name, value, 1)
@@ -290,7 +292,10 @@ def rules_from_record(fields: Mapping[str, Any]) -> tuple[RouteRules, int, bool]
                        fields.get("warmup_turns", 0), fields.get("escalate_on_strikes", True),
                        fields.get("strike_limit", 0), fields.get("cache_sticky", True),
                        fields.get("max_cost_micros", -1), fields.get("budget_mode", "graceful"),
-                       fields.get("reservation_ttl_ms", 600_000))
+                       fields.get("reservation_ttl_ms", 600_000),
+                       # A log from before the window detector was decided by cumulative strikes.
+                       fields.get("stall_detector", "strikes"), fields.get("stall_window", 6),
+                       fields.get("stall_lift", False))
     return rules, int(fields.get("config_strike_limit", 2)), bool(fields.get("auto_escalate", False))
 
 
@@ -331,7 +336,7 @@ class _Run:
         self.fallback: _Rules | None = None
         self.configs: dict[tuple[int, bool], Config] = {}
         if models is not None:  # an older log without rules: the defaults with this table
-            self.fallback = self._variant(RouteRules(models), 2, False)
+            self.fallback = self._variant(RouteRules(models, stall_detector="strikes"), 2, False)
         self.held: dict[str, dict[str, Any]] = {}
         self.ended: dict[str, Any] = {}  # sessions whose idle expiry may leave a budget ledger (next record)
         self.by_rid: dict[str, _Joined] = {}
@@ -478,8 +483,7 @@ class _Run:
             base.refusals += 1
         elif kind == "bypass" and _DOWNGRADE in get("reason", ""):
             base.downgrades += 1
-        if escalations:
-            base.escalations += escalations
+        base.escalations += escalations or (kind == "bypass" and LIFTING in get("reason", ""))
         if switches:
             base.pin_switches += switches
 
@@ -499,7 +503,7 @@ class _Run:
         route = _route(sid, requested, _TIER[requested_tier] if requested_tier is not None else None, variant,
                        get("explicit", False), get("request_hash", ""), get("stall", False), get("tools", False),
                        get("long_context", False), tuple(candidates) if candidates else (), get("source", ""), pairs,
-                       rid, get("keyword", ""))
+                       rid, get("keyword", ""), get("tool_repeats", 0), get("tool_errors", 0))
         ts = r["ts"]
         states = self.states
         out = apply(states.get(sid), route, ts, config, decision_record=False)
@@ -516,6 +520,8 @@ class _Run:
             var.refusals += 1
         elif vkind == "bypass" and _DOWNGRADE in routed.reason:
             var.downgrades += 1
+        if vkind == "bypass" and LIFTING in routed.reason:
+            var.escalations += 1  # a lifting escalation: no session.escalated
         for rec_name, fields in records:
             if rec_name == _ESCALATED:
                 var.escalations += 1
@@ -592,18 +598,20 @@ _DEFAULT_CONFIG = Config(enabled=True, timeout_ms=_NEVER_MS, tick_ms=0)
 _ROUTE_SLOTS = tuple(Route.__dict__[name].__set__ for name in Route.__slots__)  # type: ignore[attr-defined]
 if Route.__slots__ != ("session_id", "model", "tier", "rules", "user_explicit", "request_hash",  # type: ignore[attr-defined]
                        "stall", "tools", "long_context", "candidates", "source", "estimates", "reservation_id",
-                       "keyword"):
+                       "keyword", "tool_repeats", "tool_errors"):
     raise ImportError("engine._backtest builds Route by its slots: update it")
 
 
 (_put_sid, _put_model, _put_tier, _put_rules, _put_explicit, _put_hash, _put_stall, _put_tools, _put_long,
- _put_candidates, _put_source, _put_estimates, _put_rid, _put_keyword) = _ROUTE_SLOTS
+ _put_candidates, _put_source, _put_estimates, _put_rid, _put_keyword, _put_tool_repeats,
+ _put_tool_errors) = _ROUTE_SLOTS
 _new = object.__new__
 
 
 def _route(sid: str, model: str, tier: Tier | None, rules: RouteRules, explicit: bool, request_hash: str,
            stall: bool, tools: bool, long_context: bool, candidates: tuple[str, ...], source: str,
-           estimates: tuple[tuple[str, int], ...], rid: str, keyword: str) -> Route:
+           estimates: tuple[tuple[str, int], ...], rid: str, keyword: str, tool_repeats: int,
+           tool_errors: int) -> Route:
     """A ``Route`` from a record the log reader has already checked against the value domains of
     docs/events.md (names, tiers, flags, candidates, estimates), so its own validation is skipped:
     building it is a large share of a re-run decision's cost."""
@@ -622,6 +630,8 @@ def _route(sid: str, model: str, tier: Tier | None, rules: RouteRules, explicit:
     _put_estimates(route, estimates)
     _put_rid(route, rid)
     _put_keyword(route, keyword)
+    _put_tool_repeats(route, tool_repeats)
+    _put_tool_errors(route, tool_errors)
     return route
 
 

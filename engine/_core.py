@@ -14,6 +14,8 @@ activity (a seed defect).
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 from engine._config import Config
@@ -310,8 +312,12 @@ def _route(s: Entry | None, ev: Route, now: int, config: Config, decision_record
     routed, implied = decide_route(s, ev, config)
     records: list[Record] = []
     before = s
+    # Under the window stall detector the rules alone escalate: the store's auto-escalation (cumulative
+    # strikes, SPEC.md) does not act on the hashes a routed turn records.
+    applied = _without_auto_escalate(config) if config.auto_escalate and ev.rules.stall_detector == "window" \
+        else config
     for event in implied:
-        out = _implied(s, event, now, config, s is not before)
+        out = _implied(s, event, now, applied, s is not before)
         s = out.state
         records.extend(out.records)
     if routed.reservation_id:
@@ -340,6 +346,11 @@ def _log_decision(records: list[Record], before: Entry | None, ev: Route, routed
     records.append((R.DECISION_MADE, fields))
 
 
+@lru_cache(maxsize=16)
+def _without_auto_escalate(config: Config) -> Config:
+    return replace(config, auto_escalate=False)
+
+
 def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
     """A ``RouteRules`` (plus the store settings the rules read) as ``decision.made`` logs it."""
     return {"models": {tier: list(models) for tier, models in rules.models}, "strategy": rules.strategy,
@@ -347,7 +358,8 @@ def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
             "escalate_on_strikes": rules.escalate_on_strikes, "strike_limit": rules.strike_limit,
             "cache_sticky": rules.cache_sticky, "max_cost_micros": rules.max_cost_micros,
             "budget_mode": rules.budget_mode, "reservation_ttl_ms": rules.reservation_ttl_ms,
-            "config_strike_limit": config.strike_limit, "auto_escalate": config.auto_escalate}
+            "config_strike_limit": config.strike_limit, "auto_escalate": config.auto_escalate,
+            "stall_detector": rules.stall_detector, "stall_window": rules.stall_window, "stall_lift": rules.stall_lift}
 
 
 def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
@@ -373,6 +385,10 @@ def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
         fields["tools"] = True
     if ev.stall:
         fields["stall"] = True
+    if ev.tool_repeats:
+        fields["tool_repeats"] = ev.tool_repeats
+    if ev.tool_errors:
+        fields["tool_errors"] = ev.tool_errors
     if ev.keyword:
         fields["keyword"] = ev.keyword
     if ev.long_context:

@@ -208,13 +208,17 @@ class FileLog(Segments):
     def _open_active(self, found: Recovered) -> int:
         fd = os.open(found.active, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         tail = found.tail
-        if tail.torn_bytes:
-            # A record cut by a crash: drop it so the next record starts on a line of its own.
-            os.ftruncate(fd, tail.good_end)
-        if tail.newline_missing:
-            _write_all(os, fd, b"\n")  # a complete record whose newline was cut off
-        if tail.torn_bytes or tail.newline_missing:
-            os.fsync(fd)
+        try:
+            if tail.torn_bytes:
+                # A record cut by a crash: drop it so the next record starts on a line of its own.
+                os.ftruncate(fd, tail.good_end)
+            if tail.newline_missing:
+                _write_all(os, fd, b"\n")  # a complete record whose newline was cut off
+            if tail.torn_bytes or tail.newline_missing:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)  # the store does not open: nothing may keep the file open behind it
+            raise
         return fd
 
     # -- writing ----------------------------------------------------------------------

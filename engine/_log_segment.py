@@ -202,6 +202,9 @@ def _hold_lock(lock_file: Path, event_log: str | Path) -> int:
     except BlockingIOError:
         os.close(fd)
         raise AuditLogError(f"event_log {event_log} is in use by another store (one store per log)") from None
+    except BaseException:
+        os.close(fd)  # any other failure to lock: the descriptor must not outlive the attempt
+        raise
     return fd
 
 

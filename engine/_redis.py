@@ -617,6 +617,9 @@ def open_namespace(url: str, namespace: str = "se") -> tuple[Any, Keys]:
     except RedisError as exc:
         client.close()
         raise unavailable(target, exc) from None
+    except BaseException:
+        client.close()
+        raise
     if stored is None or not stored.isdigit():
         client.close()
         raise BackendError(f"{target.display} holds no session-engine namespace {namespace!r}")
@@ -646,23 +649,27 @@ def export_streams(url: str, directory: Path, *, namespace: str = "se") -> tuple
     count = 0
     head = _chain.genesis()
     batch = bytearray()
-    with open(staging, "wb") as f:
-        for record in stream_records(url, namespace=namespace):
-            count += 1
-            record["seq"] = count
-            if count == 1:
-                record["genesis"] = head.hex()
-            batch += orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
-            if count % 1000 == 0:
-                head = _chain.seal(batch, head)
+    try:
+        with open(staging, "wb") as f:
+            for record in stream_records(url, namespace=namespace):
+                count += 1
+                record["seq"] = count
+                if count == 1:
+                    record["genesis"] = head.hex()
+                batch += orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+                if count % 1000 == 0:
+                    head = _chain.seal(batch, head)
+                    f.write(batch)
+                    batch.clear()
+            if batch:
+                _chain.seal(batch, head)
                 f.write(batch)
-                batch.clear()
-        if batch:
-            _chain.seal(batch, head)
-            f.write(batch)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)  # a failed export leaves no half-written file behind
+        raise
     return count, path
 
 

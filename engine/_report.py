@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engine._audit import Life, explain, lives
+from engine._rules import LIFTING
 from events import records as R
 
 __all__ = ["BUCKET_WIDTHS_MS", "Bucket", "Digest", "Timeline", "add_timelines", "digest", "read_digest"]
@@ -197,6 +198,10 @@ class Digest:
             if kind != "refuse" and record.get("model"):
                 self.served.add(record["model"])
                 self.live_model[sid] = record["model"]
+            if kind == "bypass" and LIFTING in str(record.get("reason", "")):
+                # A lifting stall escalation (stall_lift) moves no pin and writes no session.escalated.
+                self.escalations.add("strikes")
+                b.escalations += 1
         elif name == R.HASH_RECORDED:
             self.hashed += 1
             strikes = record.get("strikes", 0)

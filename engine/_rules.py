@@ -42,6 +42,10 @@ from events import (
 HASH_WINDOW = 3
 _TIERS = (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING)
 
+#: How the reason of a lifting stall escalation (``stall_lift``) ends: a bypass (it moves no pin and
+#: writes no ``session.escalated``), which counters of escalations (backtest, report) recognise by this.
+LIFTING = " for this request; pin kept, lifts on progress"
+
 # Decision kinds (engine.policy.Kind has the same values).
 INITIALIZE, RETAIN, UPGRADE, BYPASS = "initialize", "retain", "upgrade", "bypass"
 ESCALATE, SWITCH, REFUSE = "escalate", "switch", "refuse"
@@ -179,6 +183,32 @@ def count_strikes(recent: tuple[str, ...], strikes: int, h: str, stall: bool) ->
     return hashes, strikes + 1 if run >= 2 or stall else strikes
 
 
+def stall_reason(route: Route, recent: tuple[str, ...], limit: int) -> str:
+    """The "window" stall detector (docs/policy.md "Stalls"): why this request reads as a stall, or "".
+
+    With ``limit`` strikes, the ``limit + 1``-th repeat is a stall: of the newest tool call (same name,
+    arguments and result) among the request's last ``stall_window`` calls, of errored calls in a row
+    ending with the newest, or of identical requests in a row (the session's hash window, which
+    holds ``HASH_WINDOW``). Every count is anchored on the newest call or request, so the verdict
+    clears as soon as the agent does something else: nothing accumulates over the session.
+    """
+    need = limit + 1
+    if route.tool_repeats >= need:
+        return f"same tool call and result {route.tool_repeats} times in the last {route.rules.stall_window} calls"
+    if route.tool_errors >= need:
+        return f"{route.tool_errors} errored tool calls in the last {route.rules.stall_window}"
+    h = route.request_hash
+    if h and need <= HASH_WINDOW:
+        run = 1
+        for x in reversed(recent[1 - HASH_WINDOW:]):
+            if x != h:
+                break
+            run += 1
+        if run >= need:
+            return f"{run} identical requests in a row"
+    return ""
+
+
 def models_for(rules: RouteRules, tier: Tier | None) -> tuple[str, ...]:
     if tier is None:
         return ()
@@ -249,8 +279,10 @@ def _routers_model(route: Route, d: Draft) -> str:
     return pick(route.rules, route.tier, route.model, d.cache_provider) if d.cache_provider else route.model
 
 
-def _hash(route: Route) -> list[SessionEvent]:
-    return [hash_event(route.session_id, route.request_hash, route.stall)] if route.request_hash else []
+def _hash(route: Route, stall: bool = False) -> list[SessionEvent]:
+    """The request's ``Hash`` (none without a hash); ``stall``: the window detector found a stall (a strike)."""
+    h = route.request_hash
+    return [hash_event(route.session_id, h, route.stall or stall)] if h else []
 
 
 def _reaches_strike_limit(route: Route, base: Entry, config: Config) -> tuple[bool, list[SessionEvent]]:
@@ -342,6 +374,8 @@ def strikes(route: Route, state: Entry | None, d: Draft, config: Config) -> bool
     pin is kept."""
     pinned = d.pinned
     assert pinned is not None  # first_pin took every session without a pin
+    if route.rules.stall_detector == "window":
+        return _stall(route, pinned, d, config)
     escalate, hashed = _reaches_strike_limit(route, pinned, config)
     if not escalate:
         return False
@@ -359,6 +393,38 @@ def strikes(route: Route, state: Entry | None, d: Draft, config: Config) -> bool
         d.model, d.kind, d.tier = pick(route.rules, up, pinned.model, d.cache_provider), ESCALATE, up
         d.reason = f"strike limit reached: {_name(pinned.tier)} -> {up.value}"
     d.events += [*hashed, set_event(route.session_id, d.model, d.tier)]
+    return True
+
+
+def _stall(route: Route, pinned: Entry, d: Draft, config: Config) -> bool:
+    """The "window" detector's escalation: a stalled request moves the session to the next configured
+    tier (latched, as the seed's strikes do), or, with ``stall_lift``, is served one configured tier
+    up while the pin stays (a bypass), so the session leaves the escalation once the agent moves on."""
+    rules = route.rules
+    lift = rules.stall_lift
+    if not rules.escalate_on_strikes or pinned.user_explicit or (pinned.escalated and not lift):
+        return False
+    why = stall_reason(route, pinned.recent_hashes, rules.strike_limit or config.strike_limit)
+    if not why:
+        return False
+    sid, hashed = route.session_id, _hash(route, True)
+    up = next_tier(rules, pinned.tier)
+    if rules.strategy == "adaptive" and tier_rank(route.tier) > tier_rank(up or pinned.tier):
+        d.model, d.kind, d.tier = _routers_model(route, d), UPGRADE, route.tier
+        d.reason = f"strike limit reached ({why}); router asked for a higher tier"
+        d.events += [*hashed, *(() if lift else (Escalate(sid, "strikes"),)), set_event(sid, d.model, d.tier)]
+    elif up is None:
+        d.model, d.kind, d.tier = pinned.model, RETAIN, pinned.tier
+        d.reason = f"strike limit reached ({why}) at the top configured tier ({_name(pinned.tier)}): pin kept"
+        d.events += [*hashed, touch_event(sid)]
+    elif lift:  # a bypass: another model serves this request, the pin is unchanged
+        d.model, d.kind, d.tier = pick(rules, up, pinned.model, d.cache_provider), BYPASS, up
+        d.reason = f"strike limit reached ({why}): {_name(pinned.tier)} -> {up.value}{LIFTING}"
+        d.events += [*hashed, touch_event(sid)]
+    else:
+        d.model, d.kind, d.tier = pick(rules, up, pinned.model, d.cache_provider), ESCALATE, up
+        d.reason = f"strike limit reached ({why}): {_name(pinned.tier)} -> {up.value}"
+        d.events += [*hashed, Escalate(sid, "strikes"), set_event(sid, d.model, up)]
     return True
 
 

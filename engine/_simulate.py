@@ -407,7 +407,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
     config = Config(enabled=True, timeout_ms=cfg.timeout_s * 1000, event_log=log_path, tick_ms=0,
                     max_sessions=cfg.max_sessions, auto_escalate=not policy_mode, shards=cfg.shards)
     counter = RecordCounter(cfg.shards)
-    workload = Workload(cfg.sessions, cfg.requests, cfg.seed)
+    workload = Workload(cfg.sessions, cfg.requests, cfg.seed, agent_loops=policy_mode)
     clock = SimClock(START_MS)
     by_clock = 0
     peak_threads = threading.active_count()

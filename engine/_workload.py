@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from engine._entry import MessageInfo
 from engine._helpers import derive_session_id, hash_request_content, provider_from_model, should_cache_sticky
 from engine.policy import BudgetExceeded, Kind, Options, Policy
@@ -60,8 +62,14 @@ AGENT_TOOLS = ("read_file", "run_tests", "search")
 P_ROUTE_SIMPLE = 0.08
 #: ... or one tier above the conversation's (a harder question: the pin moves up).
 P_ROUTE_UP = 0.03
-#: Policy workload: an agent turn where the same tool call fails three times in a row (a stall strike).
-P_TOOL_ERRORS = 0.04
+#: Policy workload: an agent turn is an agent loop, one request per tool call answered. What the agent
+#: does in a turn, by share: the stalls (``STALLS``) and the progress that simpler detectors take for
+#: one (docs/simulate.md, docs/policy.md "Stalls"). Each is a list of (tool, arguments, result, errored).
+AGENT_SCENARIOS = (("progress", 0.52), ("fix", 0.10), ("poll", 0.07), ("double", 0.08), ("loop", 0.08),
+                   ("error_loop", 0.06), ("retry_lookup", 0.06), ("flaky_retry", 0.03))
+#: The scenarios that are stalls, and from which of their steps (1-based) the stall shows: the third
+#: repeat of the same call and result, the third error in a row, the third try of a call a lookup broke.
+STALLS = {"loop": 3, "error_loop": 3, "retry_lookup": 4, "flaky_retry": 4}
 #: Every provider serves from two deployments (LiteLLM deployment keys); one of them has an outage.
 REGIONS = ("east", "west")
 OUTAGE_DEPLOYMENT = "anthropic:east"
@@ -80,8 +88,9 @@ class Conversation:
     fields only by the worker that holds the conversation during a chunk.
     """
 
-    __slots__ = ("agent", "explicit", "history", "index", "long_context", "model", "pending", "reply_bytes",
-                 "retries_left", "seed", "session_id", "started", "strikes", "tier", "turn", "user_bytes")
+    __slots__ = ("agent", "anthropic", "explicit", "history", "index", "long_context", "model", "pending",
+                 "reply_bytes", "retries_left", "seed", "session_id", "started", "steps", "strikes", "stuck", "tier",
+                 "turn", "user_bytes")
 
     def __init__(self, index: int, seed: int, rng: random.Random) -> None:
         self.index = index
@@ -95,7 +104,12 @@ class Conversation:
         self.agent = rng.random() < P_AGENT
         self.turn = 0
         self.retries_left = 0
+        self.stuck = False
         self.user_bytes = 0
+        #: Policy workload: the agent steps of the current turn still to send, and the message shape
+        #: (every other agent conversation speaks Anthropic Messages, the rest chat completions).
+        self.steps: list[Step] = []
+        self.anthropic = index % 2 == 1
         # Router side.
         self.history: list[MessageInfo] = []
         if self.long_context:
@@ -104,6 +118,59 @@ class Conversation:
         self.strikes = 0
         self.reply_bytes = 0
         self.pending = False
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One tool call of an agent loop and its result; ``stalled``: the agent is stuck by this call."""
+
+    scenario: str
+    number: int
+    tool: str
+    arguments: str
+    result: str
+    error: bool
+    stalled: bool
+
+
+def agent_steps(scenario: str, conv: int, turn: int, rng: random.Random) -> list[Step]:
+    """The tool calls an agent makes in one turn of ``scenario`` (docs/simulate.md)."""
+    tag = f"{conv}_{turn}"
+    calls: list[tuple[str, dict[str, Any], str, bool]]
+    if scenario == "progress":  # looks around and changes things: every call new
+        kinds = (("read_file", "path", "src/m{}.py", "contents of m{}"), ("search", "q", "symbol {}", "3 hits for {}"),
+                 ("edit_file", "path", "src/m{}.py", "edited m{}"))
+        calls = []
+        for i in range(rng.randint(2, 4)):
+            tool, key, arg, result = kinds[(i + turn) % 3]
+            calls.append((tool, {key: arg.format(f"{tag}_{i}")}, result.format(f"{tag}_{i}"), False))
+    elif scenario == "fix":  # edit, test, edit, test: the same test run, fewer failures each time
+        calls = []
+        for i, failed in enumerate((3, 1, 0)):
+            calls.append(("edit_file", {"path": f"src/fix{tag}.py", "patch": i}, "edited", False))
+            calls.append(("run_tests", {"suite": "unit"}, f"{failed} failed, {40 - failed} passed" if failed
+                          else "40 passed", failed > 0))
+    elif scenario == "poll":  # waits for a build: the same call, a new answer each time
+        calls = [("start_build", {"target": tag}, f"build {tag} queued", False)]
+        calls += [("build_status", {"build": tag}, text, False) for text in ("running 20%", "running 70%", "succeeded")]
+    elif scenario == "double":  # reads a file twice (one retry), then moves on
+        calls = [("read_file", {"path": f"src/d{tag}.py"}, f"contents of d{tag}", False)] * 2
+        calls += [("edit_file", {"path": f"src/d{tag}.py"}, "edited", False), ("search", {"q": tag}, "1 hit", False)]
+    elif scenario == "loop":  # reads the same file over and over
+        calls = [("read_file", {"path": f"src/l{tag}.py"}, f"contents of l{tag}", False)] * 4
+    elif scenario == "error_loop":  # tries command after command, every one fails
+        calls = [("run_cmd", {"cmd": cmd}, f"Error: exit 2 ({cmd})", True) for cmd in ("make", "make -j1", "make all")]
+    elif scenario == "retry_lookup":  # the same failing call, one lookup in between, then the same call again
+        fail = ("run_tests", {"suite": "all"}, "Error: exit 1 (test_io failed)", True)
+        calls = [fail, fail, ("search", {"q": "test_io"}, "tests/test_io.py:12", False), fail]
+    else:  # flaky_retry: as retry_lookup, but each error names another request id
+        calls = [("fetch", {"url": f"https://api/{tag}"}, f"Error: timeout (request {tag}-{k})", True) for k in (1, 2)]
+        calls += [("search", {"q": "timeout"}, "docs/net.md:3", False),
+                  ("fetch", {"url": f"https://api/{tag}"}, f"Error: timeout (request {tag}-3)", True)]
+    since = STALLS.get(scenario, 0)
+    return [Step(scenario, n, tool, orjson.dumps(args, option=orjson.OPT_SORT_KEYS).decode(), result, error,
+                 bool(since) and n >= since)
+            for n, (tool, args, result, error) in enumerate(calls, 1)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,15 +187,22 @@ class Request:
     tier: Tier
     explicit: bool
     switch: bool
-    #: Policy workload: the tier the complexity router gives this request, and a failing tool loop.
+    #: Policy workload: the tier the complexity router gives this request, and the agent's tool call
+    #: this request answers (None: a user turn or a repeat).
     route_tier: Tier | None = None
-    tool_errors: bool = False
+    step: Step | None = None
+    #: Ground truth for the stall detector's measure: the request is a stall (the third identical
+    #: request in a row, or a stalled agent step).
+    stalled: bool = False
 
 
 class Workload:
     """Generates the request sequence chunk by chunk from one seeded RNG (main thread only)."""
 
-    def __init__(self, sessions: int, requests: int, seed: int) -> None:
+    def __init__(self, sessions: int, requests: int, seed: int, agent_loops: bool = False) -> None:
+        #: Policy workload: agent turns are agent loops (one request per tool call); the seed workload's
+        #: sequence for a seed stays what it was without.
+        self._loops = agent_loops
         self._requests = requests
         self._seed = seed
         self._rng = random.Random(seed)
@@ -157,15 +231,22 @@ class Workload:
         out = []
         for _ in range(min(size, self._requests - self._next)):
             conv = self._pick()
-            switch = False
+            switch = stalled = False
+            step = None
             if conv.retries_left:
                 conv.retries_left -= 1
                 repeat = True
+                stalled = conv.stuck and not conv.retries_left  # the third identical request
+            elif conv.steps:
+                repeat = False
+                step = conv.steps.pop(0)
+                stalled = step.stalled
             else:
                 repeat = False
                 conv.turn += 1
                 conv.user_bytes = rng.randint(80, 2_400)
                 roll = rng.random()
+                conv.stuck = roll < P_STUCK
                 if roll < P_STUCK:
                     conv.retries_left = 2
                 elif roll < P_STUCK + P_RETRY:
@@ -174,17 +255,26 @@ class Workload:
                     conv.tier = rng.choice(TIERS)
                     conv.model = rng.choice(CATALOGUE[conv.tier])[0]
                     conv.explicit = switch = True
-            roll, errors = self._route_rng.random(), self._route_rng.random() < P_TOOL_ERRORS
+                if self._loops and conv.agent:
+                    conv.steps = agent_steps(self._scenario(), conv.index, conv.turn, self._route_rng)
+            roll = self._route_rng.random()
             route_tier = conv.tier
-            if not repeat and conv.turn > 1 and roll < P_ROUTE_SIMPLE:
+            if not repeat and step is None and conv.turn > 1 and roll < P_ROUTE_SIMPLE:
                 route_tier = Tier.SIMPLE
-            elif not repeat and conv.turn > 1 and roll < P_ROUTE_SIMPLE + P_ROUTE_UP:
+            elif not repeat and step is None and conv.turn > 1 and roll < P_ROUTE_SIMPLE + P_ROUTE_UP:
                 route_tier = tier_above(conv.tier)
             out.append(Request(conv, self._next, conv.turn, repeat, conv.user_bytes, rng.randint(40, 1_200),
-                               conv.model, conv.tier, conv.explicit, switch, route_tier,
-                               conv.agent and not repeat and errors))
+                               conv.model, conv.tier, conv.explicit, switch, route_tier, step, stalled))
             self._next += 1
         return out
+
+    def _scenario(self) -> str:
+        roll = self._route_rng.random()
+        for name, share in AGENT_SCENARIOS:
+            roll -= share
+            if roll < 0:
+                return name
+        return AGENT_SCENARIOS[0][0]
 
 
 def _model_for(tier: Tier, current: str) -> str:
@@ -306,25 +396,7 @@ class PolicyRouter:
         self.restarted = 0
 
     def _history(self, conv: Conversation, req: Request) -> None:
-        if conv.pending:
-            if conv.agent:
-                call = {"id": f"c{conv.index}-{req.turn}", "type": "function",
-                        "function": {"name": AGENT_TOOLS[req.turn % 3], "arguments": "{}"}}
-                conv.history.append({"role": "assistant", "content": "", "tool_calls": [call]})
-                conv.history.append({"role": "tool", "tool_call_id": call["id"],
-                                     "content": _FILLER[: conv.reply_bytes]})
-            else:
-                conv.history.append(MessageInfo("assistant", _FILLER[: conv.reply_bytes]))
-        if req.tool_errors:  # the agent's same call fails three times in a row
-            for k in range(3):
-                call = {"id": f"e{conv.index}-{req.turn}-{k}", "type": "function",
-                        "function": {"name": "run_tests", "arguments": '{"suite": "all"}'}}
-                conv.history.append({"role": "assistant", "content": "", "tool_calls": [call]})
-                conv.history.append({"role": "tool", "tool_call_id": call["id"], "content": "Error: exit 1"})
-        conv.history.append(MessageInfo("user", f"[{conv.index}:{req.turn}] " + _FILLER[: req.user_bytes]))
-        if len(conv.history) > CONTEXT_MESSAGES + 1:
-            keep = conv.history[:1] if _role(conv.history[0]) == "system" else []
-            conv.history = keep + conv.history[-CONTEXT_MESSAGES:]
+        history(conv, req)
 
     def route(self, req: Request) -> None:
         conv = req.conversation
@@ -363,6 +435,30 @@ class PolicyRouter:
                                     completion_tokens=req.output_tokens)
         conv.reply_bytes = req.output_tokens * 3
         conv.pending = True
+
+
+def history(conv: Conversation, req: Request) -> None:
+    """The conversation as the client sends it with ``req`` (not a repeat): the last reply, then the new
+    user message, or, for an agent step, the assistant's tool call and its result."""
+    step = req.step
+    if step is not None:
+        call_id = f"c{conv.index}-{req.turn}-{step.number}"
+        if conv.anthropic:
+            conv.history.append({"role": "assistant", "content": [
+                {"type": "tool_use", "id": call_id, "name": step.tool, "input": orjson.loads(step.arguments)}]})
+            conv.history.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": call_id, "content": step.result, "is_error": step.error}]})
+        else:
+            call = {"id": call_id, "type": "function", "function": {"name": step.tool, "arguments": step.arguments}}
+            conv.history.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            conv.history.append({"role": "tool", "tool_call_id": call_id, "content": step.result})
+    else:
+        if conv.pending:
+            conv.history.append(MessageInfo("assistant", _FILLER[: conv.reply_bytes]))
+        conv.history.append(MessageInfo("user", f"[{conv.index}:{req.turn}] " + _FILLER[: req.user_bytes]))
+    if len(conv.history) > CONTEXT_MESSAGES + 1:
+        keep = conv.history[:1] if _role(conv.history[0]) == "system" else []
+        conv.history = keep + conv.history[-CONTEXT_MESSAGES:]
 
 
 def _role(message: Any) -> str:

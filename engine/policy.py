@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from engine._config import Config, default_config
 from engine._entry import Entry
 from engine._helpers import hash_request_content, provider_from_model, should_cache_sticky
@@ -43,6 +45,7 @@ from events import (
     parse_tier,
 )
 from events import Decision as DecisionEvent
+from events._events import MAX_STALL_WINDOW, STALL_DETECTORS
 from events._validate import MAX_MICROS, check_text, is_valid_session_id
 
 if TYPE_CHECKING:
@@ -138,13 +141,25 @@ class Options:
     #: Text that, found in the last user message (case-sensitive), moves the session one configured tier
     #: up (LiteLLM's ``escalation_keywords``, same default); () turns it off.
     escalation_keywords: tuple[str, ...] = DEFAULT_ESCALATION_KEYWORDS
+    #: The stall detector (docs/policy.md "Stalls"): "window" reads the request's last ``stall_window``
+    #: tool calls (name, arguments, result) and the session's identical requests in a row; "strikes" is
+    #: the seed's cumulative count over tool-call names. ``stall_lift``: a stalled request is served one
+    #: configured tier up while the pin stays, so the escalation ends once the agent moves on (False: the
+    #: session is escalated for good, once, as the seed does).
+    stall_detector: str = "window"
+    stall_window: int = 6
+    stall_lift: bool = False
 
     def __post_init__(self) -> None:
         try:
             object.__setattr__(self, "strategy", Strategy(self.strategy))
         except ValueError:
             raise InvalidEvent("strategy", "must be one of sticky, adaptive, none") from None
-        for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky"):
+        if self.stall_detector not in STALL_DETECTORS:
+            raise InvalidEvent("stall_detector", "must be window or strikes")
+        if type(self.stall_window) is not int or not 1 <= self.stall_window <= MAX_STALL_WINDOW:
+            raise InvalidEvent("stall_window", f"must be an int from 1 to {MAX_STALL_WINDOW}")
+        for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky", "stall_lift"):
             if type(getattr(self, name)) is not bool:
                 raise InvalidEvent(name, "must be a bool")
         if type(self.warmup_turns) is not int or self.warmup_turns < 0:
@@ -313,7 +328,8 @@ def escalation_keyword(messages: Sequence[Any], keywords: Sequence[str]) -> str:
 
 
 def request_hash(messages: Sequence[Any]) -> str:
-    """Three-strike hash: the last user message plus the tool-call names of the last assistant message."""
+    """The "strikes" detector's hash: the last user message plus the tool-call names of the last
+    assistant message (the "window" detector's is ``stall_reading``)."""
     # In an agent loop the last user message stays the same while the assistant
     # keeps calling tools: the same text plus the same tool calls is a stall.
     last_user: str | None = None
@@ -329,8 +345,111 @@ def request_hash(messages: Sequence[Any]) -> str:
     return hash_request_content(last_user or "", tools)
 
 
-#: The same tool call (same name and arguments) answered with an error this many times in a row is a
-#: stall: the request counts a strike even when its three-strike hash is new (docs/policy.md).
+def _canonical(arguments: Any) -> str:
+    """Tool-call arguments as canonical JSON (keys sorted), whether sent as a JSON string (OpenAI) or an
+    object (Anthropic), so the same call compares equal on both; unparsable text stays as sent."""
+    if isinstance(arguments, (str, bytes)):
+        try:
+            arguments = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            return arguments if isinstance(arguments, str) else arguments.decode("utf-8", "replace")
+    try:
+        return orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str).decode()
+    except TypeError:
+        return str(arguments)
+
+
+def _calls(message: Any) -> list[tuple[Any, Any, Any]]:
+    """(id, name, arguments) of each tool call of an assistant message, in order, on both surfaces."""
+    calls = []
+    for call in _get(message, "tool_calls") or ():
+        fn = _get(call, "function")
+        name = _get(fn, "name") if fn is not None else _get(call, "name")
+        if isinstance(name, str):
+            calls.append((_get(call, "id"), name, _get(fn, "arguments") if fn is not None else None))
+    content = _get(message, "content")
+    if isinstance(content, Sequence) and not isinstance(content, str):
+        for block in content:
+            if _get(block, "type") == "tool_use" and isinstance(_get(block, "name"), str):
+                calls.append((_get(block, "id"), _get(block, "name"), _get(block, "input")))
+    return calls
+
+
+def tool_steps(messages: Sequence[Any], window: int) -> tuple[list[tuple[str, str, bool]], int]:
+    """The last ``window`` tool calls of the current task, newest first, each as (signature, result text,
+    errored), and how many of them the last assistant message made. The current task's calls are those
+    since the last user message (one that is not only tool results): a user who speaks moves the
+    conversation on. The signature is the tool's name plus its canonical JSON arguments; a call not
+    answered yet has the result "" and no error. A result is an error when it says so (Anthropic
+    ``is_error: true``) or its text starts with error, exception, traceback or an ``{"error"`` object
+    (chat completions have no error flag)."""
+    results: dict[str, tuple[str, bool]] = {}
+    steps: list[tuple[str, str, bool]] = []
+    last = -1
+    for message in reversed(messages):
+        role = _get(message, "role")
+        if role == "tool":
+            call_id = _get(message, "tool_call_id")
+            if isinstance(call_id, str) and call_id not in results:
+                content = _get(message, "content")
+                results[call_id] = (message_text(content), _is_error_result(None, content))
+        elif role == "user":
+            content = _get(message, "content")
+            answered = False
+            if isinstance(content, Sequence) and not isinstance(content, str):
+                for block in content:
+                    call_id = _get(block, "tool_use_id")
+                    if _get(block, "type") == "tool_result" and isinstance(call_id, str):
+                        answered = True
+                        if call_id not in results:
+                            inner = _get(block, "content")
+                            results[call_id] = (message_text(inner), _is_error_result(_get(block, "is_error"), inner))
+            if not answered:
+                break  # the user spoke: the calls before belong to an earlier task
+        elif role == "assistant":
+            for call_id, name, arguments in reversed(_calls(message)):
+                text, error = results.get(call_id, ("", False)) if isinstance(call_id, str) else ("", False)
+                steps.append((f"{name}({_canonical(arguments)})", text, error))
+                if len(steps) == window:
+                    break
+            if last < 0:
+                last = len(steps)
+            if len(steps) == window:
+                break
+    return steps, max(last, 0)
+
+
+def stall_reading(messages: Sequence[Any], window: int) -> tuple[str, int, int]:
+    """What the "window" stall detector reads of a request: its hash (the last user text plus the
+    calls of the last assistant message with a digest of their results), how many of its last
+    ``window`` tool calls repeat the newest (same name, arguments and result; 0 below 2), and, when
+    the newest returned an error, how many errors: in a row ending with it, or of the same call (name
+    and arguments, whatever the error's text) in the window, whichever is more. Only the counts and
+    the hash leave here."""
+    steps, last = tool_steps(messages, window)
+    user = ""
+    for message in reversed(messages):
+        if _get(message, "role") == "user":
+            user = message_text(_get(message, "content"))
+            if user:
+                break
+    calls = [f"{sig}={hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}" for sig, text, _ in steps[:last]]
+    if not steps:
+        return hash_request_content(user, calls), 0, 0
+    newest = steps[0]
+    repeats = sum(1 for step in steps if step[0] == newest[0] and step[1] == newest[1])
+    errors = 0
+    if newest[2]:  # errors in a row, or errors of the newest's call whatever their text (ids, times)
+        for step in steps:
+            if not step[2]:
+                break
+            errors += 1
+        errors = max(errors, sum(1 for step in steps if step[2] and step[0] == newest[0]))
+    return hash_request_content(user, calls), repeats if repeats > 1 else 0, errors
+
+
+#: The "strikes" detector: the same tool call (same name and arguments) answered with an error this
+#: many times in a row is a stall: the request counts a strike even when its hash is new (docs/policy.md).
 STALL_ERRORS = 3
 _ERROR_PREFIXES = ("error", "exception", "traceback", '{"error"', "{'error'")
 
@@ -393,7 +512,8 @@ def route_rules(models: TierModels, options: Options) -> RouteRules:
     cap = -1 if options.max_cost_usd is None else cost_micros(options.max_cost_usd)
     return RouteRules(tuple(table), options.strategy.value, options.simple_bypass,  # type: ignore[union-attr]
                       options.warmup_turns, options.escalate_on_strikes, options.strike_limit or 0,
-                      options.cache_sticky, cap, options.budget_mode, options.reservation_ttl_ms)
+                      options.cache_sticky, cap, options.budget_mode, options.reservation_ttl_ms,
+                      options.stall_detector, options.stall_window, options.stall_lift)
 
 
 def _estimate(model: str, request: Request, options: Options) -> float:
@@ -424,15 +544,20 @@ def route_event(request: Request, rules: RouteRules, options: Options, reservati
         estimates = (("", min(cost_micros(request.estimate_usd), MAX_MICROS)),)
     else:
         estimates = (("", min(cost_micros(request.estimate_usd), MAX_MICROS)),) if request.estimate_usd else ()
+    repeats = errors = 0
+    if not messages:
+        h, stall = "", False
+    elif rules.stall_detector == "window":
+        (h, repeats, errors), stall = stall_reading(messages, rules.stall_window), False
+    else:
+        h, stall = request_hash(messages), tool_error_run(messages) >= STALL_ERRORS
     return Route(
-        request.session_id, request.model, request.tier, rules, request.user_explicit,
-        request_hash(messages) if messages else "",
-        bool(messages) and tool_error_run(messages) >= STALL_ERRORS,
+        request.session_id, request.model, request.tier, rules, request.user_explicit, h, stall,
         bool(request.tools),
         bool(messages) and rules.cache_sticky and should_cache_sticky(messages),
         request.candidates, request.source, estimates,
         reservation_id or ("decide" if rules.max_cost_micros >= 0 else ""),
-        escalation_keyword(messages, options.escalation_keywords))
+        escalation_keyword(messages, options.escalation_keywords), repeats, errors)
 
 
 def _decision(request: Request, routed: Routed, strategy: Strategy, events: tuple[SessionEvent, ...] = ()

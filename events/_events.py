@@ -208,6 +208,12 @@ class Decision(SessionEvent):
 
 STRATEGIES = ("sticky", "adaptive", "none")
 BUDGET_MODES = ("graceful", "strict")
+#: "window": the stall detector of docs/policy.md (tool calls signed by name, arguments and result in a
+#: window anchored on the newest call; identical requests in a row); "strikes": the seed's cumulative
+#: strikes (tool-call names in the hash; logs written before the window detector read as this).
+STALL_DETECTORS = ("window", "strikes")
+#: The longest tool-call window the detector reads.
+MAX_STALL_WINDOW = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,19 +239,28 @@ class RouteRules:
     budget_mode: str = "graceful"
     #: How long an unsettled budget reservation holds before it lapses.
     reservation_ttl_ms: int = 600_000
+    #: The stall detector (``STALL_DETECTORS``), the tool calls its window holds, and whether a stall
+    #: escalation lifts once the agent moves on (False: it latches for the session, as the seed's does).
+    stall_detector: str = "window"
+    stall_window: int = 6
+    stall_lift: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise InvalidEvent("strategy", "must be one of sticky, adaptive, none")
         if self.budget_mode not in BUDGET_MODES:
             raise InvalidEvent("budget_mode", "must be graceful or strict")
-        for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky"):
+        if self.stall_detector not in STALL_DETECTORS:
+            raise InvalidEvent("stall_detector", "must be window or strikes")
+        for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky", "stall_lift"):
             check_bool(getattr(self, name), name)
         for name, low in (("warmup_turns", 0), ("strike_limit", 0), ("max_cost_micros", -1),
                           ("reservation_ttl_ms", 1)):
             value = getattr(self, name)
             if type(value) is not int or value < low or value > MAX_MICROS:
                 raise InvalidEvent(name, f"must be an int >= {low}")
+        if type(self.stall_window) is not int or not 1 <= self.stall_window <= MAX_STALL_WINDOW:
+            raise InvalidEvent("stall_window", f"must be an int from 1 to {MAX_STALL_WINDOW}")
         if type(self.models) is not tuple:
             raise InvalidEvent("models", "must be a tuple of (tier, models) pairs")
         for pair in self.models:
@@ -273,7 +288,7 @@ class Route(SessionEvent):
     user_explicit: bool = False
     #: Three-strike hash of the request ("" when it has no messages).
     request_hash: str = ""
-    #: Another stall signal (see ``Hash.stall``).
+    #: Another stall signal (see ``Hash.stall``; the "strikes" detector's).
     stall: bool = False
     #: The request defines tools (never silently degraded by the budget).
     tools: bool = False
@@ -289,6 +304,11 @@ class Route(SessionEvent):
     reservation_id: str = ""
     #: The escalation keyword the last user message contains ("" when none; docs/policy.md).
     keyword: str = ""
+    #: The "window" stall detector's reading of the request's last ``rules.stall_window`` tool calls:
+    #: how many repeat the newest (same name, arguments and result), and, when the newest errored, how
+    #: many errored (in a row ending with it, or of the same call), whichever is more (docs/policy.md).
+    tool_repeats: int = 0
+    tool_errors: int = 0
 
     def __post_init__(self) -> None:
         check_session_id(self.session_id)
@@ -317,6 +337,10 @@ class Route(SessionEvent):
         if self.rules.max_cost_micros >= 0 and not self.reservation_id:
             raise InvalidEvent("reservation_id", "must be given when the rules set a budget cap")
         check_text(self.keyword, "keyword", 64)
+        for name in ("tool_repeats", "tool_errors"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= MAX_STALL_WINDOW:
+                raise InvalidEvent(name, f"must be an int from 0 to {MAX_STALL_WINDOW}")
 
 
 @dataclass(frozen=True, slots=True)

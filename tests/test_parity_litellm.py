@@ -4,6 +4,7 @@ session affinity does, done here at least as well (docs/policy.md, docs/identity
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import warnings
 from pathlib import Path
@@ -39,7 +40,7 @@ def failing_pair() -> list[dict[str, Any]]:
 
 
 def _ids(router: Router, key: str) -> str:
-    for d in router.get_model_list() or ():
+    for d in router.registry().all():
         if d["litellm_params"].get("api_key") == key:
             return d["model_info"]["id"]
     raise AssertionError(key)
@@ -128,3 +129,67 @@ def test_strategy_none_keeps_one_deployment_per_model_group(make_hook):
     assert len(set(served)) == 1
     assert hook.policy.store.store.get_session(sid).deployments == (
         ("cheap", "SIMPLE", f"openai/gpt-4o-mini#{served[0][:12]}"),)
+
+
+# -- point 2: the stall detector --------------------------------------------------------------------
+def agent_turns(task: str, steps: list[tuple[str, dict[str, Any], str]]) -> list[list[dict[str, Any]]]:
+    """The requests an agent loop sends for one task: the task, then one request per tool call answered
+    (each resends the whole conversation, as every agent client does)."""
+    messages: list[dict[str, Any]] = ask(task)
+    requests = [list(messages)]
+    for n, (name, arguments, result) in enumerate(steps):
+        call = {"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": f"call_{n}", "content": result}]
+        requests.append(list(messages))
+    return requests
+
+
+def run_agent(hook: Any, sid: str, requests: list[list[dict[str, Any]]]) -> list[tuple[str, str]]:
+    """(decision kind, model group that served) of each request, through a real Router."""
+    async def run() -> list[tuple[str, str]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            router = Router(model_list=test_litellm.model_list())
+        out = []
+        for messages in requests:
+            response = await hook.acompletion(router, model="mid", messages=messages, metadata={"session_id": sid})
+            out.append((response._hidden_params["session_engine"]["kind"], test_litellm.served_group(response)))
+        return out
+
+    return asyncio.run(run())
+
+
+def test_an_agent_reading_different_files_makes_progress_and_is_not_escalated(make_hook):
+    # Before: the hash held tool names only, so three read_file calls in one task were "identical".
+    requests = agent_turns("find where the config is parsed", [
+        ("read_file", {"path": f"src/{name}.py"}, f"contents of {name}") for name in ("main", "cli", "config", "io")])
+    served = run_agent(make_hook(), "reader", requests)
+    assert served == [("initialize", "mid")] + [("retain", "mid")] * 4
+
+
+def test_a_retry_loop_broken_by_one_lookup_is_a_stall_and_escalates(make_hook):
+    # Before: the lookup broke the run of identical hashes and of failing calls: never escalated.
+    failing = ("run_tests", {"suite": "all"}, "Error: 3 failed (test_parse, test_load, test_save)")
+    requests = agent_turns("make the tests pass", [failing, failing, ("search", {"q": "test_parse"}, "tests/x.py:4"),
+                                                   failing])
+    hook = make_hook()
+    served = run_agent(hook, "looper", requests)
+    assert served[:4] == [("initialize", "mid"), ("retain", "mid"), ("retain", "mid"), ("retain", "mid")]
+    assert served[4] == ("escalate", "strong")
+    decision = [r for r in read_log(Path(hook._owned.config.event_log)) if r["event"] == "decision.made"][-1]
+    assert decision["tool_repeats"] == 3 and "same tool call and result 3 times" in decision["reason"]
+
+
+def test_with_stall_lift_the_session_leaves_the_escalation_once_the_agent_moves_on(make_hook):
+    same = ("read_file", {"path": "src/main.py"}, "def main(): ...")
+    requests = agent_turns("why does main hang", [same, same, same, ("read_file", {"path": "src/io.py"}, "import os")])
+    hook = make_hook(stall_lift=True)
+    served = run_agent(hook, "lifter", requests)
+    assert served[3] == ("bypass", "strong")  # the third identical call: one configured tier up, pin kept
+    assert served[4] == ("retain", "mid")  # the agent moved on: back on its pin
+    entry = hook.policy.store.store.get_session("lifter")
+    assert (entry.model, entry.tier, entry.escalated) == ("mid", test_litellm.Tier.MEDIUM, False)
+    # Without the option the escalation latches, as the seed's does.
+    latched = run_agent(make_hook(), "latched", requests)
+    assert latched[3:] == [("escalate", "strong"), ("retain", "strong")]

@@ -87,12 +87,32 @@ def test_strike_limit_escalates_one_tier_and_uses_that_tiers_model():
     assert "strike limit" in d.reason
 
 
-def test_auto_escalating_store_is_not_escalated_twice():
+def test_auto_escalating_store_is_not_escalated_twice_by_the_strikes_detector():
     h = request_hash([{"role": "user", "content": "again"}])
     state = pinned("openai/gpt-4o", Tier.MEDIUM, recent_hashes=(h, h), strikes=1, request_count=2)
-    d = decide(ask(Tier.MEDIUM, "again"), state, MODELS, config=Config(auto_escalate=True))
+    d = decide(ask(Tier.MEDIUM, "again"), state, MODELS, Options(stall_detector="strikes"),
+               config=Config(auto_escalate=True))
     assert d.kind is Kind.ESCALATE
     assert not any(isinstance(e, Escalate) for e in d.events)  # the Hash event escalates by itself
+
+
+def test_under_the_window_detector_the_rules_escalate_and_the_stores_auto_escalation_stays_out(make_store):
+    # Two separate double repeats bring the cumulative strikes to the store's limit: the seed's
+    # auto-escalation would fire on the second; the window detector sees no stall there, and the
+    # route's turn records the hash without auto-escalating. The third identical request escalates once.
+    from engine.policy import Policy
+
+    store = make_store(auto_escalate=True, strike_limit=2)
+    policy = Policy(store, MODELS)
+    for text in ("a", "a", "b", "b", "c"):
+        assert policy.route(ask(Tier.MEDIUM, text, "w")).kind in (Kind.INITIALIZE, Kind.RETAIN)
+    entry = store.get_session("w")
+    assert (entry.strikes, entry.escalated, entry.tier) == (2, False, Tier.MEDIUM)
+    policy.route(ask(Tier.MEDIUM, "c", "w"))
+    d = policy.route(ask(Tier.MEDIUM, "c", "w"))
+    assert (d.kind, d.tier) == (Kind.ESCALATE, Tier.COMPLEX)
+    entry = store.get_session("w")
+    assert (entry.escalated, entry.tier, entry.model) == (True, Tier.COMPLEX, "openai/o3")
 
 
 def test_user_explicit_pin_is_never_escalated():
