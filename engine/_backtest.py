@@ -642,9 +642,9 @@ _put_cost_sid, _put_micros, _put_cost_rid, _put_prompt, _put_completion = _COST_
 
 
 def _settle(sid: str, micros: int, rid: str) -> Cost:
-    """``Cost(sid, micros, rid)`` for a session id and an amount the reader checked (an id of 1 to 256
-    characters, an int >= 0) and a reservation id the variant's own turn made: checked only for what the
-    reader does not check (``Cost``'s upper bound on one amount)."""
+    """``Cost(sid, micros, rid)`` for the session id the variant's ``Route`` was built with and an amount the
+    reader checked (an int >= 0) or re-priced: only ``Cost``'s bounds the reader does not check are checked
+    here (at most ``MAX_MICROS``, a reservation id of at most 64 characters); past them ``Cost`` raises."""
     if not 0 <= micros <= MAX_MICROS or len(rid) > 64:
         return Cost(sid, micros, rid)  # raises InvalidEvent, naming the field
     cost = _new(Cost)
