@@ -33,7 +33,7 @@ import orjson
 from engine._config import Config
 from engine._core import apply, ledger_only
 from engine._entry import Entry
-from engine._replay import Tail, new_fields, paused_gc, read_file, read_log, to_entry
+from engine._replay import LogCorrupt, Tail, new_fields, paused_gc, read_file, read_log, to_entry
 from engine._rules import LIFTING
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
 from events import records as R
@@ -465,7 +465,13 @@ class _Run:
             return
         recorded_rules = get("rules")
         if recorded_rules is not None:
-            self.rules[sid] = self.last_rules = rules = self._recorded(recorded_rules)
+            try:
+                self.rules[sid] = self.last_rules = rules = self._recorded(recorded_rules)
+            except (InvalidEvent, TypeError, ValueError, AttributeError) as exc:
+                field = exc.field if isinstance(exc, InvalidEvent) else "models"
+                rule = exc.rule if isinstance(exc, InvalidEvent) else "must be tier -> list of models"
+                raise LogCorrupt(f"seq {r['seq']} (decision.made of session {sid[:40]}): "
+                                 f"rules.{field} {rule}") from None
         else:
             rules = self.rules.get(sid)
             if rules is None:

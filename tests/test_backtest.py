@@ -255,3 +255,24 @@ def test_the_reader_checks_every_field_backtest_reads_and_only_the_keys_of_recor
         seq = _rewrite(sim_log, bad, event, change)
         with pytest.raises(LogCorrupt, match=f"seq {seq}: field {field} "):
             backtest(bad)
+
+
+@pytest.mark.parametrize(("bad", "field"), [({"strategy": "bogus"}, "rules.strategy"),
+                                            ({"stall_window": 0}, "rules.stall_window"),
+                                            ({"models": {"SIMPLE": 5}}, "rules.models"),
+                                            ({"models": ["x"]}, "rules.models")])
+def test_a_rules_object_out_of_its_domain_is_a_corrupt_log_naming_the_field(tmp_path: Path, bad: dict[str, Any],
+                                                                            field: str) -> None:
+    log = tmp_path / "audit.jsonl"
+    store = SessionStore(Config(enabled=True, tick_ms=0, event_log=str(log)))
+    Policy(store, {Tier.SIMPLE: "a/x", Tier.MEDIUM: "a/y"}).route(
+        Request(model="a/y", tier=Tier.MEDIUM, session_id="s1", messages=[{"role": "user", "content": "hi"}]))
+    store.close()
+    records = read_log(log)
+    for record in records:
+        if "rules" in record:
+            record["rules"].update(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    with pytest.raises(LogCorrupt, match=rf"seq \d+ \(decision.made of session s1\): {field} "):
+        backtest(broken)
