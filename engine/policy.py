@@ -225,6 +225,10 @@ class Request:
         object.__setattr__(self, "candidates", tuple(self.candidates))
         for candidate in self.candidates:
             check_text(candidate, "candidates", 256)
+        messages = self.messages
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not all(
+                isinstance(m, Mapping) or hasattr(m, "role") for m in messages):
+            raise InvalidEvent("messages", "must be a sequence of messages (mappings or objects with a role)")
         check_text(self.source, "source", 64)
         check_tenant(self.tenant)
         if type(self.max_tokens) is not int or self.max_tokens < 0:
@@ -295,10 +299,16 @@ def _get(message: Any, name: str) -> Any:
     return getattr(message, name, None)
 
 
+def _tool_calls(message: Any) -> Sequence[Any]:
+    """An assistant message's ``tool_calls`` list (() when absent or not a list: nothing to read)."""
+    calls = _get(message, "tool_calls")
+    return calls if isinstance(calls, (list, tuple)) else ()
+
+
 def tool_call_names(message: Any) -> list[str]:
     """Names of the tools an assistant message called (OpenAI ``tool_calls`` or Anthropic ``tool_use``)."""
     names = []
-    for call in _get(message, "tool_calls") or ():
+    for call in _tool_calls(message):
         fn = _get(call, "function")
         name = _get(fn, "name") if fn is not None else _get(call, "name")
         if isinstance(name, str):
@@ -362,7 +372,7 @@ def _canonical(arguments: Any) -> str:
 def _calls(message: Any) -> list[tuple[Any, Any, Any]]:
     """(id, name, arguments) of each tool call of an assistant message, in order, on both surfaces."""
     calls = []
-    for call in _get(message, "tool_calls") or ():
+    for call in _tool_calls(message):
         fn = _get(call, "function")
         name = _get(fn, "name") if fn is not None else _get(call, "name")
         if isinstance(name, str):
@@ -469,7 +479,7 @@ def tool_error_run(messages: Sequence[Any]) -> int:
     for message in messages:
         role = _get(message, "role")
         if role == "assistant":
-            for call in _get(message, "tool_calls") or ():
+            for call in _tool_calls(message):
                 fn = _get(call, "function")
                 if fn is not None and isinstance(_get(call, "id"), str):
                     calls[_get(call, "id")] = f"{_get(fn, 'name')}({_get(fn, 'arguments')})"

@@ -213,3 +213,18 @@ def test_the_report_counts_a_lifting_escalation_as_a_strike_escalation(make_stor
     store.close()
     d = read_digest(log)
     assert d.escalations["strikes"] == 1 and not any(r["event"] == "session.escalated" for r in read_log(log))
+
+
+def test_malformed_messages_name_the_field_and_malformed_tool_calls_are_read_as_none(make_store):
+    policy = Policy(make_store(), MODELS)
+    for bad in ([None, {"role": "user", "content": "x"}], [5], "hello", 5):
+        with pytest.raises(InvalidEvent) as err:
+            Request(model="openai/gpt-4o", tier=Tier.MEDIUM, session_id="m", messages=bad)
+        assert err.value.field == "messages"
+    junk = [{"role": "user", "content": "t"}, {"role": "assistant", "tool_calls": 5},
+            {"role": "assistant", "tool_calls": [5, None, {"function": 7}, {"function": {"name": 3}}]},
+            {"role": "assistant", "content": [None, 5, {"type": "tool_use", "id": [], "name": "f", "input": {1: {2}}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": 5, "is_error": "y"}]},
+            {"role": "tool", "tool_call_id": None, "content": {"a": 1}}]
+    assert route(policy, "m", junk).kind is Kind.INITIALIZE  # served; the junk carries no stall
+    assert stall_reading(junk, 6)[1:] == (0, 0)
