@@ -86,7 +86,8 @@ def backtest(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", metavar="OPTION=VALUE",
         help="Change an option for the variant (repeatable): max_cost_usd, budget_mode, strike_limit, "
-             "escalate_on_strikes, strategy, warmup_turns, cache_sticky, simple_bypass, reservation_ttl_ms.")] = None,
+             "escalate_on_strikes, strategy, warmup_turns, cache_sticky, simple_bypass, reservation_ttl_ms, "
+             "stall_detector, stall_lift.")] = None,
     models: Annotated[Path | None, typer.Option(
         help='The variant\'s model table, JSON: {"SIMPLE": "model" or ["model", ...], ...}.')] = None,
     prices: Annotated[Path | None, typer.Option(

@@ -276,3 +276,17 @@ def test_a_rules_object_out_of_its_domain_is_a_corrupt_log_naming_the_field(tmp_
     broken.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
     with pytest.raises(LogCorrupt, match=rf"seq \d+ \(decision.made of session s1\): {field} "):
         backtest(broken)
+
+
+def test_the_help_lists_every_option_backtest_can_change() -> None:
+    from typer.testing import CliRunner
+
+    from engine._backtest import OPTIONS
+    from engine.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["backtest", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert all(name in text for name in OPTIONS), [name for name in OPTIONS if name not in text]
+    with pytest.raises(InvalidEvent, match="stall_detector"):
+        parse_changes(["stall_detector=psychic"])
+    assert parse_changes(["stall_lift=yes", "stall_detector=strikes"]) == {"stall_lift": True,
+                                                                           "stall_detector": "strikes"}
