@@ -359,7 +359,8 @@ def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
             "cache_sticky": rules.cache_sticky, "max_cost_micros": rules.max_cost_micros,
             "budget_mode": rules.budget_mode, "reservation_ttl_ms": rules.reservation_ttl_ms,
             "config_strike_limit": config.strike_limit, "auto_escalate": config.auto_escalate,
-            "stall_detector": rules.stall_detector, "stall_window": rules.stall_window, "stall_lift": rules.stall_lift}
+            "stall_detector": rules.stall_detector, "stall_window": rules.stall_window, "stall_lift": rules.stall_lift,
+            "candidates_by_provider": rules.candidates_by_provider}
 
 
 def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:

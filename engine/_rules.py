@@ -492,33 +492,54 @@ def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
     d.kind, d.model, d.tier, d.estimate, d.reason = BYPASS, cheap, cheap_tier, cheap_estimate, f"{over}; cheapest tier"
 
 
+def key_provider(key: str) -> str:
+    """The provider a ``deployment_key`` names (its text before ``:`` or ``@``); "" when the key has
+    neither (a key of the caller's own making, or a bare provider: it may serve any model)."""
+    if ":" not in key and "@" not in key:
+        return ""
+    return key.split("@", 1)[0].split(":", 1)[0]
+
+
 def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
     """The deployment that served the session goes first; a retained pin whose deployment is gone
     switches to the first candidate. A new pin records its first deployment. A bypass (SIMPLE
     follow-up, budget downgrade, strategy none) keeps its own deployment pin per (model group, tier),
-    so the cheap model's provider cache stays warm too; the pin's deployment is left alone."""
-    d.candidates = route.candidates
+    so the cheap model's provider cache stays warm too; the pin's deployment is left alone.
+
+    The candidates are the router's, for its own model: when the decision serves a model of another
+    provider, only the candidates of that provider (``deployment_key``'s ``provider:`` prefix) can serve
+    it, and with none of them the decision names no deployment (``RouteRules.candidates_by_provider``;
+    logs from before it were decided on every candidate)."""
+    candidates = route.candidates
+    by_provider = route.rules.candidates_by_provider
+    provider = provider_from_model(d.model) if by_provider and candidates else ""
+    if provider and provider != provider_from_model(route.model):
+        candidates = tuple(c for c in candidates if key_provider(c) in (provider, ""))
+    d.candidates = candidates
     bypass = d.kind == BYPASS
     if bypass:  # also without candidates: a host that filters deployments itself reads it (Routed.served)
         served = state.group_deployment(d.model, d.tier) if state is not None and state.deployments else ""
         d.served = served
-    if d.refused or not route.candidates:
+    if d.refused or not candidates:
         return
     if bypass:
-        if served and served in route.candidates:
+        if served and served in candidates:
             d.deployment = served
-            d.candidates = served_first(served, route.candidates)
+            d.candidates = served_first(served, candidates)
             return
-        d.deployment = route.candidates[0]
+        d.deployment = candidates[0]
         d.events.append(SetDeployment(route.session_id, d.deployment, d.model, d.tier))
         return
     served = state.deployment if state is not None else ""
-    if served and served in route.candidates:
+    if served and served in candidates:
         d.deployment = served
-        d.candidates = served_first(served, route.candidates)
+        d.candidates = served_first(served, candidates)
         return
-    d.deployment = route.candidates[0]
-    if served and d.kind == RETAIN:
+    d.deployment = candidates[0]
+    # A deployment of the provider the pin left (an escalation to another provider's model) is not gone:
+    # the pin's first deployment with its new provider is recorded, as a new pin's is.
+    moved = provider not in ("", "default") and key_provider(served) not in (provider, "")
+    if served and d.kind == RETAIN and not moved:
         d.kind = SWITCH
         d.reason += "; deployment gone, switched"
     d.events.append(SetDeployment(route.session_id, d.deployment))

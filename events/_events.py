@@ -244,6 +244,9 @@ class RouteRules:
     stall_detector: str = "window"
     stall_window: int = 6
     stall_lift: bool = False
+    #: Deployment candidates of another provider than the decided model's are not used (False: every
+    #: candidate, as logs written before this field were decided).
+    candidates_by_provider: bool = True
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -252,7 +255,7 @@ class RouteRules:
             raise InvalidEvent("budget_mode", "must be graceful or strict")
         if self.stall_detector not in STALL_DETECTORS:
             raise InvalidEvent("stall_detector", "must be window or strikes")
-        for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky", "stall_lift"):
+        for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky", "stall_lift", "candidates_by_provider"):
             check_bool(getattr(self, name), name)
         for name, low in (("warmup_turns", 0), ("strike_limit", 0), ("max_cost_micros", -1),
                           ("reservation_ttl_ms", 1)):

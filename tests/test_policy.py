@@ -270,3 +270,32 @@ def test_a_new_pin_records_its_deployment_without_calling_it_a_switch():
     d = decide(ask(Tier.COMPLEX, candidates=[new]), pinned("openai/gpt-4o", Tier.MEDIUM, deployment=old), MODELS)
     assert (d.kind, d.deployment) == (Kind.UPGRADE, new)
     assert SetDeployment("s", new) in d.events and "switched" not in d.reason
+
+
+def test_the_routers_candidates_of_another_provider_never_switch_a_pin_they_cannot_serve():
+    # The router asks for its OpenAI model with OpenAI deployments; the session is pinned to an Anthropic
+    # model (escalated there, say): before, the pin's deployment was "gone" and an OpenAI key was pinned.
+    mine = deployment_key("anthropic", "sk-a")
+    state = pinned("anthropic/claude-opus", Tier.REASONING, deployment=mine)
+    theirs = [deployment_key("openai", "sk-1"), deployment_key("openai", "sk-2")]
+    d = decide(ask(Tier.MEDIUM, candidates=theirs), state, MODELS)
+    assert (d.kind, d.model, d.deployment, d.candidates) == (Kind.RETAIN, "anthropic/claude-opus", "", ())
+    assert not any(isinstance(e, SetDeployment) for e in d.events)
+    # Candidates of several providers: the decided model's provider's are used.
+    other = deployment_key("anthropic", "sk-b")
+    d = decide(ask(Tier.MEDIUM, candidates=[*theirs, other]), state, MODELS)
+    assert (d.kind, d.deployment, d.candidates) == (Kind.SWITCH, other, (other,))
+
+
+def test_keys_without_a_provider_may_serve_any_model_and_still_switch_when_gone():
+    state = pinned("anthropic/claude-opus", Tier.REASONING, deployment="rack-1")
+    d = decide(ask(Tier.MEDIUM, candidates=["rack-2", deployment_key("openai", "sk-1")]), state, MODELS)
+    assert (d.kind, d.deployment, d.candidates) == (Kind.SWITCH, "rack-2", ("rack-2",))
+
+
+def test_a_pin_that_moved_to_another_provider_records_its_first_deployment_there_without_a_switch():
+    state = pinned("anthropic/claude-opus", Tier.REASONING, deployment=deployment_key("openai", "sk-1"))
+    new = deployment_key("anthropic", "sk-a")
+    d = decide(Request(model="anthropic/claude-opus", tier=Tier.REASONING, session_id="s",
+                       messages=[{"role": "user", "content": "go on"}], candidates=[new]), state, MODELS)
+    assert (d.kind, d.deployment) == (Kind.RETAIN, new) and SetDeployment("s", new) in d.events
