@@ -290,3 +290,30 @@ def test_the_help_lists_every_option_backtest_can_change() -> None:
         parse_changes(["stall_detector=psychic"])
     assert parse_changes(["stall_lift=yes", "stall_detector=strikes"]) == {"stall_lift": True,
                                                                            "stall_detector": "strikes"}
+
+
+def test_a_log_decided_on_every_candidate_is_re_run_as_it_was_decided(tmp_path: Path) -> None:
+    """Logs from before ``candidates_by_provider`` (their ``rules`` lack it) switched a pin on another
+    provider to the router's candidate: the backtest reproduces that, and the new rule changes it."""
+    from events import Route, RouteRules
+
+    log = tmp_path / "audit.jsonl"
+    store = SessionStore(Config(enabled=True, tick_ms=0, event_log=str(log)))
+    old = RouteRules((("MEDIUM", ("openai/gpt-4o",)), ("COMPLEX", ("anthropic/claude-opus",))),
+                     candidates_by_provider=False)
+    keys = ("openai:k1", "openai:k2")
+    store.ask(Route("s", "anthropic/claude-opus", Tier.COMPLEX, old, request_hash="h1", candidates=("anthropic:a",)))
+    switched = store.ask(Route("s", "openai/gpt-4o", Tier.MEDIUM, old, request_hash="h2", candidates=keys))
+    assert (switched.kind, switched.model, switched.deployment) == ("switch", "anthropic/claude-opus", "openai:k1")
+    new = RouteRules(old.models)
+    store.ask(Route("t", "anthropic/claude-opus", Tier.COMPLEX, new, request_hash="h1", candidates=("anthropic:a",)))
+    kept = store.ask(Route("t", "openai/gpt-4o", Tier.MEDIUM, new, request_hash="h2", candidates=keys))
+    assert (kept.kind, kept.model, kept.deployment) == ("retain", "anthropic/claude-opus", "")
+    store.close()
+    records = read_log(log)
+    for record in records:
+        record.get("rules", {}).pop("candidates_by_provider", None)  # as such a log was written
+    older = tmp_path / "older.jsonl"
+    older.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    assert backtest(older).decisions_changed == 0
+    assert backtest(log).decisions_changed == 0  # recorded as false: the same
