@@ -312,7 +312,8 @@ def test_a_log_decided_on_every_candidate_is_re_run_as_it_was_decided(tmp_path: 
     store.close()
     records = read_log(log)
     for record in records:
-        record.get("rules", {}).pop("candidates_by_provider", None)  # as such a log was written
+        if record.get("session_id") == "s":
+            record.get("rules", {}).pop("candidates_by_provider", None)  # as such a log was written
     older = tmp_path / "older.jsonl"
     older.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
     assert backtest(older).decisions_changed == 0
