@@ -285,21 +285,20 @@ def _hash(route: Route, stall: bool = False) -> list[SessionEvent]:
     return [hash_event(route.session_id, h, route.stall or stall)] if h else []
 
 
-def _reaches_strike_limit(route: Route, base: Entry, config: Config) -> tuple[bool, list[SessionEvent]]:
-    """Whether this request brings the pinned session to the strike limit; and the events recording it
-    (the hash, plus ``Escalate`` unless the store's auto-escalation does it on the hash)."""
+def _reaches_strike_limit(route: Route, base: Entry, config: Config) -> tuple[bool, list[SessionEvent], bool]:
+    """Whether this request brings the pinned session to the strike limit (the "strikes" detector); the
+    events recording it (the hash); and whether the escalation needs an ``Escalate`` (not when the
+    store's auto-escalation does it on the hash)."""
     hashed = _hash(route)
     if not hashed or not base.model:
-        return False, hashed
+        return False, hashed, False
     rules = route.rules
     limit = rules.strike_limit or config.strike_limit
     _, strikes = count_strikes(base.recent_hashes, base.strikes, route.request_hash, route.stall)
     if (not rules.escalate_on_strikes or strikes < limit or strikes <= base.strikes
             or base.escalated or base.user_explicit):
-        return False, hashed
-    if not (config.auto_escalate and strikes >= config.strike_limit):
-        hashed.append(Escalate(route.session_id, "strikes"))
-    return True, hashed
+        return False, hashed, False
+    return True, hashed, not (config.auto_escalate and strikes >= config.strike_limit)
 
 
 # -- the choice rules: the first that applies picks the model -----------------------------
@@ -369,31 +368,14 @@ def keyword(route: Route, state: Entry | None, d: Draft, config: Config) -> bool
 
 
 def strikes(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
-    """Three strikes: the request that brings the session to the strike limit escalates it to the next
-    configured tier (a still higher router tier wins under adaptive); at the top configured tier the
-    pin is kept."""
+    """Three strikes: the request that brings the session to the strike limit (the "strikes" detector),
+    or a stall (the "window" detector, ``_stall``), escalates it one configured tier (``_one_tier_up``)."""
     pinned = d.pinned
     assert pinned is not None  # first_pin took every session without a pin
     if route.rules.stall_detector == "window":
         return _stall(route, pinned, d, config)
-    escalate, hashed = _reaches_strike_limit(route, pinned, config)
-    if not escalate:
-        return False
-    up = next_tier(route.rules, pinned.tier)
-    if route.rules.strategy == "adaptive" and tier_rank(route.tier) > tier_rank(up or pinned.tier):
-        d.model, d.kind, d.tier = _routers_model(route, d), UPGRADE, route.tier
-        d.reason = "strike limit reached; router asked for a higher tier"
-    elif up is None:
-        # Nothing is configured above: the pin stays (no tier is claimed that no model serves).
-        d.model, d.kind, d.tier = pinned.model, RETAIN, pinned.tier
-        d.reason = f"strike limit reached at the top configured tier ({_name(pinned.tier)}): pin kept"
-        d.events += [e for e in hashed if type(e) is not Escalate] + [touch_event(route.session_id)]
-        return True
-    else:
-        d.model, d.kind, d.tier = pick(route.rules, up, pinned.model, d.cache_provider), ESCALATE, up
-        d.reason = f"strike limit reached: {_name(pinned.tier)} -> {up.value}"
-    d.events += [*hashed, set_event(route.session_id, d.model, d.tier)]
-    return True
+    reached, hashed, escalate = _reaches_strike_limit(route, pinned, config)
+    return reached and _one_tier_up(route, pinned, d, "", hashed, escalate, False)
 
 
 def _stall(route: Route, pinned: Entry, d: Draft, config: Config) -> bool:
@@ -405,26 +387,33 @@ def _stall(route: Route, pinned: Entry, d: Draft, config: Config) -> bool:
     if not rules.escalate_on_strikes or pinned.user_explicit or (pinned.escalated and not lift):
         return False
     why = stall_reason(route, pinned.recent_hashes, rules.strike_limit or config.strike_limit)
-    if not why:
-        return False
-    sid, hashed = route.session_id, _hash(route, True)
+    return bool(why) and _one_tier_up(route, pinned, d, f" ({why})", _hash(route, True), not lift, lift)
+
+
+def _one_tier_up(route: Route, pinned: Entry, d: Draft, why: str, hashed: list[SessionEvent], escalate: bool,
+                 lift: bool) -> bool:
+    """A stalled session goes to the next configured tier (``Escalate`` first when ``escalate``); a still
+    higher router tier wins under adaptive; at the top configured tier the pin is kept (no tier is claimed
+    that no model serves); ``lift``: this request only, as a bypass, the pin unchanged."""
+    sid, rules = route.session_id, route.rules
+    marked = [*hashed, Escalate(sid, "strikes")] if escalate else hashed
     up = next_tier(rules, pinned.tier)
     if rules.strategy == "adaptive" and tier_rank(route.tier) > tier_rank(up or pinned.tier):
         d.model, d.kind, d.tier = _routers_model(route, d), UPGRADE, route.tier
-        d.reason = f"strike limit reached ({why}); router asked for a higher tier"
-        d.events += [*hashed, *(() if lift else (Escalate(sid, "strikes"),)), set_event(sid, d.model, d.tier)]
+        d.reason = f"strike limit reached{why}; router asked for a higher tier"
+        d.events += [*marked, set_event(sid, d.model, d.tier)]
     elif up is None:
         d.model, d.kind, d.tier = pinned.model, RETAIN, pinned.tier
-        d.reason = f"strike limit reached ({why}) at the top configured tier ({_name(pinned.tier)}): pin kept"
+        d.reason = f"strike limit reached{why} at the top configured tier ({_name(pinned.tier)}): pin kept"
         d.events += [*hashed, touch_event(sid)]
     elif lift:  # a bypass: another model serves this request, the pin is unchanged
         d.model, d.kind, d.tier = pick(rules, up, pinned.model, d.cache_provider), BYPASS, up
-        d.reason = f"strike limit reached ({why}): {_name(pinned.tier)} -> {up.value}{LIFTING}"
+        d.reason = f"strike limit reached{why}: {_name(pinned.tier)} -> {up.value}{LIFTING}"
         d.events += [*hashed, touch_event(sid)]
     else:
         d.model, d.kind, d.tier = pick(rules, up, pinned.model, d.cache_provider), ESCALATE, up
-        d.reason = f"strike limit reached ({why}): {_name(pinned.tier)} -> {up.value}"
-        d.events += [*hashed, Escalate(sid, "strikes"), set_event(sid, d.model, up)]
+        d.reason = f"strike limit reached{why}: {_name(pinned.tier)} -> {up.value}"
+        d.events += [*marked, set_event(sid, d.model, up)]
     return True
 
 
