@@ -395,14 +395,11 @@ class PolicyRouter:
         self.refused = 0
         self.restarted = 0
 
-    def _history(self, conv: Conversation, req: Request) -> None:
-        history(conv, req)
-
     def route(self, req: Request) -> None:
         conv = req.conversation
         self.set_time(self.start_ms + int(req.number * self.step_ms))
         if not req.repeat:
-            self._history(conv, req)
+            history(conv, req)
         tier = req.route_tier or req.tier
         model = req.model if req.explicit or tier is req.tier else _model_for(tier, req.model)
         # The user names the model when the chat starts and when they switch; the explicit pin then holds.

@@ -307,25 +307,17 @@ def _tool_calls(message: Any) -> Sequence[Any]:
 
 def tool_call_names(message: Any) -> list[str]:
     """Names of the tools an assistant message called (OpenAI ``tool_calls`` or Anthropic ``tool_use``)."""
-    names = []
-    for call in _tool_calls(message):
-        fn = _get(call, "function")
-        name = _get(fn, "name") if fn is not None else _get(call, "name")
-        if isinstance(name, str):
-            names.append(name)
-    content = _get(message, "content")
-    if isinstance(content, Sequence) and not isinstance(content, str):
-        for block in content:
-            if _get(block, "type") == "tool_use" and isinstance(_get(block, "name"), str):
-                names.append(_get(block, "name"))
-    return names
+    return [name for _, name, _ in _calls(message)]
 
 
-def last_user_text(messages: Sequence[Any]) -> str:
-    """The text of the last user message ("" when there is none)."""
+def last_user_text(messages: Sequence[Any], *, spoken: bool = False) -> str:
+    """The text of the last user message ("" when there is none); ``spoken``: of the last one with text
+    (an Anthropic user message of tool results only has none)."""
     for message in reversed(list(messages)):
         if _get(message, "role") == "user":
-            return message_text(_get(message, "content"))
+            text = message_text(_get(message, "content"))
+            if text or not spoken:
+                return text
     return ""
 
 
@@ -437,12 +429,7 @@ def stall_reading(messages: Sequence[Any], window: int) -> tuple[str, int, int]:
     and arguments, whatever the error's text) in the window, whichever is more. Only the counts and
     the hash leave here."""
     steps, last = tool_steps(messages, window)
-    user = ""
-    for message in reversed(messages):
-        if _get(message, "role") == "user":
-            user = message_text(_get(message, "content"))
-            if user:
-                break
+    user = last_user_text(messages, spoken=True)
     calls = [f"{sig}={hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}" for sig, text, _ in steps[:last]]
     if not steps:
         return hash_request_content(user, calls), 0, 0
