@@ -371,12 +371,13 @@ class _Run:
 
     # The variant state of one session.
     def _apply(self, sid: str, event: Any, ts: int, config: Config) -> tuple[Any, tuple[Any, ...]]:
-        out = apply(self.states.get(sid), event, ts, config)
-        if out.state is None:
+        # A re-run Route's turn never writes its decision.made: the variant's figures come from the result.
+        state, result, records = apply(self.states.get(sid), event, ts, config, decision_record=False)
+        if state is None:
             self.states.pop(sid, None)
         else:
-            self.states[sid] = out.state
-        return out.result, out.records
+            self.states[sid] = state
+        return result, records
 
     def _config(self, sid: str) -> Config:
         rules = self.rules.get(sid) or self.last_rules or self.fallback
@@ -512,13 +513,7 @@ class _Run:
                        get("long_context", False), tuple(candidates) if candidates else (), get("source", ""), pairs,
                        rid, get("keyword", ""), get("tool_repeats", 0), get("tool_errors", 0))
         ts = r["ts"]
-        states = self.states
-        out = apply(states.get(sid), route, ts, config, decision_record=False)
-        state, routed, records = out
-        if state is None:
-            states.pop(sid, None)
-        else:
-            states[sid] = state
+        routed, records = self._apply(sid, route, ts, config)
         vkind, vmodel, vtier = routed.kind, routed.model, routed.tier
         kinds = var.kinds
         kinds[vkind] = kinds.get(vkind, 0) + 1
@@ -580,12 +575,7 @@ class _Run:
         result.variant.cost_micros += vmicros
         if turn is not None:
             turn.variant_micros += vmicros
-        states = self.states
-        state = apply(states.get(sid), _settle(sid, vmicros, joined.variant_rid), r["ts"], joined.config).state
-        if state is None:
-            states.pop(sid, None)
-        else:
-            states[sid] = state
+        self._apply(sid, _settle(sid, vmicros, joined.variant_rid), r["ts"], joined.config)
 
     def _reprice(self, joined: _Joined, micros: int, prompt: int, completion: int) -> int:
         """The cost with the variant's model: the recorded cost scaled by the price ratio on the same tokens
