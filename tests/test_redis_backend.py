@@ -259,6 +259,18 @@ def _acknowledged(output: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in complete.splitlines() if line.strip()]
 
 
+def _all_acknowledged(procs: list[subprocess.Popen[bytes]]) -> list[dict[str, Any]]:
+    """What replicas that ran to the end acknowledged, in process order (each exited 0 and said done)."""
+    lines: list[dict[str, Any]] = []
+    for proc in procs:
+        out = _finish(proc)
+        assert proc.returncode == 0
+        got = _acknowledged(out)
+        assert got[-1] == {"done": True}
+        lines += got[:-1]
+    return lines
+
+
 def _check_load(url_client: Any, keys: Keys, lines: list[dict[str, Any]], sessions: int) -> None:
     """What every replica acknowledged is in Redis, exactly; seq runs without a gap in every bucket."""
     held = sessions_in_redis(url_client, keys)
@@ -284,13 +296,7 @@ def _check_load(url_client: Any, keys: Keys, lines: list[dict[str, Any]], sessio
 def test_four_replica_processes_agree_exactly(redis_server: RedisServer) -> None:
     url = redis_server.url  # the replicas use the default 64 buckets
     procs = [_replica(url, n, 250, 50) for n in range(4)]
-    lines = []
-    for proc in procs:
-        out = _finish(proc)
-        assert proc.returncode == 0
-        got = _acknowledged(out)
-        assert got[-1] == {"done": True}
-        lines += got[:-1]
+    lines = _all_acknowledged(procs)
     assert not [line for line in lines if line["op"] == "unavailable"]
     keys = Keys("se", 64)
     with redis_server.client() as client:
@@ -636,12 +642,7 @@ def test_cluster_four_replica_processes_and_a_slot_migrated_under_load(redis_clu
         owner = client.get_node_from_key(keys.tag(bucket_of("s1", 64))).port
         target = next(s for s in redis_cluster.servers if s.port != owner)
         assert migrate_slot(redis_cluster, slot, target) > 0
-        for proc in procs:
-            out = _finish(proc)
-            assert proc.returncode == 0
-            got = _acknowledged(out)
-            assert got[-1] == {"done": True}
-            lines += got[:-1]
+        lines += _all_acknowledged(procs)
         assert sum(line["op"] != "begin-cost" for line in lines) == 4 * 250
         assert not [line for line in lines if line["op"] == "unavailable"]
         assert _owns(target, slot)
