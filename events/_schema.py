@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from events import _records as R
+from events._validate import _CONTROL
 
 Check = Callable[[Any], bool]
 
@@ -73,9 +74,10 @@ def hashes(v: Any) -> bool:
     return type(v) is list and len(v) <= 3 and all(type(h) is str for h in v)
 
 
-@_domain("a string of 1 to 256 characters")
+@_domain("a string of 1 to 256 characters, no control characters")
 def session_id(v: Any) -> bool:
-    return type(v) is str and 0 < len(v) <= 256
+    # As the events check a session id (events/_validate.py): no engine writes another.
+    return type(v) is str and 0 < len(v) <= 256 and (v.isprintable() or _CONTROL.search(v) is None)
 
 
 @_domain("64 lower-case hex digits")

@@ -20,7 +20,7 @@ from events._schema import ENTRY, ENTRY_OPTIONAL, ENVELOPE, RECORDS, record_prob
 SCHEMA = orjson.loads((Path(__file__).resolve().parent.parent / "docs" / "log-schema.json").read_bytes())
 PROBES: list[Any] = [-1, 0, 1, 2, 10**15, 1.5, "", "x", "SIMPLE", "REASONING", "HUGE", "idle", "capacity", "cleared",
                      "clear_all", "cost", None, True, False, [], ["h"], ["h", "h", "h"], ["h"] * 4, [1], {}, "a" * 257,
-                     "0" * 64, "A" * 64, "0" * 63]
+                     "0" * 64, "A" * 64, "0" * 63, "a\tb", "\x7f", "\x9f", "\u2028 sep", "会话"]
 
 
 def _validator(subschema: dict[str, Any]) -> jsonschema.Draft202012Validator:
@@ -67,3 +67,12 @@ def test_a_strict_check_names_unknown_and_missing_fields_a_lenient_one_does_not(
     del record["colour"]
     assert record_problem(record) == ("request_count", "required")
     assert record_problem({**record, "request_count": True}, strict=False) == ("request_count", "an integer >= 0")
+
+
+@pytest.mark.parametrize("sid", ["a\tb", "new\nline", "\x00", "del\x7f", "c1\x85"])
+def test_a_session_id_no_event_accepts_is_out_of_its_domain(sid: str) -> None:
+    """The events refuse control characters in a session id (events/_validate.py), so no engine writes one: a
+    log holding one is corrupt, named by the reader, not a crash deep in a re-run (the backtest)."""
+    record = {"seq": 1, "ts": 0, "event": "session.touched", "session_id": sid, "last_used_at": 1, "request_count": 1}
+    assert record_problem(record) == ("session_id", "a string of 1 to 256 characters, no control characters")
+    assert record_problem({**record, "session_id": "ünïcødé \u2028 会话"}) is None
