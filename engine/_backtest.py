@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import orjson
 from engine._config import Config
 from engine._core import apply, ledger_only
 from engine._entry import Entry
-from engine._replay import LogCorrupt, Tail, new_fields, paused_gc, read_file, read_log, to_entry
+from engine._replay import PREFIX, LogCorrupt, Share, Tail, new_fields, paused_gc, read_file, read_log, to_entry
 from engine._rules import LIFTING
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
 from events import records as R
@@ -75,6 +76,10 @@ _NEVER_MS = 10**15
 
 class BacktestError(EngineError):
     """The backtest cannot run as asked (a bad option, model table or price file)."""
+
+
+class _Serial(Exception):
+    """A share of a parallel run met what only a run over the whole log can decide: run it serially."""
 
 
 # -- options -------------------------------------------------------------------------------------
@@ -320,8 +325,10 @@ class _Joined:
 
 class _Run:
     def __init__(self, changes: dict[str, Any], models: tuple[tuple[str, tuple[str, ...]], ...] | None,
-                 prices: Prices, session: str | None) -> None:
+                 prices: Prices, session: str | None, share: Share | None = None) -> None:
         self.changes = changes
+        #: One process's share of a parallel run (``_parallel``): it reads only its sessions' records.
+        self.share = share
         self.models = models
         self.prices = prices
         self.session = session
@@ -340,7 +347,8 @@ class _Run:
                                           2, False)
         self.held: dict[str, dict[str, Any]] = {}
         self.ended: dict[str, Any] = {}  # sessions whose idle expiry may leave a budget ledger (next record)
-        self.by_rid: dict[str, _Joined] = {}
+        #: Decisions by (session, reservation id): a response's cost settles its own session's reservation.
+        self.by_rid: dict[tuple[str, str], _Joined] = {}
         self.last: dict[str, _Joined] = {}
 
     def _variant(self, recorded: RouteRules, strike_limit: int, auto: bool) -> _Rules:
@@ -380,7 +388,10 @@ class _Run:
         return result, records
 
     def _config(self, sid: str) -> Config:
-        rules = self.rules.get(sid) or self.last_rules or self.fallback
+        """The store settings for a session's costs, releases and deployments (a session with no rules of its
+        own takes the last seen; a share of a parallel run, which never sees them all, the defaults: these
+        events read only the idle timeout and budget window, the same in every backtest config)."""
+        rules = self.rules.get(sid) or (self.last_rules if self.share is None else None) or self.fallback
         return rules.config if rules is not None else _DEFAULT_CONFIG
 
     def feed(self, records: Iterable[dict[str, Any]]) -> BacktestResult:
@@ -396,10 +407,12 @@ class _Run:
         # escalations and pin moves in that decision's turn.
         run_sid: str | None = None
         run_next = escalations = switches = 0
-        for r in records:
+        for r in records:  # a share's reader yields only its sessions' records (and to share 0 the sessionless)
             count += 1
             sid = r.get("session_id")
             if sid is None:
+                if r["event"] == R.LOG_SNAPSHOT and self.share is not None:
+                    raise _Serial("a snapshot: the sessions it holds are known in full only to a serial run")
                 if r["event"] == R.LOG_SNAPSHOT and count == r.get("part", 1):
                     # The log starts at a snapshot (its older history deleted): the sessions live then.
                     for snap_sid, fields in r["sessions"].items():
@@ -435,7 +448,7 @@ class _Run:
             elif name == cost:
                 self._cost(sid, r)
             elif name == released:
-                joined = self.by_rid.pop(r.get("reservation_id", ""), None)
+                joined = self.by_rid.pop((sid, r.get("reservation_id", "")), None)
                 if joined is not None and joined.variant_rid:
                     self._apply(sid, Release(sid, joined.variant_rid), r["ts"], self._config(sid))
             elif name in endings:
@@ -477,6 +490,8 @@ class _Run:
         else:
             rules = self.rules.get(sid)
             if rules is None:
+                if self.share is not None:  # the rules last seen in the whole log: only a serial run knows them
+                    raise _Serial(f"session {sid[:40]} has no rules of its own in the log")
                 rules = self.last_rules or self.fallback
                 if rules is None:
                     result.no_rules += 1
@@ -549,14 +564,14 @@ class _Run:
         joined = _Joined(model, vmodel, routed.reservation_id, vrefused, turn, config)
         self.last[sid] = joined
         if recorded_rid:
-            self.by_rid[recorded_rid] = joined
+            self.by_rid[sid, recorded_rid] = joined
 
     def _cost(self, sid: str, r: dict[str, Any]) -> None:
         result = self.result
         micros = r["micros"]
         result.baseline.cost_micros += micros
         rid = r.get("reservation_id")
-        joined = self.by_rid.pop(rid, None) if rid else None
+        joined = self.by_rid.pop((sid, rid), None) if rid else None
         last = self.last.pop(sid, None)
         if joined is None and not rid:
             joined = last
@@ -655,9 +670,9 @@ def _settle(sid: str, micros: int, rid: str) -> Cost:
 
 def run_backtest(records: Iterable[dict[str, Any]], changes: Mapping[str, Any] | Iterable[str] = (),
                  *, models: tuple[tuple[str, tuple[str, ...]], ...] | None = None, prices: Prices | None = None,
-                 session: str | None = None) -> BacktestResult:
-    """The backtest over a stream of records (in ``seq`` order)."""
-    run = _Run(parse_changes(changes), models, prices or Prices(), session)
+                 session: str | None = None, share: Share | None = None) -> BacktestResult:
+    """The backtest over a stream of records (in ``seq`` order); ``share``: only that share's sessions."""
+    run = _Run(parse_changes(changes), models, prices or Prices(), session, share)
     run.result.changes = {name: str(value) for name, value in _pairs(changes).items()}
     with paused_gc():
         result = run.feed(records)
@@ -671,14 +686,156 @@ def run_backtest(records: Iterable[dict[str, Any]], changes: Mapping[str, Any] |
 
 
 def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *, models: str | Path | None = None,
-             prices: str | Path | None = None, session: str | None = None) -> BacktestResult:
+             prices: str | Path | None = None, session: str | None = None, jobs: int | None = None) -> BacktestResult:
     """The backtest of a log (file or segment directory, every segment on disk), streamed.
 
     ``changes``: ``{"strike_limit": 5}`` or ``["strike_limit=5"]``; ``models``: a JSON model table file;
     ``prices``: a JSON price file (else LiteLLM's price map when installed). This is what the CLI runs.
+    ``jobs``: processes that re-run the sessions, each its share of them (``_parallel``); None: one per
+    CPU for a log file of ``PARALLEL_BYTES`` or more, else 1; the figures are the same whatever it is.
     """
+    path = Path(log)
     table = read_models(models) if models else None
-    return run_backtest(_history(Path(log)), changes, models=table, prices=Prices(prices), session=session)
+    parse_changes(changes)  # a bad option is reported before any process starts
+    if jobs is not None and (type(jobs) is not int or jobs < 1):
+        raise InvalidEvent("jobs", "must be an int >= 1")
+    if session is None and path.is_file() and not _archives(path):
+        count = jobs if jobs is not None else (_cpus() if path.stat().st_size >= PARALLEL_BYTES else 1)
+        if count > 1:
+            result = _parallel(path, changes, table, prices, count)
+            if result is not None:
+                return result
+    return run_backtest(_history(path), changes, models=table, prices=Prices(prices), session=session)
+
+
+#: A log file at least this large is backtested by one process per CPU when ``jobs`` is not given.
+PARALLEL_BYTES = 16 << 20
+#: Most processes ``jobs=None`` starts.
+MAX_JOBS = 8
+
+
+def _cpus() -> int:
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        count = os.cpu_count() or 1
+    return max(1, min(count, MAX_JOBS))
+
+
+def _parallel(path: Path, changes: Mapping[str, Any] | Iterable[str], models: Any, prices: str | Path | None,
+              jobs: int) -> BacktestResult | None:
+    """The backtest in ``jobs`` processes, each re-running its share of the sessions (sessions are independent:
+    a decision reads only its own session's state). Each process passes over every line but parses only
+    its sessions' (``engine._replay.Share``); every line is still checked, by the process that owns it,
+    and every ``seq`` by all. Shares are balanced by session size, sampled from the file. The figures are
+    summed; they equal a serial run's (tests/test_backtest_parallel.py). None, and the caller runs
+    serially, when a share met anything only a serial run can decide or report: a corrupt line (the
+    serial run names it), a log that starts at a snapshot, a session without rules of its own."""
+    import multiprocessing
+    import threading
+
+    pairs = _pairs(changes)
+    source = Prices(prices).source  # a bad price file is reported before any process starts
+    heavy = _heavy_sessions(path, jobs)
+    tasks = [(str(path), pairs, models, None if prices is None else str(prices), index, jobs, heavy)
+             for index in range(jobs)]
+    # fork is the cheapest start, but only safe in a process with one thread (and not on every platform);
+    # else a fresh server forks them, or each starts afresh.
+    methods = multiprocessing.get_all_start_methods()
+    method = next(m for m in ("fork", "forkserver", "spawn")
+                  if m in methods and (m != "fork" or threading.active_count() == 1))
+    parts: list[BacktestResult] = []
+    try:
+        with multiprocessing.get_context(method).Pool(jobs) as pool:
+            for part in pool.imap_unordered(_share_run, tasks):
+                if not isinstance(part, BacktestResult):
+                    return None  # leaving the block terminates the other shares
+                parts.append(part)
+    except (OSError, AssertionError, ValueError):  # no processes here (a daemon process, a limit): one it is
+        return None
+    return _summed(parts, pairs, source)
+
+
+def _owner(heavy: dict[bytes, int], jobs: int) -> Callable[[bytes], int]:
+    """Which share a session id (UTF-8 bytes) belongs to: the sampled heavy sessions as balanced, the rest
+    by a hash that is the same in every process (``crc32``; Python's ``hash`` of bytes is salted)."""
+    crc32 = zlib.crc32
+
+    def owner(sid: bytes) -> int:
+        index = heavy.get(sid)
+        return crc32(sid) % jobs if index is None else index
+
+    return owner
+
+
+def _share_run(task: tuple[Any, ...]) -> BacktestResult | str:
+    path, pairs, models, prices, index, jobs, heavy = task
+    try:
+        share = Share(index, _owner(heavy, jobs))
+        records = read_file(Path(path), Tail(), light=_LIGHT, share=share)
+        return run_backtest(records, pairs, models=models, prices=Prices(prices), share=share)
+    except Exception as exc:  # anything (_Serial, a corrupt line): the caller runs serially and reports it
+        return f"{type(exc).__name__}: {exc}"
+
+
+#: Evenly spaced blocks of the file whose lines ``_heavy_sessions`` counts.
+_SAMPLES, _SAMPLE_BYTES = 256, 1 << 16
+
+
+def _cost_of(line: bytes) -> int:
+    """A line's share of a backtest's time, roughly (measured on the bench log: a re-run decision takes
+    about 8 times a line that is only read, a settled cost 2.5 times)."""
+    if b'"event":"decision.made"' in line:
+        return 80
+    return 25 if b'"event":"cost.added"' in line else 10
+
+
+def _heavy_sessions(path: Path, jobs: int) -> dict[bytes, int]:
+    """The sessions seen in 256 sampled blocks of 64 KiB, weighed by ``_cost_of`` their lines there and
+    assigned to shares largest first, each to the share with the least so far; the sessions the sample
+    missed (small ones, mostly) are spread by hash."""
+    size = path.stat().st_size
+    counts: dict[bytes, int] = {}
+    match = PREFIX.match
+    with open(path, "rb") as f:
+        for k in range(_SAMPLES):
+            f.seek(size * k // _SAMPLES)
+            for line in f.read(_SAMPLE_BYTES).split(b"\n")[1:-1]:  # whole lines only
+                placed = match(line)
+                if placed is not None:
+                    sid = placed[1]
+                    counts[sid] = counts.get(sid, 0) + _cost_of(line)
+    # Largest first, each to the least loaded share: the sampled sessions' shares balance to within the smallest.
+    loads = [0] * jobs
+    heavy: dict[bytes, int] = {}
+    for n, sid in sorted(((n, sid) for sid, n in counts.items()), reverse=True):
+        index = loads.index(min(loads))
+        heavy[sid] = index
+        loads[index] += n
+    return heavy
+
+
+def _summed(parts: list[BacktestResult], pairs: dict[str, Any], prices: str) -> BacktestResult:
+    """One result from the shares' (they hold disjoint sessions: every figure is a sum)."""
+    result = BacktestResult(changes={name: str(value) for name, value in pairs.items()}, prices=prices)
+    for part in parts:
+        for mine, theirs in ((result.baseline, part.baseline), (result.variant, part.variant)):
+            for name in ("cost_micros", "escalations", "refusals", "downgrades", "pin_switches"):
+                setattr(mine, name, getattr(mine, name) + getattr(theirs, name))
+            for kind, n in theirs.kinds.items():
+                mine.kinds[kind] = mine.kinds.get(kind, 0) + n
+        for name in ("decisions", "decisions_changed", "records", "not_rerun", "no_rules", "repriced", "unpriced",
+                     "estimated"):
+            setattr(result, name, getattr(result, name) + getattr(part, name))
+        if part.prices != prices:  # a share that needed LiteLLM's price map and found none
+            result.prices = part.prices
+    return result
+
+
+def _archives(path: Path) -> list[Path]:
+    """A single-file log's rotated archives (``<name>.<first seq, 20 digits>``), oldest first."""
+    return sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.*")
+                  if len(p.name) == len(path.name) + 21 and p.name[len(path.name) + 1:].isdigit())
 
 
 def _history(path: Path) -> Iterator[dict[str, Any]]:
@@ -687,8 +844,7 @@ def _history(path: Path) -> Iterator[dict[str, Any]]:
     archives is read by ``read_file`` itself (no generator in between: a record costs ~0.1 µs less)."""
     if path.is_dir() or not path.exists():
         return read_log(path, history=True, light=_LIGHT)
-    archives = sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.*")
-                      if len(p.name) == len(path.name) + 21 and p.name[len(path.name) + 1:].isdigit())
+    archives = _archives(path)
     if not archives:
         return read_file(path, Tail(), light=_LIGHT)
     return _files([*archives, path])

@@ -18,7 +18,7 @@ import gc
 import glob
 import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,8 +128,43 @@ def segment_name(first_seq: int) -> str:
     return f"{first_seq:020d}.jsonl"
 
 
+class Share:
+    """One reader's share of a log's sessions (a parallel backtest, engine/_backtest.py): ``read_file``
+    yields only the records of the sessions it owns (and, to share 0, the records of no session), and
+    passes over the other lines after reading their ``seq``, unparsed.
+
+    A line is placed from the prefix this version writes (``PREFIX``: seq, ts, event and session_id
+    first, no escape in the event or the id); a line it does not place is parsed and placed by its
+    ``session_id``. A session belongs to share ``owner(id as UTF-8 bytes)``, the same in every reader."""
+
+    __slots__ = ("index", "owner", "owns")
+
+    def __init__(self, index: int, owner: Callable[[bytes], int]) -> None:
+        self.index = index
+        self.owner = owner
+        #: Session id bytes -> the id (str) when this share owns it, else False.
+        self.owns: dict[bytes, str | bool] = {}
+
+    def own(self, sid: bytes) -> str | bool:
+        own = self.owns.get(sid)
+        if own is None:
+            own = self.owns[sid] = sid.decode() if self.owner(sid) == self.index else False
+        return own
+
+    def keeps(self, record: dict[str, Any]) -> bool:
+        """Whether a parsed record (one the prefix did not place) is this share's."""
+        sid = record.get("session_id")
+        if type(sid) is not str:
+            return self.index == 0
+        return self.own(sid.encode()) is not False
+
+
+#: The prefix of a record line as this version writes it: ``seq`` and ``session_id`` read without parsing the line.
+PREFIX = re.compile(rb'\{"seq":\d{1,19},"ts":\d{1,19},"event":"[^"\\]{1,64}","session_id":"([^"\\]{0,512})"')
+
+
 def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool = True,
-              light: frozenset[str] = frozenset()) -> Iterator[dict[str, Any]]:
+              light: frozenset[str] = frozenset(), share: Share | None = None) -> Iterator[dict[str, Any]]:
     """Yield each record of one file, checking that ``seq`` counts up by one.
 
     ``expect`` is the ``seq`` the previous file ended on (None: any start).
@@ -141,6 +176,10 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
     ``session_id`` (and whether a key is present). Such a record that carries a string
     ``session_id`` skips the value-domain check of its other fields; every other record is
     checked in full (the backtest reads its turn records this way).
+
+    ``share``: yield only the records of this reader's sessions (and every record it cannot place
+    from its prefix); the other lines count as records whose ``seq`` is read from the prefix and
+    checked to follow, their other bytes left to the reader that owns them (``Share``).
     """
     loads = orjson.loads
     decode_error = orjson.JSONDecodeError
@@ -150,8 +189,26 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
     number = 0
     line = b""
     with open(path, "rb", buffering=1 << 20) as f:
+        match = PREFIX.match if share is not None else None
+        owns = share.owns if share is not None else {}
+        own: str | bool | None = None  # a shared reader's verdict on the line's prefix: the id if it owns it
         for line in f:
             number += 1
+            if match is not None:
+                placed = match(line)
+                if placed is None:
+                    own = None
+                else:
+                    sid = placed[1]
+                    own = owns.get(sid)
+                    if own is None:
+                        own = share.own(sid)  # type: ignore[union-attr]
+                    if own is False and prev is not None:
+                        # Another share's record: counted, not read. Its owner checks that its seq is the one
+                        # this count expects (every reader counts every line), so seqs still count up by one.
+                        prev += 1
+                        pos += len(line)
+                        continue
             try:
                 record = loads(line)
                 seq = record["seq"]
@@ -174,7 +231,17 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
             pos += len(line)
             tail.last_seq = seq
             tail.good_end = pos
+            if match is not None:
+                if type(own) is not str:  # not placed (or another share's first line)
+                    if not share.keeps(record):  # type: ignore[union-attr]
+                        continue
+                elif record.get("session_id") != own:
+                    # Never in a log this version writes (a repeated key): the prefix placed the line in
+                    # another share than its record's. The caller reads such a log without shares.
+                    raise LogCorrupt(f"{path} line {number}: session_id is not the one its prefix names")
             yield record
+    if share is not None and prev is not None:
+        tail.last_seq = prev  # the other shares' records count too (tail.good_end: this share's last record)
     _finish(tail, line)
 
 

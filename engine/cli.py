@@ -95,6 +95,10 @@ def backtest(
              "default: LiteLLM's price map when installed.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
     session: Annotated[str | None, typer.Option(help="One session only, turn by turn.")] = None,
+    jobs: Annotated[int | None, typer.Option(
+        "--jobs", "-j", min=1,
+        help="Processes re-running the sessions, each its share (same figures whatever the number); default: "
+             "one per CPU (at most 8) for a log file of 16 MiB or more, else 1.")] = None,
 ) -> None:
     """Re-run the log's recorded decisions through the same routing rules with changed options.
 
@@ -104,7 +108,7 @@ def backtest(
     from engine._backtest import backtest as run
 
     try:
-        result = run(log, set_ or (), models=models, prices=prices, session=session)
+        result = run(log, set_ or (), models=models, prices=prices, session=session, jobs=jobs)
     except FileNotFoundError:
         fail(f"no such log: {log}")
     except (EngineError, OSError) as exc:
