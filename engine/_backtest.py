@@ -732,28 +732,67 @@ def _parallel(path: Path, changes: Mapping[str, Any] | Iterable[str], models: An
     serially, when a share met anything only a serial run can decide or report: a corrupt line (the
     serial run names it), a log that starts at a snapshot, a session without rules of its own."""
     import multiprocessing
-    import threading
 
     pairs = _pairs(changes)
     source = Prices(prices).source  # a bad price file is reported before any process starts
     heavy = _heavy_sessions(path, jobs)
     tasks = [(str(path), pairs, models, None if prices is None else str(prices), index, jobs, heavy)
              for index in range(jobs)]
-    # fork is the cheapest start, but only safe in a process with one thread (and not on every platform);
-    # else a fresh server forks them, or each starts afresh.
-    methods = multiprocessing.get_all_start_methods()
-    method = next(m for m in ("fork", "forkserver", "spawn")
-                  if m in methods and (m != "fork" or threading.active_count() == 1))
-    parts: list[BacktestResult] = []
     try:
-        with multiprocessing.get_context(method).Pool(jobs) as pool:
-            for part in pool.imap_unordered(_share_run, tasks):
-                if not isinstance(part, BacktestResult):
-                    return None  # leaving the block terminates the other shares
-                parts.append(part)
+        parts = _run_shares(multiprocessing.get_context(_start_method()), tasks)
     except (OSError, AssertionError, ValueError):  # no processes here (a daemon process, a limit): one it is
         return None
-    return _summed(parts, pairs, source)
+    return None if parts is None else _summed(parts, pairs, source)
+
+
+def _start_method() -> str:
+    """fork is the cheapest start, but only safe in a process with one thread (and not on every platform);
+    else a fresh server forks the shares, or each starts afresh."""
+    import multiprocessing
+    import threading
+
+    methods = multiprocessing.get_all_start_methods()
+    return next(m for m in ("fork", "forkserver", "spawn")
+                if m in methods and (m != "fork" or threading.active_count() == 1))
+
+
+def _run_shares(context: Any, tasks: list[tuple[Any, ...]]) -> list[BacktestResult] | None:
+    """One process per share, each answering through its own pipe; None as soon as one answers anything but
+    its figures or dies without answering (the others are stopped: the caller runs serially)."""
+    from multiprocessing.connection import wait
+
+    running: dict[Any, Any] = {}
+    try:
+        for task in tasks:
+            reader, writer = context.Pipe(duplex=False)
+            process = context.Process(target=_share_main, args=(writer, task), daemon=True)
+            process.start()
+            writer.close()  # the share holds the only writer: its death is the reader's end of file
+            running[reader] = process
+        parts: list[BacktestResult] = []
+        while running:
+            for reader in wait(list(running)):
+                process = running.pop(reader)
+                try:
+                    part = reader.recv()
+                except EOFError:  # killed (out of memory, a signal) before it answered
+                    part = None
+                reader.close()
+                process.join()
+                if not isinstance(part, BacktestResult):
+                    return None
+                parts.append(part)
+        return parts
+    finally:
+        for process in running.values():
+            process.terminate()
+        for process in running.values():
+            process.join()
+
+
+def _share_main(writer: Any, task: tuple[Any, ...]) -> None:
+    with writer:
+        writer.send(_share_run(task))
 
 
 def _owner(heavy: dict[bytes, int], jobs: int) -> Callable[[bytes], int]:

@@ -168,3 +168,23 @@ def test_cli_jobs(sim_log: Path) -> None:
     assert orjson.loads(runs[0]) == orjson.loads(runs[1])
     bad = subprocess.run([*session_engine(), "backtest", str(sim_log), "-j", "0"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--jobs" in bad.stderr
+
+
+def test_a_share_that_dies_leaves_the_run_to_one_process(sim_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A share killed before it answers (out of memory, a signal): the others are stopped and the run is made in
+    the calling process, with the same figures; it never waits for an answer that cannot come."""
+    import os
+    import signal
+
+    real = bt._share_run
+
+    def killed_second(task: tuple[Any, ...]) -> Any:
+        if task[4] == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(task)
+
+    monkeypatch.setattr(bt, "_share_run", killed_second)
+    monkeypatch.setattr(bt, "_start_method", lambda: "fork")  # the forked shares run the patched function
+    assert bt._parallel(sim_log, ["strike_limit=50"], None, None, 2) is None
+    serial = backtest(sim_log, ["strike_limit=50"], jobs=1).to_json()
+    assert backtest(sim_log, ["strike_limit=50"], jobs=2).to_json() == serial
