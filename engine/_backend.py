@@ -49,6 +49,8 @@ class RedisTarget:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     display: str = ""
+    #: rediss:// only: redis-py's TLS settings from the URL's query (``TLS_OPTIONS``), as keyword arguments.
+    tls_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def cluster(self) -> bool:
@@ -61,6 +63,49 @@ class RedisTarget:
 
 def _bad(rule: str) -> InvalidEvent:
     return InvalidEvent("backend", rule)
+
+
+#: The query options a rediss:// URL takes (redis-py's names, as its own ``from_url`` reads them).
+TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+_CERT_REQS = ("required", "optional", "none")
+
+
+def _tls_options(scheme: str, query: str) -> tuple[tuple[str, Any], ...]:
+    """``?ssl_ca_certs=/path/ca.pem&...`` of a rediss:// URL: the CA bundle to verify the server with (else
+    the system's), a client certificate and key (mutual TLS), ``ssl_cert_reqs`` and
+    ``ssl_check_hostname`` (default true: the server's certificate must name the host in the URL)."""
+    if not query:
+        return (("ssl_check_hostname", True),) if scheme == "rediss" else ()
+    if scheme != "rediss":
+        raise _bad(f"URL options (?{'&'.join(TLS_OPTIONS[:1])}=...) are TLS settings: they need rediss://")
+    try:
+        pairs = parse_qs(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise _bad("the URL's options must be name=value pairs joined by &") from None
+    options: dict[str, Any] = {"ssl_check_hostname": True}
+    for name, values in pairs.items():
+        if name not in TLS_OPTIONS:
+            raise _bad(f"unknown URL option {_safe(name)!r} (rediss:// takes {', '.join(TLS_OPTIONS)})")
+        if len(values) > 1:
+            raise _bad(f"the URL option {name} is given twice")
+        value = values[0]
+        if name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            if not os.path.isfile(value) or not os.access(value, os.R_OK):
+                raise _bad(f"{name} must name a readable file (a PEM file)")
+            options[name] = value
+        elif name == "ssl_cert_reqs":
+            if value not in _CERT_REQS:
+                raise _bad(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}")
+            options[name] = value
+        else:
+            if value.lower() not in ("true", "false"):
+                raise _bad("ssl_check_hostname must be true or false")
+            options[name] = value.lower() == "true"
+    if "ssl_keyfile" in options and "ssl_certfile" not in options:
+        raise _bad("ssl_keyfile needs ssl_certfile (the client certificate it belongs to)")
+    if options.get("ssl_cert_reqs") == "none":
+        options["ssl_check_hostname"] = False  # nothing is verified: no name either (TLS still encrypts)
+    return tuple(options.items())
 
 
 def parse_backend(url: Any) -> RedisTarget | None:
@@ -87,6 +132,7 @@ def parse_backend(url: Any) -> RedisTarget | None:
     userinfo, at, hostpart = rest.rpartition("@")
     if not at:
         userinfo, hostpart = "", rest
+    hostpart, _, query = hostpart.partition("?")
     hostpart, _, dbpart = hostpart.partition("/")
     hosts = []
     for item in hostpart.split(","):
@@ -100,13 +146,15 @@ def parse_backend(url: Any) -> RedisTarget | None:
         raise _bad("several hosts need redis+cluster://")
     if scheme == "redis+cluster" and dbpart not in ("", "0"):
         raise _bad("Redis Cluster has only db 0")
-    db = _db(dbpart.split("?")[0] or "0")
+    db = _db(dbpart or "0")
+    tls = _tls_options(scheme, query)
     user = password = None
     if userinfo:
         user, colon, password = userinfo.partition(":")
         user, password = unquote(user) or None, unquote(password) if colon else None
     display = f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in hosts) + ("" if scheme == "redis+cluster" else f"/{db}")
-    return _with_credentials(RedisTarget(scheme, hosts=tuple(hosts), db=db, display=display), user, password)
+    return _with_credentials(RedisTarget(scheme, hosts=tuple(hosts), db=db, display=display, tls_options=tls),
+                             user, password)
 
 
 def _db(text: str) -> int:
@@ -123,7 +171,8 @@ def _safe(text: str) -> str:
 def _with_credentials(target: RedisTarget, user: str | None, password: str | None) -> RedisTarget:
     user = user or os.environ.get(USERNAME_ENV) or None
     password = password or os.environ.get(PASSWORD_ENV) or None
-    return RedisTarget(target.scheme, target.hosts, target.path, target.db, user, password, target.display)
+    return RedisTarget(target.scheme, target.hosts, target.path, target.db, user, password, target.display,
+                       target.tls_options)
 
 
 class Backend(Protocol):

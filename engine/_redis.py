@@ -132,7 +132,7 @@ def connect(target: RedisTarget, timeout_s: float) -> Any:
     if target.scheme == "unix":
         return redis.Redis(unix_socket_path=target.path, **common)
     host, port = target.hosts[0]
-    return redis.Redis(host=host, port=port, ssl=target.tls, **common)
+    return redis.Redis(host=host, port=port, ssl=target.tls, **dict(target.tls_options), **common)
 
 
 def unavailable(target: RedisTarget, exc: BaseException) -> EngineError:
@@ -145,6 +145,10 @@ def unavailable(target: RedisTarget, exc: BaseException) -> EngineError:
     if isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc):
         return BackendError(f"a key in the engine's namespace at {target.display} is not a session-engine key "
                             f"(WRONGTYPE)")
+    text = str(exc)
+    if target.tls and "[SSL" in text:  # the handshake failed: say why (the text names no credential)
+        why = text[text.index("[SSL"):].split(" (_ssl.c")[0].rstrip(".")
+        return BackendUnavailable(f"Redis at {target.display} is unavailable: the TLS handshake failed ({why[:200]})")
     return BackendUnavailable(f"Redis at {target.display} is unavailable: {type(exc).__name__}")
 
 

