@@ -692,7 +692,8 @@ def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *
     ``changes``: ``{"strike_limit": 5}`` or ``["strike_limit=5"]``; ``models``: a JSON model table file;
     ``prices``: a JSON price file (else LiteLLM's price map when installed). This is what the CLI runs.
     ``jobs``: processes that re-run the sessions, each its share of them (``_parallel``); None: one per
-    CPU for a log file of ``PARALLEL_BYTES`` or more, else 1; the figures are the same whatever it is.
+    CPU for a log file of ``PARALLEL_BYTES`` or more read by a process with no other thread (the CLI),
+    else 1; the figures are the same whatever it is.
     """
     path = Path(log)
     table = read_models(models) if models else None
@@ -700,7 +701,8 @@ def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *
     if jobs is not None and (type(jobs) is not int or jobs < 1):
         raise InvalidEvent("jobs", "must be an int >= 1")
     if session is None and path.is_file() and not _archives(path):
-        count = jobs if jobs is not None else (_cpus() if path.stat().st_size >= PARALLEL_BYTES else 1)
+        count = jobs if jobs is not None else (
+            _cpus() if path.stat().st_size >= PARALLEL_BYTES and _start_method() == "fork" else 1)
         if count > 1:
             result = _parallel(path, changes, table, prices, count)
             if result is not None:
@@ -747,7 +749,9 @@ def _parallel(path: Path, changes: Mapping[str, Any] | Iterable[str], models: An
 
 def _start_method() -> str:
     """fork is the cheapest start, but only safe in a process with one thread (and not on every platform);
-    else a fresh server forks the shares, or each starts afresh."""
+    else a fresh server forks the shares, or each starts afresh: both import the caller's ``__main__``
+    first, so they are used only when ``jobs`` asks for processes (a script then guards its top level
+    with ``if __name__ == "__main__":``, as multiprocessing requires)."""
     import multiprocessing
     import threading
 

@@ -154,6 +154,9 @@ def test_jobs_default_and_bounds(sim_log: Path, monkeypatch: pytest.MonkeyPatch)
     assert backtest(sim_log).to_json() == serial and started == []  # a small log: this process
     monkeypatch.setattr(bt, "PARALLEL_BYTES", 0)
     monkeypatch.setattr(bt, "_cpus", lambda: 2)
+    monkeypatch.setattr(bt, "_start_method", lambda: "forkserver")  # the caller runs other threads: stay here
+    assert backtest(sim_log).to_json() == serial and started == []
+    monkeypatch.setattr(bt, "_start_method", lambda: "fork")  # a single-threaded caller (the CLI)
     assert backtest(sim_log).to_json() == serial and started == [2]
     assert backtest(sim_log, session="anything", jobs=2).decisions == 0 and started == [2]  # one session: serial
     for bad in (0, -1, 1.5, True):
