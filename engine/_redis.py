@@ -48,6 +48,7 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
+from engine import _chain
 from engine._backend import BackendError, BackendUnavailable, RedisTarget, parse_backend
 from engine._capacity import TENANT_LIMIT, TENANT_RATE, SessionRefused
 from engine._core import (
@@ -64,6 +65,7 @@ from engine._log import drop_forbidden
 from engine._replay import LogCorrupt, State, fold, new_fields, segment_name, to_entry
 from engine._scope import tenant_of
 from engine._shard import Shard, ShardFailed
+from engine._time import now_ms
 from events import ClearAll, EngineError, Evict, Expire, GetStats, InvalidEvent, SetSession, Tick
 from events import records as R
 
@@ -206,6 +208,9 @@ class RedisBackend:
             raise
         self._token_prefix = f"{os.getpid()}.{uuid.uuid4().hex[:12]}."
         self._tokens = itertools.count()  # next() on a count is atomic under the GIL
+        #: The buckets this process wrote records to: their heads are signed on close, when a key is set.
+        self.written: set[int] = set()
+        self.signing_key = _chain.key_from_env()
         self.log = RedisLog(self)
         buckets = self.keys.buckets
         # A session goes to the shard that reaps its bucket (bucket % shards: see owned()), so its events
@@ -233,15 +238,13 @@ class RedisBackend:
                 deadline: int | str, pexpire_ms: int, records: list[bytes], token: str | None = None,
                 creates: bool = False, now: int = 0, last_used: int = 0) -> None:
         """Queue one commit script (redis_commit.lua); ``creates``: it creates its session by a SetSession."""
-        seq, ver, exp, log = self.keys.bucket_keys(bucket)
-        key = self.keys.session(bucket, sid) if sid is not None else f"{self.keys.tag(bucket)}:none"
         tenant = tenant_of(sid) if sid is not None else ""
-        own, rate = self.keys.tenant_keys(bucket, tenant)
-        pipe.execute_command("EVALSHA", self.sha, 8, key, seq, ver, exp, log, own, rate, self.keys.head(bucket),
-                             expected, state,
-                             deadline, pexpire_ms, sid or "", self.maxlen, token or self.token(), tenant,
-                             self.tenant_cap if tenant else "", self.tenant_rate if tenant and creates else "",
-                             now, last_used, *records)
+        if records:
+            self.written.add(bucket)
+        pipe.execute_command(*commit_command(
+            self.keys, self.sha, bucket, sid, expected, state, deadline, pexpire_ms, self.maxlen,
+            token or self.token(), tenant, self.tenant_cap if tenant else "",
+            self.tenant_rate if tenant and creates else "", now, last_used, records))
 
     def token(self) -> str:
         """Unique per commit attempt (this process, this backend, a counter): see redis_commit.lua."""
@@ -252,7 +255,74 @@ class RedisBackend:
         self.sha = self.client.script_load(COMMIT_LUA)
 
     def close(self) -> None:
-        self.client.close()
+        """Sign the heads of the buckets this process wrote to (with a key: docs/audit-log.md, "Signing the Redis
+        streams"), then let the connections go. A failed signature is logged, never raised: the store's
+        records are already in Redis, and the next ``session-engine sign`` signs the same heads."""
+        try:
+            if self.signing_key is not None and self.written:
+                sign_heads(self.client, self.keys, self.signing_key, sorted(self.written), maxlen=self.maxlen,
+                           sha=self.sha)
+        except RedisError as exc:
+            logger.warning("session-engine: the Redis stream heads could not be signed on close: %s",
+                           unavailable(self.target, exc))
+        finally:
+            self.client.close()
+
+
+def commit_command(keys: Keys, sha: str, bucket: int, sid: str | None, expected: str, state: bytes | str,
+                   deadline: int | str, pexpire_ms: int, maxlen: str, token: str, tenant: str, cap: str, rate: str,
+                   now: int, last_used: int, records: list[bytes]) -> tuple[Any, ...]:
+    """The EVALSHA of one commit script (redis_commit.lua documents every key and argument)."""
+    seq, ver, exp, log = keys.bucket_keys(bucket)
+    key = keys.session(bucket, sid) if sid is not None else f"{keys.tag(bucket)}:none"
+    own, tenant_rate = keys.tenant_keys(bucket, tenant)
+    return ("EVALSHA", sha, 8, key, seq, ver, exp, log, own, tenant_rate, keys.head(bucket), expected, state,
+            deadline, pexpire_ms, sid or "", maxlen, token, tenant, cap, rate, now, last_used, *records)
+
+
+#: How often a signature is tried again when its bucket's head moves on between reading and writing it.
+_SIGN_TRIES = 5
+
+
+def sign_heads(client: Any, keys: Keys, key: bytes, buckets: Iterator[int] | list[int] | range | None = None, *,
+               maxlen: str = "", sha: str | None = None) -> list[int]:
+    """Append a signed ``log.signed`` record to each bucket stream whose newest entry is not one already: the
+    HMAC-SHA256 (engine._chain.sign, as the file log's) of the head of the entry just before it. The commit
+    script writes it only while that head is still the bucket's (a compare-and-set on the head key), so a
+    signature always follows the entry it signs; a bucket written meanwhile is read again. Returns the
+    buckets signed. Raises RedisError."""
+    sha = sha or client.script_load(COMMIT_LUA)
+    token = f"sign.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    signed = []
+    for bucket in range(keys.buckets) if buckets is None else buckets:
+        seq_key, _, _, stream = keys.bucket_keys(bucket)
+        for _ in range(_SIGN_TRIES):
+            raw_seq, raw_head = client.mget(seq_key, keys.head(bucket))
+            if raw_seq is None or raw_head is None:
+                break  # nothing written, or written before the chain: nothing to sign
+            newest = client.xrevrange(stream, "+", "-", count=1)
+            if newest and b'"event":"log.signed"' in newest[0][1].get(b"r", b""):
+                break  # signed since its last record (by this or another replica)
+            seq, head = int(raw_seq), raw_head.decode("ascii")
+            record = {"ts": now_ms(), "event": R.LOG_SIGNED, "head_seq": seq, "head": head,
+                      "signature": _chain.sign(key, seq, bytes.fromhex(head))}
+            reply = client.execute_command(*commit_command(
+                keys, sha, bucket, None, "*", head, "", 0, maxlen, token, "", "", "", 0, 0, [render_record(record)]))
+            if reply[0] == 1:
+                signed.append(bucket)
+                break
+    return signed
+
+
+def sign_namespace(url: str, key: bytes, namespace: str = "se") -> list[int]:
+    """``session-engine sign URL``: sign every bucket's head (see ``sign_heads``)."""
+    client, keys = open_namespace(url, namespace)
+    try:
+        return sign_heads(client, keys, key)
+    except RedisError as exc:
+        raise unavailable(parse_backend(url), exc) from None  # type: ignore[arg-type]
+    finally:
+        client.close()
 
 
 class RedisLog:
@@ -641,23 +711,29 @@ def stream_records(url: str, *, history: bool = True, namespace: str = "se") -> 
         client.close()
 
 
-def export_streams(url: str, directory: Path, *, namespace: str = "se") -> tuple[int, Path]:
+def export_streams(url: str, directory: Path, *, namespace: str = "se", key: bytes | str | None = "env"
+                   ) -> tuple[int, Path]:
     """Write the streams as a file-log segment (``<first seq>.jsonl``, seq renumbered 1, 2, 3 ...), chained
     again with the file log's SHA-256 chain (a fresh genesis, one seal per 1,000 records): ``audit --verify
-    DIR`` accepts it. The Redis SHA-1 chain is not carried: check it first (the CLI's export does)."""
+    DIR`` accepts it. The Redis SHA-1 chain is not carried, nor the ``log.signed`` records that sign its heads:
+    check them first (the CLI's export does). With a signing key (by default ``SESSION_ENGINE_AUDIT_KEY``), the
+    segment ends with a ``log.signed`` record of its own head, as a file log's close writes one."""
     from engine import _chain
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / segment_name(1)
     staging = directory / f".{path.name}.tmp"
-    count = 0
+    count = last_ts = 0
     head = _chain.genesis()
     batch = bytearray()
     try:
         with open(staging, "wb") as f:
             for record in stream_records(url, namespace=namespace):
+                if record["event"] == R.LOG_SIGNED:
+                    continue  # a signature of a Redis SHA-1 head: checked by verify_redis, meaningless here
                 count += 1
                 record["seq"] = count
+                last_ts = record["ts"]
                 if count == 1:
                     record["genesis"] = head.hex()
                 batch += orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
@@ -666,6 +742,14 @@ def export_streams(url: str, directory: Path, *, namespace: str = "se") -> tuple
                     f.write(batch)
                     batch.clear()
             if batch:
+                head = _chain.seal(batch, head)
+                f.write(batch)
+            signing = _chain.key_from_env() if key == "env" else key
+            if signing and count:
+                count += 1
+                signed = {"seq": count, "ts": last_ts, "event": R.LOG_SIGNED, "head_seq": count - 1,
+                          "head": head.hex(), "signature": _chain.sign(signing, count - 1, head)}  # type: ignore[arg-type]
+                batch = bytearray(orjson.dumps(signed, option=orjson.OPT_APPEND_NEWLINE))
                 _chain.seal(batch, head)
                 f.write(batch)
             f.flush()

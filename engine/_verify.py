@@ -340,8 +340,9 @@ def _sha1_link(prev: str, record: bytes) -> str:
 
 def verify_redis(url: str, namespace: str = "se", key: bytes | None = None) -> Report:
     """Verify every bucket stream of a Redis backend: seq continuity, every record's value domains, the
-    per-bucket SHA-1 chain (fields ``h``/``g`` of each entry) and that the bucket's head key matches its
-    newest entry. The first bad entry is named by bucket, stream, stream id and seq; never raises for one."""
+    per-bucket SHA-1 chain (fields ``h``/``g`` of each entry), that the bucket's head key matches its
+    newest entry, and each ``log.signed`` (the head of the entry just before it; with ``key``, its HMAC).
+    The first bad entry is named by bucket, stream, stream id and seq; never raises for one."""
     from redis.exceptions import RedisError
 
     from engine._backend import parse_backend
@@ -353,7 +354,7 @@ def verify_redis(url: str, namespace: str = "se", key: bytes | None = None) -> R
     try:
         report.files = keys.buckets
         for bucket in range(keys.buckets):
-            if _verify_bucket(client, keys, bucket, report):
+            if _verify_bucket(client, keys, bucket, report, key):
                 return report
     except RedisError as exc:
         raise unavailable(target, exc) from None  # type: ignore[arg-type]
@@ -362,16 +363,17 @@ def verify_redis(url: str, namespace: str = "se", key: bytes | None = None) -> R
     if report.seals == 0 and report.records:
         report.status = "unchained"
         report.notes.append("no hash chain: the streams were written by a version before the Redis chain")
-    elif key is not None:
+    elif key is not None and report.signatures_checked == 0 and report.records:
         report.status = "unsigned"
-        report.notes.append(f"a key is set ({_chain.KEY_ENV}) but Redis streams carry no signature")
+        report.notes.append(f"a key is set ({_chain.KEY_ENV}) but the streams hold no signature (replicas sign "
+                            f"on close with the key set; `session-engine sign URL` signs every bucket's head)")
     return report
 
 
-def _verify_bucket(client: Any, keys: Any, bucket: int, report: Report) -> bool:
+def _verify_bucket(client: Any, keys: Any, bucket: int, report: Report, key: bytes | None = None) -> bool:
     """Check one bucket stream; True when it holds a bad entry (then in ``report``)."""
     stream = keys.bucket_keys(bucket)[3]
-    v = _Verifier(report, None)
+    v = _Verifier(report, key)
     prev_seq: int | None = None
     head: str | None = None
     stream_id = ""
@@ -402,6 +404,13 @@ def _verify_bucket(client: Any, keys: Any, bucket: int, report: Report) -> bool:
                 return bad(*problem)
             try:
                 v._times(record)
+                if record["event"] == R.LOG_SIGNED:
+                    if prev_seq is None:  # the entry it signs was trimmed: nothing left to check it against
+                        report.signatures_unchecked += 1
+                    elif record["head_seq"] != prev_seq or record["head"] != head:
+                        raise _Bad("head", "the head of the entry just before it (a signature follows its head)")
+                    else:
+                        v._signature(record["head_seq"], record["head"], record["signature"])
             except _Bad as exc:
                 return bad(exc.field, exc.rule)
             h = fields.get(b"h")

@@ -406,6 +406,31 @@ def export_command(
 
 
 @app.command()
+def sign(
+    url: Annotated[str, typer.Argument(help="Redis backend URL (redis://, rediss://, unix://, redis+cluster://).")],
+    namespace: Annotated[str, typer.Option(help="The backend's redis_namespace.")] = "se",
+) -> None:
+    """Sign a Redis backend's stream heads with the key in SESSION_ENGINE_AUDIT_KEY (HMAC-SHA256).
+
+    Appends a log.signed record to every bucket stream written since its last signature, so that someone who can
+    write to Redis but lacks the key cannot rebuild a chain that verifies. Replicas sign the buckets they wrote
+    on close; run this on a schedule (cron) for replicas that run for weeks. docs/audit-log.md.
+    """
+    from engine._chain import KEY_ENV, key_from_env
+    from engine._redis import sign_namespace
+
+    key = key_from_env()
+    if key is None:
+        fail(f"no signing key: set {KEY_ENV}")
+    try:
+        signed = sign_namespace(url, key, namespace)
+    except EngineError as exc:
+        fail(str(exc))
+    typer.echo(f"signed the head of {len(signed)} bucket stream(s)"
+               + (f": {', '.join(map(str, signed))}" if signed else " (none written since its last signature)"))
+
+
+@app.command()
 def report(
     log: Annotated[Path, typer.Argument(help="Audit log: a JSON-lines file or a segment directory.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write (replaced if it exists).")] = Path(

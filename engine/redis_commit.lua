@@ -5,7 +5,8 @@
 --   KEYS[5] bucket audit stream                         KEYS[6] the tenant's sessions in the bucket (ZSET)
 --   KEYS[7] the bucket's creation token buckets (hash)   KEYS[8] the bucket's chain head (40 hex)
 -- ARGV[1] expected version ("0": absent; "*": no session, records only)
--- ARGV[2] new entry JSON, "" unchanged, "-" ended      ARGV[3] deadline (ZSET score, ms; "" unmoved)
+-- ARGV[2] new entry JSON, "" unchanged, "-" ended (records only: "" or the head they must follow, a signature's)
+-- ARGV[3] deadline (ZSET score, ms; "" unmoved)
 -- ARGV[4] PEXPIRE of the session key (ms, relative: no clock of a replica is trusted for it)            ARGV[5] session id
 -- ARGV[6] stream MAXLEN ("" keeps every record)        ARGV[7] this commit's token (unique per attempt)
 -- ARGV[8] tenant ("" unscoped: no per-tenant limit)   ARGV[9] the tenant's live sessions allowed in this bucket ("" none)
@@ -89,6 +90,11 @@ if expected ~= '*' then
       end
     end
   end
+end
+-- A records-only commit (ARGV[1] "*") whose ARGV[2] is not "" is a signature of that head: written only while the
+-- bucket's head is still it, so the signed head is the entry's just before (else {3}: read the head again).
+if expected == '*' and ARGV[2] ~= '' and redis.call('GET', KEYS[8]) ~= ARGV[2] then
+  return {3}
 end
 -- The bucket's hash chain (docs/audit-log.md, "The chain on the Redis streams"): every entry carries
 -- h = sha1hex(previous head .. r), the first one of the bucket's chain also g = its genesis (the previous

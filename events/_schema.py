@@ -85,6 +85,11 @@ def hex64(v: Any) -> bool:
     return type(v) is str and len(v) == 64 and _HEX.issuperset(v)
 
 
+@_domain("40 or 64 lower-case hex digits (a Redis stream's SHA-1 head, a file's SHA-256 head)")
+def head_hex(v: Any) -> bool:
+    return type(v) is str and len(v) in (40, 64) and _HEX.issuperset(v)
+
+
 @_domain("a list of strings", "type(v) is list and all(type(x) is str for x in v)")
 def strings(v: Any) -> bool:
     return type(v) is list and all(type(x) is str for x in v)
@@ -218,7 +223,7 @@ RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
     R.SHARD_RESTARTED: (("shard", "error", "sessions"), {"shard": int0, "error": text_or_null, "sessions": int0}),
     R.LOG_SNAPSHOT: (("part", "parts", "live", "sessions"), {
         "part": int1, "parts": int1, "live": int0, "sessions": sessions, "chain_head": hex64, "signature": hex64}),
-    R.LOG_SIGNED: (("head_seq", "head", "signature"), {"head_seq": int0, "head": hex64, "signature": hex64}),
+    R.LOG_SIGNED: (("head_seq", "head", "signature"), {"head_seq": int0, "head": head_hex, "signature": hex64}),
 }
 
 #: Record name -> {field: domain} including the envelope: what a check looks up per key.

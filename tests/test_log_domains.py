@@ -20,7 +20,7 @@ from events._schema import ENTRY, ENTRY_OPTIONAL, ENVELOPE, RECORDS, record_prob
 SCHEMA = orjson.loads((Path(__file__).resolve().parent.parent / "docs" / "log-schema.json").read_bytes())
 PROBES: list[Any] = [-1, 0, 1, 2, 10**15, 1.5, "", "x", "SIMPLE", "REASONING", "HUGE", "idle", "capacity", "cleared",
                      "clear_all", "cost", None, True, False, [], ["h"], ["h", "h", "h"], ["h"] * 4, [1], {}, "a" * 257,
-                     "0" * 64, "A" * 64, "0" * 63, "a\tb", "\x7f", "\x9f", "\u2028 sep", "会话"]
+                     "0" * 64, "A" * 64, "0" * 63, "0" * 40, "0" * 41, "a\tb", "\x7f", "\x9f", "\u2028 sep", "会话"]
 
 
 def _validator(subschema: dict[str, Any]) -> jsonschema.Draft202012Validator:
