@@ -172,3 +172,24 @@ def test_a_replica_closing_while_redis_is_down_does_not_hang_or_raise(
     assert "could not be signed on close" in caplog.text
     redis_server.start()
     assert verify_redis(redis_server.url, key=KEY.encode()).status == "unsigned"
+
+
+def test_replicas_on_a_cluster_sign_every_bucket_they_wrote(redis_cluster: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signature's read (MGET of the bucket's seq and head) and its conditional append name keys of one hash
+    tag: one slot, whichever node holds it."""
+    monkeypatch.setenv(_chain.KEY_ENV, KEY)
+    url = redis_cluster.url
+    with SessionStore(redis_config(url, redis_namespace="signed", redis_buckets=16)) as store:
+        for i in range(40):
+            store.add_session_cost(f"c{i}", 5)
+    client = redis_cluster.client()
+    try:
+        keys = Keys("signed", 16)
+        written = _written(client, keys)
+        assert len(written) > 8 and _signed_buckets(client, keys) == written
+        assert len({client.get_node_from_key(keys.tag(b)).port for b in written}) == 3
+    finally:
+        client.close()
+    report = verify_redis(url, "signed", key=KEY.encode())
+    assert report.status == "verified" and report.signatures_checked == len(written)
