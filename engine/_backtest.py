@@ -697,6 +697,7 @@ def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *
     """
     path = Path(log)
     table = read_models(models) if models else None
+    changes = _pairs(changes)  # read once (it may be an iterator)
     parse_changes(changes)  # a bad option is reported before any process starts
     if jobs is not None and (type(jobs) is not int or jobs < 1):
         raise InvalidEvent("jobs", "must be an int >= 1")

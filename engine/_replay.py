@@ -131,7 +131,7 @@ def segment_name(first_seq: int) -> str:
 class Share:
     """One reader's share of a log's sessions (a parallel backtest, engine/_backtest.py): ``read_file``
     yields only the records of the sessions it owns (and, to share 0, the records of no session), and
-    passes over the other lines after reading their ``seq``, unparsed.
+    passes over the other lines unparsed, counting them.
 
     A line is placed from the prefix this version writes (``PREFIX``: seq, ts, event and session_id
     first, no escape in the event or the id); a line it does not place is parsed and placed by its
@@ -159,7 +159,7 @@ class Share:
         return self.own(sid.encode()) is not False
 
 
-#: The prefix of a record line as this version writes it: ``seq`` and ``session_id`` read without parsing the line.
+#: The prefix of a record line as this version writes it: its ``session_id`` read without parsing the line.
 PREFIX = re.compile(rb'\{"seq":\d{1,19},"ts":\d{1,19},"event":"[^"\\]{1,64}","session_id":"([^"\\]{0,512})"')
 
 
@@ -177,9 +177,10 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
     ``session_id`` skips the value-domain check of its other fields; every other record is
     checked in full (the backtest reads its turn records this way).
 
-    ``share``: yield only the records of this reader's sessions (and every record it cannot place
-    from its prefix); the other lines count as records whose ``seq`` is read from the prefix and
-    checked to follow, their other bytes left to the reader that owns them (``Share``).
+    ``share``: yield only the records of this reader's sessions (``Share``). Another share's line is
+    counted as the record with the next ``seq`` and not parsed: its owner parses and checks it, and
+    checks its ``seq`` against the same count, so across the readers every line is checked and seqs
+    still count up by one. A line the prefix does not place is parsed and checked by every reader.
     """
     loads = orjson.loads
     decode_error = orjson.JSONDecodeError

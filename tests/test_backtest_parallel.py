@@ -146,6 +146,13 @@ def test_what_only_a_serial_run_can_decide_runs_serially(sim_log: Path, tmp_path
         assert shared == serial and serial["decisions"] == 1_500
 
 
+def test_changes_given_as_an_iterator_are_read_once(sim_log: Path) -> None:
+    serial = backtest(sim_log, ["strike_limit=50"], jobs=1).to_json()
+    assert serial["decisions_changed"] > 0
+    for jobs in (1, 2):
+        assert backtest(sim_log, iter(["strike_limit=50"]), jobs=jobs).to_json() == serial
+
+
 def test_jobs_default_and_bounds(sim_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serial = backtest(sim_log, jobs=1).to_json()
     started: list[int] = []
