@@ -21,7 +21,6 @@ what a backtest can and cannot answer.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -34,7 +33,18 @@ import orjson
 from engine._config import Config
 from engine._core import apply, ledger_only
 from engine._entry import Entry
-from engine._replay import PREFIX, LogCorrupt, Share, Tail, new_fields, paused_gc, read_file, read_log, to_entry
+from engine._replay import (
+    PREFIX,
+    LogCorrupt,
+    Share,
+    Tail,
+    archives,
+    log_files,
+    new_fields,
+    paused_gc,
+    read_file,
+    to_entry,
+)
 from engine._rules import LIFTING
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
 from events import records as R
@@ -325,10 +335,11 @@ class _Joined:
 
 class _Run:
     def __init__(self, changes: dict[str, Any], models: tuple[tuple[str, tuple[str, ...]], ...] | None,
-                 prices: Prices, session: str | None, share: Share | None = None) -> None:
+                 prices: Prices, session: str | None, share: Share | None = None, start: Tail | None = None) -> None:
         self.changes = changes
         #: One process's share of a parallel run (``_parallel``): it reads only its sessions' records.
         self.share = share
+        self.start = start
         self.models = models
         self.prices = prices
         self.session = session
@@ -407,18 +418,22 @@ class _Run:
         # escalations and pin moves in that decision's turn.
         run_sid: str | None = None
         run_next = escalations = switches = 0
-        for r in records:  # a share's reader yields only its sessions' records (and to share 0 the sessionless)
-            count += 1
-            sid = r.get("session_id")
+        share = self.share
+        first = share is None or share.index == 0  # counts the records of no session (every share reads snapshots)
+        for r in records:  # a share's reader yields only its sessions' records, the snapshots and, to share 0,
+            sid = r.get("session_id")  # the other records of no session
             if sid is None:
-                if r["event"] == R.LOG_SNAPSHOT and self.share is not None:
-                    raise _Serial("a snapshot: the sessions it holds are known in full only to a serial run")
-                if r["event"] == R.LOG_SNAPSHOT and count == r.get("part", 1):
+                count += first
+                if r["event"] == R.LOG_SNAPSHOT and (
+                        count == r.get("part", 1) if share is None
+                        else r["seq"] - self.start.first["seq"] + 1 == r.get("part", 1)):  # type: ignore[union-attr]
                     # The log starts at a snapshot (its older history deleted): the sessions live then.
                     for snap_sid, fields in r["sessions"].items():
-                        if only is None or snap_sid == only:
+                        if (only is None or snap_sid == only) and (
+                                share is None or share.own(snap_sid.encode()) is not False):
                             self.states[snap_sid] = to_entry(new_fields(fields))
                 continue
+            count += 1
             if only is not None and sid != only:
                 continue
             name = r["event"]
@@ -670,9 +685,11 @@ def _settle(sid: str, micros: int, rid: str) -> Cost:
 
 def run_backtest(records: Iterable[dict[str, Any]], changes: Mapping[str, Any] | Iterable[str] = (),
                  *, models: tuple[tuple[str, tuple[str, ...]], ...] | None = None, prices: Prices | None = None,
-                 session: str | None = None, share: Share | None = None) -> BacktestResult:
-    """The backtest over a stream of records (in ``seq`` order); ``share``: only that share's sessions."""
-    run = _Run(parse_changes(changes), models, prices or Prices(), session, share)
+                 session: str | None = None, share: Share | None = None, start: Tail | None = None
+                 ) -> BacktestResult:
+    """The backtest over a stream of records (in ``seq`` order); ``share``: only that share's sessions are read,
+    and ``start`` learns the log's first record (a share tells a snapshot at the log's start by its seq)."""
+    run = _Run(parse_changes(changes), models, prices or Prices(), session, share, start)
     run.result.changes = {name: str(value) for name, value in _pairs(changes).items()}
     with paused_gc():
         result = run.feed(records)
@@ -701,17 +718,18 @@ def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *
     parse_changes(changes)  # a bad option is reported before any process starts
     if jobs is not None and (type(jobs) is not int or jobs < 1):
         raise InvalidEvent("jobs", "must be an int >= 1")
-    if session is None and path.is_file() and not _archives(path):
+    files = _history_files(path)
+    if session is None and files:
         count = jobs if jobs is not None else (
-            _cpus() if path.stat().st_size >= PARALLEL_BYTES and _start_method() == "fork" else 1)
+            _cpus() if sum(f.stat().st_size for f in files) >= PARALLEL_BYTES and _start_method() == "fork" else 1)
         if count > 1:
-            result = _parallel(path, changes, table, prices, count)
+            result = _parallel(files, changes, table, prices, count)
             if result is not None:
                 return result
-    return run_backtest(_history(path), changes, models=table, prices=Prices(prices), session=session)
+    return run_backtest(_history(files), changes, models=table, prices=Prices(prices), session=session)
 
 
-#: A log file at least this large is backtested by one process per CPU when ``jobs`` is not given.
+#: A log at least this large (all its files) is backtested by one process per CPU when ``jobs`` is not given.
 PARALLEL_BYTES = 16 << 20
 #: Most processes ``jobs=None`` starts.
 MAX_JOBS = 8
@@ -725,21 +743,22 @@ def _cpus() -> int:
     return max(1, min(count, MAX_JOBS))
 
 
-def _parallel(path: Path, changes: Mapping[str, Any] | Iterable[str], models: Any, prices: str | Path | None,
-              jobs: int) -> BacktestResult | None:
+def _parallel(files: list[Path], changes: Mapping[str, Any] | Iterable[str], models: Any,
+              prices: str | Path | None, jobs: int) -> BacktestResult | None:
     """The backtest in ``jobs`` processes, each re-running its share of the sessions (sessions are independent:
     a decision reads only its own session's state). Each process passes over every line but parses only
     its sessions' (``engine._replay.Share``); every line is still checked, by the process that owns it,
     and every ``seq`` by all. Shares are balanced by session size, sampled from the file. The figures are
     summed; they equal a serial run's (tests/test_backtest_parallel.py). None, and the caller runs
     serially, when a share met anything only a serial run can decide or report: a corrupt line (the
-    serial run names it), a log that starts at a snapshot, a session without rules of its own."""
+    serial run names it), a session without rules of its own (a log that starts at a snapshot holds
+    such sessions, mostly)."""
     import multiprocessing
 
     pairs = _pairs(changes)
     source = Prices(prices).source  # a bad price file is reported before any process starts
-    heavy = _heavy_sessions(path, jobs)
-    tasks = [(str(path), pairs, models, None if prices is None else str(prices), index, jobs, heavy)
+    heavy = _heavy_sessions(files, jobs)
+    tasks = [([str(f) for f in files], pairs, models, None if prices is None else str(prices), index, jobs, heavy)
              for index in range(jobs)]
     try:
         parts = _run_shares(multiprocessing.get_context(_start_method()), tasks)
@@ -813,11 +832,11 @@ def _owner(heavy: dict[bytes, int], jobs: int) -> Callable[[bytes], int]:
 
 
 def _share_run(task: tuple[Any, ...]) -> BacktestResult | str:
-    path, pairs, models, prices, index, jobs, heavy = task
+    files, pairs, models, prices, index, jobs, heavy = task
     try:
-        share = Share(index, _owner(heavy, jobs))
-        records = read_file(Path(path), Tail(), light=_LIGHT, share=share)
-        return run_backtest(records, pairs, models=models, prices=Prices(prices), share=share)
+        share, start = Share(index, _owner(heavy, jobs)), Tail()
+        records = _history([Path(f) for f in files], start, share)
+        return run_backtest(records, pairs, models=models, prices=Prices(prices), share=share, start=start)
     except Exception as exc:  # anything (_Serial, a corrupt line): the caller runs serially and reports it
         return f"{type(exc).__name__}: {exc}"
 
@@ -834,21 +853,26 @@ def _cost_of(line: bytes) -> int:
     return 25 if b'"event":"cost.added"' in line else 10
 
 
-def _heavy_sessions(path: Path, jobs: int) -> dict[bytes, int]:
-    """The sessions seen in 256 sampled blocks of 64 KiB, weighed by ``_cost_of`` their lines there and
-    assigned to shares largest first, each to the share with the least so far; the sessions the sample
-    missed (small ones, mostly) are spread by hash."""
-    size = path.stat().st_size
+def _heavy_sessions(files: list[Path], jobs: int) -> dict[bytes, int]:
+    """The sessions seen in 256 blocks of 64 KiB sampled evenly over the log's files, weighed by ``_cost_of``
+    their lines there and assigned to shares largest first, each to the share with the least so far; the
+    sessions the sample missed (small ones, mostly) are spread by hash."""
+    sizes = [f.stat().st_size for f in files]
+    total = sum(sizes)
     counts: dict[bytes, int] = {}
     match = PREFIX.match
-    with open(path, "rb") as f:
-        for k in range(_SAMPLES):
-            f.seek(size * k // _SAMPLES)
-            for line in f.read(_SAMPLE_BYTES).split(b"\n")[1:-1]:  # whole lines only
-                placed = match(line)
-                if placed is not None:
-                    sid = placed[1]
-                    counts[sid] = counts.get(sid, 0) + _cost_of(line)
+    for file, size in zip(files, sizes, strict=True):
+        samples = round(_SAMPLES * size / total) if total else 0
+        if not samples:
+            continue
+        with open(file, "rb") as f:
+            for k in range(samples):
+                f.seek(size * k // samples)
+                for line in f.read(_SAMPLE_BYTES).split(b"\n")[1:-1]:  # whole lines only
+                    placed = match(line)
+                    if placed is not None:
+                        sid = placed[1]
+                        counts[sid] = counts.get(sid, 0) + _cost_of(line)
     # Largest first, each to the least loaded share: the sampled sessions' shares balance to within the smallest.
     loads = [0] * jobs
     heavy: dict[bytes, int] = {}
@@ -876,27 +900,29 @@ def _summed(parts: list[BacktestResult], pairs: dict[str, Any], prices: str) -> 
     return result
 
 
-def _archives(path: Path) -> list[Path]:
-    """A single-file log's rotated archives (``<name>.<first seq, 20 digits>``), oldest first."""
-    return sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.*")
-                  if len(p.name) == len(path.name) + 21 and p.name[len(path.name) + 1:].isdigit())
+def _history_files(path: Path) -> list[Path]:
+    """Every file of a log still on disk, oldest first: a directory's segments, or a single file's rotated
+    archives (``<name>.<first seq, 20 digits>``) and then the file itself. Raises FileNotFoundError."""
+    if path.is_dir():
+        return log_files(path, history=True)
+    if not path.exists():
+        raise FileNotFoundError(2, "no such file or directory", str(path))
+    return [*archives(path), path]
 
 
-def _history(path: Path) -> Iterator[dict[str, Any]]:
-    """Every record still on disk, oldest first: a directory's segments, or a single file's rotated
-    archives (``<name>.<first seq, 20 digits>``) and then the file itself. A single file without
-    archives is read by ``read_file`` itself (no generator in between: a record costs ~0.1 µs less)."""
-    if path.is_dir() or not path.exists():
-        return read_log(path, history=True, light=_LIGHT)
-    archives = _archives(path)
-    if not archives:
-        return read_file(path, Tail(), light=_LIGHT)
-    return _files([*archives, path])
+def _history(files: list[Path], start: Tail | None = None, share: Share | None = None) -> Iterator[dict[str, Any]]:
+    """The records of ``files`` as one log (each file's first seq follows the previous file's last); ``start``
+    learns the first file's first record; ``share``: read_file's. A single file is read by ``read_file``
+    itself (no generator in between: a record costs ~0.1 µs less)."""
+    start = start if start is not None else Tail()
+    if len(files) == 1:
+        return read_file(files[0], start, light=_LIGHT, share=share)
+    return _chained(files, start, share)
 
 
-def _files(files: list[Path]) -> Iterator[dict[str, Any]]:
+def _chained(files: list[Path], start: Tail, share: Share | None) -> Iterator[dict[str, Any]]:
     expect = None
     for index, file in enumerate(files):
-        tail = Tail()
-        yield from read_file(file, tail, expect=expect, last=index == len(files) - 1, light=_LIGHT)
+        tail = start if index == 0 else Tail()
+        yield from read_file(file, tail, expect=expect, last=index == len(files) - 1, light=_LIGHT, share=share)
         expect = tail.last_seq

@@ -130,8 +130,8 @@ def segment_name(first_seq: int) -> str:
 
 class Share:
     """One reader's share of a log's sessions (a parallel backtest, engine/_backtest.py): ``read_file``
-    yields only the records of the sessions it owns (and, to share 0, the records of no session), and
-    passes over the other lines unparsed, counting them.
+    yields only the records of the sessions it owns, the snapshots (they hold every share's sessions) and, to
+    share 0, the other records of no session, and passes over the other lines unparsed, counting them.
 
     A line is placed from the prefix this version writes (``PREFIX``: seq, ts, event and session_id
     first, no escape in the event or the id); a line it does not place is parsed and placed by its
@@ -154,8 +154,8 @@ class Share:
     def keeps(self, record: dict[str, Any]) -> bool:
         """Whether a parsed record (one the prefix did not place) is this share's."""
         sid = record.get("session_id")
-        if type(sid) is not str:
-            return self.index == 0
+        if type(sid) is not str:  # a snapshot: every share's sessions; any other record of no session: share 0's
+            return self.index == 0 or record.get("event") == R.LOG_SNAPSHOT
         return self.own(sid.encode()) is not False
 
 

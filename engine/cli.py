@@ -98,7 +98,7 @@ def backtest(
     jobs: Annotated[int | None, typer.Option(
         "--jobs", "-j", min=1,
         help="Processes re-running the sessions, each its share (same figures whatever the number); default: "
-             "one per CPU (at most 8) for a log file of 16 MiB or more, else 1.")] = None,
+             "one per CPU (at most 8) for a log of 16 MiB or more (all its files), else 1.")] = None,
 ) -> None:
     """Re-run the log's recorded decisions through the same routing rules with changed options.
 

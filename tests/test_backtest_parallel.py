@@ -12,11 +12,12 @@ import orjson
 import pytest
 from rich.console import Console
 
-from engine import LogCorrupt
+from engine import Config, LogCorrupt, SessionStore, Tier
 from engine import _backtest as bt
 from engine._backtest import backtest
 from engine._replay import Share, Tail, read_file
 from engine._simulate import SimulationConfig, run_simulation
+from engine.policy import BudgetExceeded, Options, Policy, Request
 from events import InvalidEvent
 from tests.test_backtest import SMALL, session_engine
 
@@ -58,9 +59,9 @@ def test_shares_give_exactly_the_serial_figures(sim_log: Path, changes: Any) -> 
 
 
 def test_a_run_in_shares_really_splits_the_sessions(sim_log: Path) -> None:
-    heavy = bt._heavy_sessions(sim_log, 2)
+    heavy = bt._heavy_sessions([sim_log], 2)
     owner = bt._owner(heavy, 2)
-    parts = [bt._share_run((str(sim_log), {}, None, None, index, 2, heavy)) for index in range(2)]
+    parts = [bt._share_run(([str(sim_log)], {}, None, None, index, 2, heavy)) for index in range(2)]
     assert all(isinstance(p, bt.BacktestResult) for p in parts)
     serial = backtest(sim_log, jobs=1)
     assert 0 < parts[0].decisions < serial.decisions and parts[0].decisions + parts[1].decisions == serial.decisions
@@ -83,7 +84,7 @@ def test_every_record_is_read_by_exactly_one_share_records_of_no_session_by_the_
     log = write(tmp_path / "mixed.jsonl", records)
     serial = [r["seq"] for r in read_file(log, Tail())]
     for jobs in (2, 3):
-        owner = bt._owner(bt._heavy_sessions(log, jobs), jobs)
+        owner = bt._owner(bt._heavy_sessions([log], jobs), jobs)
         seen = sorted(r["seq"] for index in range(jobs) for r in read_file(log, Tail(), share=Share(index, owner)))
         assert seen == serial
     first = [r["event"] for r in read_file(log, Tail(), share=Share(0, lambda sid: 1))]
@@ -141,7 +142,7 @@ def test_what_only_a_serial_run_can_decide_runs_serially(sim_log: Path, tmp_path
     repeated = tmp_path / "repeated.jsonl"
     repeated.write_bytes(b"\n".join(lines) + b"\n")
     for log in (no_rules, repeated):
-        assert bt._parallel(log, (), None, None, 2) is None
+        assert bt._parallel([log], (), None, None, 2) is None
         serial, shared = both(log, ["strike_limit=50"])
         assert shared == serial and serial["decisions"] == 1_500
 
@@ -195,6 +196,49 @@ def test_a_share_that_dies_leaves_the_run_to_one_process(sim_log: Path, monkeypa
 
     monkeypatch.setattr(bt, "_share_run", killed_second)
     monkeypatch.setattr(bt, "_start_method", lambda: "fork")  # the forked shares run the patched function
-    assert bt._parallel(sim_log, ["strike_limit=50"], None, None, 2) is None
+    assert bt._parallel([sim_log], ["strike_limit=50"], None, None, 2) is None
     serial = backtest(sim_log, ["strike_limit=50"], jobs=1).to_json()
     assert backtest(sim_log, ["strike_limit=50"], jobs=2).to_json() == serial
+
+
+def _rotated(log: Path, segment_bytes: int = 32_768) -> None:
+    """A log written by a store that rotates it (a file and its archives, or a directory of segments): each
+    newer segment starts at a snapshot of the live sessions."""
+    with SessionStore(Config(enabled=True, tick_ms=0, event_log=log, segment_bytes=segment_bytes)) as store:
+        policy = Policy(store, {Tier.SIMPLE: "a/cheap", Tier.MEDIUM: "b/mid", Tier.COMPLEX: "c/big"},
+                        Options(max_cost_usd=0.08, deadline_s=5.0))
+        for i in range(900):
+            sid = f"s{i % 37}"
+            tier = (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX)[i % 3 if i % 4 else 1]
+            try:
+                d = policy.route(Request(model={Tier.SIMPLE: "a/cheap", Tier.MEDIUM: "b/mid"}.get(tier, "c/big"),
+                                         tier=tier, session_id=sid, estimate_usd=0.002,
+                                         messages=[{"role": "user", "content": f"q{i % 3 if i % 5 else 0}"}]))
+            except BudgetExceeded:
+                continue
+            policy.record_response(sid, micros=1_500 + i, decision=d)
+
+
+@pytest.mark.parametrize("shape", ["file with archives", "segment directory"])
+def test_a_rotated_log_is_shared_out_too_with_the_same_figures(tmp_path: Path, shape: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    if shape == "segment directory":
+        (tmp_path / "log").mkdir()
+        log = tmp_path / "log"
+    else:
+        log = tmp_path / "audit.jsonl"
+    _rotated(log)
+    files = bt._history_files(log)
+    assert len(files) >= 3  # several segments, each newer one opening with a snapshot
+    started: list[Any] = []
+    real = bt._parallel
+    monkeypatch.setattr(bt, "_parallel", lambda *a: started.append(real(*a)) or started[-1])
+    for changes in ([], ["strike_limit=1"], {"max_cost_usd": 0.02}):
+        serial, shared = both(log, changes)
+        assert shared == serial and serial["decisions"] == 900 - serial["not_rerun"]
+        assert started[-1] is not None  # really shared out (the snapshots inside it are read by every share)
+    # The oldest history deleted: the log starts at a snapshot, whose sessions have no rules of their own in
+    # it: only a serial run can decide them (the last rules seen in the whole log stand in).
+    files[0].unlink()
+    serial, shared = both(log, ["strike_limit=1"])
+    assert shared == serial and serial["decisions"] > 0 and started[-1] is None
