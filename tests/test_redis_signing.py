@@ -83,13 +83,18 @@ def test_a_chain_rebuilt_without_the_key_fails_at_the_signature(
         entries = client.xrange(stream)
         victim = next(i for i, (_, f) in enumerate(entries) if b'"cost.added"' in f[b"r"])
 
-        def rebuild(fix_signature: bool) -> None:
+        def rebuild(fix_signature: bool, drop_signature: bool = False) -> None:
             head = entries[0][1][b"g"].decode()
             client.delete(stream)
+            seq = 0
             for index, (stream_id, fields) in enumerate(entries):
                 record = orjson.loads(fields[b"r"])
                 if index == victim:
                     record["micros"] += 1_000_000  # the disputed spend
+                if record["event"] == "log.signed" and drop_signature:
+                    continue
+                seq += 1
+                record["seq"] = seq
                 if record["event"] == "log.signed" and fix_signature:
                     record["head"] = head
                 raw = orjson.dumps({"seq": record.pop("seq"), **record})
@@ -99,6 +104,7 @@ def test_a_chain_rebuilt_without_the_key_fails_at_the_signature(
                     new[b"g"] = fields[b"g"]
                 client.xadd(stream, new, id=stream_id)
             client.set(keys.head(bucket), head)
+            client.set(keys.bucket_keys(bucket)[0], seq)
 
         rebuild(fix_signature=False)
         caught = verify_redis(url)  # without the key: the signature's head is not the entry's before it
@@ -108,6 +114,13 @@ def test_a_chain_rebuilt_without_the_key_fails_at_the_signature(
     assert unkeyed.status == "verified" and unkeyed.signatures_unchecked > 0  # only the key tells
     keyed = verify_redis(url, key=KEY.encode())
     assert keyed.status == "bad" and keyed.problem.field == "signature" and keyed.problem.bucket == bucket
+    # The signatures removed too: the chain holds, and the bucket is named as one that holds no signature.
+    with redis_server.client() as client:
+        rebuild(fix_signature=False, drop_signature=True)
+    dropped = verify_redis(url, key=KEY.encode())
+    assert dropped.status == "verified" and f"bucket {bucket}: {len(entries) - 1} record(s), no signature" in \
+        dropped.notes
+    assert not [n for n in dropped.notes if "no signature" in n and not n.startswith(f"bucket {bucket}:")]
 
 
 def test_the_sign_command_signs_what_moved_since_its_last_signature(
