@@ -171,16 +171,21 @@ if (Touch.__slots__, Hash.__slots__, SetSession.__slots__) != (
 
 
 # -- helpers the rules share --------------------------------------------------------------
+def repeat_run(recent: tuple[str, ...], h: str) -> int:
+    """How many times ``h`` ends the hash window once recorded after ``recent`` (1 to ``HASH_WINDOW``)."""
+    run = 1
+    for x in reversed(recent[1 - HASH_WINDOW:]):
+        if x != h:
+            break
+        run += 1
+    return run
+
+
 def count_strikes(recent: tuple[str, ...], strikes: int, h: str, stall: bool) -> tuple[tuple[str, ...], int]:
     """The hash window and strike count after recording ``h``: a strike when the same hash ends a
     run of two or more in the window, or when the request shows another stall signal."""
     hashes = (*recent, h)[-HASH_WINDOW:]
-    run = 0
-    for x in reversed(hashes):
-        if x != h:
-            break
-        run += 1
-    return hashes, strikes + 1 if run >= 2 or stall else strikes
+    return hashes, strikes + 1 if stall or repeat_run(recent, h) >= 2 else strikes
 
 
 def stall_reason(route: Route, recent: tuple[str, ...], limit: int) -> str:
@@ -199,11 +204,7 @@ def stall_reason(route: Route, recent: tuple[str, ...], limit: int) -> str:
         return f"{route.tool_errors} errored tool calls in the last {route.rules.stall_window}"
     h = route.request_hash
     if h and need <= HASH_WINDOW:
-        run = 1
-        for x in reversed(recent[1 - HASH_WINDOW:]):
-            if x != h:
-                break
-            run += 1
+        run = repeat_run(recent, h)
         if run >= need:
             return f"{run} identical requests in a row"
     return ""
@@ -509,22 +510,18 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
     if bypass:  # also without candidates: a host that filters deployments itself reads it (Routed.served)
         served = state.group_deployment(d.model, d.tier) if state is not None and state.deployments else ""
         d.served = served
+    else:
+        served = state.deployment if state is not None else ""
     if d.refused or not candidates:
         return
-    if bypass:
-        if served and served in candidates:
-            d.deployment = served
-            d.candidates = served_first(served, candidates)
-            return
-        d.deployment = candidates[0]
-        d.events.append(SetDeployment(route.session_id, d.deployment, d.model, d.tier))
-        return
-    served = state.deployment if state is not None else ""
     if served and served in candidates:
         d.deployment = served
         d.candidates = served_first(served, candidates)
         return
     d.deployment = candidates[0]
+    if bypass:  # the bypass's own group deployment pin
+        d.events.append(SetDeployment(route.session_id, d.deployment, d.model, d.tier))
+        return
     # A deployment of the provider the pin left (an escalation to another provider's model) is not gone:
     # the pin's first deployment with its new provider is recorded, as a new pin's is.
     moved = provider not in ("", "default") and key_provider(served) not in (provider, "")
