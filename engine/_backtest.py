@@ -45,7 +45,7 @@ from engine._replay import (
     read_file,
     to_entry,
 )
-from engine._rules import LIFTING
+from engine._rules import DOWNGRADE, LIFTING
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
 from events import records as R
 from events._validate import MAX_MICROS
@@ -78,8 +78,6 @@ def _set_deployment(sid: str, record: dict[str, Any]) -> SetDeployment:
         return SetDeployment(sid, record["group_deployment"], record["group_model"],
                              _TIER.get(record["group_tier"]))
     return SetDeployment(sid, record["deployment"])
-#: The budget rule's reason for a graceful downgrade (engine._rules.budget).
-_DOWNGRADE = "; cheapest tier"
 _ESCALATED, _UPDATED = R.SESSION_ESCALATED, R.SESSION_UPDATED
 _NEVER_MS = 10**15
 
@@ -235,6 +233,22 @@ class Figures:
     downgrades: int = 0
     pin_switches: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
+
+    def count(self, kind: str, reason: str, escalations: int, switches: int) -> None:
+        """One decision: its kind, a refusal or a budget downgrade (told by the rules' reason), and the
+        escalations and pin moves its turn wrote; a lifting stall escalation is a bypass whose turn writes
+        no ``session.escalated``, told by its reason too."""
+        kinds = self.kinds
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind == "refuse":
+            self.refusals += 1
+        elif kind == "bypass":
+            if DOWNGRADE in reason:
+                self.downgrades += 1
+            if not escalations and LIFTING in reason:
+                escalations = 1
+        self.escalations += escalations
+        self.pin_switches += switches
 
     def to_json(self) -> dict[str, Any]:
         return {"cost_usd": self.cost_micros / 1_000_000, "escalations": self.escalations,
@@ -512,18 +526,10 @@ class _Run:
                     result.no_rules += 1
                     return
                 self.rules[sid] = rules
-        base, var = result.baseline, result.variant
+        var = result.variant
         kind, model, tier = r["kind"], get("model", ""), get("tier")
-        kinds = base.kinds
-        kinds[kind] = kinds.get(kind, 0) + 1
         refused = kind == "refuse"
-        if refused:
-            base.refusals += 1
-        elif kind == "bypass" and _DOWNGRADE in get("reason", ""):
-            base.downgrades += 1
-        base.escalations += escalations or (kind == "bypass" and LIFTING in get("reason", ""))
-        if switches:
-            base.pin_switches += switches
+        result.baseline.count(kind, get("reason", ""), escalations, switches)
 
         variant, config = rules.variant, rules.config
         recorded_rid = get("reservation_id", "")
@@ -545,20 +551,14 @@ class _Run:
         ts = r["ts"]
         routed, records = self._apply(sid, route, ts, config)
         vkind, vmodel, vtier = routed.kind, routed.model, routed.tier
-        kinds = var.kinds
-        kinds[vkind] = kinds.get(vkind, 0) + 1
         vrefused = vkind == "refuse"
-        if vrefused:
-            var.refusals += 1
-        elif vkind == "bypass" and _DOWNGRADE in routed.reason:
-            var.downgrades += 1
-        if vkind == "bypass" and LIFTING in routed.reason:
-            var.escalations += 1  # a lifting escalation: no session.escalated
+        escalations = switches = 0
         for rec_name, fields in records:
             if rec_name == _ESCALATED:
-                var.escalations += 1
+                escalations += 1
             elif rec_name == _UPDATED and "model" in fields:
-                var.pin_switches += 1
+                switches += 1
+        var.count(vkind, routed.reason, escalations, switches)
         result.decisions += 1
         # A Tier is a str: it equals its recorded name.
         if vkind != kind or vmodel != model or vtier != tier:

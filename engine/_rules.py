@@ -45,6 +45,8 @@ _TIERS = (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING)
 #: How the reason of a lifting stall escalation (``stall_lift``) ends: a bypass (it moves no pin and
 #: writes no ``session.escalated``), which counters of escalations (backtest, report) recognise by this.
 LIFTING = " for this request; pin kept, lifts on progress"
+#: How the reason of a graceful budget downgrade ends (``budget``): counters of downgrades recognise it by this.
+DOWNGRADE = "; cheapest tier"
 
 # Decision kinds (engine.policy.Kind has the same values).
 INITIALIZE, RETAIN, UPGRADE, BYPASS = "initialize", "retain", "upgrade", "bypass"
@@ -479,7 +481,7 @@ def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
     # Downgrade for this request only: the pin is kept (SetSession would move it down).
     if d.pinned is not None:
         d.events = [touch_event(route.session_id) if type(e) is SetSession else e for e in d.events]
-    d.kind, d.model, d.tier, d.estimate, d.reason = BYPASS, cheap, cheap_tier, cheap_estimate, f"{over}; cheapest tier"
+    d.kind, d.model, d.tier, d.estimate, d.reason = BYPASS, cheap, cheap_tier, cheap_estimate, f"{over}{DOWNGRADE}"
 
 
 def key_provider(key: str) -> str:

@@ -66,6 +66,7 @@ from rich.table import Table
 
 import engine._time as engine_time
 from engine._config import Config
+from engine._rules import DOWNGRADE
 from engine._runtime import Observer
 from engine._workload import PolicyRouter, Request, Router, Workload, model_table, policy_options
 from engine.policy import Policy
@@ -241,7 +242,7 @@ class RecordCounter(Observer):
             elif name == R.DECISION_MADE:
                 kind = record["kind"]
                 self._kinds[shard][kind] += 1
-                downgrade = kind == "bypass" and "; cheapest tier" in record.get("reason", "")
+                downgrade = kind == "bypass" and DOWNGRADE in record.get("reason", "")
                 self._downgrades[shard] += downgrade
                 if kind == "refuse" or downgrade:
                     sid = record["session_id"]
