@@ -266,10 +266,7 @@ class RecordCounter(Observer):
         return sum(c.get(name, 0) for c in self._counts)
 
     def totals(self) -> dict[str, int]:
-        total: Counter[str] = Counter()
-        for counts in self._counts:
-            total.update(counts)
-        return dict(sorted(total.items()))
+        return _merged(self._counts)
 
     @property
     def explicit(self) -> int:
@@ -281,10 +278,7 @@ class RecordCounter(Observer):
 
     @property
     def kinds(self) -> dict[str, int]:
-        total: Counter[str] = Counter()
-        for counts in self._kinds:
-            total.update(counts)
-        return dict(sorted(total.items()))
+        return _merged(self._kinds)
 
     @property
     def downgrades(self) -> int:
@@ -301,6 +295,14 @@ class RecordCounter(Observer):
     @property
     def max_cost(self) -> int:
         return max(self._max_cost)
+
+
+def _merged(per_shard: list[Counter[str]]) -> dict[str, int]:
+    """The shards' counts summed, by name."""
+    total: Counter[str] = Counter()
+    for counts in per_shard:
+        total.update(counts)
+    return dict(sorted(total.items()))
 
 
 # -- the run -------------------------------------------------------------------------------------------
