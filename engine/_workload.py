@@ -284,31 +284,36 @@ def _model_for(tier: Tier, current: str) -> str:
     return next((m for m in models if provider_from_model(m) == provider), models[0])
 
 
-class Router:
-    """What a router does with the session store on every request; one instance per worker."""
+class _Worker:
+    """A simulated router worker: request ``i`` happens at ``start + i * step``, whichever worker routes it."""
 
-    def __init__(self, store: SessionStore, set_time: Callable[[int], None], start_ms: int, step_ms: float) -> None:
-        self.store = store
+    def __init__(self, set_time: Callable[[int], None], start_ms: int, step_ms: float) -> None:
         self.set_time = set_time
         self.start_ms = start_ms
         self.step_ms = step_ms
-        self.strikes = 0
         self.resumed = 0
+
+    def _at(self, req: Request) -> None:
+        """Set the simulated clock to the request's time, and the conversation's history to what the client
+        sends with it (a repeat sends the same again)."""
+        self.set_time(self.start_ms + int(req.number * self.step_ms))
+        if not req.repeat:
+            history(req.conversation, req)
+
+
+class Router(_Worker):
+    """What a router does with the session store on every request; one instance per worker."""
+
+    def __init__(self, store: SessionStore, set_time: Callable[[int], None], start_ms: int, step_ms: float) -> None:
+        super().__init__(set_time, start_ms, step_ms)
+        self.store = store
+        self.strikes = 0
 
     def route(self, req: Request) -> None:
         store = self.store
         conv = req.conversation
         sid = conv.session_id
-        # Request i happens at start + i * step, whichever worker routes it and whenever.
-        self.set_time(self.start_ms + int(req.number * self.step_ms))
-        if not req.repeat:
-            # The client sends the whole history: last reply, then the new user message.
-            if conv.pending:
-                conv.history.append(MessageInfo("assistant", _FILLER[: conv.reply_bytes]))
-            conv.history.append(MessageInfo("user", f"[{conv.index}:{req.turn}] " + _FILLER[: req.user_bytes]))
-            if len(conv.history) > CONTEXT_MESSAGES + 1:
-                keep = conv.history[:1] if conv.history[0].role == "system" else []
-                conv.history = keep + conv.history[-CONTEXT_MESSAGES:]
+        self._at(req)
         entry = store.get_session(sid)
         if entry is None or not entry.model or req.switch:  # a ledger-only entry (budget window) pins nothing
             if entry is None or not entry.model:
@@ -376,7 +381,7 @@ def policy_options(max_cost_usd: float | None, deadline_s: float) -> Options:
     return Options(max_cost_usd=max_cost_usd, estimator=estimate_usd, deadline_s=deadline_s)
 
 
-class PolicyRouter:
+class PolicyRouter(_Worker):
     """What a router embedding ``engine.policy`` does on every request; one instance per worker.
 
     The router's own choice is the conversation's tier (sometimes SIMPLE, sometimes one above);
@@ -386,20 +391,15 @@ class PolicyRouter:
 
     def __init__(self, policy: Policy, set_time: Callable[[int], None], start_ms: int, step_ms: float,
                  total: int) -> None:
+        super().__init__(set_time, start_ms, step_ms)
         self.policy = policy
-        self.set_time = set_time
-        self.start_ms = start_ms
-        self.step_ms = step_ms
         self.total = total
-        self.resumed = 0
         self.refused = 0
         self.restarted = 0
 
     def route(self, req: Request) -> None:
         conv = req.conversation
-        self.set_time(self.start_ms + int(req.number * self.step_ms))
-        if not req.repeat:
-            history(conv, req)
+        self._at(req)
         tier = req.route_tier or req.tier
         model = req.model if req.explicit or tier is req.tier else _model_for(tier, req.model)
         # The user names the model when the chat starts and when they switch; the explicit pin then holds.
@@ -436,7 +436,7 @@ class PolicyRouter:
 
 def history(conv: Conversation, req: Request) -> None:
     """The conversation as the client sends it with ``req`` (not a repeat): the last reply, then the new
-    user message, or, for an agent step, the assistant's tool call and its result."""
+    user message, or, for an agent step (the policy workload), the assistant's tool call and its result."""
     step = req.step
     if step is not None:
         call_id = f"c{conv.index}-{req.turn}-{step.number}"
