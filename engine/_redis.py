@@ -642,22 +642,27 @@ def read_bucket(client: Any, keys: Keys, bucket: int) -> Iterator[dict[str, Any]
     (a trimmed stream may start past 1). Raises LogCorrupt naming the stream and id of a bad record."""
     log = keys.bucket_keys(bucket)[3]
     last: int | None = None
+    for stream_id, fields in stream_entries(client, log):
+        where = f"stream {log} id {stream_id.decode()}"
+        try:
+            record = orjson.loads(fields[b"r"])
+        except (KeyError, orjson.JSONDecodeError):
+            raise LogCorrupt(f"{where}: not a session-engine record (no JSON field r)") from None
+        seq = record.get("seq") if type(record) is dict else None
+        if type(seq) is not int or type(record.get("event")) is not str or type(record.get("ts")) is not int:
+            raise LogCorrupt(f"{where}: a record needs an int seq, an int ts and a str event")
+        if last is not None and seq != last + 1:
+            raise LogCorrupt(f"{where}: seq {seq} follows {last} (a gap)")
+        last = seq
+        yield record
+
+
+def stream_entries(client: Any, stream: str) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of a stream, oldest first, as (stream id, fields), read ``_SCAN`` at a time."""
     start = "-"
     while True:
-        chunk = client.xrange(log, start, "+", count=_SCAN)
-        for stream_id, fields in chunk:
-            where = f"stream {log} id {stream_id.decode()}"
-            try:
-                record = orjson.loads(fields[b"r"])
-            except (KeyError, orjson.JSONDecodeError):
-                raise LogCorrupt(f"{where}: not a session-engine record (no JSON field r)") from None
-            seq = record.get("seq") if type(record) is dict else None
-            if type(seq) is not int or type(record.get("event")) is not str or type(record.get("ts")) is not int:
-                raise LogCorrupt(f"{where}: a record needs an int seq, an int ts and a str event")
-            if last is not None and seq != last + 1:
-                raise LogCorrupt(f"{where}: seq {seq} follows {last} (a gap)")
-            last = seq
-            yield record
+        chunk = client.xrange(stream, start, "+", count=_SCAN)
+        yield from chunk
         if len(chunk) < _SCAN:
             return
         start = "(" + chunk[-1][0].decode()

@@ -372,13 +372,14 @@ def verify_redis(url: str, namespace: str = "se", key: bytes | None = None) -> R
 
 def _verify_bucket(client: Any, keys: Any, bucket: int, report: Report, key: bytes | None = None) -> bool:
     """Check one bucket stream; True when it holds a bad entry (then in ``report``)."""
+    from engine._redis import stream_entries
+
     stream = keys.bucket_keys(bucket)[3]
     v = _Verifier(report, key)
     prev_seq: int | None = None
     head: str | None = None
     stream_id = ""
     seq: int | None = None
-    start = "-"
     checked_before = report.signatures_checked + report.signatures_unchecked
     records_before = report.records
 
@@ -387,67 +388,62 @@ def _verify_bucket(client: Any, keys: Any, bucket: int, report: Report, key: byt
         report.problem = Problem(seq, stream, 0, field_, rule, bucket=bucket, stream_id=stream_id or None)
         return True
 
-    while True:
-        chunk = client.xrange(stream, start, "+", count=1000)
-        for raw_id, fields in chunk:
-            stream_id, seq = raw_id.decode(), None
-            raw = fields.get(b"r")
-            try:
-                record = orjson.loads(raw) if raw is not None else None
-            except orjson.JSONDecodeError:
-                record = None
-            if type(record) is not dict or type(record.get("seq")) is not int or "event" not in record:
-                return bad("r", "a JSON record with an int seq and an event")
-            seq = record["seq"]
-            if prev_seq is not None and seq != prev_seq + 1:
-                return bad("seq", f"must follow {prev_seq} (no gap, no repeat, in order)")
-            problem = record_problem(record, strict=True)
-            if problem is not None:
-                return bad(*problem)
-            try:
-                v._times(record)
-                if record["event"] == R.LOG_SIGNED:
-                    if prev_seq is None:  # the entry it signs was trimmed: nothing left to check it against
-                        report.signatures_unchecked += 1
-                    elif record["head_seq"] != prev_seq or record["head"] != head:
-                        raise _Bad("head", "the head of the entry just before it (a signature follows its head)")
-                    else:
-                        v._signature(record["head_seq"], record["head"], record["signature"])
-            except _Bad as exc:
-                return bad(exc.field, exc.rule)
-            h = fields.get(b"h")
-            g = fields.get(b"g")
-            if g is not None:
-                if head is not None:
-                    return bad("g", "only on the first chained entry of the bucket (its genesis)")
-                head = g.decode("ascii", "replace")
-                report.anchor, report.anchor_seq = "genesis", seq
-            if h is None:
-                if head is not None:
-                    return bad("h", "on every entry after the bucket's genesis (the chain is broken)")
-                report.unchained_records += 1
-            else:
-                value = h.decode("ascii", "replace")
-                if head is None:
-                    # the oldest entry left: a MAXLEN trim (or a deletion) took the ones before it
-                    report.notes.append(f"bucket {bucket}: the chain is checked from seq {seq} (stream id "
-                                        f"{stream_id}): the entries before it were trimmed or deleted")
-                    report.anchor = report.anchor or "trimmed"
-                elif _sha1_link(head, raw) != value:
-                    return bad("h", "the SHA-1 of the previous head and this entry's r: an entry was changed, "
-                                    "added, removed or moved")
-                head = value
-                report.seals += 1
-                report.head, report.head_seq = value, seq
-            prev_seq = seq
-            report.records += 1
-            if report.first_seq is None or seq < report.first_seq:
-                report.first_seq = seq
-            if report.last_seq is None or seq > report.last_seq:
-                report.last_seq = seq
-        if len(chunk) < 1000:
-            break
-        start = "(" + chunk[-1][0].decode()
+    for raw_id, fields in stream_entries(client, stream):
+        stream_id, seq = raw_id.decode(), None
+        raw = fields.get(b"r")
+        try:
+            record = orjson.loads(raw) if raw is not None else None
+        except orjson.JSONDecodeError:
+            record = None
+        if type(record) is not dict or type(record.get("seq")) is not int or "event" not in record:
+            return bad("r", "a JSON record with an int seq and an event")
+        seq = record["seq"]
+        if prev_seq is not None and seq != prev_seq + 1:
+            return bad("seq", f"must follow {prev_seq} (no gap, no repeat, in order)")
+        problem = record_problem(record, strict=True)
+        if problem is not None:
+            return bad(*problem)
+        try:
+            v._times(record)
+            if record["event"] == R.LOG_SIGNED:
+                if prev_seq is None:  # the entry it signs was trimmed: nothing left to check it against
+                    report.signatures_unchecked += 1
+                elif record["head_seq"] != prev_seq or record["head"] != head:
+                    raise _Bad("head", "the head of the entry just before it (a signature follows its head)")
+                else:
+                    v._signature(record["head_seq"], record["head"], record["signature"])
+        except _Bad as exc:
+            return bad(exc.field, exc.rule)
+        h = fields.get(b"h")
+        g = fields.get(b"g")
+        if g is not None:
+            if head is not None:
+                return bad("g", "only on the first chained entry of the bucket (its genesis)")
+            head = g.decode("ascii", "replace")
+            report.anchor, report.anchor_seq = "genesis", seq
+        if h is None:
+            if head is not None:
+                return bad("h", "on every entry after the bucket's genesis (the chain is broken)")
+            report.unchained_records += 1
+        else:
+            value = h.decode("ascii", "replace")
+            if head is None:
+                # the oldest entry left: a MAXLEN trim (or a deletion) took the ones before it
+                report.notes.append(f"bucket {bucket}: the chain is checked from seq {seq} (stream id "
+                                    f"{stream_id}): the entries before it were trimmed or deleted")
+                report.anchor = report.anchor or "trimmed"
+            elif _sha1_link(head, raw) != value:
+                return bad("h", "the SHA-1 of the previous head and this entry's r: an entry was changed, "
+                                "added, removed or moved")
+            head = value
+            report.seals += 1
+            report.head, report.head_seq = value, seq
+        prev_seq = seq
+        report.records += 1
+        if report.first_seq is None or seq < report.first_seq:
+            report.first_seq = seq
+        if report.last_seq is None or seq > report.last_seq:
+            report.last_seq = seq
     stored = client.get(keys.head(bucket))
     stored_seq = client.get(keys.bucket_keys(bucket)[0])
     stream_id = ""
