@@ -22,6 +22,10 @@ app = typer.Typer(
 )
 
 
+#: The URL argument of the commands that read a Redis backend (export, sign).
+RedisUrl = Annotated[str, typer.Argument(help="Redis backend URL (redis://, rediss://, unix://, redis+cluster://).")]
+
+
 def fail(message: str) -> NoReturn:
     """One clear line on stderr and a non-zero exit, never a traceback."""
     typer.echo(f"session-engine: error: {message}", err=True)
@@ -378,7 +382,7 @@ def replay_command(
 
 @app.command("export")
 def export_command(
-    url: Annotated[str, typer.Argument(help="Redis backend URL (redis://, rediss://, unix://, redis+cluster://).")],
+    url: RedisUrl,
     directory: Annotated[Path, typer.Argument(help="Directory to write the log segment into (created).")],
     namespace: Annotated[str, typer.Option(help="The backend's redis_namespace.")] = "se",
 ) -> None:
@@ -407,7 +411,7 @@ def export_command(
 
 @app.command()
 def sign(
-    url: Annotated[str, typer.Argument(help="Redis backend URL (redis://, rediss://, unix://, redis+cluster://).")],
+    url: RedisUrl,
     namespace: Annotated[str, typer.Option(help="The backend's redis_namespace.")] = "se",
 ) -> None:
     """Sign a Redis backend's stream heads with the key in SESSION_ENGINE_AUDIT_KEY (HMAC-SHA256).
