@@ -41,6 +41,25 @@ def log_path(tmp_path: Path) -> Path:
     return tmp_path / "audit.jsonl"
 
 
+#: The small policy simulation whose log the backtest tests read (tests/test_backtest*.py).
+SIM_SETTINGS = {"sessions": 40, "requests": 1_500, "concurrency": 3, "shards": 2, "timeout_s": 120,
+                "clock_speed": 0.5, "max_cost_usd": 0.6}
+
+
+@pytest.fixture(scope="module")
+def sim_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small policy simulation, shared by a module's tests that only read its log."""
+    import io
+
+    from rich.console import Console
+
+    from engine._simulate import SimulationConfig, run_simulation
+
+    log = tmp_path_factory.mktemp("sim") / "audit.jsonl"
+    run_simulation(SimulationConfig(log=log, **SIM_SETTINGS), out=Console(file=io.StringIO()))  # type: ignore[arg-type]
+    return log
+
+
 def read_log(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -10,26 +9,13 @@ from typing import Any
 
 import orjson
 import pytest
-from rich.console import Console
 
 from engine import Config, LogCorrupt, SessionStore, Tier, replay
 from engine._backtest import backtest, parse_changes
-from engine._simulate import SimulationConfig, run_simulation
 from engine._workload import PRICES
 from engine.policy import BudgetExceeded, Options, Policy, Request
 from events import InvalidEvent
 from tests.conftest import read_log
-
-SMALL = {"sessions": 40, "requests": 1_500, "concurrency": 3, "shards": 2, "timeout_s": 120, "clock_speed": 0.5,
-         "max_cost_usd": 0.6}
-
-
-@pytest.fixture(scope="module")
-def sim_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One small policy simulation, shared by the tests that only read its log."""
-    log = tmp_path_factory.mktemp("sim") / "audit.jsonl"
-    run_simulation(SimulationConfig(log=log, **SMALL), out=Console(file=io.StringIO()))  # type: ignore[arg-type]
-    return log
 
 
 @pytest.fixture(scope="module")

@@ -3,36 +3,23 @@ exactly a serial run's; whatever only a serial run can decide or report makes it
 
 from __future__ import annotations
 
-import io
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from rich.console import Console
 
 from engine import Config, LogCorrupt, SessionStore, Tier
 from engine import _backtest as bt
 from engine._backtest import backtest
 from engine._replay import Share, Tail, read_file
-from engine._simulate import SimulationConfig, run_simulation
 from engine.policy import BudgetExceeded, Options, Policy, Request
 from events import InvalidEvent
-from tests.test_backtest import SMALL, session_engine
+from tests.conftest import read_log
+from tests.test_backtest import session_engine
 
 CHANGES: list[Any] = [[], ["strike_limit=50"], {"max_cost_usd": 0.05}, ["stall_lift=true", "budget_mode=strict"]]
-
-
-@pytest.fixture(scope="module")
-def sim_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    log = tmp_path_factory.mktemp("sim") / "audit.jsonl"
-    run_simulation(SimulationConfig(log=log, **SMALL), out=Console(file=io.StringIO()))  # type: ignore[arg-type]
-    return log
-
-
-def records_of(log: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in log.read_bytes().splitlines() if line.strip()]
 
 
 def write(path: Path, records: list[dict[str, Any]], *, renumber: bool = True) -> Path:
@@ -74,7 +61,7 @@ def test_a_run_in_shares_really_splits_the_sessions(sim_log: Path) -> None:
 
 def test_every_record_is_read_by_exactly_one_share_records_of_no_session_by_the_first(
         sim_log: Path, tmp_path: Path) -> None:
-    records = records_of(sim_log)
+    records = read_log(sim_log)
     # Records of no session, and lines the prefix cannot place (key order, a float ts, escapes).
     records.insert(5, {"ts": 1, "event": "shard.restarted", "shard": 0, "error": None, "sessions": 3})
     records.insert(900, {"ts": 2, "event": "log.signed", "head_seq": 3, "head": "0" * 64, "signature": "1" * 64})
@@ -95,7 +82,7 @@ def test_every_record_is_read_by_exactly_one_share_records_of_no_session_by_the_
 def test_session_ids_of_any_text_land_in_one_share(sim_log: Path, tmp_path: Path) -> None:
     awkward = ['a "quoted" id', "back\\slash", "ünïcødé-会话", 'x","session_id":"y', "{[brackets]}", "\u2028 sep"]
     ids: dict[str, str] = {}
-    records = records_of(sim_log)
+    records = read_log(sim_log)
     for r in records:
         sid = r.get("session_id")
         if sid is not None:
@@ -130,14 +117,14 @@ def test_a_corrupt_line_is_reported_as_a_serial_run_reports_it(sim_log: Path, tm
 
 
 def test_what_only_a_serial_run_can_decide_runs_serially(sim_log: Path, tmp_path: Path) -> None:
-    records = records_of(sim_log)
+    records = read_log(sim_log)
     # A session whose first decision lost its rules: decided under the last rules seen in the whole log.
     first = next(i for i, r in enumerate(records) if r["event"] == "decision.made" and "rules" in r and i > 100)
     del records[first]["rules"]
     no_rules = write(tmp_path / "no_rules.jsonl", records, renumber=False)
     # A line whose prefix names one session and whose record another (a repeated key).
     line = orjson.dumps(records[300]).replace(b'"session_id":', b'"session_id":"someone else","session_id":', 1)
-    lines = [orjson.dumps(r) for r in records_of(sim_log)]
+    lines = [orjson.dumps(r) for r in read_log(sim_log)]
     lines[300] = line
     repeated = tmp_path / "repeated.jsonl"
     repeated.write_bytes(b"\n".join(lines) + b"\n")
