@@ -887,17 +887,22 @@ def _summed(parts: list[BacktestResult], pairs: dict[str, Any], prices: str) -> 
     """One result from the shares' (they hold disjoint sessions: every figure is a sum)."""
     result = BacktestResult(changes={name: str(value) for name, value in pairs.items()}, prices=prices)
     for part in parts:
+        for mine, theirs in ((result.baseline, part.baseline), (result.variant, part.variant), (result, part)):
+            _add_counts(mine, theirs)
         for mine, theirs in ((result.baseline, part.baseline), (result.variant, part.variant)):
-            for name in ("cost_micros", "escalations", "refusals", "downgrades", "pin_switches"):
-                setattr(mine, name, getattr(mine, name) + getattr(theirs, name))
             for kind, n in theirs.kinds.items():
                 mine.kinds[kind] = mine.kinds.get(kind, 0) + n
-        for name in ("decisions", "decisions_changed", "records", "not_rerun", "no_rules", "repriced", "unpriced",
-                     "estimated"):
-            setattr(result, name, getattr(result, name) + getattr(part, name))
         if part.prices != prices:  # a share that needed LiteLLM's price map and found none
             result.prices = part.prices
     return result
+
+
+def _add_counts(into: Any, other: Any) -> None:
+    """Add every int field of a ``Figures`` or ``BacktestResult`` (its counts) to ``into``'s."""
+    for f in dataclasses.fields(into):
+        value = getattr(other, f.name)
+        if type(value) is int:
+            setattr(into, f.name, getattr(into, f.name) + value)
 
 
 def _history_files(path: Path) -> list[Path]:
