@@ -45,7 +45,7 @@ from events import (
     parse_tier,
 )
 from events import Decision as DecisionEvent
-from events._events import MAX_STALL_WINDOW, STALL_DETECTORS
+from events._events import check_stall_detector, check_stall_window
 from events._validate import MAX_MICROS, check_text, is_valid_session_id
 
 if TYPE_CHECKING:
@@ -155,10 +155,8 @@ class Options:
             object.__setattr__(self, "strategy", Strategy(self.strategy))
         except ValueError:
             raise InvalidEvent("strategy", "must be one of sticky, adaptive, none") from None
-        if self.stall_detector not in STALL_DETECTORS:
-            raise InvalidEvent("stall_detector", "must be window or strikes")
-        if type(self.stall_window) is not int or not 1 <= self.stall_window <= MAX_STALL_WINDOW:
-            raise InvalidEvent("stall_window", f"must be an int from 1 to {MAX_STALL_WINDOW}")
+        check_stall_detector(self.stall_detector)
+        check_stall_window(self.stall_window)
         for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky", "stall_lift"):
             if type(getattr(self, name)) is not bool:
                 raise InvalidEvent(name, "must be a bool")

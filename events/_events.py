@@ -216,6 +216,16 @@ STALL_DETECTORS = ("window", "strikes")
 MAX_STALL_WINDOW = 64
 
 
+def check_stall_detector(value: object) -> None:
+    if value not in STALL_DETECTORS:
+        raise InvalidEvent("stall_detector", "must be window or strikes")
+
+
+def check_stall_window(value: object) -> None:
+    if type(value) is not int or not 1 <= value <= MAX_STALL_WINDOW:
+        raise InvalidEvent("stall_window", f"must be an int from 1 to {MAX_STALL_WINDOW}")
+
+
 @dataclass(frozen=True, slots=True)
 class RouteRules:
     """What the routing rules read besides the request and the session: the policy's options and its
@@ -253,8 +263,7 @@ class RouteRules:
             raise InvalidEvent("strategy", "must be one of sticky, adaptive, none")
         if self.budget_mode not in BUDGET_MODES:
             raise InvalidEvent("budget_mode", "must be graceful or strict")
-        if self.stall_detector not in STALL_DETECTORS:
-            raise InvalidEvent("stall_detector", "must be window or strikes")
+        check_stall_detector(self.stall_detector)
         for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky", "stall_lift", "candidates_by_provider"):
             check_bool(getattr(self, name), name)
         for name, low in (("warmup_turns", 0), ("strike_limit", 0), ("max_cost_micros", -1),
@@ -262,8 +271,7 @@ class RouteRules:
             value = getattr(self, name)
             if type(value) is not int or value < low or value > MAX_MICROS:
                 raise InvalidEvent(name, f"must be an int >= {low}")
-        if type(self.stall_window) is not int or not 1 <= self.stall_window <= MAX_STALL_WINDOW:
-            raise InvalidEvent("stall_window", f"must be an int from 1 to {MAX_STALL_WINDOW}")
+        check_stall_window(self.stall_window)
         if type(self.models) is not tuple:
             raise InvalidEvent("models", "must be a tuple of (tier, models) pairs")
         for pair in self.models:
