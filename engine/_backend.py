@@ -77,7 +77,7 @@ def _tls_options(scheme: str, query: str) -> tuple[tuple[str, Any], ...]:
     if not query:
         return (("ssl_check_hostname", True),) if scheme == "rediss" else ()
     if scheme != "rediss":
-        raise _bad(f"URL options (?{'&'.join(TLS_OPTIONS[:1])}=...) are TLS settings: they need rediss://")
+        raise _bad(f"URL options (?{TLS_OPTIONS[0]}=...) are TLS settings: they need rediss://")
     try:
         pairs = parse_qs(query, keep_blank_values=True, strict_parsing=True)
     except ValueError:
