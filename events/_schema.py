@@ -1,9 +1,12 @@
-"""The value domains of every audit-log record, as one table (docs/log-schema.json says the same in JSON Schema).
+"""The value domains of every audit-log record, as one table: the one source of docs/log-schema.json.
 
 Replay, restart recovery and ``session-engine audit --verify`` check records
 against this table, so a new record type or field is added here (and in
-docs/events.md and docs/log-schema.json; tests/test_verify.py checks that the
-JSON Schema and this table agree, field by field).
+docs/events.md). Each domain carries its JSON Schema, and docs/log-schema.json
+is generated from the table (``python -m events._schema_doc``; the
+descriptions are in events/_schema_doc.py): tests/test_log_domains.py fails
+while the committed file differs, and writes every value of every enumerated
+field through both.
 
 A domain is a predicate with a ``rule`` naming what it allows; checks are
 plain ``type(v) is int and v >= 0`` tests, fast enough to run on every record
@@ -25,84 +28,106 @@ _TIER_SET = frozenset(TIERS)
 _HEX = frozenset("0123456789abcdef")
 
 
-def _domain(rule: str, expr: str | None = None) -> Callable[[Check], Check]:
-    """Name a predicate's rule; ``expr`` is the same test as an expression over ``v``, inlined by ``_compile``."""
+def _domain(rule: str, expr: str | None = None, *, json: dict[str, Any], example: Any,
+            values: tuple[Any, ...] | None = None) -> Callable[[Check], Check]:
+    """Name a predicate's rule; ``expr`` is the same test as an expression over ``v``, inlined by ``_compile``.
+
+    ``json``: the same domain as a JSON Schema (docs/log-schema.json is generated from it, by
+    ``python -m events._schema_doc``); ``example``: one value inside it; ``values``: for an
+    enumerated domain, every value it allows (tests write each one).
+    """
     def name(check: Check) -> Check:
         check.rule = rule  # type: ignore[attr-defined]
         check.expr = expr  # type: ignore[attr-defined]
+        check.json = json  # type: ignore[attr-defined]
+        check.example = example  # type: ignore[attr-defined]
+        check.values = values  # type: ignore[attr-defined]
         return check
     return name
 
 
-@_domain("an integer >= 0", "type(v) is int and v >= 0")
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/$defs/{name}"}
+
+
+_INT0 = {"type": "integer", "minimum": 0}
+_STRING = {"type": "string"}
+
+
+@_domain("an integer >= 0", "type(v) is int and v >= 0", json=_INT0, example=0)
 def int0(v: Any) -> bool:
     return type(v) is int and v >= 0
 
 
-@_domain("an integer >= 1", "type(v) is int and v >= 1")
+@_domain("an integer >= 1", "type(v) is int and v >= 1", json={"type": "integer", "minimum": 1}, example=1)
 def int1(v: Any) -> bool:
     return type(v) is int and v >= 1
 
 
-@_domain("a string", "type(v) is str")
+@_domain("a string", "type(v) is str", json=_STRING, example="x")
 def text(v: Any) -> bool:
     return type(v) is str
 
 
-@_domain("a string or null", "v is None or type(v) is str")
+@_domain("a string or null", "v is None or type(v) is str", json={"type": ["string", "null"]}, example=None)
 def text_or_null(v: Any) -> bool:
     return v is None or type(v) is str
 
 
-@_domain("true or false", "v is True or v is False")
+@_domain("true or false", "v is True or v is False", json={"type": "boolean"}, example=False)
 def boolean(v: Any) -> bool:
     return v is True or v is False
 
 
-@_domain("one of SIMPLE, MEDIUM, COMPLEX, REASONING or null", "v is None or (type(v) is str and v in TIERS)")
+@_domain("one of SIMPLE, MEDIUM, COMPLEX, REASONING or null", "v is None or (type(v) is str and v in TIERS)",
+         json=_ref("tier"), example=None, values=(*TIERS, None))
 def tier(v: Any) -> bool:
     return v is None or (type(v) is str and v in _TIER_SET)
 
 
-@_domain("one of SIMPLE, MEDIUM, COMPLEX, REASONING", "type(v) is str and v in TIERS")
+@_domain("one of SIMPLE, MEDIUM, COMPLEX, REASONING", "type(v) is str and v in TIERS", json={"enum": list(TIERS)},
+         example="SIMPLE", values=TIERS)
 def tier_set(v: Any) -> bool:
     return type(v) is str and v in _TIER_SET
 
 
-@_domain("a list of at most 3 strings", "type(v) is list and len(v) <= 3 and (not v or all(type(h) is str for h in v))")
+@_domain("a list of at most 3 strings", "type(v) is list and len(v) <= 3 and (not v or all(type(h) is str for h in v))",
+         json={"type": "array", "items": _STRING, "maxItems": 3}, example=[])
 def hashes(v: Any) -> bool:
     return type(v) is list and len(v) <= 3 and all(type(h) is str for h in v)
 
 
-@_domain("a string of 1 to 256 characters, no control characters")
+@_domain("a string of 1 to 256 characters, no control characters", json=_ref("session_id"), example="s")
 def session_id(v: Any) -> bool:
     # As the events check a session id (events/_validate.py): no engine writes another.
     return type(v) is str and 0 < len(v) <= 256 and (v.isprintable() or _CONTROL.search(v) is None)
 
 
-@_domain("64 lower-case hex digits")
+@_domain("64 lower-case hex digits", json=_ref("hex64"), example="0" * 64)
 def hex64(v: Any) -> bool:
     return type(v) is str and len(v) == 64 and _HEX.issuperset(v)
 
 
-@_domain("40 or 64 lower-case hex digits (a Redis stream's SHA-1 head, a file's SHA-256 head)")
+@_domain("40 or 64 lower-case hex digits (a Redis stream's SHA-1 head, a file's SHA-256 head)", json=_ref("head_hex"),
+         example="0" * 64)
 def head_hex(v: Any) -> bool:
     return type(v) is str and len(v) in (40, 64) and _HEX.issuperset(v)
 
 
-@_domain("a list of strings", "type(v) is list and all(type(x) is str for x in v)")
+@_domain("a list of strings", "type(v) is list and all(type(x) is str for x in v)",
+         json={"type": "array", "items": _STRING}, example=[])
 def strings(v: Any) -> bool:
     return type(v) is list and all(type(x) is str for x in v)
 
 
-@_domain("a list of [reservation id, micros >= 0, expires_at >= 0]")
+@_domain("a list of [reservation id, micros >= 0, expires_at >= 0]", json=_ref("reservations"), example=[])
 def reservations(v: Any) -> bool:
     return type(v) is list and all(
         type(r) is list and len(r) == 3 and type(r[0]) is str and type(r[1]) is int and r[1] >= 0
         and type(r[2]) is int and r[2] >= 0 for r in v)
 
 
-@_domain("a list of [model, tier or \"\", deployment]")
+@_domain("a list of [model, tier or \"\", deployment]", json=_ref("deployments"), example=[])
 def group_deployments(v: Any) -> bool:
     return type(v) is list and all(
         type(r) is list and len(r) == 3 and all(type(x) is str for x in r)
@@ -110,23 +135,28 @@ def group_deployments(v: Any) -> bool:
 
 
 @_domain("an object of model -> micros >= 0",
-         "type(v) is dict and all(type(x) is int and x >= 0 for x in v.values())")
+         "type(v) is dict and all(type(x) is int and x >= 0 for x in v.values())",
+         json={"type": "object", "additionalProperties": _INT0}, example={})
 def micros_by_model(v: Any) -> bool:
     return type(v) is dict and all(type(x) is int and x >= 0 for x in v.values())
 
 
-@_domain("an object", "type(v) is dict")
+@_domain("an object", "type(v) is dict", json={"type": "object"}, example={})
 def an_object(v: Any) -> bool:
     return type(v) is dict
 
 
 def const(value: Any) -> Check:
-    return _domain(f"exactly {value!r}")(lambda v: v is value if isinstance(value, bool) else v == value)
+    """Exactly ``value`` (a bool or a string)."""
+    return _domain(f"exactly {value!r}", json={"const": value}, example=value, values=(value,))(
+        lambda v: v is value if isinstance(value, bool) else (type(v) is str and v == value))
 
 
-def one_of(*values: Any) -> Check:
+def one_of(*values: str) -> Check:
+    """One of the strings ``values``."""
     allowed = frozenset(values)
-    return _domain("one of " + ", ".join(map(str, values)))(lambda v: type(v) is str and v in allowed)
+    return _domain("one of " + ", ".join(map(str, values)), json={"enum": list(values)}, example=values[0],
+                   values=values)(lambda v: type(v) is str and v in allowed)
 
 
 #: Every Entry field (a snapshot holds all of them for each session; session.created too).
@@ -159,7 +189,9 @@ def entry_problem(fields: Any, strict: bool = True) -> tuple[str, str] | None:
     return None
 
 
-@_domain("an object of session id -> every Entry field")
+@_domain("an object of session id -> every Entry field",
+         json={"type": "object", "additionalProperties": _ref("entry"), "propertyNames": _ref("session_id")},
+         example={})
 def sessions(v: Any) -> bool:
     return type(v) is dict and all(session_id(k) and entry_problem(f, False) is None for k, f in v.items())
 
@@ -214,7 +246,8 @@ RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
         "session_id": session_id, "reservation_ids": strings, "micros": int0, "reservations": reservations}),
     R.SESSION_EXPIRED: (("session_id", "reason", "idle_ms"), {
         "session_id": session_id, "reason": const("idle"), "idle_ms": int0}),
-    R.SESSION_EVICTED: (("session_id", "reason"), {"session_id": session_id, "reason": const("capacity")}),
+    R.SESSION_EVICTED: (("session_id", "reason"), {
+        "session_id": session_id, "reason": one_of("capacity", "tenant_limit")}),
     R.SESSION_CLEARED: (("session_id", "reason"), {"session_id": session_id, "reason": one_of("cleared", "clear_all")}),
     R.SESSION_REFUSED: (("session_id", "reason", "limit"), {
         "session_id": session_id, "reason": const("tenant_rate"), "limit": int1}),
@@ -311,3 +344,11 @@ def _snapshot_problem(value: dict[str, Any], strict: bool) -> tuple[str, str]:
         if problem is not None:
             return f"sessions.{sid[:40]}.{problem[0]}", problem[1]
     return "sessions", sessions.rule  # type: ignore[attr-defined]
+
+
+def json_schema() -> dict[str, Any]:
+    """The table as a JSON Schema (draft 2020-12) of one record: what docs/log-schema.json holds, generated
+    (``python -m events._schema_doc`` rewrites the file; events/_schema_doc.py holds the descriptions)."""
+    from events._schema_doc import json_schema as generate
+
+    return generate()

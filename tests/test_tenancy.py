@@ -30,15 +30,16 @@ from litellm.caching.dual_cache import DualCache
 from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 from typer.testing import CliRunner
 
-from engine import Config, InvalidEvent, SessionStore, Tier
+from engine import Config, InvalidEvent, SessionStore, Tier, replay
 from engine._capacity import SessionRefused
+from engine._replay import read_log
+from engine._verify import verify
 from engine.cli import app
 from engine.identity import SECRET_ENV, IdentityResolver, Scope, check_caller_id, scoped, split, tenant_of
 from engine.integrations.litellm import DECISION_KEY, SessionEngineCallback
 from engine.metrics import Metrics
 from engine.policy import Options
 from events import SetSession
-from tests.conftest import read_log
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydantic._internal._generate_schema")
 
@@ -327,7 +328,7 @@ def test_a_bad_id_through_the_hook_writes_nothing(make_hook, bad):
     assert hook.policy.store.store.get_stats().count == 0
     hook.close()
     log = Path(hook._owned.config.event_log)
-    assert not log.exists() or read_log(log) == []
+    assert not log.exists() or list(read_log(log)) == []
     with pytest.raises(InvalidEvent):
         check_caller_id(bad)
 
@@ -377,6 +378,31 @@ def test_audit_shows_tenant_and_id_apart_and_filters_by_tenant(make_store, log_p
     assert timeline.exit_code == 0 and "pinned to model 'mid'" in timeline.stdout
     bad = runner.invoke(app, ["audit", str(log_path), "--tenant", "acme"])
     assert bad.exit_code == 2 and "tenant must be 24 lowercase hex" in bad.stderr
+
+
+def test_a_log_with_tenant_limit_evictions_replays_reopens_and_verifies(log_path):
+    """The writer and the reader agree on session.evicted's reasons: a store past max_sessions_per_tenant logs
+    reason tenant_limit, and the engine's own readers (replay, reopening the store, audit --verify) take it."""
+    tenant = "0123456789abcdef01234567"
+    first, second = f"{tenant}:a", f"{tenant}:b"
+    config = Config(enabled=True, tick_ms=0, event_log=str(log_path), max_sessions_per_tenant=1)
+    store = SessionStore(config)
+    try:
+        store.set_session(first, "m")
+        store.set_session(second, "m")  # past the tenant's limit: its least recently used is evicted
+        assert store.get_session(first) is None  # the eviction was queued ahead of this ask
+    finally:
+        store.close()
+    assert [(r["session_id"], r["reason"]) for r in read_log(log_path) if r["event"] == "session.evicted"] == [
+        (first, "tenant_limit")]
+    assert set(replay(log_path)) == {second}
+    again = SessionStore(config)
+    try:
+        assert again.get_session(second) is not None and again.get_session(first) is None
+    finally:
+        again.close()
+    report = verify(log_path)
+    assert report.status in ("verified", "unchained"), report
 
 
 def test_the_keeper_evicts_a_tenants_own_least_recently_used_and_respects_max_sessions():
