@@ -38,8 +38,7 @@ from engine._replay import (
     LogCorrupt,
     Share,
     Tail,
-    archives,
-    log_files,
+    history_files,
     new_fields,
     paused_gc,
     read_file,
@@ -718,7 +717,7 @@ def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *
     parse_changes(changes)  # a bad option is reported before any process starts
     if jobs is not None and (type(jobs) is not int or jobs < 1):
         raise InvalidEvent("jobs", "must be an int >= 1")
-    files = _history_files(path)
+    files = history_files(path)
     if session is None and files:
         count = jobs if jobs is not None else (
             _cpus() if sum(f.stat().st_size for f in files) >= PARALLEL_BYTES and _start_method() == "fork" else 1)
@@ -903,16 +902,6 @@ def _add_counts(into: Any, other: Any) -> None:
         value = getattr(other, f.name)
         if type(value) is int:
             setattr(into, f.name, getattr(into, f.name) + value)
-
-
-def _history_files(path: Path) -> list[Path]:
-    """Every file of a log still on disk, oldest first: a directory's segments, or a single file's rotated
-    archives (``<name>.<first seq, 20 digits>``) and then the file itself. Raises FileNotFoundError."""
-    if path.is_dir():
-        return log_files(path, history=True)
-    if not path.exists():
-        raise FileNotFoundError(2, "no such file or directory", str(path))
-    return [*archives(path), path]
 
 
 def _history(files: list[Path], start: Tail | None = None, share: Share | None = None) -> Iterator[dict[str, Any]]:

@@ -19,13 +19,12 @@ from engine._replay import (
     LogCorrupt,
     State,
     Tail,
-    archives,
     fold_files,
-    list_segments,
+    history_files,
     paused_gc,
-    read_head,
     readable_segments,
     segment_name,
+    segment_seq,
     to_entry,
 )
 from engine._table import ShardState, shard_index
@@ -70,24 +69,21 @@ class Layout:
             return self.path / f".{segment_name(first_seq)}.tmp"
         return self.path.with_name(f".{self.path.name}.{first_seq:020d}.tmp")
 
-    def clean_archives(self) -> list[Path]:
-        """A single-file log's archives, oldest first, without the one an interrupted rotation left.
+    def segments(self) -> list[Path]:
+        """Every segment on disk, oldest first (``engine._replay.history_files``, the one listing), after
+        removing the archive an interrupted rotation left.
 
         Rotation links the active file to its archive name, then renames the
         new segment over it. A crash between the two leaves the archive
         naming the active segment itself (a hard link, or a copy where links
         are not supported): it is removed, and the next rotation makes it again.
         """
-        found = archives(self.path)
-        head = read_head(self.path) if found else None
-        kept = []
-        for archive in found:
-            if archive.samefile(self.path) or (head is not None and archive.name == self.archive(head["seq"]).name):
-                archive.unlink()
-                logger.warning("session-engine: removed %s, left by an interrupted rotation", archive)
-            else:
-                kept.append(archive)
-        return kept
+        strays: list[Path] = []
+        found = history_files(self.path, strays=strays)
+        for archive in strays:
+            archive.unlink()
+            logger.warning("session-engine: removed %s, left by an interrupted rotation", archive)
+        return found
 
     def clean_staging(self) -> None:
         """Remove segments a crash left half-written: they were never renamed into place."""
@@ -140,19 +136,17 @@ def recover(layout: Layout) -> Recovered:
     tail = Tail()
     if layout.directory:
         layout.path.mkdir(parents=True, exist_ok=True)
-        segments = list_segments(layout.path)
-        if not segments:
-            return Recovered(state, 0, layout.segment(1), 1, tail, 0)
-    else:
-        if not layout.path.exists():
-            return Recovered(state, 0, layout.path, 1, tail, 0)
-        segments = [*layout.clean_archives(), layout.path]
+    elif not layout.path.exists():
+        return Recovered(state, 0, layout.path, 1, tail, 0)
+    segments = layout.segments()
+    if not segments:
+        return Recovered(state, 0, layout.segment(1), 1, tail, 0)
     active = segments[-1]
     files, cut = readable_segments(segments)
     fold_files(files, state, tail)
     if cut is None:
         if layout.directory:
-            first = int(active.name.split(".")[0])
+            first = segment_seq(active.name)
         else:
             first = tail.first["seq"] if tail.first else (tail.last_seq or 0) + 1
         last = tail.last_seq or 0
@@ -160,7 +154,7 @@ def recover(layout: Layout) -> Recovered:
                          _snapshot_bytes(active))
     # The cut segment is dropped whole (its snapshot is rewritten); the segment before it must be whole.
     last = tail.last_seq or 0
-    if tail.torn_bytes or (layout.directory and int(active.name.split(".")[0]) != last + 1):
+    if tail.torn_bytes or (layout.directory and segment_seq(active.name) != last + 1):
         raise LogCorrupt(f"{active}: a crash cut the snapshot this segment opens with, and {files[-1]} before it "
                          f"{'ends with a torn record' if tail.torn_bytes else f'ends at seq {last}'}: "
                          f"records are missing")

@@ -412,9 +412,23 @@ def starts_snapshot(record: dict[str, Any] | None) -> bool:
     return record is not None and record["event"] == R.LOG_SNAPSHOT and record.get("part", 1) == 1
 
 
+def segment_seq(name: str) -> int | None:
+    """The first seq a segment directory's file name ``<first seq, 20 digits>.jsonl`` names (None: not a segment)."""
+    match = SEGMENT_NAME.match(name)
+    return int(match.group(1)) if match is not None else None
+
+
+def archive_seq(log_name: str, name: str) -> int | None:
+    """The first seq a single-file log's archive name ``<log_name>.<first seq, 20 digits>`` names (None: not one)."""
+    if len(name) != len(log_name) + 21 or not name.startswith(log_name) or name[len(log_name)] != ".":
+        return None
+    suffix = name[len(log_name) + 1:]
+    return int(suffix) if ARCHIVE_SUFFIX.match(suffix) else None
+
+
 def list_segments(directory: Path) -> list[Path]:
     """The segment files of a directory, oldest first (by the first seq in their names)."""
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := SEGMENT_NAME.match(p.name))]
+    found = [(seq, p) for p in directory.iterdir() if (seq := segment_seq(p.name)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -470,11 +484,44 @@ def names_later_segment(path: Path) -> bool:
 
 
 def archives(path: Path) -> list[Path]:
-    """A single-file log's retired segments ``<name>.<first seq, 20 digits>``, oldest first."""
-    prefix = path.name + "."
-    found = [(int(p.name[len(prefix):]), p) for p in path.parent.glob(f"{glob.escape(prefix)}*")
-             if ARCHIVE_SUFFIX.match(p.name[len(prefix):])]
+    """A single-file log's retired segments ``<name>.<first seq, 20 digits>``, oldest first (every one on disk)."""
+    name = path.name
+    found = [(seq, p) for p in path.parent.glob(f"{glob.escape(name)}.*")
+             if (seq := archive_seq(name, p.name)) is not None]
     return [p for _, p in sorted(found)]
+
+
+def history_files(path: str | Path, *, strays: list[Path] | None = None) -> list[Path]:
+    """Every file of a log still on disk, oldest first: THE listing every reader of a log uses (replay,
+    recovery, ``audit``, ``report``, ``--verify``, the backtest).
+
+    A directory: its segments ``<first seq>.jsonl``. A file: its archives
+    ``<name>.<first seq>`` (rotation retired them), then the file itself. An
+    archive that is the active file (an interrupted rotation linked or copied
+    the active segment to its archive name, then died before renaming the new
+    one over it: the same inode, or named after the active file's own first
+    seq) is not history; it is left out, and appended to ``strays`` when
+    given (recovery, which may write, removes it). A missing path raises
+    ``FileNotFoundError``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return list_segments(path)
+    if not path.exists():
+        raise FileNotFoundError(2, "no such file or directory", str(path))
+    found = archives(path)
+    if not found:
+        return [path]
+    head = read_head(path)
+    active = head["seq"] if head is not None and type(head["seq"]) is int else None  # its first seq
+    kept = []
+    for archive in found:
+        if archive.samefile(path) or archive_seq(path.name, archive.name) == active:
+            if strays is not None:
+                strays.append(archive)
+        else:
+            kept.append(archive)
+    return [*kept, path]
 
 
 def readable_segments(segments: list[Path]) -> tuple[list[Path], Path | None]:
@@ -499,22 +546,19 @@ def readable_segments(segments: list[Path]) -> tuple[list[Path], Path | None]:
 
 
 def log_files(path: str | Path, *, history: bool = False) -> list[Path]:
-    """The files to read for a log: the file itself, or a directory's segments.
+    """The files to read for a log, oldest first, from ``history_files`` (the one listing).
 
     By default a log is read from its newest snapshot (``readable_segments``:
     a newest segment whose snapshot a crash cut is left out, its predecessors
     are read); ``history`` reads every segment still on disk (the audit
-    report wants the past).
+    report, the chart report, ``--verify`` and the backtest want the past).
     """
     path = Path(path)
-    if path.is_dir():
-        segments = list_segments(path)
-        return segments if history else readable_segments(segments)[0]
-    if not path.exists():
-        raise FileNotFoundError(2, "no such file or directory", str(path))
-    if history or not cut_opening(path):
-        return [path]
-    return readable_segments([p for p in archives(path) if not p.samefile(path)] + [path])[0]
+    if history:
+        return history_files(path)
+    if path.is_file() and not cut_opening(path):
+        return [path]  # the active segment of a file log always stands alone: no listing on replay's path
+    return readable_segments(history_files(path))[0]
 
 
 def read_log(path: str | Path, tail: Tail | None = None, *, history: bool = False,

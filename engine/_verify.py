@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import orjson
 
 from engine import _chain
-from engine._replay import list_segments
+from engine._replay import history_files
 from events import records as R
 from events._schema import STRICT_CHECKS, record_problem
 
@@ -39,7 +38,6 @@ __all__ = ["Problem", "Report", "verify", "verify_files", "verify_redis"]
 
 #: Exit status of ``audit --verify``: verified; a bad record; (2 is a usage or I/O error); nothing proven.
 EXIT_OK, EXIT_BAD, EXIT_UNPROVEN = 0, 1, 3
-_ARCHIVE = re.compile(r"\.(\d{20})$")
 _SNAPSHOT = R.LOG_SNAPSHOT
 _ENDINGS = R.ENDING_RECORDS
 #: Records the chain itself reads (a snapshot's chain_head, a signed head).
@@ -98,19 +96,6 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.status == "verified", **asdict(self)}
-
-
-def history_files(path: Path) -> list[Path]:
-    """Every segment of a log still on disk, oldest first (a file log's archives ``<name>.<seq>``, then it)."""
-    if path.is_dir():
-        return list_segments(path)
-    if not path.exists():
-        raise FileNotFoundError(2, "no such file or directory", str(path))
-    archives = sorted((int(m.group(1)), p) for p in path.parent.glob(f"{path.name}.*")
-                      if (m := _ARCHIVE.search(p.name)) and p.name == f"{path.name}{m.group(0)}")
-    # An archive that is the active file itself (a hard link a rotation made just before it was interrupted)
-    # is not history: the rotation that made it never happened.
-    return [p for _, p in archives if not p.samefile(path)] + [path]
 
 
 class _Bad(Exception):

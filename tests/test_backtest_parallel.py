@@ -13,7 +13,7 @@ import pytest
 from engine import Config, LogCorrupt, SessionStore, Tier
 from engine import _backtest as bt
 from engine._backtest import backtest
-from engine._replay import Share, Tail, read_file
+from engine._replay import Share, Tail, history_files, read_file
 from engine.policy import BudgetExceeded, Options, Policy, Request
 from events import InvalidEvent
 from tests.conftest import read_log
@@ -215,7 +215,7 @@ def test_a_rotated_log_is_shared_out_too_with_the_same_figures(tmp_path: Path, s
     else:
         log = tmp_path / "audit.jsonl"
     _rotated(log)
-    files = bt._history_files(log)
+    files = history_files(log)
     assert len(files) >= 3  # several segments, each newer one opening with a snapshot
     started: list[Any] = []
     real = bt._parallel
