@@ -46,11 +46,12 @@ from events import (
     tier_above,
 )
 from events import records as R
+from events._validate import MAX_TOTAL_MICROS
 
 Record = tuple[str, dict[str, Any]]
 _NO_RECORDS: tuple[Record, ...] = ()
-__all__ = ["HASH_WINDOW", "Outcome", "apply", "clear_for_all", "entry_fields", "holds_ledger", "idle_deadline",
-           "ledger_only", "ledger_until", "pin_deadline",
+__all__ = ["HASH_WINDOW", "Outcome", "Rejected", "apply", "clear_for_all", "entry_fields", "holds_ledger",
+           "idle_deadline", "ledger_only", "ledger_until", "pin_deadline",
            "LAPSE_GEN", "reservation_deadlines", "settle"]
 
 
@@ -58,6 +59,24 @@ class Outcome(NamedTuple):
     state: Entry | None
     result: Any
     records: tuple[Record, ...]
+
+
+class Rejected(NamedTuple):
+    """The result of an event the core refuses in the session's turn (its input passed the event's own
+    checks, but not against the session): the shell raises ``error`` to an asking caller and drops it for
+    a told event; the outcome's records say why (``input.rejected``, never the value) and its state is
+    the session as it was."""
+
+    error: InvalidEvent
+
+
+def _rejected(s: Entry | None, records: tuple[Record, ...], operation: str, field: str, rule: str) -> Outcome:
+    return Outcome(s, Rejected(InvalidEvent(field, rule)),
+                   (*records, (R.INPUT_REJECTED, {"operation": operation, "field": field, "rule": rule})))
+
+
+#: Why a cost that would push the session's total past MAX_TOTAL_MICROS is refused (input.rejected's rule).
+TOTAL_RULE = f"must keep the session's total within {MAX_TOTAL_MICROS} micros (2^63-1)"
 
 
 _put_model, _put_tier = SLOT_SETTERS["model"], SLOT_SETTERS["tier"]
@@ -264,6 +283,9 @@ def _cost(s: Entry | None, ev: Cost, now: int) -> Outcome:
     if ev.micros == 0 and at < 0:
         return Outcome(s, None, records)
     total = s.session_cost_micros + ev.micros
+    if total > MAX_TOTAL_MICROS:
+        # The log's JSON writer holds a signed 64-bit int: refused here, in the turn, the session unchanged.
+        return _rejected(s, records, "Cost", "micros", TOTAL_RULE)
     new = _copy(s)
     _put_cost(new, total)
     fields: dict[str, Any] = {"micros": ev.micros, "session_cost_micros": total}

@@ -53,6 +53,7 @@ from engine._backend import BackendError, BackendUnavailable, RedisTarget, parse
 from engine._capacity import TENANT_LIMIT, TENANT_RATE, SessionRefused
 from engine._core import (
     Outcome,
+    Rejected,
     apply,
     clear_for_all,
     entry_fields,
@@ -504,7 +505,9 @@ class RedisShard(Shard):
                     for (_, reply, _, _), result in zip(steps, results, strict=True):
                         if reply is None:
                             continue
-                        if result is _REFUSED:
+                        if type(result) is Rejected:  # refused in the turn (its input.rejected is committed)
+                            self._reply(reply, error=result.error)
+                        elif result is _REFUSED:
                             self._reply(reply, error=SessionRefused(
                                 f"session not created: its tenant is past max_creations_per_tenant_per_minute "
                                 f"({config.max_creations_per_tenant_per_minute}; each of the {buckets} Redis "

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from engine._core import LAPSE_GEN, apply, clear_for_all, idle_deadline, pin_deadline, settle
+from engine._core import LAPSE_GEN, Rejected, apply, clear_for_all, idle_deadline, pin_deadline, settle
 from engine._entry import Entry
 from engine._log_fault import AuditLogError
 from engine._table import ShardState
@@ -182,7 +182,11 @@ class Shard(pykka.ThreadingActor):
                     for name, fields in out.records:
                         add({"seq": 0, "ts": now, "event": name, "session_id": sid, **fields})
                     if reply is not None:
-                        answers.append((reply, out.result))
+                        result = out.result
+                        if type(result) is Rejected:  # refused in the turn: the caller gets its InvalidEvent
+                            answers.append((_Refused(reply, result.error), None))
+                        else:
+                            answers.append((reply, result))
                 else:
                     if type(event) in _PASSES and len(batch) > 1:
                         # A clock pass takes a turn of its own: the callers batched before it are
@@ -275,7 +279,7 @@ class Shard(pykka.ThreadingActor):
         sessions = self._state.sessions
         if batch and type(batch[0][0]) in _PASSES:
             self._mailbox.tick_pending = False
-        waiting = {id(reply) for reply, _ in answers}
+        waiting = {id(reply.reply if type(reply) is _Refused else reply) for reply, _ in answers}
         redone: list[tuple[Any, Any]] = []
         for event, now, reply in batch:
             if reply is None or id(reply) not in waiting:
