@@ -323,7 +323,8 @@ def rules_from_record(fields: Mapping[str, Any]) -> tuple[RouteRules, int, bool]
                        fields.get("reservation_ttl_ms", 600_000),
                        # A log from before the window detector was decided by cumulative strikes.
                        fields.get("stall_detector", "strikes"), fields.get("stall_window", 6),
-                       fields.get("stall_lift", False), fields.get("candidates_by_provider", False))
+                       fields.get("stall_lift", False), fields.get("candidates_by_provider", False),
+                       fields.get("affinity_by_record", False))
     return rules, int(fields.get("config_strike_limit", 2)), bool(fields.get("auto_escalate", False))
 
 
@@ -367,7 +368,8 @@ class _Run:
         self.fallback: _Rules | None = None
         self.configs: dict[tuple[int, bool], Config] = {}
         if models is not None:  # an older log without rules: the defaults with this table
-            self.fallback = self._variant(RouteRules(models, stall_detector="strikes", candidates_by_provider=False),
+            self.fallback = self._variant(RouteRules(models, stall_detector="strikes", candidates_by_provider=False,
+                                                     affinity_by_record=False),
                                           2, False)
         self.held: dict[str, dict[str, Any]] = {}
         self.ended: dict[str, Any] = {}  # sessions whose idle expiry may leave a budget ledger (next record)

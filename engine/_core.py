@@ -382,7 +382,7 @@ def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
             "budget_mode": rules.budget_mode, "reservation_ttl_ms": rules.reservation_ttl_ms,
             "config_strike_limit": config.strike_limit, "auto_escalate": config.auto_escalate,
             "stall_detector": rules.stall_detector, "stall_window": rules.stall_window, "stall_lift": rules.stall_lift,
-            "candidates_by_provider": rules.candidates_by_provider}
+            "candidates_by_provider": rules.candidates_by_provider, "affinity_by_record": rules.affinity_by_record}
 
 
 def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:

@@ -486,7 +486,7 @@ def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
 
 def key_provider(key: str) -> str:
     """The provider a ``deployment_key`` names (its text before ``:`` or ``@``); "" when the key has
-    neither (a key of the caller's own making, or a bare provider: it may serve any model)."""
+    neither. Read only to re-run logs decided by key names (``RouteRules.affinity_by_record`` false)."""
     if ":" not in key and "@" not in key:
         return ""
     return key.split("@", 1)[0].split(":", 1)[0]
@@ -498,10 +498,52 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
     follow-up, budget downgrade, strategy none) keeps its own deployment pin per (model group, tier),
     so the cheap model's provider cache stays warm too; the pin's deployment is left alone.
 
-    The candidates are the router's, for its own model: when the decision serves a model of another
-    provider, only the candidates of that provider (``deployment_key``'s ``provider:`` prefix) can serve
-    it, and with none of them the decision names no deployment (``RouteRules.candidates_by_provider``;
-    logs from before it were decided on every candidate)."""
+    Decided on what the session recorded, never on a key's name: ``Entry.deployment`` is the deployment
+    that served the pinned model (a turn that moves the pin to another model either records the new
+    model's deployment or clears it: the old one served the model the pin left), a group pin the one that
+    served its (model, tier). The candidates are the router's, for its own model: a decision serving
+    another model uses among them only the deployment recorded serving that model."""
+    rules = route.rules
+    if not rules.affinity_by_record:
+        return _affinity_by_key_name(route, state, d)
+    bypass = d.kind == BYPASS
+    if bypass:  # also without candidates: a host that filters deployments itself reads it (Routed.served)
+        served = state.group_deployment(d.model, d.tier) if state is not None and state.deployments else ""
+        d.served = served
+        moved = False
+    else:
+        served = state.deployment if state is not None else ""
+        # The pin moves to another model: its deployment served the model it leaves.
+        moved = bool(served) and state is not None and bool(state.model) and state.model != d.model
+    candidates = route.candidates
+    if candidates and d.model != route.model:
+        candidates = (served,) if served and not moved and served in candidates else ()
+    d.candidates = candidates
+    if d.refused:
+        return
+    if not candidates:
+        if moved:  # no deployment known for the new model: the pin has none until one serves it
+            d.events.append(SetDeployment(route.session_id, ""))
+        return
+    if served and served in candidates:
+        d.deployment = served
+        d.candidates = served_first(served, candidates)
+        return
+    d.deployment = candidates[0]
+    if bypass:  # the bypass's own group deployment pin
+        d.events.append(SetDeployment(route.session_id, d.deployment, d.model, d.tier))
+        return
+    if served and d.kind == RETAIN:  # the deployment that served the pinned model is gone
+        d.kind = SWITCH
+        d.reason += "; deployment gone, switched"
+    d.events.append(SetDeployment(route.session_id, d.deployment))
+
+
+def _affinity_by_key_name(route: Route, state: Entry | None, d: Draft) -> None:
+    """``deployment_affinity`` as logs written before ``affinity_by_record`` were decided (the backtest re-runs
+    them so): a candidate serves the decided model when its key names the model's provider
+    (``candidates_by_provider``; every candidate in logs from before that), and a pin whose deployment's
+    key names another provider than its model's has "moved" there (no switch)."""
     candidates = route.candidates
     by_provider = route.rules.candidates_by_provider
     provider = provider_from_model(d.model) if by_provider and candidates else ""
@@ -509,7 +551,7 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
         candidates = tuple(c for c in candidates if key_provider(c) in (provider, ""))
     d.candidates = candidates
     bypass = d.kind == BYPASS
-    if bypass:  # also without candidates: a host that filters deployments itself reads it (Routed.served)
+    if bypass:
         served = state.group_deployment(d.model, d.tier) if state is not None and state.deployments else ""
         d.served = served
     else:
@@ -521,11 +563,9 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
         d.candidates = served_first(served, candidates)
         return
     d.deployment = candidates[0]
-    if bypass:  # the bypass's own group deployment pin
+    if bypass:
         d.events.append(SetDeployment(route.session_id, d.deployment, d.model, d.tier))
         return
-    # A deployment of the provider the pin left (an escalation to another provider's model) is not gone:
-    # the pin's first deployment with its new provider is recorded, as a new pin's is.
     moved = provider not in ("", "default") and key_provider(served) not in (provider, "")
     if served and d.kind == RETAIN and not moved:
         d.kind = SWITCH

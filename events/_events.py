@@ -254,9 +254,14 @@ class RouteRules:
     stall_detector: str = "window"
     stall_window: int = 6
     stall_lift: bool = False
-    #: Deployment candidates of another provider than the decided model's are not used (False: every
-    #: candidate, as logs written before this field were decided).
+    #: Read only with ``affinity_by_record`` false (logs decided by key names): deployment candidates whose
+    #: key names another provider than the decided model's are not used (False: every candidate, as logs
+    #: written before this field were decided).
     candidates_by_provider: bool = True
+    #: Deployment affinity reads what the session recorded (which deployment served the pin's model),
+    #: never a deployment key's provider prefix (False: by the prefix, as logs written before this field
+    #: were decided; ``candidates_by_provider`` then applies).
+    affinity_by_record: bool = True
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -264,7 +269,8 @@ class RouteRules:
         if self.budget_mode not in BUDGET_MODES:
             raise InvalidEvent("budget_mode", "must be graceful or strict")
         check_stall_detector(self.stall_detector)
-        for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky", "stall_lift", "candidates_by_provider"):
+        for name in ("simple_bypass", "escalate_on_strikes", "cache_sticky", "stall_lift", "candidates_by_provider",
+                     "affinity_by_record"):
             check_bool(getattr(self, name), name)
         for name, low in (("warmup_turns", 0), ("strike_limit", 0), ("max_cost_micros", -1),
                           ("reservation_ttl_ms", 1)):

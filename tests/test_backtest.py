@@ -286,12 +286,12 @@ def test_a_log_decided_on_every_candidate_is_re_run_as_it_was_decided(tmp_path: 
     log = tmp_path / "audit.jsonl"
     store = SessionStore(Config(enabled=True, tick_ms=0, event_log=str(log)))
     old = RouteRules((("MEDIUM", ("openai/gpt-4o",)), ("COMPLEX", ("anthropic/claude-opus",))),
-                     candidates_by_provider=False)
+                     candidates_by_provider=False, affinity_by_record=False)
     keys = ("openai:k1", "openai:k2")
     store.ask(Route("s", "anthropic/claude-opus", Tier.COMPLEX, old, request_hash="h1", candidates=("anthropic:a",)))
     switched = store.ask(Route("s", "openai/gpt-4o", Tier.MEDIUM, old, request_hash="h2", candidates=keys))
     assert (switched.kind, switched.model, switched.deployment) == ("switch", "anthropic/claude-opus", "openai:k1")
-    new = RouteRules(old.models)
+    new = RouteRules(old.models, affinity_by_record=False)
     store.ask(Route("t", "anthropic/claude-opus", Tier.COMPLEX, new, request_hash="h1", candidates=("anthropic:a",)))
     kept = store.ask(Route("t", "openai/gpt-4o", Tier.MEDIUM, new, request_hash="h2", candidates=keys))
     assert (kept.kind, kept.model, kept.deployment) == ("retain", "anthropic/claude-opus", "")
@@ -299,7 +299,10 @@ def test_a_log_decided_on_every_candidate_is_re_run_as_it_was_decided(tmp_path: 
     records = read_log(log)
     for record in records:
         if record.get("session_id") == "s":
-            record.get("rules", {}).pop("candidates_by_provider", None)  # as such a log was written
+            for name in ("candidates_by_provider", "affinity_by_record"):  # as such a log was written
+                record.get("rules", {}).pop(name, None)
+        elif record.get("session_id") == "t":
+            record.get("rules", {}).pop("affinity_by_record", None)
     older = tmp_path / "older.jsonl"
     older.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
     assert backtest(older).decisions_changed == 0

@@ -272,30 +272,40 @@ def test_a_new_pin_records_its_deployment_without_calling_it_a_switch():
     assert SetDeployment("s", new) in d.events and "switched" not in d.reason
 
 
-def test_the_routers_candidates_of_another_provider_never_switch_a_pin_they_cannot_serve():
-    # The router asks for its OpenAI model with OpenAI deployments; the session is pinned to an Anthropic
-    # model (escalated there, say): before, the pin's deployment was "gone" and an OpenAI key was pinned.
+def test_the_routers_candidates_serve_another_model_only_through_the_deployment_recorded_serving_it():
+    # The router asks for its OpenAI model with its own deployments; the session is pinned to an Anthropic
+    # model (escalated there, say): the router's candidates serve the router's model, not the pin's.
     mine = deployment_key("anthropic", "sk-a")
     state = pinned("anthropic/claude-opus", Tier.REASONING, deployment=mine)
     theirs = [deployment_key("openai", "sk-1"), deployment_key("openai", "sk-2")]
     d = decide(ask(Tier.MEDIUM, candidates=theirs), state, MODELS)
     assert (d.kind, d.model, d.deployment, d.candidates) == (Kind.RETAIN, "anthropic/claude-opus", "", ())
     assert not any(isinstance(e, SetDeployment) for e in d.events)
-    # Candidates of several providers: the decided model's provider's are used.
+    # A key naming the pin's provider is no fact that it serves the pin's model: still none.
     other = deployment_key("anthropic", "sk-b")
     d = decide(ask(Tier.MEDIUM, candidates=[*theirs, other]), state, MODELS)
-    assert (d.kind, d.deployment, d.candidates) == (Kind.SWITCH, other, (other,))
+    assert (d.kind, d.deployment, d.candidates) == (Kind.RETAIN, "", ())
+    # The deployment recorded serving the pin's model, listed by the router: that one, whatever its name.
+    d = decide(ask(Tier.MEDIUM, candidates=[*theirs, mine]), state, MODELS)
+    assert (d.kind, d.deployment, d.candidates) == (Kind.RETAIN, mine, (mine,))
 
 
-def test_keys_without_a_provider_may_serve_any_model_and_still_switch_when_gone():
-    state = pinned("anthropic/claude-opus", Tier.REASONING, deployment="rack-1")
-    d = decide(ask(Tier.MEDIUM, candidates=["rack-2", deployment_key("openai", "sk-1")]), state, MODELS)
-    assert (d.kind, d.deployment, d.candidates) == (Kind.SWITCH, "rack-2", ("rack-2",))
-
-
-def test_a_pin_that_moved_to_another_provider_records_its_first_deployment_there_without_a_switch():
+def test_a_gone_deployment_switches_whatever_its_key_names():
     state = pinned("anthropic/claude-opus", Tier.REASONING, deployment=deployment_key("openai", "sk-1"))
-    new = deployment_key("anthropic", "sk-a")
-    d = decide(Request(model="anthropic/claude-opus", tier=Tier.REASONING, session_id="s",
-                       messages=[{"role": "user", "content": "go on"}], candidates=[new]), state, MODELS)
+    for key in ("rack-2", deployment_key("openrouter", "sk-or"), deployment_key("anthropic", "sk-a")):
+        d = decide(Request(model="anthropic/claude-opus", tier=Tier.REASONING, session_id="s",
+                           messages=[{"role": "user", "content": "go on"}], candidates=[key]), state, MODELS)
+        assert (d.kind, d.deployment) == (Kind.SWITCH, key) and SetDeployment("s", key) in d.events
+
+
+def test_a_pin_that_moves_to_another_model_without_its_deployments_leaves_the_old_one_behind():
+    mid = deployment_key("openai", "sk-mid")
+    state = pinned("openai/gpt-4o", Tier.MEDIUM, deployment=mid)
+    up = decide(ask(Tier.MEDIUM, "LITELLM ESCALATE", candidates=[mid]), state, MODELS)
+    assert (up.kind, up.model, up.deployment, up.candidates) == (Kind.ESCALATE, "openai/o3", "", ())
+    assert up.events[-2] == SetDeployment("s", "")  # the pin has no deployment for o3 yet
+    # Recorded so, the first deployment of the new model is recorded without calling it a switch.
+    there = pinned("openai/o3", Tier.COMPLEX)
+    new = deployment_key("openai", "sk-strong")
+    d = decide(ask(Tier.COMPLEX, candidates=[new]), there, MODELS)
     assert (d.kind, d.deployment) == (Kind.RETAIN, new) and SetDeployment("s", new) in d.events
