@@ -302,7 +302,8 @@ def explain(record: dict[str, Any], before: dict[str, Any]) -> str:
         text = f"cache pin ended: idle {_secs(r('idle_ms'))}, past the provider's cache TTL"
     elif name == R.DEPLOYMENT_SET:
         was = f"was {r('previous')!r}" if r("previous") else "none before"
-        text = f"served by deployment {r('deployment')!r} ({was})"
+        text = (f"served by deployment {r('deployment')!r} ({was})" if r("deployment") else
+                f"no deployment yet for the new model ({was}, which served the model the pin left)")
     elif name == R.DEPLOYMENT_GROUP_SET:
         was = f"was {r('previous')!r}" if r("previous") else "none before"
         tier = f" at {r('group_tier')}" if r("group_tier") else ""
