@@ -70,6 +70,18 @@ class Life:
     #: None while live; else {"how": expired|cleared|evicted, "reason", "ts"}.
     ended: dict[str, Any] | None = None
     last_seq: int = 0
+    #: Times the session expired idle while it held spend or reservations and its budget ledger continued
+    #: (``session.created`` with ``cause: "budget_ledger"``): the same lifetime, the same budget.
+    ledger_count: int = 0
+    #: Each continuation: {"ts", "idle_ms", "spent_micros", "reservations"} (at most ``MAX_ITEMS``).
+    ledger: list[dict[str, Any]] = field(default_factory=list)
+    #: The session is a ledger-only entry now (it pins nothing until its next request).
+    in_ledger: bool = False
+    #: Requests of the pins before the last ledger continuation (request_count starts again at 0 there).
+    request_base: int = 0
+    #: Spend the lifetime's first record carried that no record of this log added to it: only a budget
+    #: ledger whose expired session this log does not hold (never in a log the engine writes whole).
+    carried_micros: int = 0
 
     def note_model(self, model: str | None, tier: str | None) -> None:
         if model is not None and (not self.models or self.models[-1] != model):
@@ -98,6 +110,7 @@ class Life:
             "decisions": self.decisions, "deployment": self.deployment, "user_explicit": self.user_explicit,
             "rejected_inputs": self.rejected, "ended": self.ended,
             "reservations": self.reservations, "reserved_micros": self.reserved_micros,
+            "ledger_count": self.ledger_count, "ledger": self.ledger, "in_ledger": self.in_ledger,
         }
 
     @property
@@ -109,21 +122,39 @@ _ENDINGS = {R.SESSION_EXPIRED: "expired", R.SESSION_CLEARED: "cleared", R.SESSIO
 
 
 def _start(sid: str, fields: dict[str, Any], ts: int, origin: str) -> Life:
-    # A budget ledger keeps its session's created_at (its window's start) but is a lifetime of its own.
-    life = Life(sid, ts if origin == "budget_ledger" else fields.get("created_at", ts), origin)
+    life = Life(sid, fields.get("created_at", ts), origin)
+    if origin == "budget_ledger":  # its expired session is not in this log: its spend was not added here
+        life.carried_micros = fields.get("session_cost_micros", 0)
+        life.in_ledger = True
+    elif not fields.get("model") and not fields.get("request_count") and (
+            fields.get("session_cost_micros") or fields.get("reservations")):
+        life.in_ledger = origin == "snapshot"  # a ledger-only entry a snapshot holds
     _update(life, fields)
-    life.note_model(fields.get("model"), fields.get("tier"))
+    if not life.in_ledger:
+        life.note_model(fields.get("model"), fields.get("tier"))
     return life
+
+
+def _continue_ledger(life: Life, record: dict[str, Any], ts: int) -> None:
+    """The session expired idle holding budget, and its ledger goes on: the same lifetime (and budget)."""
+    ended = life.ended or {}
+    life.ended = None
+    life.ledger_count += 1
+    life.in_ledger = True
+    life.request_base = life.requests
+    _update(life, record)
+    _push(life.ledger, {"ts": ts, "idle_ms": ended.get("idle_ms"), "spent_micros": life.cost_micros,
+                        "reservations": len(record.get("reservations") or ())})
 
 
 def _update(life: Life, fields: dict[str, Any]) -> None:
     """Carry over the absolute values a record or snapshot states."""
     if "request_count" in fields:
-        life.requests = fields["request_count"]
+        life.requests = life.request_base + fields["request_count"]
     if "strikes" in fields:
         life.strikes = fields["strikes"]
     if "session_cost_micros" in fields:
-        life.cost_micros = fields["session_cost_micros"]
+        life.cost_micros = fields["session_cost_micros"] - life.carried_micros
     if fields.get("user_explicit"):
         life.user_explicit = True
     if fields.get("deployment"):
@@ -140,12 +171,32 @@ def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Itera
     """Every session lifetime in the log: each one when it ends, then the live ones by start time.
 
     ``tenant``: only that tenant's sessions ("" for the unscoped ones); None: all.
+
+    A lifetime is one budget: a session that expires idle while it holds
+    spend or open reservations continues as its budget ledger (the
+    ``session.expired`` record is followed at once by ``session.created`` with
+    ``cause: "budget_ledger"``, engine/_core.py ``settle``), and a request in
+    the budget window pins a model on that same ledger. That is the same
+    lifetime, not a new one: its cost is counted once (so the lifetimes' costs
+    sum to the ``cost.added`` micros of the log), its requests add up, and
+    ``ledger`` lists each continuation. The lifetime ends when the session
+    ends for good (its ledger's window over, cleared, evicted).
     """
     live: dict[str, Life] = {}
+    held: Life | None = None  # expired just now: yielded unless the next record continues its budget ledger
     for record in records:
         name = record["event"]
         ts = record.get("ts", 0)
         sid = record.get("session_id")
+        if held is not None:
+            if name == R.SESSION_CREATED and sid == held.session_id and record.get("cause") == "budget_ledger":
+                live[sid] = held
+                _continue_ledger(held, record, ts)
+                held.last_seq = record["seq"]
+                held = None
+                continue
+            yield held
+            held = None
         if sid is None:
             if name == R.LOG_SNAPSHOT:
                 # History before the snapshot may be deleted: sessions first seen here start "restored".
@@ -163,6 +214,10 @@ def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Itera
         life = live.get(sid)
         if name == R.SESSION_CREATED:
             cause = record.get("cause")
+            if cause == "budget_ledger" and life is not None:  # (never: the expiry comes first) the same budget
+                _continue_ledger(life, record, ts)
+                life.last_seq = record["seq"]
+                continue
             live[sid] = life = _start(sid, record, ts, cause if cause in ("cost", "budget_ledger") else "request")
         elif life is None:
             continue  # a record for a session that does not exist (a decision, a rejected input)
@@ -172,10 +227,14 @@ def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Itera
             if "idle_ms" in record:
                 life.ended["idle_ms"] = record["idle_ms"]
             del live[sid]
-            yield life
+            if name == R.SESSION_EXPIRED and (life.cost_micros + life.carried_micros > 0 or life.reservations):
+                held = life  # its budget ledger may continue: the next record says
+            else:
+                yield life
             continue
         _update(life, record)
         if name == R.SESSION_UPDATED and "model" in record:
+            life.in_ledger = False
             life.note_model(record["model"], record.get("tier"))
         elif name == R.SESSION_ESCALATED:
             life.escalation_count += 1
@@ -194,6 +253,8 @@ def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Itera
             _push(life.decisions, {"ts": ts, **{k: record[k] for k in _DECISION_KEYS if k in record}})
         elif name == R.INPUT_REJECTED:
             life.rejected += 1
+    if held is not None:
+        yield held
     yield from sorted(live.values(), key=lambda life: (life.started_at or 0, life.session_id))
 
 
@@ -234,7 +295,7 @@ def table_row(life: Life) -> str:
     else:
         decisions = "0"
     if life.ended is None:
-        ended = "live"
+        ended = "live (budget ledger)" if life.in_ledger else "live"
     else:
         ended = f"{life.ended['how']} {fmt_ts(life.ended['ts'], date=False)}"
         if life.ended.get("reason") not in (None, "idle", "cleared", "capacity"):
@@ -260,11 +321,21 @@ def explain(record: dict[str, Any], before: dict[str, Any]) -> str:
         before.update(record)
         if r("cause") == "cost":
             return "created by a cost report for an unknown session (no model pinned yet), so no spend is lost"
+        if r("cause") == "budget_ledger":
+            held = r("reservations") or []
+            return (f"budget ledger continued: {fmt_usd(r('session_cost_micros', 0))} spent, {len(held)} "
+                    f"reservation(s) held ({fmt_usd(sum(x[1] for x in held))}); the pin ended idle, the spend "
+                    "counts against the same budget until its window ends (no model pinned until the next request)")
+        if r("cause") == "deployment":
+            return ("created to hold a deployment pin per model group (no model pinned yet): "
+                    f"{r('deployments')}")
         explicit = ", chosen explicitly by the user" if r("user_explicit") else ""
         return f"created: pinned to model {r('model')!r}, tier {_tier(r('tier'))}{explicit}; request 1"
     text = ""
     if name == R.SESSION_UPDATED:
-        if "model" in record:
+        if "model" in record and not before.get("model"):
+            text = f"request {r('request_count')}: pinned to model {r('model')!r}, tier {_tier(r('tier'))}"
+        elif "model" in record:
             text = (f"request {r('request_count')}: model changed from {before.get('model')!r} to "
                     f"{r('model')!r}, tier {_tier(before.get('tier'))} -> {_tier(r('tier'))}")
         else:

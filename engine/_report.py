@@ -43,6 +43,8 @@ MAX_MARKS = 300
 _ENDINGS = frozenset({R.SESSION_EXPIRED, R.SESSION_CLEARED, R.SESSION_EVICTED})
 _REQUESTS = frozenset({R.SESSION_UPDATED, R.SESSION_TOUCHED})
 _MARKED = _ENDINGS | {R.SESSION_ESCALATED, R.STICKY_PINNED, R.SESSION_CREATED}
+#: A timeline mark's name for an idle expiry whose budget ledger continued (the same lifetime goes on).
+LEDGER_MARK = "budget_ledger"
 
 
 @dataclass(slots=True)
@@ -78,6 +80,12 @@ class Timeline:
             self.decisions_seen += 1
             _thin(self.decisions, (ts, str(record.get("kind")), str(record.get("model") or ""),
                                    record.get("tier"), text), MAX_POINTS)
+        elif name == R.SESSION_CREATED and record.get("cause") == "budget_ledger":
+            # Not an end and a start: the pin expired idle and the same budget goes on (one mark for both).
+            if self.marks and self.marks[-1][1] == R.SESSION_EXPIRED:
+                text = f"{self.marks.pop()[2]}; {text}"
+            if len(self.marks) < MAX_MARKS:
+                self.marks.append((ts, LEDGER_MARK, text))
         elif (name in _MARKED or (name == R.SESSION_UPDATED and "model" in record)) and len(self.marks) < MAX_MARKS:
             self.marks.append((ts, name, text))
 
@@ -284,7 +292,8 @@ def add_timelines(d: Digest, records: Iterable[dict[str, Any]]) -> None:
             continue
         name = record["event"]
         if name == R.SESSION_CREATED:
-            start = record.get("ts") if record.get("cause") == "budget_ledger" else record.get("created_at")
+            # A budget ledger keeps its session's created_at: it continues the same lifetime (engine._audit.lives).
+            start = record.get("created_at")
             tl = wanted.get((sid, start if start is not None else record.get("ts")))
             if tl is None:  # another lifetime of the same id
                 open_.pop(sid, None)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine._audit import fmt_ts, fmt_usd
-from engine._report import Digest, Timeline
+from engine._report import LEDGER_MARK, Digest, Timeline
 from events import EngineError
 from events import records as R
 
@@ -30,6 +30,7 @@ MARK_SYMBOLS = {
     R.SESSION_ESCALATED: ("triangle-up", "#d62728", "escalated"), R.STICKY_PINNED: ("star", "#8c564b", "cache pin"),
     R.SESSION_EXPIRED: ("x", "#444444", "ended"), R.SESSION_CLEARED: ("x", "#444444", "ended"),
     R.SESSION_EVICTED: ("x", "#444444", "ended"), R.LOG_SNAPSHOT: ("square-open", "#7f7f7f", "from a snapshot"),
+    LEDGER_MARK: ("x-open", "#444444", "pin expired, budget ledger continued"),
 }
 _CONFIG = {"displaylogo": False, "responsive": True}
 

@@ -258,11 +258,12 @@ def audit(
         lifetimes = A.lives(records, tenant)
         first = next(lifetimes, None)  # reads the log's first records: a non-log fails before any output
         typer.echo(A.table_header())
-        count = 0
+        count = spent = 0
         for life in itertools.chain(() if first is None else (first,), lifetimes):
             typer.echo(A.table_row(life))
             count += 1
-        typer.echo(f"{count} session lifetime(s); times are UTC")
+            spent += life.cost_micros
+        typer.echo(f"{count} session lifetime(s), {A.fmt_usd(spent)} spent; times are UTC")
 
     def write_timeline(records: Iterator[dict[str, Any]]) -> None:
         assert session is not None

@@ -82,7 +82,7 @@ def test_every_reader_sees_every_record_lifetime_and_cost_of_a_rotated_log(
     assert len(rows) == lifetimes
     assert sum(row["cost_micros"] for row in rows) == spent
     code, out, _ = run("audit", str(log))
-    assert code == 0 and out.splitlines()[-1] == f"{lifetimes} session lifetime(s); times are UTC"
+    assert code == 0 and out.splitlines()[-1] == f"{lifetimes} session lifetime(s), ${spent / 1e6:.6f} spent; times are UTC"
     # report: the same records, lifetimes and spend
     digest = read_digest(log)
     assert (digest.records, digest.lifetimes, digest.spend_micros) == (records, lifetimes, spent)
