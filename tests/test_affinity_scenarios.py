@@ -18,7 +18,10 @@ from engine import Config, SessionStore, Tier, replay
 from engine._backtest import backtest
 from engine.policy import Kind, Options, Policy, Request, deployment_key
 from events import Route, RouteRules
+from tests import test_litellm
 from tests.conftest import read_log
+
+make_hook = test_litellm.make_hook  # the registered-hook fixture, shared with tests/test_litellm.py
 
 KIMI = "moonshot/kimi-k2"
 OPUS = "anthropic/claude-opus"
@@ -214,3 +217,41 @@ def test_a_log_decided_by_key_names_is_re_run_as_it_was_decided(tmp_path: Path) 
     older.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
     assert backtest(older).decisions_changed == 0
     assert backtest(log).decisions_changed == 0
+
+
+def test_does_not_reinsert_a_sticky_deployment_removed_by_a_hard_capacity_filter_through_litellm(make_hook):
+    # The same scenario through a real litellm.Router: kimi served by two OpenAI-compatible deployments of the
+    # "mid" group; the one that served the session is removed, the hook's filter moves the pin (switch) to
+    # the other, which is recorded, and the removed one never comes back.
+    import asyncio
+    import warnings
+
+    from litellm import Router
+
+    from tests.test_litellm import ask as chat
+
+    kimi = [{"model_name": "mid", "litellm_params": {"model": "openai/kimi-k2", "api_key": key,
+                                                     "api_base": "https://api.moonshot.ai/v1",
+                                                     "mock_response": "from kimi"}} for key in ("k-1", "k-2")]
+    hook = make_hook()
+
+    async def run() -> tuple[list[tuple[str, str]], Router]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            router = Router(model_list=kimi)
+        served = []
+        for n in range(3):
+            response = await hook.acompletion(router, model="mid", messages=chat(f"step {n}"),
+                                              metadata={"session_id": "kimi"})
+            served.append((response._hidden_params["session_engine"]["kind"], response._hidden_params["model_id"]))
+            if n == 0:
+                with warnings.catch_warnings():  # newer LiteLLM prefers apply(ChangeSet(...)); older has only this
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    router.delete_deployment(id=served[0][1])  # the capacity filter
+        return served, router
+
+    served, _ = asyncio.run(run())
+    (first_kind, first), (second_kind, second), (third_kind, third) = served
+    assert (first_kind, second_kind, third_kind) == ("initialize", "switch", "retain")
+    assert first != second == third
+    assert hook.policy.store.store.get_session("kimi").deployment.endswith(second[:12])
