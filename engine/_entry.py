@@ -29,7 +29,8 @@ class Entry:
     cache_sticky_at: int = 0
     provider: str = ""
     session_cost_micros: int = 0
-    #: Deployment (provider + key or base URL) that last served the session; not in the seed.
+    #: Deployment (provider + key or base URL) that last served the pinned model; "" when none has yet (a
+    #: turn that moves the pin to another model with no candidate for it clears it). Not in the seed.
     deployment: str = ""
     #: Open budget reservations, oldest first: (reservation id, micro-USD, first ms it counts as lapsed).
     reservations: tuple[tuple[str, int, int], ...] = ()
