@@ -39,7 +39,7 @@ def provider_from_model(model_id: str) -> str:
 
 def derive_session_id(first_user_message: str) -> str:
     """Lower-case hex SHA-256 of the first user message (unkeyed: see docs/identity.md)."""
-    return hashlib.sha256(first_user_message.encode()).hexdigest()
+    return hashlib.sha256(first_user_message.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def get_session_id(headers: Any, header_name: str = "") -> str:
@@ -90,7 +90,8 @@ def hash_request_content(content: str, tool_names: Iterable[str] | None = None) 
     names = sorted(tool_names or ())
     if names:
         text += "|tools:" + ",".join(names)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    # surrogatepass: a lone surrogate a JSON body carried hashes (as valid text hashes the same), never raises.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _content(message: MessageInfo | Mapping[str, Any]) -> str:
@@ -104,7 +105,7 @@ def should_cache_sticky(messages: Iterable[MessageInfo | Mapping[str, Any]]) -> 
     """Whether the context is long enough to pin a provider for its prefix cache."""
     total = 0
     for message in messages:
-        size = len(_content(message).encode())
+        size = len(_content(message).encode("utf-8", "surrogatepass"))
         if size // 3 >= _STICKY_ONE_MESSAGE_TOKENS:
             return True
         total += size

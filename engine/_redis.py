@@ -63,6 +63,7 @@ from engine._core import (
 )
 from engine._entry import Entry
 from engine._log import drop_forbidden
+from engine._log_render import UnrenderableRecord
 from engine._replay import LogCorrupt, State, fold, new_fields, segment_name, to_entry
 from engine._scope import tenant_of
 from engine._shard import Shard, ShardFailed
@@ -457,18 +458,25 @@ class RedisShard(Shard):
                     continue
                 deadline: int | str = ""
                 pexpire_ms = 0
-                if state is before:
-                    encoded: bytes | str = ""
-                elif state is None:
-                    encoded = "-"
-                else:
-                    encoded = encode_entry(state)
-                    if before is None or deadline_of(before, config) != deadline_of(state, config):
-                        # Only a move of the deadline (a use, a pin) needs ZADD and a fresh PEXPIRE.
-                        deadline = deadline_of(state, config)
-                        pexpire_ms = config.timeout_ms + EXPIRY_MARGIN_MS
+                try:
+                    if state is before:
+                        encoded: bytes | str = ""
+                    elif state is None:
+                        encoded = "-"
+                    else:
+                        encoded = encode_entry(state)
+                        if before is None or deadline_of(before, config) != deadline_of(state, config):
+                            # Only a move of the deadline (a use, a pin) needs ZADD and a fresh PEXPIRE.
+                            deadline = deadline_of(state, config)
+                            pexpire_ms = config.timeout_ms + EXPIRY_MARGIN_MS
+                    rendered = [render_record(record) for record in records]
+                except Exception as exc:  # orjson cannot write it: this session's callers learn it, nothing is written
+                    logger.error("session-engine: shard %d refused a session's events: a record could not be "
+                                 "rendered (%s)", self._index, exc)
+                    self._fail({sid: steps}, UnrenderableRecord(0, type(exc).__name__))
+                    continue
                 backend.evalsha(pipe, sid, bucket_of(sid, buckets), version, encoded, deadline, pexpire_ms,
-                                [render_record(record) for record in records], creates=creates and before is None,
+                                rendered, creates=creates and before is None,
                                 now=steps[-1][2], last_used=state.last_used_at if state is not None else 0)
                 plans.append((sid, steps, state, results, records))
             try:

@@ -14,6 +14,7 @@ records with one log call, and answers the batch's callers.
 from __future__ import annotations
 
 import heapq
+import logging
 import queue
 import time
 from collections import deque
@@ -25,6 +26,7 @@ import pykka
 from engine._core import LAPSE_GEN, Rejected, apply, clear_for_all, idle_deadline, pin_deadline, settle
 from engine._entry import Entry
 from engine._log_fault import AuditLogError
+from engine._log_render import UnrenderableRecord
 from engine._table import ShardState
 from events import ClearAll, EngineError, Evict, GetCost, GetSession, GetStats, IsCacheSticky, Tick
 from events import records as R
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from engine._runtime import Runtime
 
 DRAIN = "drain"
+logger = logging.getLogger("engine")
 
 
 class ShardFailed(EngineError):
@@ -103,6 +106,9 @@ class Shard(pykka.ThreadingActor):
         self._mailbox: Mailbox = runtime.mailboxes[index]
         self._state = state
         self._apply: Callable[..., Any] = apply
+        #: Events still to apply one per batch: a batch held a record the log could not render, so it is
+        #: run again event by event, and only the event that made that record is refused.
+        self._isolate = 0
 
     @staticmethod
     def _create_actor_inbox() -> Any:
@@ -127,6 +133,10 @@ class Shard(pykka.ThreadingActor):
         pop = queue.popleft
         limit = self._config.drain_batch
         while queue:
+            if self._isolate:
+                self._isolate -= 1
+                self._run_batch([pop()])
+                continue
             # Only this thread pops, so the queue holds at least this many items.
             self._run_batch([pop() for _ in range(min(limit, len(queue)))])
 
@@ -207,7 +217,7 @@ class Shard(pykka.ThreadingActor):
             except Exception as exc:
                 rest = batch[position + 1:]
                 self._mailbox.queue.extendleft(reversed(rest))
-                self._commit(records, answers, used, ended, undo, started, batch, now)
+                self._commit(records, answers, used, ended, undo, started, batch[:position], now)
                 if reply is not None:
                     reply.fail(ShardFailed(
                         f"shard {self._index} failed applying {type(event).__name__}: "
@@ -237,6 +247,9 @@ class Shard(pykka.ThreadingActor):
             seq = rt.log.append(records) if records else 0
         except AuditLogError as exc:
             self._refused(exc, answers, undo, batch)
+            return exc
+        except UnrenderableRecord as exc:
+            self._unrenderable(exc, answers, undo, batch)
             return exc
         except Exception as exc:  # a bug in the log: put back, answer, and let the supervisor restart
             self._put_back(undo)
@@ -299,6 +312,33 @@ class Shard(pykka.ThreadingActor):
             return
         for reply, result in redone:
             reply.set(result)
+
+    def _unrenderable(self, error: UnrenderableRecord, answers: list[tuple[Any, Any]],
+                      undo: list[tuple[str, Entry | None]], batch: list[tuple[Any, int, Any]]) -> None:
+        """A record of the batch could not be rendered (nothing was written): refuse only its event.
+
+        The batch's changes are put back. A batch of one event is that event: its caller gets the error
+        and its session stays as it was. A larger batch goes back to the front of the mailbox and is run
+        again one event per batch (the core is pure, so each event gives the same outcome again), so
+        every other event of it is applied and logged; its callers are answered then."""
+        self._put_back(undo)
+        if batch and type(batch[0][0]) in _PASSES:
+            self._mailbox.tick_pending = False
+        if len(batch) == 1:
+            event = batch[0][0]
+            logger.error("session-engine: shard %d refused a %s: its record could not be rendered (%s)",
+                         self._index, type(event).__name__, error.error)
+            refusal = UnrenderableRecord(error.index, error.error if isinstance(error.error, str)
+                                         else type(error.error).__name__)
+            for reply, _ in answers:
+                reply.fail(refusal)
+            return
+        waiting = {id(reply.reply if type(reply) is _Refused else reply) for reply, _ in answers}
+        # A reply already answered in the turn (a creation refused by its tenant's rate) is not answered twice.
+        again = [(event, now, reply if reply is not None and id(reply) in waiting else None)
+                 for event, now, reply in batch]
+        self._mailbox.queue.extendleft(reversed(again))
+        self._isolate += len(again)
 
     def _put_back(self, undo: list[tuple[str, Entry | None]]) -> None:
         """Restore the entries a batch changed, newest change first, with their deadlines."""

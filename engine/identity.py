@@ -149,8 +149,9 @@ def keyed_session_id(first_user_message: str, *, secret: str | bytes = b"", tena
     yields the same input.
     """
     key = _key_bytes(secret) + b"\x00" + tenant.encode()
-    system = system_prompt.encode()
-    first = first_user_message.encode()
+    # surrogatepass: message text may hold a lone surrogate (a JSON escape); valid text encodes as with encode().
+    system = system_prompt.encode("utf-8", "surrogatepass")
+    first = first_user_message.encode("utf-8", "surrogatepass")
     msg = b"%d:%b|%d:%b" % (len(system), system, len(first), first)
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 

@@ -46,7 +46,7 @@ from events import (
 )
 from events import Decision as DecisionEvent
 from events._events import check_stall_detector, check_stall_window
-from events._validate import MAX_MICROS, check_text, is_valid_session_id
+from events._validate import MAX_MICROS, UNENCODABLE, check_text, encodable, is_valid_session_id
 
 if TYPE_CHECKING:
     from engine.aio import AsyncSessionStore
@@ -216,6 +216,10 @@ class Request:
         object.__setattr__(self, "tier", parse_tier(self.tier))
         if type(self.session_id) is not str:
             raise InvalidEvent("session_id", f"must be a str, got {type(self.session_id).__name__}")
+        if not self.session_id.isprintable() and not encodable(self.session_id):
+            # Not text at all (a lone surrogate a JSON body carried): refused here, as a model would be. An id
+            # with control characters is text, and falls back to a bypass (is_valid_session_id).
+            raise InvalidEvent("session_id", UNENCODABLE)
         if type(self.user_explicit) is not bool:
             raise InvalidEvent("user_explicit", "must be a bool")
         if type(self.estimate_usd) not in (int, float) or not self.estimate_usd >= 0:
@@ -428,7 +432,8 @@ def stall_reading(messages: Sequence[Any], window: int) -> tuple[str, int, int]:
     the hash leave here."""
     steps, last = tool_steps(messages, window)
     user = last_user_text(messages, spoken=True)
-    calls = [f"{sig}={hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}" for sig, text, _ in steps[:last]]
+    calls = [f"{sig}={hashlib.blake2b(text.encode('utf-8', 'surrogatepass'), digest_size=8).hexdigest()}"
+             for sig, text, _ in steps[:last]]
     if not steps:
         return hash_request_content(user, calls), 0, 0
     newest = steps[0]

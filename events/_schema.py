@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from events import _records as R
-from events._validate import _CONTROL
+from events._validate import encodable, text_problem
 
 Check = Callable[[Any], bool]
 
@@ -64,14 +64,17 @@ def int1(v: Any) -> bool:
     return type(v) is int and v >= 1
 
 
-@_domain("a string", "type(v) is str", json=_STRING, example="x")
+# Text domains also refuse a lone surrogate (no event accepts one, and UTF-8 cannot hold one; orjson's
+# reader refuses the escape too): ``isascii`` is O(1), so the usual value costs one more test.
+@_domain("a string", "type(v) is str and (v.isascii() or _enc(v))", json=_STRING, example="x")
 def text(v: Any) -> bool:
-    return type(v) is str
+    return type(v) is str and (v.isascii() or encodable(v))
 
 
-@_domain("a string or null", "v is None or type(v) is str", json={"type": ["string", "null"]}, example=None)
+@_domain("a string or null", "v is None or (type(v) is str and (v.isascii() or _enc(v)))",
+         json={"type": ["string", "null"]}, example=None)
 def text_or_null(v: Any) -> bool:
-    return v is None or type(v) is str
+    return v is None or (type(v) is str and (v.isascii() or encodable(v)))
 
 
 @_domain("true or false", "v is True or v is False", json={"type": "boolean"}, example=False)
@@ -97,10 +100,11 @@ def hashes(v: Any) -> bool:
     return type(v) is list and len(v) <= 3 and all(type(h) is str for h in v)
 
 
-@_domain("a string of 1 to 256 characters, no control characters", json=_ref("session_id"), example="s")
+@_domain("a string of 1 to 256 characters, no control characters or lone surrogates", json=_ref("session_id"),
+         example="s")
 def session_id(v: Any) -> bool:
     # As the events check a session id (events/_validate.py): no engine writes another.
-    return type(v) is str and 0 < len(v) <= 256 and (v.isprintable() or _CONTROL.search(v) is None)
+    return type(v) is str and 0 < len(v) <= 256 and (v.isprintable() or text_problem(v) is None)
 
 
 @_domain("64 lower-case hex digits", json=_ref("hex64"), example="0" * 64)
@@ -268,7 +272,7 @@ def _compile(name: str, fields: dict[str, Check], required: tuple[str, ...], str
     """One function per record type that tests every field inline (no call per field) and returns the first
     bad field's name ("" for an unknown field), or None. Generated from the table, so the table stays the
     one place; ``record_problem`` explains what it finds."""
-    env: dict[str, Any] = {"M": _MISSING, "TIERS": _TIER_SET}
+    env: dict[str, Any] = {"M": _MISSING, "TIERS": _TIER_SET, "_enc": encodable}
     lines = ["def check(r):", "    n = 0"]
     for i, (key, check) in enumerate(fields.items()):
         expr = check.expr or f"_c{i}(v)"  # type: ignore[attr-defined]

@@ -18,14 +18,45 @@ MAX_TOTAL_MICROS = 2**63 - 1
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+#: The rule a text with a lone surrogate breaks (UTF-8, and so the log's JSON, cannot hold one).
+UNENCODABLE = "must be valid Unicode text (no lone surrogates)"
+
+
+def encodable(value: str) -> bool:
+    """Whether the log's JSON writer (orjson: UTF-8) can write ``value``: False for a lone surrogate
+    (U+D800-U+DFFF alone), which a JSON body's ``\\ud800`` escape can carry into a Python str."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def text_problem(value: str) -> str | None:
+    """The rule a non-printable ``value`` breaks (control characters, lone surrogates), or None.
+
+    Called only when ``value.isprintable()`` is False: every control character and every surrogate
+    is non-printable, so the usual text is passed by that one C-speed test."""
+    if _CONTROL.search(value) is not None:
+        return "must not contain control characters"
+    if not encodable(value):
+        return UNENCODABLE
+    return None
+
+
 def check_text(value: object, field: str, max_len: int = MAX_TEXT_LEN) -> None:
     if type(value) is not str:
         raise InvalidEvent(field, f"must be a str, got {type(value).__name__}")
     if len(value) > max_len:
         raise InvalidEvent(field, f"must be at most {max_len} characters, got {len(value)}")
-    # isprintable() is False for every control character: a C-speed pass for the usual id.
-    if not value.isprintable() and _CONTROL.search(value) is not None:
-        raise InvalidEvent(field, "must not contain control characters")
+    # isprintable() is False for every control character and every lone surrogate: a C-speed pass
+    # for the usual id.
+    if not value.isprintable():
+        rule = text_problem(value)
+        if rule is not None:
+            raise InvalidEvent(field, rule)
 
 
 def check_session_id(value: object, field: str = "session_id") -> None:
@@ -34,7 +65,7 @@ def check_session_id(value: object, field: str = "session_id") -> None:
 
 def is_valid_session_id(value: object) -> bool:
     """Whether ``value`` would pass ``check_session_id`` (for callers that fall back instead of raising)."""
-    return type(value) is str and len(value) <= MAX_ID_LEN and (value.isprintable() or _CONTROL.search(value) is None)
+    return type(value) is str and len(value) <= MAX_ID_LEN and (value.isprintable() or text_problem(value) is None)
 
 
 def check_bool(value: object, field: str) -> None:

@@ -70,12 +70,14 @@ def test_a_strict_check_names_unknown_and_missing_fields_a_lenient_one_does_not(
     assert record_problem({**record, "request_count": True}, strict=False) == ("request_count", "an integer >= 0")
 
 
-@pytest.mark.parametrize("sid", ["a\tb", "new\nline", "\x00", "del\x7f", "c1\x85"])
+@pytest.mark.parametrize("sid", ["a\tb", "new\nline", "\x00", "del\x7f", "c1\x85", "\ud800", "lone \udcff"])
 def test_a_session_id_no_event_accepts_is_out_of_its_domain(sid: str) -> None:
-    """The events refuse control characters in a session id (events/_validate.py), so no engine writes one: a
-    log holding one is corrupt, named by the reader, not a crash deep in a re-run (the backtest)."""
+    """The events refuse control characters and lone surrogates in a session id (events/_validate.py), so no
+    engine writes one: a log holding one is corrupt, named by the reader, not a crash deep in a re-run."""
     record = {"seq": 1, "ts": 0, "event": "session.touched", "session_id": sid, "last_used_at": 1, "request_count": 1}
-    assert record_problem(record) == ("session_id", "a string of 1 to 256 characters, no control characters")
+    assert record_problem(record) == ("session_id",
+                                      "a string of 1 to 256 characters, no control characters or lone surrogates")
+    assert record_problem(record, strict=False) is not None
     assert record_problem({**record, "session_id": "ünïcødé \u2028 会话"}) is None
 
 

@@ -427,14 +427,17 @@ def test_a_failure_outside_the_core_answers_every_caller_and_the_shard_restarts(
     import engine._redis
     from engine import ShardFailed
 
-    real_render = engine._redis.render_record
+    real_evalsha = engine._redis.RedisBackend.evalsha
 
-    def faulty(record: dict[str, Any]) -> bytes:
-        if record.get("session_id") == "boom":
+    failed: list[str] = []
+
+    def faulty(self: Any, pipe: Any, sid: str | None, *args: Any, **kwargs: Any) -> None:
+        if sid == "boom" and not failed:  # once: a bug outside the core (the restarted shard then reads it)
+            failed.append(sid)
             raise RuntimeError("injected fault")
-        return real_render(record)
+        return real_evalsha(self, pipe, sid, *args, **kwargs)
 
-    monkeypatch.setattr(engine._redis, "render_record", faulty)
+    monkeypatch.setattr(engine._redis.RedisBackend, "evalsha", faulty)
     with SessionStore(redis_config(redis_server.url, shards=1)) as store:
         with pytest.raises(ShardFailed):  # answered, not left to time out
             store.set_session("boom", "m")
@@ -443,6 +446,32 @@ def test_a_failure_outside_the_core_answers_every_caller_and_the_shard_restarts(
         with redis_server.client() as client:
             records = records_of(client, Keys("se", 8))
         assert [r["event"] for r in records if r["event"] == R.SHARD_RESTARTED] == [R.SHARD_RESTARTED]
+
+
+def test_a_record_that_cannot_be_rendered_fails_only_its_session_and_the_shard_goes_on(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """orjson cannot write it (forced here past validation): that session's callers get UnrenderableRecord,
+    nothing of it is committed, and the shard serves everyone else without a restart."""
+    import engine._redis
+    from engine._log_render import UnrenderableRecord
+
+    real_render = engine._redis.render_record
+
+    def faulty(record: dict[str, Any]) -> bytes:
+        if record.get("session_id") == "boom":
+            return real_render({**record, "request_count": 2**64})  # orjson: Integer exceeds 64-bit range
+        return real_render(record)
+
+    monkeypatch.setattr(engine._redis, "render_record", faulty)
+    with SessionStore(redis_config(redis_server.url, shards=1)) as store:
+        with pytest.raises(UnrenderableRecord):
+            store.set_session("boom", "m")
+        store.set_session("fine", "m")
+        assert store.get_session("fine").model == "m" and store.get_session("boom") is None
+        assert store._rt.restarts == 0  # type: ignore[union-attr]
+        with redis_server.client() as client:
+            records = records_of(client, Keys("se", 8))
+        assert {r["session_id"] for r in records} == {"fine"}
 
 
 # -- bad input at the boundary ----------------------------------------------------------------------

@@ -302,6 +302,7 @@ def test_the_tenant_is_an_hmac_never_the_raw_key(make_hook):
     ("0123456789abcdef0123456\n", "s", "tenant"),  # control character
     ("0123456789abcdef01234567" * 3, "s", "tenant"),  # excessive length
     ("0123456789abcdef01234567", "a\x00b", "session_id"),
+    ("0123456789abcdef01234567", "a\udcffb", "session_id"),  # a lone surrogate (a JSON body's escape)
     ("0123456789abcdef01234567", "x" * 232, "session_id"),  # too long once scoped
     ("0123456789abcdef01234567", "fedcba9876543210fedcba98:s", "session_id"),  # a scope of its own
     ("", "fedcba9876543210fedcba98:s", "session_id"),  # names a tenant's session while unscoped
@@ -313,7 +314,8 @@ def test_bad_tenants_and_ids_get_a_clear_error(tenant, session_id, field):
     assert not [value for value in (tenant, session_id) if len(value) > 3 and value in str(err.value)]  # not echoed
 
 
-@pytest.mark.parametrize("bad", ["a\nb", "x" * 300, "fedcba9876543210fedcba98:conversation-0001", "\x7f"])
+@pytest.mark.parametrize("bad", ["a\nb", "x" * 300, "fedcba9876543210fedcba98:conversation-0001", "\x7f",
+                                 "lone \ud800"])
 def test_a_bad_id_through_the_hook_writes_nothing(make_hook, bad):
     hook = make_hook()
     data = proxy_request("mid", "metadata.session_id")

@@ -144,7 +144,7 @@ class LiteLLMEstimator:
         try:
             count = int(litellm.token_counter(model=model, messages=list(request.messages)))
         except Exception:  # an unknown tokenizer or odd content: bytes / 4, as LiteLLM's fallback does
-            count = sum(len(str(m).encode()) for m in request.messages) // 4
+            count = sum(len(str(m).encode("utf-8", "surrogatepass")) for m in request.messages) // 4
         self._tokens = (id(request), count)
         return count
 
