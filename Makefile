@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/session-engine simulate
+	$(BIN)/session-engine simulate --check
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

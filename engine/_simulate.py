@@ -48,7 +48,6 @@ check that ``seq`` runs 1..N without a gap.
 from __future__ import annotations
 
 import contextlib
-import glob
 import queue
 import sys
 import threading
@@ -59,13 +58,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import orjson
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 import engine._time as engine_time
 from engine._config import Config
+from engine._entry import Entry
+from engine._promises import Promise, check_promises, format_promises
+from engine._replay import LogCorrupt, archives, read_log, replay
 from engine._rules import DOWNGRADE
 from engine._runtime import Observer
 from engine._workload import PolicyRouter, Request, Router, Workload, model_table, policy_options
@@ -110,6 +111,8 @@ class SimulationConfig:
     #: Policy workload: each session's budget in USD (None: no cap), and how long a route may wait.
     max_cost_usd: float | None = 2.0
     deadline_s: float = 2.0
+    #: Check the engine's promises on the run's own log at the end (``engine._promises``) and print them.
+    check: bool = False
 
     def __post_init__(self) -> None:
         if self.workload is None:
@@ -135,6 +138,10 @@ class SimulationConfig:
             raise InvalidEvent("max_sessions", "must be an int >= 1 or None")
         if not isinstance(self.log, (str, Path)) or not str(self.log):
             raise InvalidEvent("log", "must be a file path")
+        if type(self.check) is not bool:
+            raise InvalidEvent("check", "must be a bool")
+        if self.check and self.replicas != 1:
+            raise InvalidEvent("check", "reads the run's file log: not with replicas (their log is Redis streams)")
 
     @property
     def chunk(self) -> int:
@@ -175,6 +182,12 @@ class SimulationResult:
     unavailable: int = 0
     sessions_capped: int = 0
     max_session_cost_micros: int = 0
+    #: With ``check``: every promise and whether the run's log kept it (``engine._promises``).
+    promises: tuple[Promise, ...] = ()
+
+    @property
+    def promises_held(self) -> bool:
+        return all(p.held for p in self.promises)
 
     @property
     def events_per_s(self) -> float:
@@ -354,14 +367,6 @@ class _Workers:
             thread.join(timeout=30)
 
 
-def log_files(path: Path) -> list[Path]:
-    """The log's segments, oldest first: rotated ones (``<name>.<first seq>``) then the active file."""
-    # The engine names a rotated segment after its first seq, 20 digits (engine._recovery.Layout).
-    rotated = sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.*")
-                     if len(p.name) == len(path.name) + 21 and p.name[len(path.name) + 1:].isdigit())
-    return [*rotated, path] if path.exists() else rotated
-
-
 def prepare_log(path: Path) -> None:
     """Refuse a path we cannot write to; remove an earlier run's log and segments (the run replaces them)."""
     parent = path.parent
@@ -370,23 +375,23 @@ def prepare_log(path: Path) -> None:
         raise SimulationError(f"cannot write the audit log {path}: directory {parent} {what}")
     if path.is_dir():
         raise SimulationError(f"cannot write the audit log {path}: it is a directory")
-    for old in log_files(path):
+    for old in [*archives(path), *([path] if path.exists() else [])]:
         old.unlink()
     if path.is_symlink():
         path.unlink()
 
 
 def check_log(path: Path) -> tuple[int, bool]:
-    """Read the log back: the number of records, and whether their seq runs 1..N in order."""
+    """Read the log back through the engine's own reader, every segment: the number of records, and whether
+    their seq runs 1..N (the reader refuses a gap, a repeat or a line that is not a record: ``LogCorrupt``)."""
     count = 0
-    ok = True
-    for part in log_files(path):
-        with part.open("rb") as f:
-            for line in f:
-                if line.strip():
-                    count += 1
-                    ok = ok and orjson.loads(line).get("seq") == count
-    return count, ok
+    try:
+        for count, record in enumerate(read_log(path, history=True), 1):
+            if record["seq"] != count:
+                return count, False
+    except LogCorrupt:
+        return count, False
+    return count, True
 
 
 def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console | None = None,
@@ -446,12 +451,18 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
                         f"escalations {counter.get(R.SESSION_ESCALATED):,}  "
                         f"expiries {counter.get(R.SESSION_EXPIRED):,}"))
             live = store.get_stats().count
+            if cfg.check:
+                live_state = _live_state(store, log_path, workload)
         finally:
             if workers is not None:
                 workers.stop()
             store.close()
     wall = time.perf_counter() - started
     records, seq_ok = check_log(log_path)
+    promises: tuple[Promise, ...] = ()
+    if cfg.check:
+        cap = None if not policy_mode or cfg.max_cost_usd is None else round(cfg.max_cost_usd * 1_000_000)
+        promises = tuple(check_promises(log_path, live_state, sum(r.sent_micros for r in routers), cap_micros=cap))
     result = SimulationResult(
         requests=done,
         sessions_seen=len(workload.conversations),
@@ -479,9 +490,28 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
         unavailable=policy.unavailable_count if policy is not None else 0,
         sessions_capped=counter.capped,
         max_session_cost_micros=counter.max_cost if policy_mode else 0,
+        promises=promises,
     )
     out.print(summary_table(cfg, result, log_path))
+    if promises:
+        out.print("promise check (the run's own log, read by the engine's readers):")
+        for line in format_promises(list(promises)):
+            out.print("  " + line, highlight=False, markup=False, soft_wrap=True)
     return result
+
+
+def _live_state(store: SessionStore, log_path: Path, workload: Workload) -> dict[str, Entry]:
+    """What the live store serves, read through ``get_session`` for every id the log or the workload names
+    (and checked against the store's own count, so a session neither names is caught too)."""
+    ids = set(replay(log_path)) | {conv.session_id for conv in workload.conversations.values()}
+    state = {sid: entry for sid in sorted(ids) if (entry := store.get_session(sid)) is not None}
+    # get_stats counts the sessions in use (a budget ledger outliving its session's idle timeout is not one).
+    now, timeout = engine_time.now_ms(), store.config.timeout_ms
+    in_use = sum(1 for entry in state.values() if now - entry.last_used_at <= timeout)
+    count = store.get_stats().count
+    if count != in_use:
+        raise SimulationError(f"the store holds {count:,} sessions in use, {in_use:,} found by id")
+    return state
 
 
 def _caps(cfg: SimulationConfig, r: SimulationResult) -> str:

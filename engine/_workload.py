@@ -75,8 +75,8 @@ REGIONS = ("east", "west")
 OUTAGE_DEPLOYMENT = "anthropic:east"
 #: The outage covers this share of the run's requests (by request number, so it is the same for a seed).
 OUTAGE = (0.35, 0.55)
-#: Output tokens the router's estimator assumes (the request's max_tokens is twice this).
-EXPECTED_OUTPUT_TOKENS = 600
+#: A request's output limit (``max_tokens``): the most a response may return, and what the estimator prices.
+MAX_OUTPUT_TOKENS = 1_200
 _TOOL_DEFS = tuple({"type": "function", "function": {"name": name}} for name in AGENT_TOOLS)
 _FILLER = ("lorem ipsum dolor sit amet,\tconsectetur adipiscing elit\n" * 1200)
 
@@ -263,7 +263,7 @@ class Workload:
                 route_tier = Tier.SIMPLE
             elif not repeat and step is None and conv.turn > 1 and roll < P_ROUTE_SIMPLE + P_ROUTE_UP:
                 route_tier = tier_above(conv.tier)
-            out.append(Request(conv, self._next, conv.turn, repeat, conv.user_bytes, rng.randint(40, 1_200),
+            out.append(Request(conv, self._next, conv.turn, repeat, conv.user_bytes, rng.randint(40, MAX_OUTPUT_TOKENS),
                                conv.model, conv.tier, conv.explicit, switch, route_tier, step, stalled))
             self._next += 1
         return out
@@ -292,6 +292,8 @@ class _Worker:
         self.start_ms = start_ms
         self.step_ms = step_ms
         self.resumed = 0
+        #: Spend this worker reported to the engine (micro-USD): what ``simulate --check`` holds the log to.
+        self.sent_micros = 0
 
     def _at(self, req: Request) -> None:
         """Set the simulated clock to the request's time, and the conversation's history to what the client
@@ -343,6 +345,7 @@ class Router(_Worker):
         micros = int((input_tokens - cached) * p_in + cached * p_in * CACHED_PRICE + req.output_tokens * p_out)
         # Cost arrives after the response, from a success callback: fire and forget.
         store.tell(Cost(sid, micros))
+        self.sent_micros += micros
         conv.reply_bytes = req.output_tokens * 3
         conv.pending = True
 
@@ -363,9 +366,11 @@ def _text(message: Any) -> str:
 
 
 def estimate_usd(model: str, request: PolicyRequest) -> float:
-    """The router's estimator: list price of the request's input and its expected output (no cache discount)."""
+    """The router's estimator: list price of the request's input (no cache discount) and of the most output it
+    may return (``max_tokens``). An upper bound on what the response costs, so the budget cap is a guarantee:
+    no session's settled spend passes it (``simulate --check`` holds the run to that)."""
     p_in, p_out = PRICES.get(model, (0.0, 0.0))
-    return (_input_tokens(request.messages) * p_in + request.max_tokens // 2 * p_out) / 1_000_000
+    return (_input_tokens(request.messages) * p_in + request.max_tokens * p_out) / 1_000_000
 
 
 def deployments(model: str, number: int, total: int) -> tuple[str, ...]:
@@ -407,7 +412,7 @@ class PolicyRouter(_Worker):
         request = PolicyRequest(model=model, tier=tier, session_id=conv.session_id, messages=tuple(conv.history),
                                 tools=_TOOL_DEFS if conv.agent else (), user_explicit=explicit,
                                 candidates=deployments(model, req.number, self.total), source="simulate",
-                                max_tokens=2 * EXPECTED_OUTPUT_TOKENS)
+                                max_tokens=MAX_OUTPUT_TOKENS)
         try:
             decision = self.policy.route(request)
         except BudgetExceeded:
@@ -430,6 +435,7 @@ class PolicyRouter(_Worker):
         self.policy.record_response(conv.session_id, micros=micros, deployment=decision.deployment,
                                     decision=decision, prompt_tokens=input_tokens,
                                     completion_tokens=req.output_tokens)
+        self.sent_micros += micros
         conv.reply_bytes = req.output_tokens * 3
         conv.pending = True
 

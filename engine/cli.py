@@ -59,6 +59,10 @@ def simulate(
     max_cost_usd: Annotated[float | None, typer.Option(
         min=0, help="Policy workload: each session's budget cap in USD (graceful mode).")] = 2.0,
     no_cap: Annotated[bool, typer.Option("--no-cap", help="Policy workload: no budget cap.")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="At the end, check the engine's promises on the run's own log (replay == live, "
+                        "audit --verify, audit and report totals == the spend reported, no capped session over its "
+                        "cap), print them, and exit 1 if one is broken.")] = False,
 ) -> None:
     """Drive a realistic router workload through the engine and write its audit log.
 
@@ -73,15 +77,18 @@ def simulate(
         cfg = SimulationConfig(sessions=sessions, requests=requests, concurrency=concurrency, seed=seed, log=log,
                                timeout_s=timeout_s, clock_speed=clock_speed, shards=shards,
                                max_sessions=max_sessions, replicas=replicas, workload=workload,
-                               max_cost_usd=None if no_cap else max_cost_usd)
+                               max_cost_usd=None if no_cap else max_cost_usd, check=check)
     except EngineError as exc:
         fail(str(exc))
     try:
-        run_simulation(cfg, progress=progress)
+        result = run_simulation(cfg, progress=progress)
     except KeyboardInterrupt:
         # typer turns ^C into an exit status that main() (standalone_mode=False) would drop: exit here.
         typer.echo("session-engine: simulate interrupted; the audit log holds what was applied", err=True)
         sys.exit(130)
+    if not result.promises_held:
+        typer.echo("session-engine: simulate --check: a promise was broken (above)", err=True)
+        sys.exit(1)
 
 
 @app.command()
