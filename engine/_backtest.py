@@ -47,7 +47,7 @@ from engine._replay import (
 from engine._rules import DOWNGRADE, LIFTING
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
 from events import records as R
-from events._validate import MAX_MICROS
+from events._validate import MAX_MICROS, check_session_id
 
 __all__ = ["OPTIONS", "BacktestResult", "Figures", "Prices", "backtest", "parse_changes", "run_backtest"]
 
@@ -83,6 +83,10 @@ _NEVER_MS = 10**15
 
 class BacktestError(EngineError):
     """The backtest cannot run as asked (a bad option, model table or price file)."""
+
+
+class NoSession(BacktestError):
+    """``session=`` names a session the log holds no record of."""
 
 
 class _Serial(Exception):
@@ -358,6 +362,8 @@ class _Run:
         self.prices = prices
         self.session = session
         self.result = BacktestResult(changes=dict(changes), prices=prices.source, session=session)
+        #: Whether a record (or a snapshot entry) of ``session`` was read: none is an error (``NoSession``).
+        self.seen = False
         self.states: dict[str, Entry | None] = {}
         self.rules: dict[str, _Rules] = {}
         self.by_rules: dict[tuple[RouteRules, int, bool], _Rules] = {}
@@ -447,10 +453,13 @@ class _Run:
                         if (only is None or snap_sid == only) and (
                                 share is None or share.own(snap_sid.encode()) is not False):
                             self.states[snap_sid] = to_entry(new_fields(fields))
+                            self.seen = True
                 continue
             count += 1
-            if only is not None and sid != only:
-                continue
+            if only is not None:
+                if sid != only:
+                    continue
+                self.seen = True
             name = r["event"]
             if held_of:
                 held = held_of.pop(sid, None)
@@ -692,8 +701,12 @@ def run_backtest(records: Iterable[dict[str, Any]], changes: Mapping[str, Any] |
     and ``start`` learns the log's first record (a share tells a snapshot at the log's start by its seq)."""
     run = _Run(parse_changes(changes), models, prices or Prices(), session, share, start)
     run.result.changes = {name: str(value) for name, value in _pairs(changes).items()}
+    if session is not None:
+        check_session_id(session, "session")  # as every command and the store refuse it
     with paused_gc():
         result = run.feed(records)
+        if session is not None and not run.seen:
+            raise NoSession(f"no records for session {session!r}")
         # The variant's sessions are dropped while the cyclic GC is still paused: freed by their reference
         # counts now, not traced by the first collection after it resumes (a few % of a large run).
         run.states.clear()
@@ -727,7 +740,12 @@ def backtest(log: str | Path, changes: Mapping[str, Any] | Iterable[str] = (), *
             result = _parallel(files, changes, table, prices, count)
             if result is not None:
                 return result
-    return run_backtest(_history(files), changes, models=table, prices=Prices(prices), session=session)
+    if session is not None:
+        check_session_id(session, "session")
+    try:
+        return run_backtest(_history(files), changes, models=table, prices=Prices(prices), session=session)
+    except NoSession:
+        raise NoSession(f"no records for session {session!r} in {log}") from None
 
 
 #: A log at least this large (all its files) is backtested by one process per CPU when ``jobs`` is not given.

@@ -370,6 +370,22 @@ def _check_first(path: Path, number: int, seq: Any, record: dict[str, Any], tail
     tail.first = record
 
 
+def torn_tail(line: bytes, *, newest: bool, at_end: bool, first: bool) -> bool:
+    """Whether a line that is not a record is a crash's torn tail, which every reader skips (and recovery cuts).
+
+    A batch is written with one ``write(2)``, so a crash (a kill, a power
+    cut, a full disk) can leave only an **unterminated** last line: the end
+    of the newest segment, without its newline. A complete line (ending with
+    a newline) that is not a record (``{}``, ``[1]``, ``{"seq": 5}``, text) is
+    no crash's doing: it is corruption wherever it is, the last line
+    included. So is an unterminated line that is the file's first and does
+    not even start like a JSON object: the file is not an audit log.
+    ``newest``: the file is the log's newest segment; ``at_end``: nothing
+    follows the line; ``first``: no record came before it in the file.
+    """
+    return newest and at_end and not line.endswith(b"\n") and not (first and not line.lstrip().startswith(b"{"))
+
+
 def _bad_line(f: Any, path: Path, number: int | None, line: bytes, tail: Tail, last: bool) -> bool:
     """A line that is not a record: True to skip it (blank), False when it is the torn tail; else raise.
 
@@ -378,17 +394,18 @@ def _bad_line(f: Any, path: Path, number: int | None, line: bytes, tail: Tail, l
     if not line.strip():
         return True  # a blank line carries nothing
     start = f.tell() - len(line)
-    error = None
-    if f.read(1):
-        error = "{path} line {number}: not a JSON log record (needs seq and event)"
-    elif not last:
+    at_end = not f.read(1)
+    first = tail.last_seq is None and tail.first is None
+    if torn_tail(line, newest=last, at_end=at_end, first=first):
+        tail.torn_bytes = len(line)
+        return False
+    if at_end and not last and not line.endswith(b"\n"):
         error = "{path} line {number}: torn record at the end of a segment that is not the newest"
-    elif tail.last_seq is None and tail.first is None and not line.lstrip().startswith(b"{"):
+    elif at_end and first and not line.lstrip().startswith(b"{"):
         error = "{path}: not an audit log (line {number} is not a JSON record)"
-    if error is not None:
-        raise LogCorrupt(error.format(path=path, number=number if number is not None else _line_number(path, start)))
-    tail.torn_bytes = len(line)
-    return False
+    else:
+        error = "{path} line {number}: not a JSON log record (needs seq and event)"
+    raise LogCorrupt(error.format(path=path, number=number if number is not None else _line_number(path, start)))
 
 
 def _finish(tail: Tail, line: bytes) -> None:
@@ -461,9 +478,12 @@ def cut_opening(path: Path) -> bool:
     """
     marker = b'"event":"%s"' % R.LOG_SNAPSHOT.encode()
     with open(path, "rb") as f:
-        first = _record(f.readline())
+        line = f.readline()
+        first = _record(line)
         if first is None:
-            return not f.read(1)  # no line at all, or one torn line and nothing after it
+            # No line at all, or one torn (unterminated) line and nothing after it; a complete line that is not
+            # a record is no cut (``torn_tail``): reading it raises LogCorrupt.
+            return not line.endswith(b"\n") and not f.read(1)
         if not starts_snapshot(first):
             return False
         for _ in range(int(first.get("parts", 1)) - 1):

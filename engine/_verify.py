@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from engine import _chain
-from engine._replay import history_files
+from engine._replay import history_files, torn_tail
 from events import records as R
 from events._schema import STRICT_CHECKS, record_problem
 
@@ -62,7 +62,8 @@ class Problem:
 class Report:
     log: str
     #: "verified", "unchained" (no chain to check: an older version wrote it), "unsigned" (a key was
-    #: given but the log holds no signature), "unproven" (an expected head's seq is no longer on disk), or "bad".
+    #: given but the log holds no signature), "unproven" (an expected head's seq is no longer on disk), "empty"
+    #: (no record at all: an empty file, a directory without segments), or "bad".
     status: str = "verified"
     files: int = 0
     records: int = 0
@@ -255,25 +256,29 @@ def verify_files(files: list[Path], name: str, key: bytes | None = None,
     for index, file in enumerate(files):
         last_file = index == len(files) - 1
         offset = 0
+        before = report.records  # the records of the files before this one
         with open(file, "rb", buffering=1 << 20) as f:
             for raw in f:
                 start, offset = offset, offset + len(raw)
                 try:
                     record = loads(raw)
-                    if type(record) is not dict or "seq" not in record or "event" not in record:
-                        raise _Bad("", "a JSON object with seq and event")
-                    if not raw.endswith(b"\n"):
-                        raw += b"\n"  # a complete last record that lost its newline: restart adds it back
-                    v.line(raw, record)
                 except decode_error:
-                    if not raw.strip():
+                    record = None
+                if type(record) is not dict or "seq" not in record or "event" not in record:
+                    if record is None and not raw.strip():
                         if v.hasher is not None:
                             v.hasher.update(raw)  # a blank line: nothing to check, but the next seal covers it
                         continue
-                    if last_file and not f.read(1):
+                    if torn_tail(raw, newest=last_file, at_end=not f.read(1), first=report.records == before):
                         report.torn_tail_bytes = len(raw)  # a torn last line, tolerated as replay does
                         break
-                    return _bad(report, v, file, start, None, "", "a JSON log record (the line does not parse)")
+                    # A complete line that is not a record is corruption wherever it is (the last line included).
+                    return _bad(report, v, file, start, None, "", "a JSON log record (the line does not parse)"
+                                if record is None else "a JSON object with seq and event")
+                try:
+                    if not raw.endswith(b"\n"):
+                        raw += b"\n"  # a complete last record that lost its newline: restart adds it back
+                    v.line(raw, record)
                 except _Bad as bad:
                     seq = record.get("seq") if isinstance(record, dict) else None
                     return _bad(report, v, file, start, seq if type(seq) is int else None, bad.field, bad.rule)
@@ -293,6 +298,8 @@ def verify_files(files: list[Path], name: str, key: bytes | None = None,
         else:
             return _bad(report, v, files[-1], end, expect[0], "chain",
                         f"sealed at seq {expect[0]} (the head exported there): no seal there, the chain was rebuilt")
+    if report.records == 0:
+        return _empty(report)
     if v.head is None:
         report.status = "unchained"
         report.unchained_records = report.records
@@ -307,6 +314,13 @@ def verify_files(files: list[Path], name: str, key: bytes | None = None,
             report.notes.append(f"a key is set ({_chain.KEY_ENV}) but the log holds no signature")
         elif key is None and report.signatures_unchecked:
             report.notes.append(f"{report.signatures_unchecked} signature(s) not checked: set {_chain.KEY_ENV}")
+    return report
+
+
+def _empty(report: Report) -> Report:
+    """A log with no record (an empty file, a directory without segments, empty streams): nothing to prove."""
+    report.status = "empty"
+    report.notes.append("no records: nothing to verify")
     return report
 
 
@@ -345,6 +359,8 @@ def verify_redis(url: str, namespace: str = "se", key: bytes | None = None) -> R
         raise unavailable(target, exc) from None  # type: ignore[arg-type]
     finally:
         client.close()
+    if report.records == 0:
+        return _empty(report)
     if report.seals == 0 and report.records:
         report.status = "unchained"
         report.notes.append("no hash chain: the streams were written by a version before the Redis chain")

@@ -32,6 +32,36 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+#: The exit status when stdout is a pipe its reader closed (``LOG | head``): the output was not wanted, so
+#: every command ends quietly with 0; ``audit --verify`` keeps its verdict (``main``).
+_closed_pipe_status = 0
+
+
+def _check_session(session: str | None) -> None:
+    """A ``--session`` the log cannot hold (control characters, longer than a session id) is refused before
+    the log is read, by every command that takes one, as the store refuses it."""
+    from events._validate import MAX_ID_LEN, check_text
+
+    if session is not None:
+        try:
+            check_text(session, "--session", MAX_ID_LEN)
+        except EngineError as exc:
+            fail(str(exc))
+
+
+def _no_records(log: Path | str) -> NoReturn:
+    """An empty log, said the same way by every command (docs/audit-log.md, "Empty logs")."""
+    if isinstance(log, str):
+        fail(f"{_shown(log)}: no records (its streams are empty)")
+    from engine._replay import history_files
+
+    if log.is_dir():
+        what = "its segments hold none" if history_files(log) else "a directory without log segments"
+    else:
+        what = "an empty file" if log.stat().st_size == 0 else "no whole record in it"
+    fail(f"{log}: no records ({what})")
+
+
 @app.command()
 def simulate(
     sessions: Annotated[int, typer.Option(
@@ -118,10 +148,12 @@ def backtest(
     """
     from engine._backtest import backtest as run
 
+    _check_session(session)
+    _streamed(log, lambda records: None, history=True)  # a missing, empty or unreadable log: one line, as audit
     try:
         result = run(log, set_ or (), models=models, prices=prices, session=session, jobs=jobs)
     except FileNotFoundError:
-        fail(f"no such log: {log}")
+        fail(f"{log}: no such file or directory")
     except (EngineError, OSError) as exc:
         fail(str(exc))
     if json_out:
@@ -167,8 +199,6 @@ def _open_records(log: Path | str, *, history: bool) -> Iterator[dict[str, Any]]
         return stream_records(str(log), history=history)
     if not log.exists():
         fail(f"{log}: no such file or directory")
-    if log.is_dir() and not any(log.glob("*.jsonl")):
-        fail(f"{log}: a directory without log segments")
     return read_log(log, history=history)
 
 
@@ -195,13 +225,19 @@ LOG_HELP = ("Audit log: a JSON-lines file, a segment directory, or a Redis backe
 
 
 def _streamed(log: Path | str, write: Callable[[Iterator[dict[str, Any]]], None], *, history: bool) -> None:
-    """Run one report over the log; a corrupt or unreadable log becomes one line on stderr."""
+    """Run one report over the log; a corrupt, unreadable or empty log becomes one line on stderr."""
     from engine._replay import LogCorrupt
 
     try:
-        write(_open_records(log, history=history))
+        records = _open_records(log, history=history)
+        first = next(records, None)  # nothing printed yet: a log with no record says so, as every command does
+        if first is None:
+            _no_records(log)
+        write(itertools.chain((first,), records))
     except LogCorrupt as exc:
         fail(str(exc))
+    except BrokenPipeError:
+        raise  # the reader of stdout left: main() ends quietly
     except OSError as exc:
         fail(f"{log}: {exc.strerror or exc}")
     except EngineError as exc:  # a Redis URL: unreachable, refused credentials, a malformed URL
@@ -218,7 +254,7 @@ def audit(
              "the session is this tenant's id.")] = None,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Check the hash chain, seq and every record's value domains; exit 0 verified, 1 bad, "
-                         "3 unchained/unsigned; signatures are checked when SESSION_ENGINE_AUDIT_KEY is set "
+                         "3 unchained/unsigned/empty; signatures are checked when SESSION_ENGINE_AUDIT_KEY is set "
                          "(docs/audit-log.md).")] = False,
     expect_head: Annotated[str | None, typer.Option(
         "--expect-head", metavar="SEQ:HEX",
@@ -246,7 +282,9 @@ def audit(
     from engine import _audit as A
     from engine._scope import check_tenant, scoped
 
-    if tenant is not None:
+    if tenant is None:
+        _check_session(session)
+    else:
         try:
             check_tenant(tenant)
             session = scoped(tenant, session) if session is not None else None
@@ -310,12 +348,17 @@ def _verify(log: Path, json_out: bool, expect_head: str | None = None) -> None:
 
 
 def _finish_verify(report: Any, json_out: bool) -> None:
-    """Print a verify report (text or ``--json``) and exit with its status."""
+    """Print a verify report (text or ``--json``) and exit with its status (an empty log: one line on stderr,
+    and exit 3: nothing to prove)."""
+    global _closed_pipe_status
+    _closed_pipe_status = report.exit_code  # the verdict stands when a reader of stdout leaves early
     if json_out:
         sys.stdout.write(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
+    elif report.status != "empty":
         for line in _verify_text(report):
             typer.echo(line)
+    if report.status == "empty":
+        typer.echo(f"session-engine: error: {report.log}: no records (nothing to verify)", err=True)
     raise typer.Exit(code=report.exit_code)
 
 
@@ -363,7 +406,7 @@ def replay_command(
     log: Annotated[str, typer.Argument(help=LOG_HELP)],
 ) -> None:
     """Print the sessions rebuilt from the log alone, as JSON (session id -> every Entry field)."""
-    from engine._replay import LogCorrupt, entry_fields, fold, fold_log
+    from engine._replay import LogCorrupt, Tail, entry_fields, fold, fold_log
 
     target = _log_argument(log)
     if isinstance(target, str):  # a Redis URL: fold its streams
@@ -377,13 +420,16 @@ def replay_command(
         _streamed(target, write, history=False)
         return
     log = target
-    _open_records(log, history=False)  # a missing path or an empty directory: one clear error
+    _open_records(log, history=False)  # a missing path: one clear error
+    tail = Tail()
     try:
-        state = fold_log(log)  # replay()'s reader: value domains checked, a torn last line skipped
+        state = fold_log(log, tail)  # replay()'s reader: value domains checked, a torn last line skipped
     except LogCorrupt as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"{log}: {exc.strerror or exc}")
+    if tail.first is None:
+        _no_records(log)
     out = {sid: entry_fields(fields) for sid, fields in sorted(state.items())}
     sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
 
@@ -468,8 +514,6 @@ def report(
         digest = _report.digest(records, top)
 
     _streamed(log, first, history=True)
-    if not digest.records:
-        fail(f"{log}: no audit records")
     _streamed(log, lambda records: _report.add_timelines(digest, records), history=True)
     page = render_html(digest, source=str(log))
     try:
@@ -481,12 +525,36 @@ def report(
                f"open it in a browser (works offline)")
 
 
+def _quiet_stdout() -> None:
+    """The reader of stdout left (``session-engine audit LOG | head -1``): what is still buffered goes nowhere,
+    so the interpreter's last flush does not fail (the Python documentation's recipe for SIGPIPE)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main() -> None:
-    """Console entry point: usage and library errors become one line on stderr, never a traceback."""
+    """Console entry point: usage and library errors become one line on stderr, never a traceback; a closed
+    stdout pipe ends the command quietly (exit 0; ``audit --verify`` keeps its verdict)."""
     from typer import _click  # the click that typer bundles: its usage errors are these classes
 
     try:
         code = app(standalone_mode=False)  # returns the exit status of typer.Exit instead of exiting
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe would be an error
+    except BrokenPipeError:
+        _quiet_stdout()
+        sys.exit(_closed_pipe_status)
+    except SystemExit:
+        # typer's own EPIPE handling (a command's write met a closed pipe) wraps stdout and exits 1: the
+        # one place a closed pipe surfaces; it is no failure of the command.
+        if isinstance(sys.stdout, _click.utils.PacifyFlushWrapper):
+            _quiet_stdout()
+            sys.exit(_closed_pipe_status)
+        raise
     except _click.exceptions.NoArgsIsHelpError:
         sys.exit(2)  # the help was printed
     except _click.exceptions.ClickException as exc:

@@ -14,6 +14,7 @@ from engine import Config, LogCorrupt, SessionStore, Tier
 from engine import _backtest as bt
 from engine._backtest import backtest
 from engine._replay import Share, Tail, history_files, read_file
+from engine._replay import read_log as engine_read_log
 from engine.policy import BudgetExceeded, Options, Policy, Request
 from events import InvalidEvent
 from tests.conftest import read_log
@@ -153,7 +154,10 @@ def test_jobs_default_and_bounds(sim_log: Path, monkeypatch: pytest.MonkeyPatch)
     assert backtest(sim_log).to_json() == serial and started == []
     monkeypatch.setattr(bt, "_start_method", lambda: "fork")  # a single-threaded caller (the CLI)
     assert backtest(sim_log).to_json() == serial and started == [2]
-    assert backtest(sim_log, session="anything", jobs=2).decisions == 0 and started == [2]  # one session: serial
+    sid = next(r["session_id"] for r in engine_read_log(sim_log) if "session_id" in r)
+    assert backtest(sim_log, session=sid, jobs=2).decisions > 0 and started == [2]  # one session: serial
+    with pytest.raises(bt.NoSession, match="no records for session 'anything'"):
+        backtest(sim_log, session="anything", jobs=2)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InvalidEvent) as err:
             backtest(sim_log, jobs=bad)  # type: ignore[arg-type]

@@ -36,8 +36,7 @@ def fill(make_store: Callable[..., SessionStore], log: Path) -> dict[str, Entry]
     b'{"seq":7,"ts":17407',                    # torn mid-record, as a kill mid-write leaves it
     b'{"seq":7,"ts":1740819600000,"event":"s',
     b"\x00\x00\x00\x00",                        # garbage (a block of zeros after a power cut)
-    b"garbage that is not json\n",
-    b'{"not": "a record"}\n',
+    b'{"not": "a record"}',                     # unterminated: whatever it is, a crash may have left it
 ])
 def test_torn_or_garbage_last_line_is_skipped_and_cut_before_appending(
         make_store: Callable[..., SessionStore], log_path: Path, tail: bytes) -> None:
@@ -57,6 +56,24 @@ def test_torn_or_garbage_last_line_is_skipped_and_cut_before_appending(
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert records[-1]["event"] == "session.touched"
     assert replay(log_path)["a"].request_count == 2
+
+
+@pytest.mark.parametrize("tail", [b"garbage that is not json\n", b'{"not": "a record"}\n', b"{}\n", b"[1]\n",
+                                  b'{"seq": 8}\n'])
+def test_a_complete_last_line_that_is_not_a_record_is_corruption_not_a_torn_tail(
+        make_store: Callable[..., SessionStore], log_path: Path, tail: bytes) -> None:
+    """A crash leaves at most an unterminated last line (a batch is one write); a complete one is no crash's."""
+    with freeze_time(START):
+        fill(make_store, log_path)
+    with open(log_path, "ab") as f:
+        f.write(tail)
+    before = log_path.read_bytes()
+    lines = before.count(b"\n")
+    with pytest.raises(LogCorrupt, match=rf"audit\.jsonl line {lines}: not a JSON log record"):
+        replay(log_path)
+    with pytest.raises(LogCorrupt, match=f"line {lines}"):
+        make_store(event_log=log_path)
+    assert log_path.read_bytes() == before, "a store must never cut a log it cannot read"
 
 
 def test_a_complete_last_record_missing_its_newline_is_kept(

@@ -302,7 +302,7 @@ def test_a_log_without_decisions_still_gets_every_chart(make_store, tmp_path: Pa
 @pytest.mark.parametrize(("setup", "message"), [
     (lambda p: None, "no such file or directory"),
     (lambda p: p.mkdir(), "a directory without log segments"),
-    (lambda p: p.write_text(""), "no audit records"),
+    (lambda p: p.write_text(""), "no records (an empty file)"),
     (lambda p: p.write_text('{"seq": 1, "ts": 1, "event": "session.touched", "session_id": "a"}\nnot json\n'
                             '{"seq": 3, "ts": 1, "event": "session.touched", "session_id": "a"}\n'), "line 2"),
 ])
