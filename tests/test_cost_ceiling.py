@@ -74,9 +74,10 @@ def test_a_settlement_past_the_ceiling_is_refused_and_keeps_its_reservation() ->
     assert apply(near, Cost("s", 10, "r1"), 0, config).state.reservations == ()
 
 
+@pytest.mark.parametrize("fsync", ["interval", "always"])  # always: the acknowledger answers the refusal
 def test_a_store_refuses_a_cost_past_the_ceiling_and_its_log_still_reads(
-        make_store: Callable[..., SessionStore], log_path: Path) -> None:
-    store = make_store(event_log=str(log_path))
+        make_store: Callable[..., SessionStore], log_path: Path, fsync: str) -> None:
+    store = make_store(event_log=str(log_path), fsync=fsync)
     _fill(store, "s")
     _check_ceiling(store, "s")
     store.close()
