@@ -34,7 +34,7 @@ def checked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, str
 
 
 def test_a_checked_run_holds_every_promise_and_prints_them(checked) -> None:
-    log, result, printed = checked
+    _log, result, printed = checked
     names = [p.name for p in result.promises]
     assert names == ["replay == live", "audit --verify", "audit total == acknowledged",
                      "report total == acknowledged", "no capped session over its cap"]
