@@ -182,6 +182,9 @@ class SimulationResult:
     unavailable: int = 0
     sessions_capped: int = 0
     max_session_cost_micros: int = 0
+    #: ``session.created`` records that continue a budget ledger past its session's idle expiry (not counted
+    #: in ``sessions_created``: the same budget goes on).
+    ledger_continuations: int = 0
     #: With ``check``: every promise and whether the run's log kept it (``engine._promises``).
     promises: tuple[Promise, ...] = ()
 
@@ -242,6 +245,7 @@ class RecordCounter(Observer):
         self._capped: list[set[tuple[str, int]]] = [set() for _ in range(shards)]
         self._lives: list[dict[str, int]] = [{} for _ in range(shards)]
         self._max_cost = [0] * shards
+        self._ledgers = [0] * shards
 
     def on_batch(self, shard: int, n_events: int, records: list[dict[str, Any]], apply_seconds: float,
                  queue_depth: int) -> None:
@@ -267,6 +271,9 @@ class RecordCounter(Observer):
                     self._strikes[shard] += strikes - last.get(sid, 0)
                 last[sid] = strikes
             if name == R.SESSION_CREATED:
+                if record.get("cause") == "budget_ledger":  # the same budget goes on: not a new session life
+                    self._ledgers[shard] += 1
+                    continue
                 if record.get("user_explicit") is True:
                     self._explicit[shard] += 1
                 sid = record["session_id"]
@@ -308,6 +315,15 @@ class RecordCounter(Observer):
     @property
     def max_cost(self) -> int:
         return max(self._max_cost)
+
+    @property
+    def created(self) -> int:
+        """Sessions created: ``session.created`` records less the budget ledgers' continuations."""
+        return self.get(R.SESSION_CREATED) - self.ledgers
+
+    @property
+    def ledgers(self) -> int:
+        return sum(self._ledgers)
 
 
 def _merged(per_shard: list[Counter[str]]) -> dict[str, int]:
@@ -466,7 +482,8 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
     result = SimulationResult(
         requests=done,
         sessions_seen=len(workload.conversations),
-        sessions_created=counter.get(R.SESSION_CREATED),
+        sessions_created=counter.created,
+        ledger_continuations=counter.ledgers,
         live_sessions=live,
         strikes=counter.strikes if policy_mode else sum(r.strikes for r in routers),  # type: ignore[union-attr]
         escalations=counter.get(R.SESSION_ESCALATED),
@@ -536,6 +553,7 @@ def summary_table(cfg: SimulationConfig, r: SimulationResult, log_path: Path) ->
         ("requests routed", f"{r.requests:,}"),
         ("sessions seen (distinct conversations)", f"{r.sessions_seen:,} of {cfg.sessions:,}"),
         ("sessions created (incl. after expiry)", f"{r.sessions_created:,}"),
+        *([("budget ledgers kept past idle expiry", f"{r.ledger_continuations:,}")] if r.ledger_continuations else []),
         ("live sessions at the end", f"{r.live_sessions:,}"),
         ("strikes (repeated identical requests)", f"{r.strikes:,}"),
         ("escalations", f"{r.escalations:,}"),
