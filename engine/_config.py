@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine._backend import parse_backend
+from engine._backend_url import parse_backend
 from events import InvalidEvent
 from events._validate import check_bool, check_text
 

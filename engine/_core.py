@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from engine._config import Config
 from engine._entry import SLOT_SETTERS, Entry, build_entry
-from engine._helpers import cache_ttl_for_provider, provider_from_model
+from engine._providers import cache_ttl_for_provider, provider_from_model
 from engine._rules import HASH_WINDOW, Routed, count_strikes
 from engine._rules import decide as decide_route
 from events import (

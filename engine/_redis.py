@@ -49,7 +49,7 @@ from redis.exceptions import (
 from redis.retry import Retry
 
 from engine import _chain
-from engine._backend import BackendError, BackendUnavailable, RedisTarget, parse_backend
+from engine._backend_url import BackendError, BackendUnavailable, RedisTarget, parse_backend
 from engine._capacity import TENANT_LIMIT, TENANT_RATE, SessionRefused
 from engine._core import (
     Outcome,

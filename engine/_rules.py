@@ -24,7 +24,7 @@ from typing import Any
 
 from engine._config import Config
 from engine._entry import Entry
-from engine._helpers import provider_from_model
+from engine._providers import provider_from_model
 from events import (
     Escalate,
     Hash,

@@ -344,7 +344,7 @@ def verify_redis(url: str, namespace: str = "se", key: bytes | None = None) -> R
     The first bad entry is named by bucket, stream, stream id and seq; never raises for one."""
     from redis.exceptions import RedisError
 
-    from engine._backend import parse_backend
+    from engine._backend_url import parse_backend
     from engine._redis import open_namespace, unavailable
 
     client, keys = open_namespace(url, namespace)

@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 
 from engine._entry import MessageInfo
-from engine._helpers import derive_session_id, hash_request_content, provider_from_model, should_cache_sticky
+from engine._providers import provider_from_model
+from engine._requests import derive_session_id, hash_request_content, should_cache_sticky
 from engine.policy import BudgetExceeded, Kind, Options, Policy
 from engine.policy import Request as PolicyRequest
 from engine.store import SessionStore

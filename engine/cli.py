@@ -211,7 +211,7 @@ def _shown(log: str) -> str:
     """The LOG argument as it may be printed: a URL without its credentials."""
     if "://" not in log:
         return log
-    from engine._backend import parse_backend
+    from engine._backend_url import parse_backend
 
     try:
         target = parse_backend(log)

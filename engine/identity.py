@@ -34,7 +34,7 @@ from urllib.parse import unquote
 
 import orjson
 
-from engine._helpers import DEFAULT_HEADER, get_session_id
+from engine._requests import DEFAULT_HEADER, get_session_id
 from engine._scope import (
     SECRET_ENV,
     Scope,

@@ -27,7 +27,8 @@ import orjson
 
 from engine._config import Config, default_config
 from engine._entry import Entry
-from engine._helpers import hash_request_content, provider_from_model, should_cache_sticky
+from engine._providers import provider_from_model
+from engine._requests import hash_request_content, should_cache_sticky
 from engine._rules import Routed
 from engine._rules import decide as decide_route
 from engine.identity import FINGERPRINT, INVALID_PREFIX, IdentityResolver, check_tenant, message_text

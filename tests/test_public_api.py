@@ -12,7 +12,7 @@ import events
 SPEC_ENGINE_NAMES = (
     "SessionStore", "Config", "default_config", "Entry", "Stats", "SessionInfo", "MessageInfo", "Tier", "replay",
     "cache_ttl_for_provider", "derive_session_id", "get_session_id", "hash_request_content", "provider_from_model",
-    "should_cache_sticky", "EngineError", "InvalidEvent",
+    "should_cache_sticky", "EngineError", "InvalidEvent", "BackendError", "BackendUnavailable",
 )
 SPEC_EVENTS = (
     "Touch", "Hash", "Escalate", "Cost", "Expire", "SetSession", "GetSession", "SetCacheSticky", "IsCacheSticky",
@@ -24,6 +24,8 @@ def test_engine_exports_every_spec_name():
     for name in SPEC_ENGINE_NAMES:
         assert name in engine.__all__ and hasattr(engine, name), name
     assert issubclass(engine.InvalidEvent, engine.EngineError) and issubclass(engine.InvalidEvent, ValueError)
+    assert issubclass(engine.BackendError, engine.EngineError)
+    assert issubclass(engine.BackendUnavailable, engine.EngineError)
 
 
 def test_events_export_the_typed_events():

@@ -16,7 +16,7 @@ import pytest
 from freezegun import freeze_time
 
 from engine import BackendUnavailable, Config, InvalidEvent, LogCorrupt, SessionStore, Tier
-from engine._backend import BackendError, parse_backend
+from engine._backend_url import BackendError, parse_backend
 from engine._redis import Keys, bucket_of, fold_streams, read_streams, sessions_in_redis
 from engine._replay import to_entry
 from events import records as R
@@ -67,7 +67,7 @@ def test_server_keeps_acknowledged_writes_across_kill9(redis_server: RedisServer
 
 def test_a_commit_sent_twice_lands_once(redis_server: RedisServer) -> None:
     """A client may resend a script (lost reply, cluster redirect): its token makes it land once."""
-    from engine._backend import parse_backend as parse
+    from engine._backend_url import parse_backend as parse
     from engine._entry import Entry
     from engine._redis import RedisBackend, encode_entry, render_record
 

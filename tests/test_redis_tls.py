@@ -12,7 +12,7 @@ import pytest
 import trustme
 
 from engine import BackendUnavailable, Config, InvalidEvent, SessionStore, Tier
-from engine._backend import parse_backend
+from engine._backend_url import parse_backend
 from engine._redis import Keys, sessions_in_redis
 from tests.redis_servers import RedisServer, TlsProxy
 

@@ -1,4 +1,5 @@
-"""The seed's module functions, pure, in Python spelling."""
+"""What a router reads from a request (the seed's functions, pure): the session id header, a derived id,
+the request hash the strikes compare, and whether the context is long enough for a cache pin."""
 
 from __future__ import annotations
 
@@ -9,32 +10,14 @@ from typing import Any
 
 from engine._entry import MessageInfo
 
-DEFAULT_CACHE_TTL_MS = 300_000
-_CACHE_TTL_MS = {
-    "anthropic": 300_000,
-    "openai": 300_000,
-    "deepseek": 300_000,
-    "google": 300_000,
-    "groq": 300_000,
-    "vllm": 600_000,
-    "dosrouter": 600_000,
-}
+__all__ = ["DEFAULT_HEADER", "derive_session_id", "get_session_id", "hash_request_content", "should_cache_sticky"]
+
 DEFAULT_HEADER = "x-session-id"
 _WHITESPACE = re.compile(r"\s+")
 #: Tokens are estimated as UTF-8 bytes // 3, as the seed does.
 _STICKY_ONE_MESSAGE_TOKENS = 3000
 _STICKY_HISTORY_TOKENS = 5000
 
-
-def cache_ttl_for_provider(provider: str) -> int:
-    """Prefix-cache TTL in milliseconds for a provider name."""
-    return _CACHE_TTL_MS.get(provider, DEFAULT_CACHE_TTL_MS)
-
-
-def provider_from_model(model_id: str) -> str:
-    """"anthropic/claude-sonnet-4.6" -> "anthropic"; "gpt-4o" or "/x" -> "default"."""
-    slash = model_id.find("/")
-    return model_id[:slash] if slash > 0 else "default"
 
 
 def derive_session_id(first_user_message: str) -> str:
