@@ -106,7 +106,7 @@ def _replica_main(conn: Any, url: str, settings: dict[str, Any], concurrency: in
                     conn.send({sid: store.get_session(sid) for sid in message[1]})
                 else:
                     conn.send({"records": counter.totals(), "explicit": counter.explicit, "cost": counter.cost,
-                               "strikes": sum(r.strikes for r in routers),
+                               "ledgers": counter.ledgers, "strikes": sum(r.strikes for r in routers),
                                "resumed": sum(r.resumed for r in routers)})
                     return
         finally:
@@ -172,12 +172,12 @@ class Replicas:
                 proc.join(10)
 
 
-def totals(results: list[dict[str, Any]]) -> tuple[Counter[str], int, int, int, int]:
+def totals(results: list[dict[str, Any]]) -> tuple[Counter[str], int, int, int, int, int]:
     records: Counter[str] = Counter()
     for r in results:
         records.update(r["records"])
     return (records, sum(r["explicit"] for r in results), sum(r["cost"] for r in results),
-            sum(r["strikes"] for r in results), sum(r["resumed"] for r in results))
+            sum(r["strikes"] for r in results), sum(r["resumed"] for r in results), sum(r["ledgers"] for r in results))
 
 
 def run_replicated(cfg: Any, progress: bool = False, out: Any = None, err: Any = None) -> Any:
@@ -240,10 +240,12 @@ def run_replicated(cfg: Any, progress: bool = False, out: Any = None, err: Any =
         finally:
             client.close()
     reads_agree = all({sid: e for sid, e in read.items() if e is not None} == held for read in reads)
-    records, explicit, cost, strikes, resumed = totals(results)
+    records, explicit, cost, strikes, resumed, ledgers = totals(results)
     records.update(counter.totals())
+    ledgers += counter.ledgers
     result = SimulationResult(
-        requests=done, sessions_seen=len(workload.conversations), sessions_created=records[R.SESSION_CREATED],
+        requests=done, sessions_seen=len(workload.conversations),
+        sessions_created=records[R.SESSION_CREATED] - ledgers, ledger_continuations=ledgers,
         live_sessions=live, strikes=strikes, escalations=records[R.SESSION_ESCALATED],
         expiries=records[R.SESSION_EXPIRED], expiries_by_clock=by_clock, resumed_after_expiry=resumed,
         evictions=records[R.SESSION_EVICTED], cache_pins=records[R.STICKY_PINNED],
