@@ -14,6 +14,7 @@ activity (a seed defect).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -52,7 +53,8 @@ Record = tuple[str, dict[str, Any]]
 _NO_RECORDS: tuple[Record, ...] = ()
 __all__ = ["HASH_WINDOW", "Outcome", "Rejected", "apply", "clear_for_all", "entry_fields", "holds_ledger",
            "idle_deadline", "ledger_only", "ledger_until", "pin_deadline",
-           "LAPSE_GEN", "reservation_deadlines", "settle"]
+           "LAPSE_GEN", "Check", "check_due_again", "deadline_checks", "needs_check", "new_deadline_checks",
+           "next_deadline", "reservation_deadlines", "settle", "stats_sessions"]
 
 
 class Outcome(NamedTuple):
@@ -135,6 +137,13 @@ def idle_deadline(e: Entry, config: Config) -> int:
     return idle
 
 
+def stats_sessions(sessions: Iterable[tuple[str, Entry]], now: int, config: Config) -> list[tuple[str, Entry]]:
+    """The sessions ``get_stats`` at ``now`` lists, of those a shard holds: every one not idle past
+    ``timeout_ms`` (one the clock has not expired yet is not listed)."""
+    timeout = config.timeout_ms
+    return [(sid, e) for sid, e in sessions if now - e.last_used_at <= timeout]
+
+
 def ledger_only(e: Entry) -> Entry:
     """What stays of an idle-expired session within its budget window: its spend and open reservations,
     in an entry that pins nothing (model "", like a cost-only entry); ``created_at`` is kept, so the
@@ -156,6 +165,63 @@ LAPSE_GEN = -(1 << 62)
 def reservation_deadlines(e: Entry) -> list[int]:
     """First ms at which each open budget reservation counts as lapsed."""
     return [r[2] for r in e.reservations]
+
+
+#: One deadline a session needs checked: (first ms it is due, generation). The generation names the
+#: check: the session's ``created_at`` (>= 0) its idle check, ``-cache_sticky_at - 1`` its pin check,
+#: ``LAPSE_GEN`` a budget reservation's lapse.
+Check = tuple[int, int]
+
+
+def deadline_checks(e: Entry, config: Config) -> list[Check]:
+    """Every deadline the session needs checked: its idle expiry (or its ledger's end), the end of its
+    cache pin, the lapse of each open budget reservation. The memory shard keeps these in its heap
+    (engine._table, engine._shard); the Redis backend keeps their earliest (``next_deadline``)."""
+    checks = [(idle_deadline(e, config), e.created_at)]
+    if e.cache_sticky:
+        checks.append((pin_deadline(e), -e.cache_sticky_at - 1))
+    for r in e.reservations:
+        checks.append((r[2], LAPSE_GEN))
+    return checks
+
+
+def next_deadline(e: Entry, config: Config) -> int:
+    """The first ms at which something is due for the session (``settle`` does whichever it is)."""
+    return min(check[0] for check in deadline_checks(e, config))
+
+
+def _check_key(check: Check) -> tuple[int, int]:
+    # A check stays the same check while its generation does; its deadline moves with use (a popped
+    # check not yet due is pushed again: ``check_due_again``). A lapse is named by its deadline too.
+    return (check[1], check[0] if check[1] == LAPSE_GEN else 0)
+
+
+def new_deadline_checks(before: Entry | None, after: Entry, config: Config) -> list[Check]:
+    """The checks ``after`` needs that ``before``'s (already in the shard's heap) do not name."""
+    if (before is not None and before.created_at == after.created_at and before.cache_sticky == after.cache_sticky
+            and before.cache_sticky_at == after.cache_sticky_at and before.reservations is after.reservations):
+        return []  # the hot path (a use): every key of after's checks is one of before's
+    checks = deadline_checks(after, config)
+    if before is None:
+        return checks
+    known = {_check_key(check) for check in deadline_checks(before, config)}
+    return [check for check in checks if _check_key(check) not in known]
+
+
+def needs_check(e: Entry, generation: int, config: Config) -> bool:
+    """Whether the session still needs the check of this generation (a popped one that it does not is stale)."""
+    return any(check[1] == generation for check in deadline_checks(e, config))
+
+
+def check_due_again(e: Entry, generation: int, config: Config) -> int | None:
+    """When a popped idle or pin check is due next for ``e`` (settled at the pop), None when ``e`` needs it
+    no more. A lapse check is never pushed again: each reservation has its own."""
+    if generation == LAPSE_GEN:
+        return None
+    for deadline, gen in deadline_checks(e, config):
+        if gen == generation:
+            return deadline
+    return None
 
 
 def _lapse_due(reservations: tuple[tuple[str, int, int], ...], now: int) -> bool:

@@ -4,7 +4,7 @@ Keys (``ns`` = ``Config.redis_namespace``, ``b`` = crc32(session id) % ``redis_b
 a bucket under one hash tag so one script touches one Cluster slot:
 
 - ``{ns:b}:s:<session id>``  hash ``v`` (version) and ``e`` (the Entry's fields, orjson), PEXPIRE timeout + margin
-- ``{ns:b}:exp``             sorted set: session id -> its next deadline (idle expiry or cache-pin lapse)
+- ``{ns:b}:exp``             sorted set: session id -> its next deadline (engine._core.next_deadline)
 - ``{ns:b}:log``             stream of the bucket's records, each ``r`` = one JSON line with a per-bucket ``seq``
 - ``{ns:b}:seq``, ``{ns:b}:ver``  the bucket's record and version counters
 - ``{ns:b}:head``            the bucket stream's chain head (SHA-1 hex, docs/audit-log.md)
@@ -57,9 +57,8 @@ from engine._core import (
     apply,
     clear_for_all,
     entry_fields,
-    idle_deadline,
-    pin_deadline,
-    reservation_deadlines,
+    next_deadline,
+    stats_sessions,
 )
 from engine._entry import Entry
 from engine._log import drop_forbidden
@@ -154,15 +153,6 @@ def unavailable(target: RedisTarget, exc: BaseException) -> EngineError:
         why = text[text.index("[SSL"):].split(" (_ssl.c")[0].rstrip(".")
         return BackendUnavailable(f"Redis at {target.display} is unavailable: the TLS handshake failed ({why[:200]})")
     return BackendUnavailable(f"Redis at {target.display} is unavailable: {type(exc).__name__}")
-
-
-def deadline_of(entry: Entry, config: Any) -> int:
-    """The session's next deadline: its idle expiry, or sooner the end of its cache pin or the lapse of
-    a budget reservation (the reaper's ``Expire`` settles whichever is due: engine._core.settle)."""
-    deadline = idle_deadline(entry, config)
-    if entry.cache_sticky:
-        deadline = min(deadline, pin_deadline(entry))
-    return min(deadline, *reservation_deadlines(entry)) if entry.reservations else deadline
 
 
 def encode_entry(entry: Entry) -> bytes:
@@ -465,9 +455,10 @@ class RedisShard(Shard):
                         encoded = "-"
                     else:
                         encoded = encode_entry(state)
-                        if before is None or deadline_of(before, config) != deadline_of(state, config):
-                            # Only a move of the deadline (a use, a pin) needs ZADD and a fresh PEXPIRE.
-                            deadline = deadline_of(state, config)
+                        # The session's score in the bucket's deadline ZSET: its earliest deadline check (the
+                        # reaper's Expire settles whichever is due). Only a move of it needs ZADD and a fresh PEXPIRE.
+                        if before is None or next_deadline(before, config) != next_deadline(state, config):
+                            deadline = next_deadline(state, config)
                             pexpire_ms = config.timeout_ms + EXPIRY_MARGIN_MS
                     rendered = [render_record(record) for record in records]
                 except Exception as exc:  # orjson cannot write it: this session's callers learn it, nothing is written
@@ -578,8 +569,7 @@ class RedisShard(Shard):
                 result: Any = self._reap(now)
                 self._mailbox.tick_pending = False
             elif type(event) is GetStats:
-                timeout = self._config.timeout_ms
-                result = [(sid, e) for sid, e in self._scan() if now - e.last_used_at <= timeout]
+                result = stats_sessions(self._scan(), now, self._config)
             elif type(event) is ClearAll:
                 work = {sid: [(lambda state, _at: clear_for_all(state), None, now, event)] for sid, _ in self._scan()}
                 self._commit_all(work)

@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from engine._core import LAPSE_GEN, Rejected, apply, clear_for_all, idle_deadline, pin_deadline, settle
+from engine._core import (
+    Rejected,
+    apply,
+    check_due_again,
+    clear_for_all,
+    needs_check,
+    new_deadline_checks,
+    settle,
+    stats_sessions,
+)
 from engine._entry import Entry
 from engine._log_fault import AuditLogError
 from engine._log_render import UnrenderableRecord
@@ -179,14 +188,8 @@ class Shard(pykka.ThreadingActor):
                         if after is not before:
                             sessions[sid] = after
                             keep((sid, before))
-                            if before is None or before.created_at != after.created_at:
-                                push(deadlines, (idle_deadline(after, config), sid, after.created_at))
-                            if after.cache_sticky and (before is None or not before.cache_sticky
-                                                       or before.cache_sticky_at != after.cache_sticky_at):
-                                push(deadlines, (pin_deadline(after), sid, -after.cache_sticky_at - 1))
-                            held = after.reservations
-                            if held and (before is None or held[-1] not in before.reservations):
-                                push(deadlines, (held[-1][2], sid, LAPSE_GEN))  # a new budget reservation
+                            for deadline, generation in new_deadline_checks(before, after, config):
+                                push(deadlines, (deadline, sid, generation))
                         if track:
                             used.append((sid, after.last_used_at))
                     for name, fields in out.records:
@@ -355,8 +358,7 @@ class Shard(pykka.ThreadingActor):
         """Apply a store-wide event; ``(False, count)`` means a clock pass continues later."""
         sessions = self._state.sessions
         if type(event) is GetStats:
-            timeout = self._config.timeout_ms
-            return True, [(sid, e) for sid, e in sessions.items() if now - e.last_used_at <= timeout]
+            return True, stats_sessions(sessions.items(), now, self._config)
         if type(event) is ClearAll:
             for sid, entry in sessions.items():
                 for name, fields in clear_for_all(entry).records:
@@ -399,14 +401,8 @@ class Shard(pykka.ThreadingActor):
             state = sessions.get(sid)
             if state is None:
                 continue
-            if gen >= 0:
-                if state.created_at != gen:
-                    continue
-            elif gen == LAPSE_GEN:
-                if not state.reservations:
-                    continue
-            elif not state.cache_sticky or state.cache_sticky_at != -gen - 1:
-                continue
+            if not needs_check(state, gen, config):
+                continue  # stale: the session was re-created, re-pinned, or holds no reservation now
             new, settled = settle(state, now, config)
             for name, fields in settled:
                 records.append({"seq": 0, "ts": now, "event": name, "session_id": sid, **fields})
@@ -421,10 +417,9 @@ class Shard(pykka.ThreadingActor):
             if new is not state:
                 sessions[sid] = new
                 undo.append((sid, state))
-            if gen >= 0:
-                heapq.heappush(deadlines, (idle_deadline(new, config), sid, gen))
-            elif gen != LAPSE_GEN and new.cache_sticky:
-                heapq.heappush(deadlines, (pin_deadline(new), sid, gen))
+            again = check_due_again(new, gen, config)
+            if again is not None:
+                heapq.heappush(deadlines, (again, sid, gen))
         if deadlines and deadlines[0][0] <= now:
             return False, count
         self._mailbox.tick_pending = False
