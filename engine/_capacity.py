@@ -41,6 +41,18 @@ class SessionRefused(EngineError):
     """A new session was refused: its tenant is past ``max_creations_per_tenant_per_minute``."""
 
 
+def refusal(limit: int | None, result: Any = None) -> Outcome:
+    """A creation its tenant's creation rate refused, on either backend: no session, one ``session.refused``
+    record naming the reason and the configured ``max_creations_per_tenant_per_minute``."""
+    return Outcome(None, result, ((R.SESSION_REFUSED, {"reason": TENANT_RATE, "limit": limit}),))
+
+
+def refused_error(limit: int | None, detail: str = "") -> SessionRefused:
+    """What the caller of a refused creation gets; ``detail`` adds the backend's own terms."""
+    return SessionRefused(f"session not created: its tenant is past max_creations_per_tenant_per_minute "
+                          f"({limit}{detail})")
+
+
 class Capacity:
     def __init__(self, max_sessions: int | None, max_per_tenant: int | None = None,
                  creations_per_minute: int | None = None) -> None:
@@ -142,13 +154,10 @@ class Capacity:
         return True
 
     def refuse(self, reply: Any) -> Outcome:
-        """The outcome of a refused creation: no session, one ``session.refused`` record; an asking
-        caller gets ``SessionRefused``."""
+        """The outcome of a refused creation (``refusal``); an asking caller gets ``SessionRefused``."""
         if reply is not None:
-            reply.fail(SessionRefused(f"session not created: its tenant is past max_creations_per_tenant_per_minute "
-                                      f"({self.creations_per_minute})"))
-        return Outcome(None, None, ((R.SESSION_REFUSED, {"reason": TENANT_RATE,
-                                                         "limit": self.creations_per_minute}),))
+            reply.fail(refused_error(self.creations_per_minute))
+        return refusal(self.creations_per_minute)
 
     def _prune(self, now: int, rate: int) -> None:
         """Drop the buckets that have refilled: they hold nothing a fresh bucket would not."""

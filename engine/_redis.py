@@ -50,7 +50,7 @@ from redis.retry import Retry
 
 from engine import _chain
 from engine._backend_url import BackendError, BackendUnavailable, RedisTarget, parse_backend
-from engine._capacity import TENANT_LIMIT, TENANT_RATE, SessionRefused
+from engine._capacity import TENANT_LIMIT, refusal, refused_error
 from engine._core import (
     Outcome,
     Rejected,
@@ -430,8 +430,7 @@ class RedisShard(Shard):
                     for step, _reply, now, event in steps:
                         if state is None and sid in refused and type(event) is SetSession:
                             refused.discard(sid)  # this creation is refused: it writes its record only
-                            out = Outcome(None, _REFUSED, ((R.SESSION_REFUSED, {
-                                "reason": TENANT_RATE, "limit": config.max_creations_per_tenant_per_minute}),))
+                            out = refusal(config.max_creations_per_tenant_per_minute, _REFUSED)
                         else:
                             out = step(state, now)
                             if state is None and out.state is not None and type(event) is SetSession:
@@ -507,10 +506,9 @@ class RedisShard(Shard):
                         if type(result) is Rejected:  # refused in the turn (its input.rejected is committed)
                             self._reply(reply, error=result.error)
                         elif result is _REFUSED:
-                            self._reply(reply, error=SessionRefused(
-                                f"session not created: its tenant is past max_creations_per_tenant_per_minute "
-                                f"({config.max_creations_per_tenant_per_minute}; each of the {buckets} Redis "
-                                f"buckets allows {backend.tenant_rate} a minute)"))
+                            self._reply(reply, error=refused_error(
+                                config.max_creations_per_tenant_per_minute,
+                                f"; each of the {buckets} Redis buckets allows {backend.tenant_rate} a minute"))
                         else:
                             self._reply(reply, result)
                     done.extend(results)
