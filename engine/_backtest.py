@@ -33,6 +33,7 @@ import orjson
 from engine._config import Config
 from engine._core import apply, ledger_only
 from engine._entry import Entry
+from engine._kinds import Kind
 from engine._replay import (
     PREFIX,
     LogCorrupt,
@@ -243,9 +244,9 @@ class Figures:
         no ``session.escalated``, told by its reason too."""
         kinds = self.kinds
         kinds[kind] = kinds.get(kind, 0) + 1
-        if kind == "refuse":
+        if kind == Kind.REFUSE:
             self.refusals += 1
-        elif kind == "bypass":
+        elif kind == Kind.BYPASS:
             if DOWNGRADE in reason:
                 self.downgrades += 1
             if not escalations and LIFTING in reason:
@@ -538,7 +539,7 @@ class _Run:
                 self.rules[sid] = rules
         var = result.variant
         kind, model, tier = r["kind"], get("model", ""), get("tier")
-        refused = kind == "refuse"
+        refused = kind == Kind.REFUSE
         result.baseline.count(kind, get("reason", ""), escalations, switches)
 
         variant, config = rules.variant, rules.config
@@ -561,14 +562,14 @@ class _Run:
         ts = r["ts"]
         routed, records = self._apply(sid, route, ts, config)
         vkind, vmodel, vtier = routed.kind, routed.model, routed.tier
-        vrefused = vkind == "refuse"
+        vrefused = vkind is Kind.REFUSE
         escalations = switches = 0
         for rec_name, fields in records:
             if rec_name == _ESCALATED:
                 escalations += 1
             elif rec_name == _UPDATED and "model" in fields:
                 switches += 1
-        var.count(vkind, routed.reason, escalations, switches)
+        var.count(vkind.value, routed.reason, escalations, switches)
         result.decisions += 1
         # A Tier is a str: it equals its recorded name.
         if vkind != kind or vmodel != model or vtier != tier:

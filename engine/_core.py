@@ -453,7 +453,7 @@ def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
 
 def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
     """``decision.made`` of a routed request: the decision, then its inputs (never prompt text)."""
-    fields: dict[str, Any] = {"kind": routed.kind, "model": routed.model}
+    fields: dict[str, Any] = {"kind": routed.kind.value, "model": routed.model}
     if routed.tier is not None:
         fields["tier"] = routed.tier.value
     fields["provider"] = provider_from_model(routed.model)

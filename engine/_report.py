@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engine._audit import Life, explain, lives
+from engine._kinds import Kind
 from engine._rules import LIFTING
 from events import records as R
 
@@ -203,10 +204,10 @@ class Digest:
             self.decision_kinds.add(kind)
             b = self.bucket(ts)
             b.decisions[kind] = b.decisions.get(kind, 0) + 1
-            if kind != "refuse" and record.get("model"):
+            if kind != Kind.REFUSE and record.get("model"):
                 self.served.add(record["model"])
                 self.live_model[sid] = record["model"]
-            if kind == "bypass" and LIFTING in str(record.get("reason", "")):
+            if kind == Kind.BYPASS and LIFTING in str(record.get("reason", "")):
                 # A lifting stall escalation (stall_lift) moves no pin and writes no session.escalated.
                 self.escalations.add("strikes")
                 b.escalations += 1

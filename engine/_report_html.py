@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine._audit import fmt_ts, fmt_usd
+from engine._kinds import Kind
 from engine._report import LEDGER_MARK, Digest, Timeline
 from events import EngineError
 from events import records as R
@@ -22,8 +23,8 @@ __all__ = ["render_html", "require_plotly"]
 
 #: One colour per decision kind, the same on every chart.
 KIND_COLOURS = {
-    "initialize": "#1f77b4", "retain": "#2ca02c", "upgrade": "#ff7f0e", "bypass": "#9edae5",
-    "escalate": "#d62728", "switch": "#9467bd", "refuse": "#222222", "unavailable": "#7f7f7f",
+    Kind.INITIALIZE: "#1f77b4", Kind.RETAIN: "#2ca02c", Kind.UPGRADE: "#ff7f0e", Kind.BYPASS: "#9edae5",
+    Kind.ESCALATE: "#d62728", Kind.SWITCH: "#9467bd", Kind.REFUSE: "#222222", Kind.UNAVAILABLE: "#7f7f7f",
 }
 MARK_SYMBOLS = {
     R.SESSION_CREATED: ("circle", "#1f77b4", "created"), R.SESSION_UPDATED: ("diamond", "#ff7f0e", "model changed"),

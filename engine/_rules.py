@@ -24,6 +24,7 @@ from typing import Any
 
 from engine._config import Config
 from engine._entry import Entry
+from engine._kinds import Kind
 from engine._providers import provider_from_model
 from events import (
     Escalate,
@@ -48,16 +49,13 @@ LIFTING = " for this request; pin kept, lifts on progress"
 #: How the reason of a graceful budget downgrade ends (``budget``): counters of downgrades recognise it by this.
 DOWNGRADE = "; cheapest tier"
 
-# Decision kinds (engine.policy.Kind has the same values).
-INITIALIZE, RETAIN, UPGRADE, BYPASS = "initialize", "retain", "upgrade", "bypass"
-ESCALATE, SWITCH, REFUSE = "escalate", "switch", "refuse"
 
 
 @dataclass(frozen=True, slots=True)
 class Routed:
     """A routing decision as the transition returns it (``engine.policy.RouteDecision`` wraps it)."""
 
-    kind: str
+    kind: Kind
     model: str
     tier: Tier | None
     reason: str
@@ -81,7 +79,7 @@ class Routed:
 class Draft:
     """The decision while the rules build it (local to one ``decide`` call)."""
 
-    kind: str = ""
+    kind: Kind = Kind.RETAIN  # every choice rule sets it
     model: str = ""
     tier: Tier | None = None
     reason: str = ""
@@ -142,7 +140,7 @@ def set_event(sid: str, model: str, tier: Tier | None, explicit: bool = False) -
 _ROUTED = _slots(Routed)
 
 
-def routed_of(kind: str, model: str, tier: Tier | None, reason: str, deployment: str, candidates: tuple[str, ...],
+def routed_of(kind: Kind, model: str, tier: Tier | None, reason: str, deployment: str, candidates: tuple[str, ...],
               spent: int, reserved: int, estimate: int, limit: int, served: str, reservation_id: str) -> Routed:
     """``Routed(...)`` through its slots: every field given, in order (the frozen ``__init__`` sets each one
     through ``object.__setattr__``, about a tenth of ``decide``'s cost)."""
@@ -309,7 +307,7 @@ def strategy_none(route: Route, state: Entry | None, d: Draft, config: Config) -
     """Strategy none: the router decides every time; only the budget and the audit apply."""
     if route.rules.strategy != "none":
         return False
-    d.kind, d.model, d.tier, d.reason = BYPASS, route.model, route.tier, "strategy none: router's choice"
+    d.kind, d.model, d.tier, d.reason = Kind.BYPASS, route.model, route.tier, "strategy none: router's choice"
     return True
 
 
@@ -319,12 +317,13 @@ def explicit_pin(route: Route, state: Entry | None, d: Draft, config: Config) ->
     if route.user_explicit:
         d.events += [set_event(sid, route.model, route.tier, True), *_hash(route)]
         same = pinned is not None and pinned.model == route.model
-        d.kind, d.reason = (RETAIN, "user-explicit pin") if same else (INITIALIZE, "user-explicit model pinned")
+        d.kind, d.reason = ((Kind.RETAIN, "user-explicit pin") if same
+                            else (Kind.INITIALIZE, "user-explicit model pinned"))
         d.model, d.tier = route.model, route.tier
         return True
     if pinned is not None and pinned.user_explicit and pinned.model:
         d.events += [touch_event(sid), *_hash(route)]
-        d.kind, d.model, d.tier, d.reason = RETAIN, pinned.model, pinned.tier, "user-explicit pin"
+        d.kind, d.model, d.tier, d.reason = Kind.RETAIN, pinned.model, pinned.tier, "user-explicit pin"
         return True
     return False
 
@@ -335,7 +334,7 @@ def warmup(route: Route, state: Entry | None, d: Draft, config: Config) -> bool:
     if d.turn > turns:
         return False
     d.events += [set_event(route.session_id, route.model, route.tier), *_hash(route)]
-    d.kind, d.model, d.tier = BYPASS, _routers_model(route, d), route.tier
+    d.kind, d.model, d.tier = Kind.BYPASS, _routers_model(route, d), route.tier
     d.reason = f"warmup turn {d.turn} of {turns}"
     return True
 
@@ -347,7 +346,7 @@ def first_pin(route: Route, state: Entry | None, d: Draft, config: Config) -> bo
         return False
     d.model, d.tier = _routers_model(route, d), route.tier
     d.events += [set_event(route.session_id, d.model, route.tier), *_hash(route)]
-    d.kind = INITIALIZE
+    d.kind = Kind.INITIALIZE
     d.reason = "warmup over: pinned router's choice" if turns else "first turn: pinned router's choice"
     return True
 
@@ -364,7 +363,7 @@ def keyword(route: Route, state: Entry | None, d: Draft, config: Config) -> bool
     up = next_tier(route.rules, base_tier)
     if up is None or (route.rules.strategy == "adaptive" and tier_rank(route.tier) > tier_rank(up)):
         return False  # at the top, or the router asks for more: the usual rules
-    d.model, d.kind, d.tier = pick(route.rules, up, route.model, d.cache_provider), ESCALATE, up
+    d.model, d.kind, d.tier = pick(route.rules, up, route.model, d.cache_provider), Kind.ESCALATE, up
     d.reason = f"escalation keyword {route.keyword!r}: {_name(base_tier)} -> {up.value}"
     d.events += [*_hash(route), *([Escalate(sid, "keyword")] if held else []), set_event(sid, d.model, up)]
     return True
@@ -402,19 +401,19 @@ def _one_tier_up(route: Route, pinned: Entry, d: Draft, why: str, hashed: list[S
     marked = [*hashed, Escalate(sid, "strikes")] if escalate else hashed
     up = next_tier(rules, pinned.tier)
     if rules.strategy == "adaptive" and tier_rank(route.tier) > tier_rank(up or pinned.tier):
-        d.model, d.kind, d.tier = _routers_model(route, d), UPGRADE, route.tier
+        d.model, d.kind, d.tier = _routers_model(route, d), Kind.UPGRADE, route.tier
         d.reason = f"strike limit reached{why}; router asked for a higher tier"
         d.events += [*marked, set_event(sid, d.model, d.tier)]
     elif up is None:
-        d.model, d.kind, d.tier = pinned.model, RETAIN, pinned.tier
+        d.model, d.kind, d.tier = pinned.model, Kind.RETAIN, pinned.tier
         d.reason = f"strike limit reached{why} at the top configured tier ({_name(pinned.tier)}): pin kept"
         d.events += [*hashed, touch_event(sid)]
     elif lift:  # a bypass: another model serves this request, the pin is unchanged
-        d.model, d.kind, d.tier = pick(rules, up, pinned.model, d.cache_provider), BYPASS, up
+        d.model, d.kind, d.tier = pick(rules, up, pinned.model, d.cache_provider), Kind.BYPASS, up
         d.reason = f"strike limit reached{why}: {_name(pinned.tier)} -> {up.value}{LIFTING}"
         d.events += [*hashed, touch_event(sid)]
     else:
-        d.model, d.kind, d.tier = pick(rules, up, pinned.model, d.cache_provider), ESCALATE, up
+        d.model, d.kind, d.tier = pick(rules, up, pinned.model, d.cache_provider), Kind.ESCALATE, up
         d.reason = f"strike limit reached{why}: {_name(pinned.tier)} -> {up.value}"
         d.events += [*marked, set_event(sid, d.model, up)]
     return True
@@ -427,15 +426,15 @@ def never_downgrade(route: Route, state: Entry | None, d: Draft, config: Config)
     assert pinned is not None
     hashed = _hash(route)
     if adaptive and tier_rank(route.tier) > tier_rank(pinned.tier):
-        d.model, d.kind, d.tier = _routers_model(route, d), UPGRADE, route.tier
+        d.model, d.kind, d.tier = _routers_model(route, d), Kind.UPGRADE, route.tier
         d.reason = f"router tier {_name(route.tier)} above pinned {_name(pinned.tier)}"
         d.events += [set_event(sid, d.model, d.tier), *hashed]
     elif adaptive and route.rules.simple_bypass and route.tier is Tier.SIMPLE and tier_rank(pinned.tier) > 0:
         d.model = pick(route.rules, Tier.SIMPLE, route.model, d.cache_provider) if d.cache_provider else route.model
-        d.kind, d.tier, d.reason = BYPASS, Tier.SIMPLE, "SIMPLE follow-up: cheap model, pin kept"
+        d.kind, d.tier, d.reason = Kind.BYPASS, Tier.SIMPLE, "SIMPLE follow-up: cheap model, pin kept"
         d.events += [touch_event(sid), *hashed]
     else:
-        d.model, d.tier, d.kind = pinned.model, pinned.tier, RETAIN
+        d.model, d.tier, d.kind = pinned.model, pinned.tier, Kind.RETAIN
         d.reason = "sticky: pinned model kept" if not adaptive else "never downgrade: pinned model kept"
         d.events += [touch_event(sid), *hashed]
     return True
@@ -446,7 +445,7 @@ def cache_stickiness(route: Route, state: Entry | None, d: Draft, config: Config
     """A long context pins the provider that holds its prefix cache (while no pin holds one)."""
     if route.rules.cache_sticky and route.rules.strategy != "none" and not d.cache_provider and route.long_context:
         d.events.append(SetCacheSticky(route.session_id, provider_from_model(d.model)))
-    if d.cache_provider and d.kind != RETAIN:
+    if d.cache_provider and d.kind is not Kind.RETAIN:
         d.reason += f"; cache pin {d.cache_provider}"
 
 
@@ -469,19 +468,20 @@ def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
         why = "strict" if route.rules.budget_mode == "strict" else (
             "tool use" if route.tools else "explicit model" if route.user_explicit
             else f"{_name(d.tier)} tier" if serious else "no cheaper tier")
-        d.kind, d.reason, d.refused, d.events = REFUSE, f"{over}; refused ({why})", True, []
+        d.kind, d.reason, d.refused, d.events = Kind.REFUSE, f"{over}; refused ({why})", True, []
         return
     cheap = pick(route.rules, cheap_tier, d.model, d.cache_provider)
     cheap_estimate = estimate_of(route, cheap)
     if committed + cheap_estimate > limit or committed >= limit:
-        d.kind, d.model, d.tier, d.estimate, d.refused, d.events = REFUSE, cheap, cheap_tier, cheap_estimate, True, []
+        d.kind, d.model, d.tier, d.estimate = Kind.REFUSE, cheap, cheap_tier, cheap_estimate
+        d.refused, d.events = True, []
         d.reason = (f"budget: {usd(committed)} committed + {usd(cheap_estimate)} estimate > {usd(limit)} cap; "
                     "refused") if committed < limit else f"{over}; refused"
         return
     # Downgrade for this request only: the pin is kept (SetSession would move it down).
     if d.pinned is not None:
         d.events = [touch_event(route.session_id) if type(e) is SetSession else e for e in d.events]
-    d.kind, d.model, d.tier, d.estimate, d.reason = BYPASS, cheap, cheap_tier, cheap_estimate, f"{over}{DOWNGRADE}"
+    d.kind, d.model, d.tier, d.estimate, d.reason = Kind.BYPASS, cheap, cheap_tier, cheap_estimate, f"{over}{DOWNGRADE}"
 
 
 def key_provider(key: str) -> str:
@@ -506,7 +506,7 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
     rules = route.rules
     if not rules.affinity_by_record:
         return _affinity_by_key_name(route, state, d)
-    bypass = d.kind == BYPASS
+    bypass = d.kind is Kind.BYPASS
     if bypass:  # also without candidates: a host that filters deployments itself reads it (Routed.served)
         served = state.group_deployment(d.model, d.tier) if state is not None and state.deployments else ""
         d.served = served
@@ -533,8 +533,8 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
     if bypass:  # the bypass's own group deployment pin
         d.events.append(SetDeployment(route.session_id, d.deployment, d.model, d.tier))
         return
-    if served and d.kind == RETAIN:  # the deployment that served the pinned model is gone
-        d.kind = SWITCH
+    if served and d.kind is Kind.RETAIN:  # the deployment that served the pinned model is gone
+        d.kind = Kind.SWITCH
         d.reason += "; deployment gone, switched"
     d.events.append(SetDeployment(route.session_id, d.deployment))
 
@@ -550,7 +550,7 @@ def _affinity_by_key_name(route: Route, state: Entry | None, d: Draft) -> None:
     if provider and provider != provider_from_model(route.model):
         candidates = tuple(c for c in candidates if key_provider(c) in (provider, ""))
     d.candidates = candidates
-    bypass = d.kind == BYPASS
+    bypass = d.kind is Kind.BYPASS
     if bypass:
         served = state.group_deployment(d.model, d.tier) if state is not None and state.deployments else ""
         d.served = served
@@ -567,8 +567,8 @@ def _affinity_by_key_name(route: Route, state: Entry | None, d: Draft) -> None:
         d.events.append(SetDeployment(route.session_id, d.deployment, d.model, d.tier))
         return
     moved = provider not in ("", "default") and key_provider(served) not in (provider, "")
-    if served and d.kind == RETAIN and not moved:
-        d.kind = SWITCH
+    if served and d.kind is Kind.RETAIN and not moved:
+        d.kind = Kind.SWITCH
         d.reason += "; deployment gone, switched"
     d.events.append(SetDeployment(route.session_id, d.deployment))
 

@@ -65,6 +65,7 @@ from rich.table import Table
 import engine._time as engine_time
 from engine._config import Config
 from engine._entry import Entry
+from engine._kinds import Kind
 from engine._promises import Promise, check_promises, format_promises
 from engine._replay import LogCorrupt, archives, read_log, replay
 from engine._rules import DOWNGRADE
@@ -259,9 +260,9 @@ class RecordCounter(Observer):
             elif name == R.DECISION_MADE:
                 kind = record["kind"]
                 self._kinds[shard][kind] += 1
-                downgrade = kind == "bypass" and DOWNGRADE in record.get("reason", "")
+                downgrade = kind == Kind.BYPASS and DOWNGRADE in record.get("reason", "")
                 self._downgrades[shard] += downgrade
-                if kind == "refuse" or downgrade:
+                if kind == Kind.REFUSE or downgrade:
                     sid = record["session_id"]
                     self._capped[shard].add((sid, self._lives[shard].get(sid, 0)))
             elif name == R.HASH_RECORDED:
@@ -502,7 +503,7 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
         peak_threads=peak_threads,
         record_counts=counter.totals(),
         decisions=counter.kinds,
-        refusals=counter.kinds.get("refuse", 0),
+        refusals=counter.kinds.get(Kind.REFUSE, 0),
         downgrades=counter.downgrades,
         unavailable=policy.unavailable_count if policy is not None else 0,
         sessions_capped=counter.capped,

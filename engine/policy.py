@@ -27,6 +27,7 @@ import orjson
 
 from engine._config import Config, default_config
 from engine._entry import Entry
+from engine._kinds import Kind
 from engine._providers import provider_from_model
 from engine._requests import hash_request_content, should_cache_sticky
 from engine._rules import Routed
@@ -63,22 +64,6 @@ class Strategy(str, Enum):
     STICKY = "sticky"  # pin the first choice and keep it (three-strike escalation still applies)
     ADAPTIVE = "adaptive"  # never downgrade: upgrade on a higher router tier, SIMPLE follow-ups bypass
     NONE = "none"  # no pinning: the router's choice every time (budget still applies)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Kind(str, Enum):
-    """What a decision did, as logged in ``decision.made`` records."""
-
-    INITIALIZE = "initialize"  # a new pin: first turn, end of warmup, or a user-explicit model
-    RETAIN = "retain"  # the pinned model serves the request
-    UPGRADE = "upgrade"  # the router asked for a higher tier: the pin moves up
-    BYPASS = "bypass"  # another model serves this request; the pin is unchanged
-    ESCALATE = "escalate"  # three-strike: the pin moves one tier up
-    SWITCH = "switch"  # the deployment that served the session is gone: another one takes over
-    REFUSE = "refuse"  # over budget: the request is not served (BudgetExceeded)
-    UNAVAILABLE = "unavailable"  # the engine did not answer in time: the router's own choice
 
     def __str__(self) -> str:
         return self.value
@@ -564,7 +549,7 @@ def route_event(request: Request, rules: RouteRules, options: Options, reservati
 def _decision(request: Request, routed: Routed, strategy: Strategy, events: tuple[SessionEvent, ...] = ()
               ) -> RouteDecision:
     limit = None if routed.limit_micros < 0 else routed.limit_micros / 1_000_000
-    return RouteDecision(request.session_id, Kind(routed.kind), routed.model, routed.tier,
+    return RouteDecision(request.session_id, routed.kind, routed.model, routed.tier,
                          provider_from_model(routed.model), routed.reason, strategy, request.source,
                          routed.deployment, routed.candidates,
                          (routed.spent_micros + routed.reserved_micros) / 1_000_000,
@@ -592,7 +577,7 @@ def decide(request: Request, state: Entry | None, models: TierModels, options: O
     rules = route_rules(models, options)
     routed, events = decide_route(state, route_event(request, rules, options, models=_table_models(rules)), config)
     routed = replace(routed, reservation_id="")  # nothing is reserved on a snapshot
-    decision = DecisionEvent(sid, routed.kind, routed.model, routed.tier, provider_from_model(routed.model),
+    decision = DecisionEvent(sid, routed.kind.value, routed.model, routed.tier, provider_from_model(routed.model),
                              routed.reason, strategy.value, request.source, routed.deployment)
     return _decision(request, routed, strategy, (*events, decision))
 

@@ -62,7 +62,7 @@ from litellm.types.router import PreRoutingHookResponse
 from engine._config import Config
 from engine.aio import AsyncSessionStore
 from engine.identity import DEFAULT_ORDER, FINGERPRINT, IdentityResolver, Scope
-from engine.policy import AsyncPolicy, BudgetExceeded, Options, Request, RouteDecision, TierModels, cost_micros
+from engine.policy import AsyncPolicy, BudgetExceeded, Kind, Options, Request, RouteDecision, TierModels, cost_micros
 from engine.store import SessionStore
 from events import (
     Cost,
@@ -92,11 +92,11 @@ _METADATA_KEYS = ("metadata", "litellm_metadata")
 #: LiteLLM's ``SESSION_ID_GENERATED_METADATA_KEY``: the proxy made the session id up (never pinned).
 GENERATED_KEY = "litellm_session_id_generated"
 #: Decisions after which the request is served by the session's pin (a bypass or a refusal is not).
-_PINNING = frozenset({"initialize", "retain", "upgrade", "escalate", "switch"})
-_RETAINED = frozenset({"retain", "switch"})
+_PINNING = frozenset({Kind.INITIALIZE, Kind.RETAIN, Kind.UPGRADE, Kind.ESCALATE, Kind.SWITCH})
+_RETAINED = frozenset({Kind.RETAIN, Kind.SWITCH})
 #: Decisions served without moving the pin (SIMPLE bypass, budget downgrade, strategy none): their
 #: deployment pin is the one of their own model group and tier.
-_BYPASSED = frozenset({"bypass"})
+_BYPASSED = frozenset({Kind.BYPASS})
 _TIER_VALUES = frozenset(t.value for t in Tier)
 #: What a session is scoped by: the caller's API-key hash, its team (else its key), or nothing.
 SCOPES = ("key", "team", "off")
