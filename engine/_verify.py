@@ -34,7 +34,7 @@ from engine._replay import history_files, torn_tail
 from events import records as R
 from events._schema import STRICT_CHECKS, record_problem
 
-__all__ = ["Problem", "Report", "verify", "verify_files", "verify_redis"]
+__all__ = ["BadRecord", "Problem", "Report", "Verifier", "empty_report", "verify", "verify_files"]
 
 #: Exit status of ``audit --verify``: verified; a bad record; (2 is a usage or I/O error); nothing proven.
 EXIT_OK, EXIT_BAD, EXIT_UNPROVEN = 0, 1, 3
@@ -99,12 +99,12 @@ class Report:
         return {"ok": self.status == "verified", **asdict(self)}
 
 
-class _Bad(Exception):
+class BadRecord(Exception):
     def __init__(self, field: str, rule: str) -> None:
         self.field, self.rule = field, rule
 
 
-class _Verifier:
+class Verifier:
     """The pass's state: seq, the chain's head and running hash, sessions' last use, the key."""
 
     def __init__(self, report: Report, key: bytes | None) -> None:
@@ -120,20 +120,21 @@ class _Verifier:
         self.expect: tuple[int, str] | None = None
 
     def line(self, raw: bytes, record: dict[str, Any]) -> None:
-        """Check one record (``raw`` its line, ending with a newline); raises ``_Bad`` at the first broken rule."""
+        """Check one record (``raw`` its line, ending with a newline); raises ``BadRecord`` at the first broken rule."""
         seq = record["seq"]
         prev = self.prev_seq
         if type(seq) is not int or (prev is not None and seq != prev + 1):
-            raise _Bad("seq", f"must follow {prev} (no gap, no repeat, in order)" if prev is not None else "an integer")
+            raise BadRecord("seq", f"must follow {prev} (no gap, no repeat, in order)" if prev is not None
+                            else "an integer")
         name = record["event"]
         check = STRICT_CHECKS.get(name) if type(name) is str else None
         if check is None or check(record) is not None or name == _SNAPSHOT:
             problem = record_problem(record, strict=True)
             if problem is not None:
-                raise _Bad(*problem)
+                raise BadRecord(*problem)
         self.prev_seq = seq
         if "last_used_at" in record or name in _ENDINGS:
-            self._times(record)
+            self.check_times(record)
         # The common line: inside a chained batch, no anchor, no signature. Everything else: _chain.
         if (self.head is not None and name not in _CHAIN_RECORDS and "genesis" not in record
                 and not (raw.endswith(b'"}\n') and _chain.unseal(raw)) and "chain" not in record):
@@ -142,7 +143,7 @@ class _Verifier:
             return
         self._chain(raw, record, seq)
 
-    def _times(self, record: dict[str, Any]) -> None:
+    def check_times(self, record: dict[str, Any]) -> None:
         sid = record.get("session_id")
         if sid is None:
             return
@@ -155,9 +156,9 @@ class _Verifier:
             return
         if name == R.SESSION_CREATED:
             if record["created_at"] > used:
-                raise _Bad("created_at", "not after last_used_at")
+                raise BadRecord("created_at", "not after last_used_at")
         elif used < self.last_used.get(sid, 0):
-            raise _Bad("last_used_at", f"never before the session's previous last_used_at ({self.last_used[sid]})")
+            raise BadRecord("last_used_at", f"never before the session's previous last_used_at ({self.last_used[sid]})")
         self.last_used[sid] = used
 
     def _anchor(self, value: str, how: str, seq: int) -> None:
@@ -172,26 +173,27 @@ class _Verifier:
         report = self.report
         sealed = _chain.unseal(raw)
         if "chain" in record and sealed is None:
-            raise _Bad("chain", "the last field of its line")
+            raise BadRecord("chain", "the last field of its line")
         if "genesis" in record:
             if self.head is not None:
-                raise _Bad("genesis", "only on the first chained record of a log")
+                raise BadRecord("genesis", "only on the first chained record of a log")
             self._anchor(record["genesis"], "genesis", seq)
         name = record["event"]
         if name == R.LOG_SNAPSHOT and "chain_head" in record:
             if self.head is None:
                 self._anchor(record["chain_head"], "snapshot", seq)
             elif self.pending or record["chain_head"] != self.head.hex():
-                raise _Bad("chain_head", "the chain's head after the previous segment")
+                raise BadRecord("chain_head", "the chain's head after the previous segment")
             if "signature" in record:
-                self._signature(seq - 1, record["chain_head"], record["signature"])
+                self.check_signature(seq - 1, record["chain_head"], record["signature"])
         elif name == R.LOG_SIGNED:
             if self.head is None or self.pending or record["head"] != self.head.hex() or record["head_seq"] != seq - 1:
-                raise _Bad("head", "the chain's head after the previous record")
-            self._signature(record["head_seq"], record["head"], record["signature"])
+                raise BadRecord("head", "the chain's head after the previous record")
+            self.check_signature(record["head_seq"], record["head"], record["signature"])
         if self.head is None:
             if sealed is not None:
-                raise _Bad("chain", "a seal after a genesis or a snapshot's chain_head (the log's start is missing)")
+                raise BadRecord("chain",
+                                "a seal after a genesis or a snapshot's chain_head (the log's start is missing)")
             self.pending += 1
             return
         if sealed is None:
@@ -203,7 +205,7 @@ class _Verifier:
         head = self.hasher.digest()
         if head.hex() != value:
             first = self.batch_start if self.batch_start is not None else seq
-            raise _Bad("chain", f"the SHA-256 of the previous head and the lines since seq {first}: a record in "
+            raise BadRecord("chain", f"the SHA-256 of the previous head and the lines since seq {first}: a record in "
                                 f"seq {first}..{seq} was changed, added, removed or moved")
         self.head, self.hasher = head, hashlib.sha256(head)
         self.pending, self.batch_start = 0, seq + 1
@@ -211,16 +213,16 @@ class _Verifier:
         report.head, report.head_seq = value, seq
         if self.expect is not None and seq == self.expect[0]:
             if not value.startswith(self.expect[1]):
-                raise _Bad("chain", f"the head exported at seq {seq} ({self.expect[1]}…): the chain was rebuilt")
+                raise BadRecord("chain", f"the head exported at seq {seq} ({self.expect[1]}…): the chain was rebuilt")
             report.expected_head_matched = True
 
-    def _signature(self, seq: int, head: str, signature: str) -> None:
+    def check_signature(self, seq: int, head: str, signature: str) -> None:
         report = self.report
         if self.key is None:
             report.signatures_unchecked += 1
             return
         if not hmac.compare_digest(_chain.sign(self.key, seq, bytes.fromhex(head)), signature):
-            raise _Bad("signature", f"the HMAC-SHA256 of the head at seq {seq} under the key in {_chain.KEY_ENV}")
+            raise BadRecord("signature", f"the HMAC-SHA256 of the head at seq {seq} under the key in {_chain.KEY_ENV}")
         report.signatures_checked += 1
         report.signed_through_seq = seq
 
@@ -248,7 +250,7 @@ def verify(path: str | Path, key: bytes | None = None, expect: tuple[int, str] |
 def verify_files(files: list[Path], name: str, key: bytes | None = None,
                  expect: tuple[int, str] | None = None) -> Report:
     report = Report(log=name, files=len(files))
-    v = _Verifier(report, key)
+    v = Verifier(report, key)
     v.expect = expect
     if expect is not None:
         report.expected_head = f"{expect[0]}:{expect[1]}"
@@ -279,7 +281,7 @@ def verify_files(files: list[Path], name: str, key: bytes | None = None,
                     if not raw.endswith(b"\n"):
                         raw += b"\n"  # a complete last record that lost its newline: restart adds it back
                     v.line(raw, record)
-                except _Bad as bad:
+                except BadRecord as bad:
                     seq = record.get("seq") if isinstance(record, dict) else None
                     return _bad(report, v, file, start, seq if type(seq) is int else None, bad.field, bad.rule)
                 report.records += 1
@@ -299,7 +301,7 @@ def verify_files(files: list[Path], name: str, key: bytes | None = None,
             return _bad(report, v, files[-1], end, expect[0], "chain",
                         f"sealed at seq {expect[0]} (the head exported there): no seal there, the chain was rebuilt")
     if report.records == 0:
-        return _empty(report)
+        return empty_report(report)
     if v.head is None:
         report.status = "unchained"
         report.unchained_records = report.records
@@ -317,151 +319,15 @@ def verify_files(files: list[Path], name: str, key: bytes | None = None,
     return report
 
 
-def _empty(report: Report) -> Report:
+def empty_report(report: Report) -> Report:
     """A log with no record (an empty file, a directory without segments, empty streams): nothing to prove."""
     report.status = "empty"
     report.notes.append("no records: nothing to verify")
     return report
 
 
-def _bad(report: Report, v: _Verifier, file: Path, offset: int, seq: int | None, field: str, rule: str) -> Report:
+def _bad(report: Report, v: Verifier, file: Path, offset: int, seq: int | None, field: str, rule: str) -> Report:
     report.status = "bad"
     report.last_seq = v.prev_seq
     report.problem = Problem(seq, str(file), offset, field, rule)
     return report
-
-
-# -- the Redis backend's bucket streams (docs/audit-log.md, "The chain on the Redis streams") ---------------
-def _sha1_link(prev: str, record: bytes) -> str:
-    """The head after an entry: what redis_commit.lua computes with redis.sha1hex(prev .. r)."""
-    return hashlib.sha1(prev.encode("ascii") + record).hexdigest()
-
-
-def verify_redis(url: str, namespace: str = "se", key: bytes | None = None) -> Report:
-    """Verify every bucket stream of a Redis backend: seq continuity, every record's value domains, the
-    per-bucket SHA-1 chain (fields ``h``/``g`` of each entry), that the bucket's head key matches its
-    newest entry, and each ``log.signed`` (the head of the entry just before it; with ``key``, its HMAC).
-    The first bad entry is named by bucket, stream, stream id and seq; never raises for one."""
-    from redis.exceptions import RedisError
-
-    from engine._backend_url import parse_backend
-    from engine._redis import open_namespace, unavailable
-
-    client, keys = open_namespace(url, namespace)
-    target = parse_backend(url)
-    report = Report(log=target.display if target is not None else url)
-    try:
-        report.files = keys.buckets
-        for bucket in range(keys.buckets):
-            if _verify_bucket(client, keys, bucket, report, key):
-                return report
-    except RedisError as exc:
-        raise unavailable(target, exc) from None  # type: ignore[arg-type]
-    finally:
-        client.close()
-    if report.records == 0:
-        return _empty(report)
-    if report.seals == 0 and report.records:
-        report.status = "unchained"
-        report.notes.append("no hash chain: the streams were written by a version before the Redis chain")
-    elif key is not None and report.signatures_checked == 0 and report.records:
-        report.status = "unsigned"
-        report.notes.append(f"a key is set ({_chain.KEY_ENV}) but the streams hold no signature (replicas sign "
-                            f"on close with the key set; `session-engine sign URL` signs every bucket's head)")
-    return report
-
-
-def _verify_bucket(client: Any, keys: Any, bucket: int, report: Report, key: bytes | None = None) -> bool:
-    """Check one bucket stream; True when it holds a bad entry (then in ``report``)."""
-    from engine._redis import stream_entries
-
-    stream = keys.bucket_keys(bucket)[3]
-    v = _Verifier(report, key)
-    prev_seq: int | None = None
-    head: str | None = None
-    stream_id = ""
-    seq: int | None = None
-    checked_before = report.signatures_checked + report.signatures_unchecked
-    records_before = report.records
-
-    def bad(field_: str, rule: str) -> bool:
-        report.status = "bad"
-        report.problem = Problem(seq, stream, 0, field_, rule, bucket=bucket, stream_id=stream_id or None)
-        return True
-
-    for raw_id, fields in stream_entries(client, stream):
-        stream_id, seq = raw_id.decode(), None
-        raw = fields.get(b"r")
-        try:
-            record = orjson.loads(raw) if raw is not None else None
-        except orjson.JSONDecodeError:
-            record = None
-        if type(record) is not dict or type(record.get("seq")) is not int or "event" not in record:
-            return bad("r", "a JSON record with an int seq and an event")
-        seq = record["seq"]
-        if prev_seq is not None and seq != prev_seq + 1:
-            return bad("seq", f"must follow {prev_seq} (no gap, no repeat, in order)")
-        problem = record_problem(record, strict=True)
-        if problem is not None:
-            return bad(*problem)
-        try:
-            v._times(record)
-            if record["event"] == R.LOG_SIGNED:
-                if prev_seq is None:  # the entry it signs was trimmed: nothing left to check it against
-                    report.signatures_unchecked += 1
-                elif record["head_seq"] != prev_seq or record["head"] != head:
-                    raise _Bad("head", "the head of the entry just before it (a signature follows its head)")
-                else:
-                    v._signature(record["head_seq"], record["head"], record["signature"])
-        except _Bad as exc:
-            return bad(exc.field, exc.rule)
-        h = fields.get(b"h")
-        g = fields.get(b"g")
-        if g is not None:
-            if head is not None:
-                return bad("g", "only on the first chained entry of the bucket (its genesis)")
-            head = g.decode("ascii", "replace")
-            report.anchor, report.anchor_seq = "genesis", seq
-        if h is None:
-            if head is not None:
-                return bad("h", "on every entry after the bucket's genesis (the chain is broken)")
-            report.unchained_records += 1
-        else:
-            value = h.decode("ascii", "replace")
-            if head is None:
-                # the oldest entry left: a MAXLEN trim (or a deletion) took the ones before it
-                report.notes.append(f"bucket {bucket}: the chain is checked from seq {seq} (stream id "
-                                    f"{stream_id}): the entries before it were trimmed or deleted")
-                report.anchor = report.anchor or "trimmed"
-            elif _sha1_link(head, raw) != value:
-                return bad("h", "the SHA-1 of the previous head and this entry's r: an entry was changed, "
-                                "added, removed or moved")
-            head = value
-            report.seals += 1
-            report.head, report.head_seq = value, seq
-        prev_seq = seq
-        report.records += 1
-        if report.first_seq is None or seq < report.first_seq:
-            report.first_seq = seq
-        if report.last_seq is None or seq > report.last_seq:
-            report.last_seq = seq
-    stored = client.get(keys.head(bucket))
-    stored_seq = client.get(keys.bucket_keys(bucket)[0])
-    stream_id = ""
-    if stored is not None and stored.decode("ascii", "replace") != (head or ""):
-        seq = prev_seq
-        return bad("head", f"the bucket's head key {keys.head(bucket)} ({stored.decode('ascii', 'replace')}) after "
-                           "the newest entry: the newest entries were removed, or the chain was rebuilt")
-    if stored is None and head is not None and report.seals:
-        seq = prev_seq
-        return bad("head", f"set: {keys.head(bucket)} is missing while the stream is chained")
-    if prev_seq is not None and (stored_seq is None or int(stored_seq) != prev_seq):
-        seq = prev_seq
-        return bad("seq", f"the bucket's last seq ({stored_seq.decode() if stored_seq else None} in "
-                          f"{keys.bucket_keys(bucket)[0]}): the newest entries were removed")
-    if key is not None and report.records > records_before and \
-            report.signatures_checked + report.signatures_unchecked == checked_before:
-        # Written after the last signature, or its signatures removed with a rebuilt chain: the chain alone
-        # proves these records (docs/audit-log.md, "Signing the Redis streams").
-        report.notes.append(f"bucket {bucket}: {report.records - records_before} record(s), no signature")
-    return False

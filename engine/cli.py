@@ -365,7 +365,7 @@ def _finish_verify(report: Any, json_out: bool) -> None:
 def _verify_redis(url: str, json_out: bool) -> None:
     """``audit --verify redis://...``: every bucket stream's chain, seq and records (docs/audit-log.md)."""
     from engine._chain import key_from_env
-    from engine._verify import verify_redis
+    from engine._redis_verify import verify_redis
 
     try:
         report = verify_redis(url, key=key_from_env())
@@ -447,7 +447,7 @@ def export_command(
     chain, so audit --verify DIR accepts it (docs/distributed.md).
     """
     from engine._redis import export_streams
-    from engine._verify import verify_redis
+    from engine._redis_verify import verify_redis
 
     try:
         checked = verify_redis(url, namespace)

@@ -13,7 +13,7 @@ import pytest
 
 from engine import _chain
 from engine._redis import COMMIT_LUA, Keys, bucket_of, commit_command, sign_heads
-from engine._verify import verify_redis
+from engine._redis_verify import verify_redis
 from engine.store import SessionStore
 from tests.redis_servers import RedisServer
 from tests.test_redis_backend import _cli, redis_config
