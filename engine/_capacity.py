@@ -146,8 +146,7 @@ class Capacity:
             else:
                 now = at  # a clock step back refills nothing
             if tokens < 1.0:
-                self._buckets[tenant] = (tokens, now)
-                return False
+                return False  # nothing is written: the bucket refills from where it was counted
             self._buckets[tenant] = (tokens - 1.0, now)
             if len(self._buckets) > 4 * (len(self._tenants) + 1024):
                 self._prune(now, rate)

@@ -57,7 +57,8 @@ if expected ~= '*' then
     if tokens < 1 then
       return {2}
     end
-    redis.call('HSET', KEYS[7], tenant, string.format('%.6f %d', tokens - 1, at))
+    -- %.17g: the tokens as the double they are (engine._capacity's bucket keeps the same float)
+    redis.call('HSET', KEYS[7], tenant, string.format('%.17g %d', tokens - 1, at))
     redis.call('PEXPIRE', KEYS[7], 60000)  -- untouched for a minute, every bucket in it is full again
   end
   if state == '-' then
