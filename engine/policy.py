@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from engine._affinity import GROUP_KINDS, served_record
 from engine._config import Config, default_config
 from engine._entry import Entry
 from engine._kinds import Kind
@@ -42,7 +43,6 @@ from events import (
     Route,
     RouteRules,
     SessionEvent,
-    SetDeployment,
     Tier,
     parse_tier,
 )
@@ -714,13 +714,13 @@ class _Base:
         if amount or rid:
             p_tokens, c_tokens = (t if type(t) is int and 0 <= t <= MAX_MICROS else 0 for t in tokens)
             events.append(Cost(session_id, amount, rid, p_tokens, c_tokens))
-        if deployment:
-            if decision is not None and decision.kind is Kind.BYPASS:
-                if decision.session_id == session_id and decision.model:
-                    # Served without moving the pin: the deployment pin of the bypass's (model group, tier).
-                    events.append(SetDeployment(session_id, deployment[:256], decision.model[:256], decision.tier))
-            else:
-                events.append(SetDeployment(session_id, deployment))
+        if deployment and (decision is None or decision.session_id == session_id or decision.kind not in GROUP_KINDS):
+            # The pin's deployment, or the deployment pin of a bypass's (model group, tier): one rule
+            # (engine._affinity.served_record), which the LiteLLM hook records with too.
+            record = (served_record(session_id, deployment, None) if decision is None
+                      else served_record(session_id, deployment, decision.kind, decision.model, decision.tier))
+            if record is not None:
+                events.append(record)
         return events
 
     def _release_events(self, decision: RouteDecision | None) -> list[SessionEvent]:

@@ -59,6 +59,7 @@ from typing import Any
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.types.router import PreRoutingHookResponse
 
+from engine._affinity import SWITCHED, place, served_record, switches
 from engine._config import Config
 from engine.aio import AsyncSessionStore
 from engine.identity import DEFAULT_ORDER, FINGERPRINT, IdentityResolver, Scope
@@ -67,12 +68,9 @@ from engine.store import SessionStore
 from events import (
     Cost,
     Decision,
-    EngineError,
-    GetSession,
     InvalidEvent,
     Release,
     SessionEvent,
-    SetDeployment,
     Tier,
     parse_tier,
     tier_rank,
@@ -642,29 +640,19 @@ class SessionEngineCallback(CustomLogger):
     async def async_filter_deployments(self, model: str, healthy_deployments: list, messages: list | None,
                                        request_kwargs: dict | None = None,
                                        parent_otel_span: Any = None) -> list[dict]:
-        """Keep (or put first) the healthy deployment that served the session; log a switch when it is gone."""
+        """Apply the routing turn's affinity to the healthy deployments: keep (or put first) the one the
+        session recorded serving this decision (``RouteDecision.served_deployment``), placed by the core's
+        own ``engine._affinity.place``; log a switch when it is gone."""
         if self.affinity == "off" or not healthy_deployments:
             return healthy_deployments
         # A retained pin returns to the deployment of its group; a bypass (SIMPLE follow-up, budget
         # downgrade, strategy none) to the one pinned for its own model group and tier.
-        sid = self._pinned(model, request_kwargs, _RETAINED)
-        bypass = False
+        sid = self._pinned(model, request_kwargs, _RETAINED | _BYPASSED)
         if not sid:
-            sid = self._pinned(model, request_kwargs, _BYPASSED)
-            if not sid:
-                return healthy_deployments
-            bypass = True
+            return healthy_deployments
         stashed = _metadata(request_kwargs)[DECISION_KEY]
         served = stashed.get("served_deployment")
-        if not isinstance(served, str):  # a decision stashed without it: read the session
-            try:
-                state = await self.policy.store.ask(GetSession(sid), timeout=self.policy.options.deadline_s)
-            except (EngineError, TimeoutError):  # best effort: LiteLLM's own choice
-                return healthy_deployments
-            tier = stashed.get("tier")
-            served = ("" if state is None else state.deployment if not bypass
-                      else state.group_deployment(model, Tier(tier) if tier in _TIER_VALUES else None))
-        if not served:
+        if not isinstance(served, str) or not served:
             return healthy_deployments
         ids = [deployment_id(d) for d in healthy_deployments]
         failed = failed_in_request(request_kwargs, stashed, healthy_deployments)
@@ -674,29 +662,30 @@ class SessionEngineCallback(CustomLogger):
             kept = [(i, d) for i, d in zip(ids, healthy_deployments, strict=True) if i not in failed]
             if kept:
                 ids, healthy_deployments = [i for i, _ in kept], [d for _, d in kept]
-        if served in ids:
-            chosen = healthy_deployments[ids.index(served)]
+        first, order, gone = place(served, tuple(ids))
+        if not gone:
             if self.affinity == "only":
-                return [chosen]
-            return [chosen, *(d for d in healthy_deployments if d is not chosen)]
-        if bypass:  # the bypass's deployment is gone: LiteLLM picks another, which the pre-call hook pins
-            return healthy_deployments
-        if stashed.get("switched") != served:  # one switch per request, however many retries follow
-            stashed["switched"], stashed["kind"] = served, "switch"
+                return [healthy_deployments[ids.index(first)]]
+            return [healthy_deployments[ids.index(i)] for i in order]
+        # Gone: LiteLLM picks another (the pre-call hook records it); a retained pin logs the switch, once
+        # per request however many retries follow (its stashed kind is then "switch").
+        if switches(stashed.get("kind"), gone):
+            stashed["switched"], stashed["kind"] = served, Kind.SWITCH.value
             why = ("failed in this request; retried on another" if served in failed
                    else "is not a healthy candidate; LiteLLM picks another")
-            self._tell(Decision(sid, "switch", model=model[:256], reason=f"deployment that served the session {why}",
+            self._tell(Decision(sid, Kind.SWITCH.value, model=model[:256],
+                                reason=f"{SWITCHED}: the deployment that served the session {why}",
                                 deployment=served[:256]))
         return healthy_deployments
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, object], call_type: Any) -> dict | None:
-        """Remember the deployment LiteLLM picked for the pinned group, before the call, so that the
-        session's next request (often sent before this one's success is logged) returns to it."""
+        """Remember the deployment LiteLLM picked for the decided group, before the call, so that the
+        session's next request (often sent before this one's success is logged) returns to it: the pin's
+        deployment or the bypass's group pin, as ``engine._affinity.served_record`` records either."""
         metadata = _metadata(kwargs)
         group = metadata.get("model_group")
         if not isinstance(group, str):
             return None
-        sid = self._pinned(group, kwargs, _PINNING)
         info = metadata.get("model_info") or kwargs.get("model_info")
         deployment = _compose(metadata.get("deployment"), info.get("id") if isinstance(info, Mapping) else None)
         stashed = metadata.get(DECISION_KEY)
@@ -705,13 +694,13 @@ class SessionEngineCallback(CustomLogger):
             tried = stashed.setdefault("tried", [])
             if deployment not in tried:
                 tried.append(deployment[:256])
+        sid = self._pinned(group, kwargs, _PINNING | _BYPASSED)
         if sid and deployment:
-            self._tell(SetDeployment(sid, deployment[:256]))
-        elif deployment:
-            sid = self._pinned(group, kwargs, _BYPASSED)
-            if sid:  # served without moving the pin: the deployment pin of its own model group and tier
-                tier = stashed.get("tier") if isinstance(stashed, dict) else None
-                self._tell(SetDeployment(sid, deployment[:256], group[:256], tier if tier in _TIER_VALUES else None))
+            tier = stashed.get("tier") if isinstance(stashed, dict) else None
+            record = served_record(sid, deployment, stashed.get("kind") if isinstance(stashed, dict) else "",
+                                   group, tier if tier in _TIER_VALUES else None)
+            if record is not None:
+                self._tell(record)
         return None
 
     # -- the LiteLLM proxy server -------------------------------------------------------
