@@ -45,7 +45,6 @@ from engine._replay import (
     read_file,
     to_entry,
 )
-from engine._rules import DOWNGRADE, LIFTING
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
 from events import records as R
 from events._validate import MAX_MICROS, check_session_id
@@ -238,18 +237,18 @@ class Figures:
     pin_switches: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
 
-    def count(self, kind: str, reason: str, escalations: int, switches: int) -> None:
-        """One decision: its kind, a refusal or a budget downgrade (told by the rules' reason), and the
-        escalations and pin moves its turn wrote; a lifting stall escalation is a bypass whose turn writes
-        no ``session.escalated``, told by its reason too."""
+    def count(self, kind: str, downgrade: bool, lift: bool, escalations: int, switches: int) -> None:
+        """One decision: its kind, a refusal or a budget downgrade (the decision's ``downgrade``), and the
+        escalations and pin moves its turn wrote; a lifting stall escalation (``lift``) is a bypass whose turn
+        writes no ``session.escalated``: it counts as one."""
         kinds = self.kinds
         kinds[kind] = kinds.get(kind, 0) + 1
         if kind == Kind.REFUSE:
             self.refusals += 1
         elif kind == Kind.BYPASS:
-            if DOWNGRADE in reason:
+            if downgrade:
                 self.downgrades += 1
-            if not escalations and LIFTING in reason:
+            if lift and not escalations:
                 escalations = 1
         self.escalations += escalations
         self.pin_switches += switches
@@ -540,7 +539,7 @@ class _Run:
         var = result.variant
         kind, model, tier = r["kind"], get("model", ""), get("tier")
         refused = kind == Kind.REFUSE
-        result.baseline.count(kind, get("reason", ""), escalations, switches)
+        result.baseline.count(kind, get("downgrade", False), get("lift", False), escalations, switches)
 
         variant, config = rules.variant, rules.config
         recorded_rid = get("reservation_id", "")
@@ -569,7 +568,7 @@ class _Run:
                 escalations += 1
             elif rec_name == _UPDATED and "model" in fields:
                 switches += 1
-        var.count(vkind.value, routed.reason, escalations, switches)
+        var.count(vkind.value, routed.downgrade, routed.lift, escalations, switches)
         result.decisions += 1
         # A Tier is a str: it equals its recorded name.
         if vkind != kind or vmodel != model or vtier != tier:

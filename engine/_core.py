@@ -458,6 +458,10 @@ def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
         fields["tier"] = routed.tier.value
     fields["provider"] = provider_from_model(routed.model)
     fields["reason"] = routed.reason
+    if routed.downgrade:
+        fields["downgrade"] = True
+    if routed.lift:
+        fields["lift"] = True
     fields["strategy"] = ev.rules.strategy
     if ev.source:
         fields["source"] = ev.source

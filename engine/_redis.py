@@ -3,7 +3,7 @@
 Keys (``ns`` = ``Config.redis_namespace``, ``b`` = crc32(session id) % ``redis_buckets``), every key of
 a bucket under one hash tag so one script touches one Cluster slot:
 
-- ``{ns:b}:s:<session id>``  hash ``v`` (version) and ``e`` (the Entry's fields, orjson), PEXPIRE timeout + margin
+- ``{ns:b}:s:<session id>``  hash ``v`` (version) and ``e`` (the Entry's fields, orjson), PEXPIRE next deadline + margin
 - ``{ns:b}:exp``             sorted set: session id -> its next deadline (engine._core.next_deadline)
 - ``{ns:b}:log``             stream of the bucket's records, each ``r`` = one JSON line with a per-bucket ``seq``
 - ``{ns:b}:seq``, ``{ns:b}:ver``  the bucket's record and version counters
@@ -73,7 +73,7 @@ from events import records as R
 logger = logging.getLogger("engine")
 
 COMMIT_LUA = (Path(__file__).with_name("redis_commit.lua")).read_text()
-#: A session key outlives its idle deadline by this much, so Redis frees it even when no replica runs.
+#: A session key outlives its next deadline by this much, so Redis frees it even when no replica runs.
 EXPIRY_MARGIN_MS = 60_000
 #: Commit rounds for one batch before its contended sessions' callers get BackendUnavailable.
 MAX_ROUNDS = 16
@@ -458,7 +458,8 @@ class RedisShard(Shard):
                         # reaper's Expire settles whichever is due). Only a move of it needs ZADD and a fresh PEXPIRE.
                         if before is None or next_deadline(before, config) != next_deadline(state, config):
                             deadline = next_deadline(state, config)
-                            pexpire_ms = config.timeout_ms + EXPIRY_MARGIN_MS
+                            # The key outlives that deadline (a ledger's ends with its window, past timeout_ms).
+                            pexpire_ms = max(config.timeout_ms, deadline - steps[-1][2]) + EXPIRY_MARGIN_MS
                     rendered = [render_record(record) for record in records]
                 except Exception as exc:  # orjson cannot write it: this session's callers learn it, nothing is written
                     logger.error("session-engine: shard %d refused a session's events: a record could not be "

@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from engine._entry import Entry, build_entry
+from engine._rules import DOWNGRADE, LIFTING
 from events import EngineError, Tier
 from events import records as R
 from events._schema import LENIENT_CHECKS, record_problem
@@ -240,10 +241,31 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
                     # Never in a log this version writes (a repeated key): the prefix placed the line in
                     # another share than its record's. The caller reads such a log without shares.
                     raise LogCorrupt(f"{path} line {number}: session_id is not the one its prefix names")
+            if name == _DECISION and "downgrade" not in record and "lift" not in record:
+                upcast_decision(record)
             yield record
     if share is not None and prev is not None:
         tail.last_seq = prev  # the other shares' records count too (tail.good_end: this share's last record)
     _finish(tail, line)
+
+
+_DECISION = R.DECISION_MADE
+
+
+def upcast_decision(record: dict[str, Any]) -> None:
+    """Serves logs written before ``decision.made`` carried ``downgrade`` and ``lift``: a bypass record
+    without either gets them from the marker its reason text then ended with (``engine._rules.DOWNGRADE``,
+    ``LIFTING``). The only reader of the reason's text; every counter reads the fields. A record of this
+    version without them is a bypass that was neither (its reason holds no marker): it stays as it is."""
+    if record.get("kind") != "bypass":
+        return
+    reason = record.get("reason")
+    if type(reason) is not str:
+        return
+    if DOWNGRADE in reason:
+        record["downgrade"] = True
+    elif LIFTING in reason:
+        record["lift"] = True
 
 
 def fold_file(path: Path, state: State, tail: Tail, *, expect: int | None = None, last: bool = True) -> None:

@@ -25,7 +25,6 @@ from typing import Any
 
 from engine._audit import Life, explain, lives
 from engine._kinds import Kind
-from engine._rules import LIFTING
 from events import records as R
 
 __all__ = ["BUCKET_WIDTHS_MS", "Bucket", "Digest", "Timeline", "add_timelines", "digest", "read_digest"]
@@ -207,7 +206,7 @@ class Digest:
             if kind != Kind.REFUSE and record.get("model"):
                 self.served.add(record["model"])
                 self.live_model[sid] = record["model"]
-            if kind == Kind.BYPASS and LIFTING in str(record.get("reason", "")):
+            if kind == Kind.BYPASS and record.get("lift"):
                 # A lifting stall escalation (stall_lift) moves no pin and writes no session.escalated.
                 self.escalations.add("strikes")
                 b.escalations += 1

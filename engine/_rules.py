@@ -43,10 +43,12 @@ from events import (
 HASH_WINDOW = 3
 _TIERS = (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING)
 
-#: How the reason of a lifting stall escalation (``stall_lift``) ends: a bypass (it moves no pin and
-#: writes no ``session.escalated``), which counters of escalations (backtest, report) recognise by this.
+#: How the reason of a lifting stall escalation (``stall_lift``, ``Routed.lift``) ends: text for people. Counters
+#: read ``Routed.lift`` / ``decision.made``'s ``lift``; only ``engine._replay.upcast_decision`` reads this, for
+#: logs written before that field.
 LIFTING = " for this request; pin kept, lifts on progress"
-#: How the reason of a graceful budget downgrade ends (``budget``): counters of downgrades recognise it by this.
+#: How the reason of a graceful budget downgrade ends (``budget``, ``Routed.downgrade``): text for people, read
+#: only by ``engine._replay.upcast_decision`` (logs written before ``decision.made``'s ``downgrade``).
 DOWNGRADE = "; cheapest tier"
 
 
@@ -73,6 +75,10 @@ class Routed:
     #: The reservation this request holds ("" when none: no cap, a zero estimate, or a refusal).
     #: ``decide`` names it; the ``Route`` transition adds it to the session.
     reservation_id: str = ""
+    #: The budget rule served the cheapest tier instead (a graceful downgrade, a bypass).
+    downgrade: bool = False
+    #: A stall served one configured tier up for this request only (``stall_lift``, a bypass).
+    lift: bool = False
 
 
 @dataclass(slots=True)
@@ -95,6 +101,8 @@ class Draft:
     refused: bool = False
     #: The deployment pinned for the decision's (model group, tier) when it is not the pin's (a bypass).
     served: str | None = None
+    downgrade: bool = False
+    lift: bool = False
 
 
 # -- implied events, built unchecked ------------------------------------------------------------
@@ -141,12 +149,13 @@ _ROUTED = _slots(Routed)
 
 
 def routed_of(kind: Kind, model: str, tier: Tier | None, reason: str, deployment: str, candidates: tuple[str, ...],
-              spent: int, reserved: int, estimate: int, limit: int, served: str, reservation_id: str) -> Routed:
+              spent: int, reserved: int, estimate: int, limit: int, served: str, reservation_id: str,
+              downgrade: bool, lift: bool) -> Routed:
     """``Routed(...)`` through its slots: every field given, in order (the frozen ``__init__`` sets each one
     through ``object.__setattr__``, about a tenth of ``decide``'s cost)."""
     e = _new(Routed)
     (put_kind, put_model, put_tier, put_reason, put_deployment, put_candidates, put_spent, put_reserved,
-     put_estimate, put_limit, put_served, put_rid) = _ROUTED
+     put_estimate, put_limit, put_served, put_rid, put_downgrade, put_lift) = _ROUTED
     put_kind(e, kind)
     put_model(e, model)
     put_tier(e, tier)
@@ -159,11 +168,14 @@ def routed_of(kind: Kind, model: str, tier: Tier | None, reason: str, deployment
     put_limit(e, limit)
     put_served(e, served)
     put_rid(e, reservation_id)
+    put_downgrade(e, downgrade)
+    put_lift(e, lift)
     return e
 
 
 if Routed.__slots__ != ("kind", "model", "tier", "reason", "deployment", "candidates", "spent_micros",
-                        "reserved_micros", "estimate_micros", "limit_micros", "served", "reservation_id"):
+                        "reserved_micros", "estimate_micros", "limit_micros", "served", "reservation_id",
+                        "downgrade", "lift"):
     raise ImportError("engine._rules.routed_of builds Routed by its slots: update it")
 if (Touch.__slots__, Hash.__slots__, SetSession.__slots__) != (
         ("session_id",), ("session_id", "hash", "stall"), ("session_id", "model", "tier", "user_explicit")):
@@ -411,6 +423,7 @@ def _one_tier_up(route: Route, pinned: Entry, d: Draft, why: str, hashed: list[S
     elif lift:  # a bypass: another model serves this request, the pin is unchanged
         d.model, d.kind, d.tier = pick(rules, up, pinned.model, d.cache_provider), Kind.BYPASS, up
         d.reason = f"strike limit reached{why}: {_name(pinned.tier)} -> {up.value}{LIFTING}"
+        d.lift = True
         d.events += [*hashed, touch_event(sid)]
     else:
         d.model, d.kind, d.tier = pick(rules, up, pinned.model, d.cache_provider), Kind.ESCALATE, up
@@ -468,13 +481,13 @@ def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
         why = "strict" if route.rules.budget_mode == "strict" else (
             "tool use" if route.tools else "explicit model" if route.user_explicit
             else f"{_name(d.tier)} tier" if serious else "no cheaper tier")
-        d.kind, d.reason, d.refused, d.events = Kind.REFUSE, f"{over}; refused ({why})", True, []
+        d.kind, d.reason, d.refused, d.events, d.lift = Kind.REFUSE, f"{over}; refused ({why})", True, [], False
         return
     cheap = pick(route.rules, cheap_tier, d.model, d.cache_provider)
     cheap_estimate = estimate_of(route, cheap)
     if committed + cheap_estimate > limit or committed >= limit:
         d.kind, d.model, d.tier, d.estimate = Kind.REFUSE, cheap, cheap_tier, cheap_estimate
-        d.refused, d.events = True, []
+        d.refused, d.events, d.lift = True, [], False
         d.reason = (f"budget: {usd(committed)} committed + {usd(cheap_estimate)} estimate > {usd(limit)} cap; "
                     "refused") if committed < limit else f"{over}; refused"
         return
@@ -482,6 +495,7 @@ def budget(route: Route, state: Entry | None, d: Draft, config: Config) -> None:
     if d.pinned is not None:
         d.events = [touch_event(route.session_id) if type(e) is SetSession else e for e in d.events]
     d.kind, d.model, d.tier, d.estimate, d.reason = Kind.BYPASS, cheap, cheap_tier, cheap_estimate, f"{over}{DOWNGRADE}"
+    d.downgrade, d.lift = True, False
 
 
 def key_provider(key: str) -> str:
@@ -603,4 +617,4 @@ def decide(state: Entry | None, route: Route, config: Config) -> tuple[Routed, l
     rid = route.reservation_id if limit >= 0 and d.estimate > 0 and not d.refused else ""
     return routed_of(d.kind, d.model, d.tier, d.reason[:256], d.deployment, d.candidates, spent, reserved,
                      d.estimate, limit, d.served if d.served is not None else state.deployment if state is not None
-                     else "", rid), d.events
+                     else "", rid, d.downgrade, d.lift), d.events

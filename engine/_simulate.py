@@ -68,7 +68,6 @@ from engine._entry import Entry
 from engine._kinds import Kind
 from engine._promises import Promise, check_promises, format_promises
 from engine._replay import LogCorrupt, archives, read_log, replay
-from engine._rules import DOWNGRADE
 from engine._runtime import Observer
 from engine._workload import PolicyRouter, Request, Router, Workload, model_table, policy_options
 from engine.policy import Policy
@@ -260,7 +259,7 @@ class RecordCounter(Observer):
             elif name == R.DECISION_MADE:
                 kind = record["kind"]
                 self._kinds[shard][kind] += 1
-                downgrade = kind == Kind.BYPASS and DOWNGRADE in record.get("reason", "")
+                downgrade = kind == Kind.BYPASS and record.get("downgrade", False)
                 self._downgrades[shard] += downgrade
                 if kind == Kind.REFUSE or downgrade:
                     sid = record["session_id"]

@@ -237,7 +237,7 @@ RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
         "session_id": session_id, "kind": text, "model": text, "tier": tier, "provider": text, "reason": text,
         "strategy": text, "source": text, "deployment": text, "requested_model": text, "requested_tier": tier,
         "request_hash": text, "tools": const(True), "stall": const(True), "tool_repeats": int1, "tool_errors": int1,
-        "keyword": text, "candidates": strings,
+        "keyword": text, "downgrade": const(True), "lift": const(True), "candidates": strings,
         "estimate_micros": int0, "limit_micros": int0, "spent_micros": int0, "reserved_micros": int0,
         "reservation_id": text, "explicit": const(True), "long_context": const(True),
         "estimates": micros_by_model, "rules": an_object}),

@@ -101,6 +101,10 @@ FIELD_DESCRIPTIONS: dict[tuple[str, str], str] = {
                                        "with the newest, returned an error; absent when the newest did not."),
     (R.DECISION_MADE, "keyword"): ("The escalation keyword the last user message contained "
                                    "(Options.escalation_keywords)."),
+    (R.DECISION_MADE, "downgrade"): ("The budget rule served the cheapest configured tier instead of the chosen "
+                                     "model (a graceful downgrade; kind bypass, the pin kept)."),
+    (R.DECISION_MADE, "lift"): ("A stall was served one configured tier up for this request only (stall_lift; kind "
+                                "bypass, the pin kept, no session.escalated): counted as an escalation."),
     (R.DECISION_MADE, "candidates"): "Deployment keys the router offered.",
     (R.DECISION_MADE, "estimate_micros"): "This request's estimate for the chosen model.",
     (R.DECISION_MADE, "limit_micros"): "The budget cap (only when a cap applies).",
