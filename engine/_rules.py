@@ -41,6 +41,10 @@ from events import (
 )
 
 HASH_WINDOW = 3
+#: The "strikes" detector: the same tool call (same name and arguments) answered with an error this many
+#: times in a row (``Route.tool_errors`` under this detector) is a stall signal: the request counts a strike
+#: even when its hash is new (docs/policy.md).
+STALL_ERRORS = 3
 _TIERS = (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING)
 
 #: How the reason of a lifting stall escalation (``stall_lift``, ``Routed.lift``) ends: text for people. Counters
@@ -292,10 +296,21 @@ def _routers_model(route: Route, d: Draft) -> str:
     return pick(route.rules, route.tier, route.model, d.cache_provider) if d.cache_provider else route.model
 
 
+def strikes_signal(route: Route) -> bool:
+    """The stall signal a request's hash records as a strike: the caller's ``stall``, or under the "strikes"
+    detector ``tool_errors`` (the same tool call's errors in a row) at ``STALL_ERRORS`` or more."""
+    return route.stall or (route.tool_errors >= STALL_ERRORS and route.rules.stall_detector == "strikes")
+
+
 def _hash(route: Route, stall: bool = False) -> list[SessionEvent]:
-    """The request's ``Hash`` (none without a hash); ``stall``: the window detector found a stall (a strike)."""
+    """The request's ``Hash`` (none without a hash), its stall flag ``strikes_signal``; ``stall``: the window
+    detector found a stall (a strike)."""
     h = route.request_hash
-    return [hash_event(route.session_id, h, route.stall or stall)] if h else []
+    if not h:
+        return []
+    # strikes_signal inlined (every routed turn with a hash builds one): tool_errors is mostly 0.
+    signal = stall or route.stall or (route.tool_errors >= STALL_ERRORS and route.rules.stall_detector == "strikes")
+    return [hash_event(route.session_id, h, signal)]
 
 
 def _reaches_strike_limit(route: Route, base: Entry, config: Config) -> tuple[bool, list[SessionEvent], bool]:
@@ -307,7 +322,7 @@ def _reaches_strike_limit(route: Route, base: Entry, config: Config) -> tuple[bo
         return False, hashed, False
     rules = route.rules
     limit = rules.strike_limit or config.strike_limit
-    _, strikes = count_strikes(base.recent_hashes, base.strikes, route.request_hash, route.stall)
+    _, strikes = count_strikes(base.recent_hashes, base.strikes, route.request_hash, strikes_signal(route))
     if (not rules.escalate_on_strikes or strikes < limit or strikes <= base.strikes
             or base.escalated or base.user_explicit):
         return False, hashed, False

@@ -31,6 +31,7 @@ from engine._entry import Entry
 from engine._kinds import Kind
 from engine._providers import provider_from_model
 from engine._requests import hash_request_content, should_cache_sticky
+from engine._rules import STALL_ERRORS as STALL_ERRORS  # the "strikes" detector's threshold, applied in the turn
 from engine._rules import Routed
 from engine._rules import decide as decide_route
 from engine.identity import FINGERPRINT, INVALID_PREFIX, IdentityResolver, check_tenant, message_text
@@ -47,7 +48,7 @@ from events import (
     parse_tier,
 )
 from events import Decision as DecisionEvent
-from events._events import check_stall_detector, check_stall_window
+from events._events import MAX_STALL_WINDOW, check_stall_detector, check_stall_window
 from events._validate import MAX_MICROS, UNENCODABLE, check_text, encodable, is_valid_session_id
 
 if TYPE_CHECKING:
@@ -434,9 +435,6 @@ def stall_reading(messages: Sequence[Any], window: int) -> tuple[str, int, int]:
     return hash_request_content(user, calls), repeats if repeats > 1 else 0, errors
 
 
-#: The "strikes" detector: the same tool call (same name and arguments) answered with an error this
-#: many times in a row is a stall: the request counts a strike even when its hash is new (docs/policy.md).
-STALL_ERRORS = 3
 _ERROR_PREFIXES = ("error", "exception", "traceback", '{"error"', "{'error'")
 
 
@@ -536,7 +534,8 @@ def route_event(request: Request, rules: RouteRules, options: Options, reservati
     elif rules.stall_detector == "window":
         (h, repeats, errors), stall = stall_reading(messages, rules.stall_window), False
     else:
-        h, stall = request_hash(messages), tool_error_run(messages) >= STALL_ERRORS
+        # The count travels in the Route: the rules apply STALL_ERRORS in the turn (engine._rules.strikes_signal).
+        h, stall, errors = request_hash(messages), False, min(tool_error_run(messages), MAX_STALL_WINDOW)
     return Route(
         request.session_id, request.model, request.tier, rules, request.user_explicit, h, stall,
         bool(request.tools),

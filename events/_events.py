@@ -305,7 +305,8 @@ class Route(SessionEvent):
     user_explicit: bool = False
     #: Three-strike hash of the request ("" when it has no messages).
     request_hash: str = ""
-    #: Another stall signal (see ``Hash.stall``; the "strikes" detector's).
+    #: A stall signal the caller read itself (see ``Hash.stall``): a strike. ``engine.policy`` sends the
+    #: "strikes" detector's count in ``tool_errors`` instead, and the rules apply its threshold.
     stall: bool = False
     #: The request defines tools (never silently degraded by the budget).
     tools: bool = False
@@ -324,6 +325,8 @@ class Route(SessionEvent):
     #: The "window" stall detector's reading of the request's last ``rules.stall_window`` tool calls:
     #: how many repeat the newest (same name, arguments and result), and, when the newest errored, how
     #: many errored (in a row ending with it, or of the same call), whichever is more (docs/policy.md).
+    #: Under the "strikes" detector ``tool_errors`` is how many times in a row the same tool call returned
+    #: an error (``engine.policy.tool_error_run``): ``engine._rules.STALL_ERRORS`` of them are a strike.
     tool_repeats: int = 0
     tool_errors: int = 0
 

@@ -92,13 +92,15 @@ FIELD_DESCRIPTIONS: dict[tuple[str, str], str] = {
     (R.DECISION_MADE, "requested_model"): "The router's own model for the request.",
     (R.DECISION_MADE, "request_hash"): "The request's three-strike hash (never prompt text).",
     (R.DECISION_MADE, "tools"): "The request defined tools.",
-    (R.DECISION_MADE, "stall"): ('Under the "strikes" stall detector: the request showed a stall signal (the same '
-                                 "tool call failing STALL_ERRORS times in a row)."),
+    (R.DECISION_MADE, "stall"): ("The caller read a stall signal itself (a strike); logs of the \"strikes\" "
+                                 "detector that carry no tool_errors record its STALL_ERRORS verdict so."),
     (R.DECISION_MADE, "tool_repeats"): (
         'Under the "window" stall detector: how many of the request\'s last stall_window tool calls repeat the '
         "newest (same name, arguments and result); absent below 2."),
     (R.DECISION_MADE, "tool_errors"): ('Under the "window" stall detector: how many tool calls in a row, ending '
-                                       "with the newest, returned an error; absent when the newest did not."),
+                                       "with the newest, returned an error; absent when the newest did not. Under "
+                                       'the "strikes" detector: how many times in a row the same tool call returned '
+                                       "an error (STALL_ERRORS of them are a strike, applied in the turn)."),
     (R.DECISION_MADE, "keyword"): ("The escalation keyword the last user message contained "
                                    "(Options.escalation_keywords)."),
     (R.DECISION_MADE, "downgrade"): ("The budget rule served the cheapest configured tier instead of the chosen "
