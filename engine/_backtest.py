@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from engine._config import Config
-from engine._core import apply, ledger_only
+from engine._core import apply, ledger_only, rules_from_fields
 from engine._entry import Entry
 from engine._kinds import Kind
 from engine._replay import (
@@ -105,13 +105,13 @@ def _bool(name: str, value: Any) -> bool:
     raise InvalidEvent(name, "must be true or false")
 
 
-def _int(name: str, value: Any, low: int) -> int:
+def _int(name: str, value: Any) -> int:
     try:
         number = int(value) if not isinstance(value, bool) else None
     except (TypeError, ValueError):
         number = None
-    if number is None or number < low or (isinstance(value, float) and value != number):
-        raise InvalidEvent(name, f"must be an int >= {low}")
+    if number is None or (isinstance(value, float) and value != number):
+        raise InvalidEvent(name, "must be an int")
     return number
 
 
@@ -130,16 +130,20 @@ def _pairs(changes: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
 def parse_changes(changes: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
     """``--set OPTION=VALUE`` pairs (or a mapping) -> the ``RouteRules`` fields they change.
 
-    Raises ``InvalidEvent`` naming the option for an unknown option or a bad value.
+    Each value is read as its option's type here; the options are then checked and encoded as the policy does
+    it (``engine.policy.Options``, ``route_rules``: USD to micros included). Raises ``InvalidEvent`` naming the
+    option for an unknown option or a bad value.
     """
+    from engine.policy import Options, route_rules
+
     changes = _pairs(changes)
-    out: dict[str, Any] = {}
+    typed: dict[str, Any] = {}
     for name, value in changes.items():
         if name not in OPTIONS:
             raise InvalidEvent(name, f"is not an option backtest can change (one of {', '.join(OPTIONS)})")
         if name == "max_cost_usd":
             if value is None or str(value).strip().lower() in ("none", "null", ""):
-                out["max_cost_micros"] = -1
+                typed[name] = None
                 continue
             try:
                 usd = float(value)
@@ -147,20 +151,19 @@ def parse_changes(changes: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
                 raise InvalidEvent(name, "must be a number of USD >= 0, or none") from None
             if not usd >= 0 or usd == float("inf"):
                 raise InvalidEvent(name, "must be a number of USD >= 0, or none")
-            out["max_cost_micros"] = round(usd * 1_000_000)
+            typed[name] = usd
         elif name in ("escalate_on_strikes", "cache_sticky", "simple_bypass", "stall_lift"):
-            out[name] = _bool(name, value)
-        elif name == "strike_limit":
-            out[name] = _int(name, value, 1)
-        elif name == "warmup_turns":
-            out[name] = _int(name, value, 0)
-        elif name == "reservation_ttl_ms":
-            out[name] = _int(name, value, 1)
+            typed[name] = _bool(name, value)
+        elif name in ("strike_limit", "warmup_turns", "reservation_ttl_ms"):
+            typed[name] = _int(name, value)
         else:
-            out[name] = str(value).strip()
-    probe = RouteRules()
-    dataclasses.replace(probe, **out)  # RouteRules validates strategy and budget_mode, naming the field
-    return out
+            typed[name] = str(value).strip()
+    rules = route_rules({}, Options(**typed))  # Options checks each value, naming it; RouteRules the encoding
+    return {(_RULE_OF.get(name, name)): getattr(rules, _RULE_OF.get(name, name)) for name in typed}
+
+
+#: The ``RouteRules`` field an option of ``OPTIONS`` sets, where it has another name.
+_RULE_OF = {"max_cost_usd": "max_cost_micros"}
 
 
 def read_models(path: str | Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -317,21 +320,6 @@ class BacktestResult:
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def rules_from_record(fields: Mapping[str, Any]) -> tuple[RouteRules, int, bool]:
-    """The ``rules`` object of a ``decision.made`` record -> (RouteRules, store strike limit, auto-escalate)."""
-    models = tuple((str(t), tuple(ms)) for t, ms in fields.get("models", {}).items())
-    rules = RouteRules(models, fields.get("strategy", "adaptive"), fields.get("simple_bypass", True),
-                       fields.get("warmup_turns", 0), fields.get("escalate_on_strikes", True),
-                       fields.get("strike_limit", 0), fields.get("cache_sticky", True),
-                       fields.get("max_cost_micros", -1), fields.get("budget_mode", "graceful"),
-                       fields.get("reservation_ttl_ms", 600_000),
-                       # A log from before the window detector was decided by cumulative strikes.
-                       fields.get("stall_detector", "strikes"), fields.get("stall_window", 6),
-                       fields.get("stall_lift", False), fields.get("candidates_by_provider", False),
-                       fields.get("affinity_by_record", False))
-    return rules, int(fields.get("config_strike_limit", 2)), bool(fields.get("auto_escalate", False))
-
-
 @dataclass(slots=True)
 class _Rules:
     variant: RouteRules
@@ -373,10 +361,9 @@ class _Run:
         self.last_rules: _Rules | None = None
         self.fallback: _Rules | None = None
         self.configs: dict[tuple[int, bool], Config] = {}
-        if models is not None:  # an older log without rules: the defaults with this table
-            self.fallback = self._variant(RouteRules(models, stall_detector="strikes", candidates_by_provider=False,
-                                                     affinity_by_record=False),
-                                          2, False)
+        if models is not None:  # an older log without rules: what an empty rules object reads as, with this table
+            before, strike_limit, auto = rules_from_fields({})
+            self.fallback = self._variant(dataclasses.replace(before, models=models), strike_limit, auto)
         self.held: dict[str, dict[str, Any]] = {}
         self.ended: dict[str, Any] = {}  # sessions whose idle expiry may leave a budget ledger (next record)
         #: Decisions by (session, reservation id): a response's cost settles its own session's reservation.
@@ -406,7 +393,7 @@ class _Run:
         key = orjson.dumps(recorded)
         found = self.by_recorded.get(key)
         if found is None:
-            found = self.by_recorded[key] = self._variant(*rules_from_record(recorded))
+            found = self.by_recorded[key] = self._variant(*rules_from_fields(recorded))
         return found
 
     # The variant state of one session.

@@ -14,7 +14,8 @@ activity (a seed defect).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import fields as dataclass_fields
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -440,7 +441,8 @@ def _without_auto_escalate(config: Config) -> Config:
 
 
 def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
-    """A ``RouteRules`` (plus the store settings the rules read) as ``decision.made`` logs it."""
+    """A ``RouteRules`` (plus the store settings the rules read) as ``decision.made`` logs it; read back by
+    ``rules_from_fields``."""
     return {"models": {tier: list(models) for tier, models in rules.models}, "strategy": rules.strategy,
             "simple_bypass": rules.simple_bypass, "warmup_turns": rules.warmup_turns,
             "escalate_on_strikes": rules.escalate_on_strikes, "strike_limit": rules.strike_limit,
@@ -449,6 +451,26 @@ def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
             "config_strike_limit": config.strike_limit, "auto_escalate": config.auto_escalate,
             "stall_detector": rules.stall_detector, "stall_window": rules.stall_window, "stall_lift": rules.stall_lift,
             "candidates_by_provider": rules.candidates_by_provider, "affinity_by_record": rules.affinity_by_record}
+
+
+#: What ``rules_from_fields`` reads for a field a ``rules`` object lacks: it was written before the field
+#: existed, when the rules behaved so (every other field absent reads as ``RouteRules``' default).
+RULES_BEFORE: dict[str, Any] = {"stall_detector": "strikes", "candidates_by_provider": False,
+                                "affinity_by_record": False}
+#: The store settings absent from a ``rules`` object written before they were logged (Config's defaults then).
+CONFIG_BEFORE = (2, False)
+_RULE_NAMES = tuple(f.name for f in dataclass_fields(RouteRules) if f.name != "models")
+
+
+def rules_from_fields(fields: Mapping[str, Any]) -> tuple[RouteRules, int, bool]:
+    """``rules_fields``' inverse: a ``decision.made`` record's ``rules`` object -> (RouteRules, the store's
+    strike limit, auto-escalation), validated by ``RouteRules`` (InvalidEvent naming the field; a TypeError,
+    ValueError or AttributeError for a ``models`` that is not tier -> list of models)."""
+    models = tuple((str(tier), tuple(names)) for tier, names in fields.get("models", {}).items())
+    values = {**RULES_BEFORE, **{name: fields[name] for name in _RULE_NAMES if name in fields}}
+    rules = RouteRules(models, **values)
+    return (rules, int(fields.get("config_strike_limit", CONFIG_BEFORE[0])),
+            bool(fields.get("auto_escalate", CONFIG_BEFORE[1])))
 
 
 def _decision_fields(ev: Route, routed: Routed) -> dict[str, Any]:
