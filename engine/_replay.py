@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from engine._entry import Entry, build_entry
+from engine._kinds import Kind
 from engine._rules import DOWNGRADE, LIFTING
 from events import EngineError, Tier
 from events import records as R
@@ -257,7 +258,7 @@ def upcast_decision(record: dict[str, Any]) -> None:
     without either gets them from the marker its reason text then ended with (``engine._rules.DOWNGRADE``,
     ``LIFTING``). The only reader of the reason's text; every counter reads the fields. A record of this
     version without them is a bypass that was neither (its reason holds no marker): it stays as it is."""
-    if record.get("kind") != "bypass":
+    if record.get("kind") != Kind.BYPASS:
         return
     reason = record.get("reason")
     if type(reason) is not str:
