@@ -28,6 +28,7 @@ import orjson
 from engine._affinity import GROUP_KINDS, served_record
 from engine._config import Config, default_config
 from engine._entry import Entry
+from engine._headers import decision_headers, with_deprecated_aliases
 from engine._kinds import Kind
 from engine._providers import provider_from_model
 from engine._requests import hash_request_content, should_cache_sticky
@@ -257,15 +258,15 @@ class RouteDecision:
     def refused(self) -> bool:
         return self.kind is Kind.REFUSE
 
-    def headers(self) -> dict[str, str]:
-        """The decision report as HTTP response headers (ASCII-safe)."""
-        values = {
-            "x-session-id": self.session_id, "x-session-decision": self.kind.value,
-            "x-session-reason": self.reason, "x-session-strategy": self.strategy.value,
-            "x-session-source": self.source, "x-session-model": self.model,
-            "x-session-tier": self.tier.value if self.tier else "",
-        }
-        return {k: v.encode("ascii", "replace").decode() for k, v in values.items() if v}
+    def headers(self, cost_usd: float | None = None) -> dict[str, str]:
+        """The decision report as HTTP response headers (ASCII-safe): ``x-session-engine-*``, the format the
+        LiteLLM hook answers with too (``engine._headers``), plus the session id and, with ``cost_usd``
+        (the response's), its cost and what remains of a budget after it. The deprecated ``x-session-*``
+        names of the same values are written too, for this release."""
+        return with_deprecated_aliases(decision_headers(
+            self.kind.value, self.model, self.tier.value if self.tier else None, self.source, reason=self.reason,
+            strategy=self.strategy.value, session_id=self.session_id, limit_usd=self.limit_usd,
+            spent_usd=self.spent_usd, cost_usd=cost_usd))
 
     def budget_error(self) -> BudgetExceeded:
         return BudgetExceeded(self.session_id, self.spent_usd, self.estimate_usd, self.limit_usd or 0.0, self)

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from engine import Config, InvalidEvent
+from engine._headers import DEPRECATED_ALIASES
 from engine.policy import Options
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "asgi_router.py"
@@ -75,7 +76,7 @@ def chat(client: TestClient, text: str, *, session: str | None = "s1", tier: str
 
 def served(response: Any) -> tuple[str, str]:
     assert response.status_code == 200, response.text
-    return response.json()["model"], response.headers["x-session-decision"]
+    return response.json()["model"], response.headers["x-session-engine-decision"]
 
 
 def test_first_turn_pins_and_later_turns_keep_the_model(serve):
@@ -83,9 +84,13 @@ def test_first_turn_pins_and_later_turns_keep_the_model(serve):
     assert served(chat(client, "write a parser", tier="MEDIUM")) == (HAIKU, "initialize")
     assert served(chat(client, "now add error handling", tier="MEDIUM")) == (HAIKU, "retain")
     response = chat(client, "and a docstring", tier="MEDIUM")
-    assert response.headers["x-session-id"] == "s1"
-    assert response.headers["x-session-source"] == "header:x-session-id"
-    assert response.headers["x-session-model"] == HAIKU and response.headers["x-session-tier"] == "MEDIUM"
+    assert response.headers["x-session-engine-session-id"] == "s1"
+    assert response.headers["x-session-engine-session-source"] == "header:x-session-id"
+    assert response.headers["x-session-engine-model"] == HAIKU and response.headers["x-session-engine-tier"] == "MEDIUM"
+    # The deprecated x-session-* names still carry the same values, for this release.
+    assert all(response.headers[alias] == response.headers[name] for name, alias in DEPRECATED_ALIASES.items()
+               if name in response.headers)
+    assert (response.headers["x-session-id"], response.headers["x-session-decision"]) == ("s1", "retain")
 
 
 def test_a_lower_tier_never_downgrades_and_a_higher_one_upgrades(serve):
@@ -120,9 +125,9 @@ def test_strict_budget_refuses_with_422_and_a_json_error(serve):
     assert refused.status_code == 422 and refused.headers["x-should-retry"] == "false"
     error = refused.json()["error"]
     assert error["type"] == "budget_exceeded" and error["code"] == "session_budget_exceeded"
-    assert error["spent_usd"] == pytest.approx(float(first.headers["x-session-cost-usd"]))
+    assert error["spent_usd"] == pytest.approx(float(first.headers["x-session-engine-cost-usd"]))
     assert error["limit_usd"] == 0.0004 and error["estimate_usd"] > 0
-    assert refused.headers["x-session-decision"] == "refuse"
+    assert refused.headers["x-session-engine-decision"] == "refuse"
     assert client.app.state.upstream.calls == [HAIKU]  # the refused request never reached upstream
 
 
@@ -145,10 +150,12 @@ def test_without_a_header_the_session_is_a_fingerprint_scoped_by_the_caller(serv
     one = chat(client, "hi", session=None, tier="MEDIUM")
     again = chat(client, "hi", session=None, tier="MEDIUM")
     other = chat(client, "hi", session=None, tier="MEDIUM", key=BOB)
-    assert one.headers["x-session-source"] == "fingerprint"
-    assert one.headers["x-session-id"] == again.headers["x-session-id"] != other.headers["x-session-id"]
-    assert (one.headers["x-session-decision"], again.headers["x-session-decision"]) == ("initialize", "retain")
-    assert other.headers["x-session-decision"] == "initialize"
+    assert one.headers["x-session-engine-session-source"] == "fingerprint"
+    ids = [r.headers["x-session-engine-session-id"] for r in (one, again, other)]
+    assert ids[0] == ids[1] != ids[2]
+    decisions = [r.headers["x-session-engine-decision"] for r in (one, again)]
+    assert decisions == ["initialize", "retain"]
+    assert other.headers["x-session-engine-decision"] == "initialize"
 
 
 def test_two_callers_with_the_same_session_id_get_two_sessions(serve):
@@ -187,7 +194,7 @@ def test_an_invalid_explicit_session_id_gets_no_session(serve):
     client = serve()
     response = chat(client, "hello there", session="x" * 300, tier="MEDIUM")
     assert served(response) == (HAIKU, "bypass")
-    assert "x-session-id" not in response.headers
+    assert "x-session-engine-session-id" not in response.headers and "x-session-id" not in response.headers
 
 
 def test_metrics_endpoint_exposes_the_engine(serve):

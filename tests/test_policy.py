@@ -232,9 +232,12 @@ def test_no_session_id_serves_the_routers_choice_without_events():
 def test_decision_headers_report_kind_strategy_and_source():
     d = decide(ask(Tier.MEDIUM, source="header:x-session-id"), None, MODELS)
     h = d.headers()
-    assert h["x-session-decision"] == "initialize"
-    assert h["x-session-strategy"] == "adaptive"
-    assert h["x-session-source"] == "header:x-session-id"
+    assert h["x-session-engine-decision"] == "initialize"
+    assert h["x-session-engine-strategy"] == "adaptive"
+    assert h["x-session-engine-session-source"] == "header:x-session-id"
+    # The deprecated names, for this release: the same values.
+    assert (h["x-session-decision"], h["x-session-strategy"], h["x-session-source"]) == (
+        "initialize", "adaptive", "header:x-session-id")
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"strategy": "random"}, "strategy"),

@@ -17,7 +17,8 @@ The router's own choice comes from a toy classifier (or the ``x-router-tier``
 header, for demos and tests); ``"model": "auto"`` lets it choose, a model of
 the tier table pins that model as the user's explicit choice. The session id
 comes from ``x-session-id`` or the identity chain (docs/identity.md), the
-decision goes back in ``x-session-*`` response headers, and a budget refusal is
+decision goes back in ``x-session-engine-*`` response headers (``RouteDecision.headers``; the deprecated
+``x-session-*`` names come with them for this release), and a budget refusal is
 HTTP 422 with an OpenAI-style JSON error (the status LiteLLM gives its own budget errors:
 the OpenAI SDKs retry 408, 409, 429 and 5xx, so a 429 would be sent three times). With ``event_log`` set, sessions
 survive a restart: the store restores them from the log.
@@ -227,9 +228,14 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
         decision = await policy.decide(routed)
         if decision.kind is Kind.UNAVAILABLE:
             metrics.count_unavailable(decision.reason.rsplit(" ", 1)[-1])
-        headers = decision.headers()
-        if "x-session-id" in headers:  # the caller's own id, as it sent it: its scope is implied by its key
-            headers["x-session-id"] = split(headers["x-session-id"])[1]
+        def reply_headers(cost: float | None = None) -> dict[str, str]:
+            headers = decision.headers(cost)
+            for name in ("x-session-engine-session-id", "x-session-id"):  # the id and its deprecated alias
+                if name in headers:  # the caller's own id, as it sent it: its scope is implied by its key
+                    headers[name] = split(headers[name])[1]
+            return headers
+
+        headers = reply_headers()
         if decision.refused:
             return JSONResponse(decision.budget_error().error_body(decision.reason), status_code=422,
                                 headers={**headers, "x-should-retry": "false"})
@@ -240,8 +246,7 @@ def create_app(config: Config | None = None, *, models: TierModels = MODELS, opt
             raise
         if decision.session_id:
             await policy.record_response(decision.session_id, cost_usd=cost, decision=decision)
-        headers["x-session-cost-usd"] = f"{cost:.6f}"
-        return JSONResponse(reply, headers=headers)
+        return JSONResponse(reply, headers=reply_headers(cost))  # with the cost and what remains of a budget
 
     async def session(request: HttpRequest) -> Response:
         tenant = auth.tenant(request)

@@ -61,6 +61,8 @@ from litellm.types.router import PreRoutingHookResponse
 
 from engine._affinity import SWITCHED, place, served_record, switches
 from engine._config import Config
+from engine._headers import PREFIX
+from engine._headers import decision_headers as _decision_headers
 from engine.aio import AsyncSessionStore
 from engine.identity import DEFAULT_ORDER, FINGERPRINT, IdentityResolver, Scope
 from engine.policy import AsyncPolicy, BudgetExceeded, Kind, Options, Request, RouteDecision, TierModels, cost_micros
@@ -264,8 +266,8 @@ def tiers_of(models: TierModels) -> dict[str, Tier]:
     return out
 
 
-#: Prefix of the response headers that carry the decision on the proxy.
-HEADER_PREFIX = "x-session-engine-"
+#: Prefix of the response headers that carry the decision on the proxy (``engine._headers``).
+HEADER_PREFIX = PREFIX
 #: LiteLLM's own budget errors answer 422 (``litellm.budget_exceeded_status_code``, 1.110); the
 #: OpenAI SDKs retry 408, 409, 429 and 5xx, so a refusal must not be a 429.
 _BUDGET_STATUS = 422
@@ -295,19 +297,20 @@ def budget_http_error(exc: BudgetExceeded) -> Exception:
                           provider_specific_fields=details, headers={"x-should-retry": "false"})
 
 
-def decision_headers(stashed: Mapping[str, Any], cost_usd: float | None = None) -> dict[str, str]:
-    """A stashed decision as ``x-session-engine-*`` headers: decision kind, served model group and
-    tier, the session id's source and, when a budget applies, what remains of it after this call
-    (limit - spent before it - its cost, negative when a graceful budget was overrun)."""
-    values = {"decision": stashed.get("kind"), "model": stashed.get("model"), "tier": stashed.get("tier"),
-              "session-source": stashed.get("source")}
+def decision_headers(stashed: Mapping[str, Any], cost_usd: float | None = None, strategy: str = "") -> dict[str, str]:
+    """A stashed decision as ``x-session-engine-*`` headers, in the one format ``RouteDecision.headers``
+    writes too (``engine._headers.decision_headers``): decision kind, served model group and tier, reason,
+    strategy, the session id's source, the response's cost and, when a budget applies, what remains of it
+    after this call (limit - spent before it - its cost, negative when a graceful budget was overrun). The
+    session id itself is not echoed."""
+    def text(key: str) -> str:
+        value = stashed.get(key)
+        return value if isinstance(value, str) else ""
+
     limit, spent = stashed.get("limit_usd"), stashed.get("spent_usd")
-    if type(limit) in (int, float) and type(spent) in (int, float):
-        remaining = limit - spent - (cost_usd if stashed.get("kind") != "refuse" and cost_usd else 0.0)
-        values["budget-remaining-usd"] = f"{remaining:.6f}"
-        values["budget-limit-usd"] = f"{limit:.6f}"
-    return {HEADER_PREFIX + k: v.encode("ascii", "replace").decode() for k, v in values.items()
-            if isinstance(v, str) and v}
+    return _decision_headers(text("kind"), text("model"), text("tier"), text("source"), reason=text("reason"),
+                             strategy=strategy, limit_usd=limit if type(limit) in (int, float) else None,
+                             spent_usd=spent if type(spent) in (int, float) else None, cost_usd=cost_usd)
 
 
 def _response_cost(response: Any) -> float | None:
@@ -729,7 +732,9 @@ class SessionEngineCallback(CustomLogger):
         """The proxy's response headers (success and refusal): this hook's decision as
         ``x-session-engine-*`` (``decision_headers``); None for requests it did not decide."""
         stashed = self._own_stash(data)
-        return decision_headers(stashed, _response_cost(response)) if stashed is not None else None
+        if stashed is None:
+            return None
+        return decision_headers(stashed, _response_cost(response), self.policy.options.strategy.value)
 
     # -- outcomes -------------------------------------------------------------------------
     async def async_log_success_event(self, kwargs: dict, response_obj: Any, start_time: Any,
