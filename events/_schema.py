@@ -348,11 +348,3 @@ def _snapshot_problem(value: dict[str, Any], strict: bool) -> tuple[str, str]:
         if problem is not None:
             return f"sessions.{sid[:40]}.{problem[0]}", problem[1]
     return "sessions", sessions.rule  # type: ignore[attr-defined]
-
-
-def json_schema() -> dict[str, Any]:
-    """The table as a JSON Schema (draft 2020-12) of one record: what docs/log-schema.json holds, generated
-    (``python -m events._schema_doc`` rewrites the file; events/_schema_doc.py holds the descriptions)."""
-    from events._schema_doc import json_schema as generate
-
-    return generate()

@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from events import records as R
-from events._schema import ENTRY, ENTRY_OPTIONAL, ENVELOPE, RECORDS, TIERS, json_schema, record_problem
+from events._schema import ENTRY, ENTRY_OPTIONAL, ENVELOPE, RECORDS, TIERS, record_problem
+from events._schema_doc import json_schema
 
 SCHEMA = orjson.loads((Path(__file__).resolve().parent.parent / "docs" / "log-schema.json").read_bytes())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
