@@ -77,7 +77,7 @@ def _replica_main(conn: Any, url: str, settings: dict[str, Any], concurrency: in
                   step_ms: float) -> None:
     """One replica process: route the chunks it is sent, answer with the conversations it moved on."""
     from engine._config import Config
-    from engine._simulate import RecordCounter, SimClock, _Workers
+    from engine._simulation import RecordCounter, SimClock, Workers
     from engine._workload import Router
     from engine.store import SessionStore
 
@@ -87,7 +87,7 @@ def _replica_main(conn: Any, url: str, settings: dict[str, Any], concurrency: in
     with clock.installed():
         store = SessionStore(config, observer=counter)
         routers = [Router(store, clock.set, start_ms, step_ms) for _ in range(concurrency)]
-        workers = _Workers(routers)
+        workers = Workers(routers)
         try:
             while True:
                 message = conn.recv()
@@ -189,7 +189,7 @@ def run_replicated(cfg: Any, progress: bool = False, out: Any = None, err: Any =
     from engine._config import Config
     from engine._redis import fold_streams, open_namespace, read_streams, sessions_in_redis
     from engine._replay import LogCorrupt, to_entry
-    from engine._simulate import START_MS, RecordCounter, SimClock, SimulationResult, summary_table
+    from engine._simulation import START_MS, RecordCounter, SimClock, SimulationResult, summary_table
     from engine._workload import Workload
     from engine.store import SessionStore
     from events import records as R

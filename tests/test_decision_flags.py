@@ -13,7 +13,7 @@ from engine import Tier
 from engine._backtest import backtest
 from engine._replay import upcast_decision
 from engine._report import read_digest
-from engine._simulate import RecordCounter
+from engine._simulation import RecordCounter
 from engine.policy import Kind, Options, Policy, Request
 from tests.conftest import read_log
 from tests.test_stalls import MODELS, openai_loop, route

@@ -14,7 +14,8 @@ import pytest
 from rich.console import Console
 
 import engine._time as engine_time
-from engine._simulate import SimulationConfig, SimulationResult, run_simulation
+from engine._simulate import SimulationConfig, run_simulation
+from engine._simulation import SimulationResult
 from engine._workload import OUTAGE, OUTAGE_DEPLOYMENT, PolicyRouter, Request
 from events import EngineError, InvalidEvent, Tier, tier_above
 from events import records as R
