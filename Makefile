@@ -30,6 +30,7 @@ stalls: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python -m tests.support.layers
 
 clean:
 	rm -rf $(VENV) build *.egg-info

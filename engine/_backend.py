@@ -2,16 +2,16 @@
 
 A ``Backend`` gives the runtime three things: the audit sink for records written outside a
 shard batch, the shard tables to start with, and the shard actor class that applies the pure
-core (``engine._core.apply``) to the state it holds and commits it. ``open_backend`` opens the
-one ``Config.backend`` names (engine/_backend_url.py parses it): the memory backend (shard
-dicts, the file log and its restart recovery) or the Redis backend (engine/_redis.py).
+core (``engine.core.transitions.apply``) to the state it holds and commits it. ``open_backend`` opens the
+one ``Config.backend`` names (engine/core/backend_url.py parses it): the memory backend (shard
+dicts, the file log and its restart recovery) or the Redis backend (engine/distributed/redis_host.py).
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
-from engine._backend_url import parse_backend
+from engine.core.backend_url import parse_backend
 
 __all__ = ["Backend", "MemoryBackend", "open_backend"]
 
@@ -21,7 +21,7 @@ class Backend(Protocol):
 
     #: Sink for records no shard batch carries (rejected input, shard restarts).
     log: Any
-    #: The shard actor class (engine._shard.Shard or a subclass).
+    #: The shard actor class (engine.shell.shard.Shard or a subclass).
     shard_class: type
 
     def states(self) -> list[Any] | None:
@@ -33,9 +33,9 @@ class MemoryBackend:
     """Today's engine: shard dicts, the file log and its restart recovery."""
 
     def __init__(self, config: Any) -> None:
-        from engine._log import open_log
-        from engine._recovery import restored_states
-        from engine._shard import Shard
+        from engine.log.recovery import restored_states
+        from engine.log.writer import open_log
+        from engine.shell.shard import Shard
 
         self.shard_class = Shard
         self.log = open_log(config)
@@ -54,6 +54,6 @@ def open_backend(config: Any) -> Backend:
     target = parse_backend(config.backend)
     if target is None:
         return MemoryBackend(config)
-    from engine._redis import RedisBackend
+    from engine.distributed.redis_host import RedisBackend
 
     return RedisBackend(config, target)

@@ -12,9 +12,9 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from engine._entry import Entry, Stats
-from engine._reply import Reply
 from engine._time import now_ms
+from engine.core.entry import Entry, Stats
+from engine.shell.reply import Reply
 from engine.store import NO_OP_RESULTS, SessionStore, merge_results
 from events import (
     Clear,

@@ -53,7 +53,7 @@ def _no_records(log: Path | str) -> NoReturn:
     """An empty log, said the same way by every command (docs/audit-log.md, "Empty logs")."""
     if isinstance(log, str):
         fail(f"{_shown(log)}: no records (its streams are empty)")
-    from engine._replay import history_files
+    from engine.log.replay import history_files
 
     if log.is_dir():
         what = "its segments hold none" if history_files(log) else "a directory without log segments"
@@ -101,7 +101,7 @@ def simulate(
 
     Runs on a simulated clock and ends with a summary table; docs/simulate.md describes the workload.
     """
-    from engine._simulate import SimulationConfig, run_simulation
+    from engine.tools.simulate import SimulationConfig, run_simulation
 
     try:
         cfg = SimulationConfig(sessions=sessions, requests=requests, concurrency=concurrency, seed=seed, log=log,
@@ -146,7 +146,7 @@ def backtest(
     Prints the baseline (as recorded) beside the variant: spend (re-priced from token counts where the variant
     serves another model), escalations, refusals, downgrades, pin switches, decisions changed. docs/backtest.md.
     """
-    from engine._backtest import backtest as run
+    from engine.tools.backtest import backtest as run
 
     _check_session(session)
     _streamed(log, lambda records: None, history=True)  # a missing, empty or unreadable log: one line, as audit
@@ -191,10 +191,10 @@ def _backtest_text(result: Any) -> Iterator[str]:
 
 def _open_records(log: Path | str, *, history: bool) -> Iterator[dict[str, Any]]:
     """The log's records, streamed; a missing path is one clear error. A Redis URL reads its streams."""
-    from engine._replay import read_log
+    from engine.log.replay import read_log
 
     if isinstance(log, str):
-        from engine._redis import stream_records
+        from engine.distributed.redis_host import stream_records
 
         return stream_records(str(log), history=history)
     if not log.exists():
@@ -211,7 +211,7 @@ def _shown(log: str) -> str:
     """The LOG argument as it may be printed: a URL without its credentials."""
     if "://" not in log:
         return log
-    from engine._backend_url import parse_backend
+    from engine.core.backend_url import parse_backend
 
     try:
         target = parse_backend(log)
@@ -226,7 +226,7 @@ LOG_HELP = ("Audit log: a JSON-lines file, a segment directory, or a Redis backe
 
 def _streamed(log: Path | str, write: Callable[[Iterator[dict[str, Any]]], None], *, history: bool) -> None:
     """Run one report over the log; a corrupt, unreadable or empty log becomes one line on stderr."""
-    from engine._replay import LogCorrupt
+    from engine.log.replay import LogCorrupt
 
     try:
         records = _open_records(log, history=history)
@@ -279,8 +279,8 @@ def audit(
             return
         _verify(target, json_out, expect_head)
         return
-    from engine import _audit as A
-    from engine._scope import check_tenant, scoped
+    from engine.core.scope import check_tenant, scoped
+    from engine.tools import audit as A
 
     if tenant is None:
         _check_session(session)
@@ -331,8 +331,8 @@ def audit(
 
 def _verify(log: Path, json_out: bool, expect_head: str | None = None) -> None:
     """``audit --verify``: the report on stdout, the verdict in the exit status."""
-    from engine._chain import key_from_env
-    from engine._verify import parse_head, verify
+    from engine.log.chain import key_from_env
+    from engine.log.verify import parse_head, verify
 
     try:
         expect = parse_head(expect_head) if expect_head is not None else None
@@ -364,8 +364,8 @@ def _finish_verify(report: Any, json_out: bool) -> None:
 
 def _verify_redis(url: str, json_out: bool) -> None:
     """``audit --verify redis://...``: every bucket stream's chain, seq and records (docs/audit-log.md)."""
-    from engine._chain import key_from_env
-    from engine._redis_verify import verify_redis
+    from engine.distributed.verify import verify_redis
+    from engine.log.chain import key_from_env
 
     try:
         report = verify_redis(url, key=key_from_env())
@@ -406,7 +406,7 @@ def replay_command(
     log: Annotated[str, typer.Argument(help=LOG_HELP)],
 ) -> None:
     """Print the sessions rebuilt from the log alone, as JSON (session id -> every Entry field)."""
-    from engine._replay import LogCorrupt, Tail, entry_fields, fold, fold_log
+    from engine.log.replay import LogCorrupt, Tail, entry_fields, fold, fold_log
 
     target = _log_argument(log)
     if isinstance(target, str):  # a Redis URL: fold its streams
@@ -446,8 +446,8 @@ def export_command(
     order; seq is renumbered 1, 2, 3 ... across buckets, and the segment is chained again with the file log's
     chain, so audit --verify DIR accepts it (docs/distributed.md).
     """
-    from engine._redis import export_streams
-    from engine._redis_verify import verify_redis
+    from engine.distributed.redis_host import export_streams
+    from engine.distributed.verify import verify_redis
 
     try:
         checked = verify_redis(url, namespace)
@@ -474,8 +474,8 @@ def sign(
     write to Redis but lacks the key cannot rebuild a chain that verifies. Replicas sign the buckets they wrote
     on close; run this on a schedule (cron) for replicas that run for weeks. docs/audit-log.md.
     """
-    from engine._chain import KEY_ENV, key_from_env
-    from engine._redis import sign_namespace
+    from engine.distributed.redis_host import sign_namespace
+    from engine.log.chain import KEY_ENV, key_from_env
 
     key = key_from_env()
     if key is None:
@@ -500,8 +500,8 @@ def report(
     Spend and decisions by kind over time, the model mix, the escalation funnel (strikes -> escalations) and the
     costliest sessions, each with its timeline. plotly.js is inlined: the file opens offline. docs/report.md.
     """
-    from engine import _report
-    from engine._report_html import render_html, require_plotly
+    from engine.tools import report as _report
+    from engine.tools.report_html import render_html, require_plotly
 
     try:
         require_plotly()

@@ -13,7 +13,7 @@ chain of sources and returns ``(session_id, source)``. The default order:
 7. a fingerprint of the system prompt plus the first user message, keyed per tenant (HMAC).
 
 With a tenant (``Scope.tenant`` of the authenticated caller), every id from
-every source is scoped by it (``<tenant>:<id>``, engine/_scope.py): two
+every source is scoped by it (``<tenant>:<id>``, engine/core/scope.py): two
 callers never name the same session.
 
 An explicit id that is invalid (too long, control characters, a scope of its
@@ -34,8 +34,8 @@ from urllib.parse import unquote
 
 import orjson
 
-from engine._requests import DEFAULT_HEADER, get_session_id
-from engine._scope import (
+from engine.core.requests import DEFAULT_HEADER, get_session_id
+from engine.core.scope import (
     SECRET_ENV,
     Scope,
     check_caller_id,
@@ -157,7 +157,7 @@ def keyed_session_id(first_user_message: str, *, secret: str | bytes = b"", tena
 
 
 def scoped_session_id(tenant: str, session_id: str) -> str:
-    """Composite identity ``<tenant>:<id>`` (``engine._scope.scoped``): two tenants' ids never meet.
+    """Composite identity ``<tenant>:<id>`` (``engine.core.scope.scoped``): two tenants' ids never meet.
 
     ``tenant`` is ``Scope.tenant``'s form (24 hex characters) or ``""``. Raises
     ``InvalidEvent`` naming the field for a bad tenant or id.

@@ -24,8 +24,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine._runtime import Observer
-from engine._scope import tenant_of
+from engine.core.scope import tenant_of
+from engine.shell.runtime import Observer
 from events import records as R
 
 log = logging.getLogger("engine.metrics")

@@ -1,7 +1,7 @@
 """Routing policy: the rules of docs/policy.md over a store, never failing a request.
 
 ``Policy.route(request)`` sends one ``Route`` event with one bounded ``ask``:
-the session's own turn runs the routing rules (``engine._rules``) on its live
+the session's own turn runs the routing rules (``engine.core.rules``) on its live
 state, applies the events the decision implies, reserves the request's
 estimate under a budget cap, and logs the decision, so concurrent requests of
 one session are decided one after the other. If the engine does not answer
@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from engine._affinity import GROUP_KINDS, served_record
-from engine._config import Config, default_config
-from engine._entry import Entry
-from engine._headers import decision_headers, with_deprecated_aliases
-from engine._kinds import Kind
-from engine._providers import provider_from_model
-from engine._requests import hash_request_content, should_cache_sticky
-from engine._rules import STALL_ERRORS as STALL_ERRORS  # the "strikes" detector's threshold, applied in the turn
-from engine._rules import Routed
-from engine._rules import decide as decide_route
+from engine.core.affinity import GROUP_KINDS, served_record
+from engine.core.config import Config, default_config
+from engine.core.entry import Entry
+from engine.core.headers import decision_headers, with_deprecated_aliases
+from engine.core.kinds import Kind
+from engine.core.providers import provider_from_model
+from engine.core.requests import hash_request_content, should_cache_sticky
+from engine.core.rules import STALL_ERRORS as STALL_ERRORS  # the "strikes" detector's threshold, applied in the turn
+from engine.core.rules import Routed
+from engine.core.rules import decide as decide_route
 from engine.identity import FINGERPRINT, INVALID_PREFIX, IdentityResolver, check_tenant, message_text
 from engine.store import SessionStore
 from events import (
@@ -260,7 +260,7 @@ class RouteDecision:
 
     def headers(self, cost_usd: float | None = None) -> dict[str, str]:
         """The decision report as HTTP response headers (ASCII-safe): ``x-session-engine-*``, the format the
-        LiteLLM hook answers with too (``engine._headers``), plus the session id and, with ``cost_usd``
+        LiteLLM hook answers with too (``engine.core.headers``), plus the session id and, with ``cost_usd``
         (the response's), its cost and what remains of a budget after it. The deprecated ``x-session-*``
         names of the same values are written too, for this release."""
         return with_deprecated_aliases(decision_headers(
@@ -535,7 +535,7 @@ def route_event(request: Request, rules: RouteRules, options: Options, reservati
     elif rules.stall_detector == "window":
         (h, repeats, errors), stall = stall_reading(messages, rules.stall_window), False
     else:
-        # The count travels in the Route: the rules apply STALL_ERRORS in the turn (engine._rules.strikes_signal).
+        # The count travels in the Route: the rules apply STALL_ERRORS in the turn (engine.core.rules.strikes_signal).
         h, stall, errors = request_hash(messages), False, min(tool_error_run(messages), MAX_STALL_WINDOW)
     return Route(
         request.session_id, request.model, request.tier, rules, request.user_explicit, h, stall,
@@ -561,7 +561,7 @@ def decide(request: Request, state: Entry | None, models: TierModels, options: O
     """The pure routing decision (docs/policy.md): no I/O, no clock, no engine.
 
     ``state`` is the session's snapshot, ``config`` the store's config (strike
-    limit, auto-escalation). It runs the same rules (``engine._rules.RULES``)
+    limit, auto-escalation). It runs the same rules (``engine.core.rules.RULES``)
     as the ``Route`` transition a ``Policy`` sends, and returns the session
     events the decision implies, ending with its ``Decision``. A ``Policy``
     never applies these: its ``Route`` applies them in the session's turn.
@@ -716,7 +716,7 @@ class _Base:
             events.append(Cost(session_id, amount, rid, p_tokens, c_tokens))
         if deployment and (decision is None or decision.session_id == session_id or decision.kind not in GROUP_KINDS):
             # The pin's deployment, or the deployment pin of a bypass's (model group, tier): one rule
-            # (engine._affinity.served_record), which the LiteLLM hook records with too.
+            # (engine.core.affinity.served_record), which the LiteLLM hook records with too.
             record = (served_record(session_id, deployment, None) if decision is None
                       else served_record(session_id, deployment, decision.kind, decision.model, decision.tier))
             if record is not None:

@@ -7,11 +7,11 @@ from types import TracebackType
 from typing import Any
 
 from engine._backend import open_backend
-from engine._config import Config, default_config
-from engine._entry import Entry, SessionInfo, Stats
-from engine._reply import Reply
-from engine._runtime import Observer, Runtime, StoreClosed
 from engine._time import now_ms
+from engine.core.config import Config, default_config
+from engine.core.entry import Entry, SessionInfo, Stats
+from engine.shell.reply import Reply
+from engine.shell.runtime import Observer, Runtime, StoreClosed
 from events import (
     SESSION_EVENTS,
     STORE_EVENTS,

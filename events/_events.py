@@ -326,7 +326,7 @@ class Route(SessionEvent):
     #: how many repeat the newest (same name, arguments and result), and, when the newest errored, how
     #: many errored (in a row ending with it, or of the same call), whichever is more (docs/policy.md).
     #: Under the "strikes" detector ``tool_errors`` is how many times in a row the same tool call returned
-    #: an error (``engine.policy.tool_error_run``): ``engine._rules.STALL_ERRORS`` of them are a strike.
+    #: an error (``engine.policy.tool_error_run``): ``engine.core.rules.STALL_ERRORS`` of them are a strike.
     tool_repeats: int = 0
     tool_errors: int = 0
 

@@ -12,7 +12,7 @@ MAX_TEXT_LEN = 256
 MAX_MICROS = 10**15
 #: A session's running total (session_cost_micros) stays within a signed 64-bit int, which the log's JSON
 #: writer (orjson) and its readers hold: a cost that would push it past is refused in the session's turn
-#: (engine/_core.py), whatever each event's own cap.
+#: (engine/core/transitions.py), whatever each event's own cap.
 MAX_TOTAL_MICROS = 2**63 - 1
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

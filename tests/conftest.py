@@ -53,7 +53,7 @@ def sim_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from rich.console import Console
 
-    from engine._simulate import SimulationConfig, run_simulation
+    from engine.tools.simulate import SimulationConfig, run_simulation
 
     log = tmp_path_factory.mktemp("sim") / "audit.jsonl"
     run_simulation(SimulationConfig(log=log, **SIM_SETTINGS), out=Console(file=io.StringIO()))  # type: ignore[arg-type]

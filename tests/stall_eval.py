@@ -4,7 +4,7 @@ side (docs/policy.md "Stalls" holds the table this prints).
 
     .venv/bin/python -m tests.stall_eval [--requests N] [--sessions N] [--seed N]
 
-The requests are those of ``session-engine simulate`` (the policy workload, engine/_workload.py: agent
+The requests are those of ``session-engine simulate`` (the policy workload, engine/tools/workload.py: agent
 loops with labelled stalls and labelled progress, plain repeats), each with the whole conversation the
 router sees. Every detector reads each request on its own (no latch, no expiry, no budget): a *false
 escalation* is a request the detector calls a stall while the workload says the agent makes progress;
@@ -20,10 +20,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine._entry import MessageInfo
-from engine._rules import HASH_WINDOW, count_strikes, stall_reason
-from engine._workload import STALLS, Conversation, Workload, history
+from engine.core.entry import MessageInfo
+from engine.core.rules import HASH_WINDOW, count_strikes, stall_reason
 from engine.policy import STALL_ERRORS, request_hash, stall_reading, tool_error_run
+from engine.tools.workload import STALLS, Conversation, Workload, history
 from events import Route, RouteRules
 
 DETECTORS = ("session-engine (window)", "LiteLLM 1.110", "before (cumulative strikes)")

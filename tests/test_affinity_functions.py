@@ -1,4 +1,4 @@
-"""engine._affinity's functions are the choices of the core's rule (engine._rules.deployment_affinity).
+"""engine.core.affinity's functions are the choices of the core's rule (engine.core.rules.deployment_affinity).
 
 The LiteLLM hook places the Router's healthy deployments with ``place``/``switches`` after the routing
 turn, and both the hook and ``record_response`` record with ``served_record``: these tests hold each to
@@ -11,8 +11,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from engine import Tier
-from engine._affinity import GROUP_KINDS, PIN_KINDS, place, recorded, served_record, switches
-from engine._entry import Entry
+from engine.core.affinity import GROUP_KINDS, PIN_KINDS, place, recorded, served_record, switches
+from engine.core.entry import Entry
 from engine.policy import Kind, Options, Request, decide
 from events import SetDeployment
 

@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from engine import Config, SessionStore, Tier, replay
-from engine._backtest import backtest
 from engine.policy import Kind, Options, Policy, Request, deployment_key
+from engine.tools.backtest import backtest
 from events import Route, RouteRules
 from tests import test_litellm
 from tests.conftest import read_log

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from engine import Config, InvalidEvent
-from engine._headers import DEPRECATED_ALIASES
+from engine.core.headers import DEPRECATED_ALIASES
 from engine.policy import Options
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "asgi_router.py"

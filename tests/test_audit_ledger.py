@@ -1,6 +1,6 @@
 """A budget ledger continuation is the same lifetime (the same budget) in `audit` and `report`, not a new one.
 
-A session that expires idle while it holds spend continues as its budget ledger (engine/_core.py ``settle``:
+A session that expires idle while it holds spend continues as its budget ledger (engine/core/transitions.py ``settle``:
 ``session.expired`` then ``session.created`` with ``cause: "budget_ledger"`` carrying the spend); a request
 in the budget window pins a model on that ledger again. The lifetimes' costs sum to the log's ``cost.added``
 micros, and the costliest lifetimes are distinct sessions.
@@ -17,10 +17,10 @@ from freezegun import freeze_time
 from typer.testing import CliRunner
 
 from engine import SessionStore
-from engine._audit import lives
-from engine._replay import read_log
-from engine._report import read_digest
 from engine.cli import app
+from engine.log.replay import read_log
+from engine.tools.audit import lives
+from engine.tools.report import read_digest
 
 TIMEOUT_MS = 600_000
 

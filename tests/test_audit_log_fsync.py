@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine import SessionStore
-from engine._log import FileLog
+from engine.log.writer import FileLog
 
 Fsync = Callable[[int], None]
 

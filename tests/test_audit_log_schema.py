@@ -21,10 +21,10 @@ import orjson
 import pytest
 from freezegun import freeze_time
 
-import engine._core
+import engine.core.transitions
 from engine import InvalidEvent, SessionStore, ShardFailed
-from engine._capacity import SessionRefused
-from engine._log import FileLog
+from engine.log.writer import FileLog
+from engine.shell.capacity import SessionRefused
 from events import Cost, Decision, Release, Route, RouteRules, SetDeployment
 from events import records as R
 from tests.conftest import read_log
@@ -101,14 +101,14 @@ def _report_schema_violations(request: pytest.FixtureRequest) -> Iterator[None]:
 # -- the workload ---------------------------------------------------------------------------------------
 
 def _every_record(make_store: Callable[..., SessionStore], log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_apply = engine._core.apply
+    real_apply = engine.core.transitions.apply
 
     def faulty(state: Any, event: Any, now: int, config: Any) -> Any:
         if event.session_id == "boom":
             raise RuntimeError("injected fault")
         return real_apply(state, event, now, config)
 
-    monkeypatch.setattr("engine._shard.apply", faulty)
+    monkeypatch.setattr("engine.shell.shard.apply", faulty)
     monkeypatch.setenv("SESSION_ENGINE_AUDIT_KEY", "test-key")  # signed heads: log.signed on close
     with freeze_time("2025-03-01 09:00:00") as frozen:
         store = make_store(event_log=log, auto_escalate=True, max_sessions=4, segment_bytes=4096,

@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 from engine import Config, LogCorrupt, SessionStore, Tier, replay
-from engine._backtest import backtest, parse_changes
-from engine._workload import PRICES
 from engine.policy import BudgetExceeded, Options, Policy, Request
+from engine.tools.backtest import backtest, parse_changes
+from engine.tools.workload import PRICES
 from events import InvalidEvent
 from tests.conftest import read_log
 
@@ -267,8 +267,8 @@ def test_a_rules_object_out_of_its_domain_is_a_corrupt_log_naming_the_field(tmp_
 def test_the_help_lists_every_option_backtest_can_change() -> None:
     from typer.testing import CliRunner
 
-    from engine._backtest import OPTIONS
     from engine.cli import app
+    from engine.tools.backtest import OPTIONS
 
     text = " ".join(CliRunner().invoke(app, ["backtest", "--help"], env={"COLUMNS": "400"}).output.split())
     assert all(name in text for name in OPTIONS), [name for name in OPTIONS if name not in text]

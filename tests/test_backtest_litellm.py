@@ -12,8 +12,8 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # before LiteLLM is importe
 import pytest
 from litellm import Router
 
-from engine._backtest import backtest
 from engine.policy import BudgetExceeded
+from engine.tools.backtest import backtest
 from tests import test_litellm
 from tests.conftest import read_log
 from tests.test_litellm import ask, model_list

@@ -11,11 +11,11 @@ import orjson
 import pytest
 
 from engine import Config, LogCorrupt, SessionStore, Tier
-from engine import _backtest as bt
-from engine._backtest import backtest
-from engine._replay import Share, Tail, history_files, read_file
-from engine._replay import read_log as engine_read_log
+from engine.log.replay import Share, Tail, history_files, read_file
+from engine.log.replay import read_log as engine_read_log
 from engine.policy import BudgetExceeded, Options, Policy, Request
+from engine.tools import backtest as bt
+from engine.tools.backtest import backtest
 from events import InvalidEvent
 from tests.conftest import read_log
 from tests.test_backtest import session_engine

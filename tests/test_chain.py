@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from engine import SessionStore, _chain, replay
-from engine._replay import LogCorrupt
-from engine._verify import verify
+from engine import SessionStore, replay
 from engine.cli import app
+from engine.log import chain as _chain
+from engine.log.replay import LogCorrupt
+from engine.log.verify import verify
 from events import Cost, Hash, SetSession, Touch
 from tests.conftest import read_log
 
@@ -443,7 +444,7 @@ def test_audit_verify_command_reports_text_and_json_with_exit_status(tmp_path: P
 
 
 def test_a_key_without_signatures_in_the_log_is_unsigned_and_a_filelog_exports_its_head(log_path: Path) -> None:
-    from engine._log import FileLog
+    from engine.log.writer import FileLog
 
     log = FileLog(log_path, fsync="never", signing_key=None)
     assert log.head() is None  # nothing chained yet: the genesis is written with the first record

@@ -1,4 +1,4 @@
-"""Property tests of the pure core, ``engine._core.apply``: random sequences of every session event under a
+"""Property tests of the pure core, ``engine.core.transitions.apply``: random sequences of every session event under a
 moving clock.
 
 Every property asserts on every step it names, never inside an ``if`` that could skip it: a step's
@@ -18,10 +18,10 @@ from typing import Any
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from engine._config import Config
-from engine._core import Outcome, apply
-from engine._entry import Entry
-from engine._kinds import Kind
+from engine.core.config import Config
+from engine.core.entry import Entry
+from engine.core.kinds import Kind
+from engine.core.transitions import Outcome, apply
 from events import (
     SESSION_EVENTS,
     Clear,

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from engine import Config, InvalidEvent, SessionStore, replay
-from engine._core import Rejected, apply
-from engine._entry import Entry
-from engine._replay import read_log
-from engine._verify import verify
+from engine.core.entry import Entry
+from engine.core.transitions import Rejected, apply
+from engine.log.replay import read_log
+from engine.log.verify import verify
 from events import Cost, Route, RouteRules
 from events import records as R
 from events._validate import MAX_MICROS, MAX_TOTAL_MICROS
@@ -93,7 +93,7 @@ def test_a_store_refuses_a_cost_past_the_ceiling_and_its_log_still_reads(
 
 
 def test_the_redis_backend_refuses_a_cost_past_the_ceiling(redis_server: RedisServer) -> None:
-    from engine._redis import Keys, read_streams
+    from engine.distributed.redis_host import Keys, read_streams
 
     config = Config(enabled=True, tick_ms=0, backend=redis_server.url, redis_buckets=8, ask_timeout_s=30.0)
     with SessionStore(config) as store:

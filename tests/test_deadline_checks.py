@@ -1,5 +1,6 @@
-"""Which deadlines a session needs: one rule (engine._core.deadline_checks), read by the memory shard's heap
-(engine._shard, engine._table.restore) and the Redis backend's deadline ZSET (engine._core.next_deadline)."""
+"""Which deadlines a session needs: one rule (engine.core.transitions.deadline_checks), read by the memory
+shard's heap (engine.shell.shard, engine.core.table.restore) and the Redis backend's deadline ZSET
+(engine.core.transitions.next_deadline)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine._config import Config
-from engine._core import (
+from engine.core.config import Config
+from engine.core.entry import Entry
+from engine.core.table import ShardState
+from engine.core.transitions import (
     LAPSE_GEN,
     check_due_again,
     deadline_checks,
@@ -17,8 +20,6 @@ from engine._core import (
     new_deadline_checks,
     next_deadline,
 )
-from engine._entry import Entry
-from engine._table import ShardState
 
 T0 = 1_700_000_000_000
 times = st.integers(T0, T0 + 10_000_000)

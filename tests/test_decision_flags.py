@@ -1,6 +1,6 @@
 """A budget downgrade and a lifting stall escalation are fields of the decision (``Routed.downgrade``/``lift``,
 ``decision.made``'s ``downgrade``/``lift``), counted from the fields by the backtest, the report and simulate;
-logs written before the fields are read through one upcaster (``engine._replay.upcast_decision``)."""
+logs written before the fields are read through one upcaster (``engine.log.replay.upcast_decision``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 import orjson
 
 from engine import Tier
-from engine._backtest import backtest
-from engine._replay import upcast_decision
-from engine._report import read_digest
-from engine._simulation import RecordCounter
+from engine.log.replay import upcast_decision
 from engine.policy import Kind, Options, Policy, Request
+from engine.tools.backtest import backtest
+from engine.tools.report import read_digest
+from engine.tools.simulation import RecordCounter
 from tests.conftest import read_log
 from tests.test_stalls import MODELS, openai_loop, route
 

@@ -1,5 +1,5 @@
 """One header format for one decision: ``RouteDecision.headers`` and the LiteLLM hook's proxy headers both
-write ``x-session-engine-*`` from ``engine._headers.decision_headers``; the deprecated ``x-session-*`` names
+write ``x-session-engine-*`` from ``engine.core.headers.decision_headers``; the deprecated ``x-session-*`` names
 come with ``RouteDecision.headers`` only, for this release."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from engine._headers import DEPRECATED_ALIASES, PREFIX, decision_headers
+from engine.core.headers import DEPRECATED_ALIASES, PREFIX, decision_headers
 from engine.integrations.litellm import DECISION_KEY
 from engine.integrations.litellm import decision_headers as hook_headers
 from tests import test_litellm

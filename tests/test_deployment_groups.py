@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine import Config, SessionStore, Tier, replay
-from engine._backtest import backtest
 from engine.policy import Kind, Options, Policy, Request, deployment_key
+from engine.tools.backtest import backtest
 from tests.conftest import read_log
 
 MODELS = {Tier.SIMPLE: "openai/gpt-4o-mini", Tier.MEDIUM: "openai/gpt-4o", Tier.COMPLEX: "openai/o3"}

@@ -10,7 +10,7 @@ import pytest
 from freezegun import freeze_time
 
 from engine import AuditLogError, Config, InvalidEvent, LogCorrupt, SessionStore, replay
-from engine._reply import Reply
+from engine.shell.reply import Reply
 from events import GetSession, SessionEvent, Touch
 from tests.faults import FaultyOS, inject
 

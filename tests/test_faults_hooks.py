@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from freezegun import freeze_time
 
-import engine._clock
+import engine.shell.clock
 from engine import Config, InvalidEvent, SessionStore, replay
-from engine._guard import HOOKS
-from engine._runtime import Observer
 from engine.metrics import Metrics
+from engine.shell.guard import HOOKS
+from engine.shell.runtime import Observer
 from events import records as R
 from tests.faults import EIO, FaultyOS, inject
 
@@ -144,7 +144,7 @@ def test_the_issue_reproduction_answers_instead_of_timing_out() -> None:
 
 def test_a_raising_clock_pass_is_reported_and_the_clock_keeps_ticking(monkeypatch) -> None:
     """The first clock passes raise; later ones still expire idle sessions, with their records."""
-    real_now = engine._clock.now_ms
+    real_now = engine.shell.clock.now_ms
     calls = {"n": 0}
     expired = threading.Event()
 
@@ -159,7 +159,7 @@ def test_a_raising_clock_pass_is_reported_and_the_clock_keeps_ticking(monkeypatc
             if any(r["event"] == R.SESSION_EXPIRED for r in records):
                 expired.set()
 
-    monkeypatch.setattr(engine._clock, "now_ms", flaky_now)
+    monkeypatch.setattr(engine.shell.clock, "now_ms", flaky_now)
     with freeze_time(T0) as clock:
         store = SessionStore(Config(enabled=True, tick_ms=5, timeout_ms=60_000, ask_timeout_s=2.0),
                              observer=Watch())

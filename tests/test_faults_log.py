@@ -19,7 +19,7 @@ import pytest
 from freezegun import freeze_time
 
 from engine import AuditLogError, Config, SessionStore, replay
-from engine._log_fault import RETRY_MAX_MS
+from engine.log.fault import RETRY_MAX_MS
 from engine.metrics import Metrics
 from tests.faults import EIO, ENOSPC, FaultyOS, inject, small_tmpfs
 
@@ -296,8 +296,8 @@ def test_faults_across_many_threads_never_time_out(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fsync", ["always", "never"])
 def test_a_read_batched_with_a_refused_write_sees_the_logged_state(tmp_path: Path, fsync: str) -> None:
     """Reads and writes in one batch: the writes are refused and put back, the reads answer from the log."""
-    from engine._reply import Reply
-    from engine._runtime import Observer
+    from engine.shell.reply import Reply
+    from engine.shell.runtime import Observer
     from events import Cost, GetCost, GetSession, Touch
 
     gate, parked = threading.Event(), threading.Event()

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import SessionStore, _log, _log_segment
-from engine._log_fault import AuditLogError
-from engine._redis import export_streams
+from engine import SessionStore
+from engine.distributed.redis_host import export_streams
+from engine.log import segment as _log_segment
+from engine.log import writer as _log
+from engine.log.fault import AuditLogError
 from tests.redis_servers import RedisServer
 
 

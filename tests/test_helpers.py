@@ -97,7 +97,7 @@ def test_normalisation_of_long_prompts_equals_collapsing_everything():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from engine._requests import _normalized_prefix
+    from engine.core.requests import _normalized_prefix
 
     pieces = st.lists(st.one_of(st.text("ab", min_size=1, max_size=300), st.text(" \t\n\r", min_size=1,
                                                                                   max_size=3000)), max_size=40)

@@ -1,4 +1,4 @@
-"""One decision ``Kind``: the rules, the policy, the hook and the readers all use engine._kinds.Kind."""
+"""One decision ``Kind``: the rules, the policy, the hook and the readers all use engine.core.kinds.Kind."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import engine.policy
 from engine import Entry, Tier
-from engine._config import default_config
-from engine._kinds import Kind
-from engine._rules import decide
+from engine.core.config import default_config
+from engine.core.kinds import Kind
+from engine.core.rules import decide
 from events import Route, RouteRules
 
 MODELS = (("SIMPLE", ("openai/gpt-4o-mini",)), ("MEDIUM", ("openai/gpt-4o",)), ("COMPLEX", ("openai/o3",)))

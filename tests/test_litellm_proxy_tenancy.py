@@ -23,8 +23,8 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from engine._scope import Scope
 from engine.cli import app
+from engine.core.scope import Scope
 from tests.litellm_proxy_server import HOOK_MODULE, LIMIT_USD, MODEL_LIST, Proxy, decision, running_proxy
 
 KEY_A, KEY_B = "sk-a-" + secrets.token_hex(16), "sk-b-" + secrets.token_hex(16)

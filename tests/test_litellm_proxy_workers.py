@@ -22,7 +22,7 @@ import jsonschema
 import orjson
 import pytest
 
-from engine._redis import merged_records, open_namespace, sessions_in_redis
+from engine.distributed.redis_host import merged_records, open_namespace, sessions_in_redis
 from engine.policy import cost_micros
 from tests.litellm_proxy_server import LIMIT_USD, MODEL_LIST, Proxy, decision, running_proxy
 from tests.redis_servers import RedisServer

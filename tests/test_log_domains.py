@@ -141,9 +141,9 @@ def test_every_value_of_every_enumerated_field_is_accepted_by_the_table_and_the_
 
 
 def test_the_enumerated_domains_hold_every_value_the_engine_writes() -> None:
-    """The values the writer's code emits (engine/_core.py, engine/_capacity.py, engine/_redis.py), each in
-    its domain: a value added on one side only fails here."""
-    from engine._capacity import CAPACITY, TENANT_LIMIT, TENANT_RATE
+    """The values the writer's code emits (engine/core/transitions.py, engine/shell/capacity.py,
+    engine/distributed/redis_host.py), each in its domain: a value added on one side only fails here."""
+    from engine.shell.capacity import CAPACITY, TENANT_LIMIT, TENANT_RATE
 
     def values(name: str, field: str) -> tuple[Any, ...]:
         return RECORDS[name][1][field].values  # type: ignore[attr-defined]

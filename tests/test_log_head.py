@@ -12,9 +12,9 @@ from freezegun import freeze_time
 from typer.testing import CliRunner
 
 from engine import Config, SessionStore
-from engine._chain import unseal
-from engine._verify import parse_head, verify
 from engine.cli import app
+from engine.log.chain import unseal
+from engine.log.verify import parse_head, verify
 from engine.metrics import Metrics
 from tests.conftest import read_log
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import structlog
 
-from engine._log import FileLog, drop_forbidden
+from engine.log.writer import FileLog, drop_forbidden
 from events import records as R
 from tests.conftest import read_log
 
@@ -54,7 +54,7 @@ def test_custom_processors_render_every_record_of_a_batch(log_path: Path) -> Non
 
 def test_the_default_path_is_the_structlog_chain(tmp_path) -> None:
     """The unrolled hot path writes exactly what default_processors() renders, content keys dropped."""
-    from engine._log import FileLog, default_processors
+    from engine.log.writer import FileLog, default_processors
 
     def batch():
         return [{"seq": 0, "ts": 5, "event": "session.touched", "session_id": "s", "last_used_at": 5,

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 import pytest
 from freezegun import freeze_time
 
-import engine._shard
+import engine.shell.shard
 from engine import Config, SessionStore, Tier
-from engine._core import apply as real_apply
 from engine.aio import AsyncSessionStore
+from engine.core.transitions import apply as real_apply
 from engine.identity import IdentityResolver, Scope
 from engine.policy import AsyncPolicy, BudgetExceeded, Kind, Options, Policy, Request, deployment_key
 from events import GetSession, Touch
@@ -58,7 +58,7 @@ class Faults:
 def faults(monkeypatch):
     """Shards bind ``apply`` when they start, so build stores after requesting this fixture."""
     f = Faults()
-    monkeypatch.setattr(engine._shard, "apply", f.apply)
+    monkeypatch.setattr(engine.shell.shard, "apply", f.apply)
     yield f
     f.release.set()
 

@@ -8,7 +8,7 @@ creation-rate limits; time moving past every deadline (idle timeout, cache TTL,
 reservation TTL, budget window) with and without a clock pass; a log small
 enough to rotate into segments every few steps; and restarts (close, reopen).
 
-After every step the promises of ``engine._promises`` (what
+After every step the promises of ``engine.tools.promises`` (what
 ``session-engine simulate --check`` prints) must hold on the log, read by the
 engine's own readers: live state == ``replay(log)``; ``audit --verify``
 passes; the audit's and the report's spend equal the spend the callers were
@@ -38,9 +38,9 @@ from hypothesis.stateful import (
 )
 
 from engine import BudgetExceeded, Config, Entry, InvalidEvent, SessionRefused, SessionStore
-from engine._promises import check_promises
-from engine._replay import read_log
+from engine.log.replay import read_log
 from engine.policy import Options, Policy, Request, RouteDecision
+from engine.tools.promises import check_promises
 from events import SetDeployment, Tier
 
 TENANT = "0123456789abcdef01234567"

@@ -1,5 +1,5 @@
 """Every reader of a log gives the same answer for the same log: audit, report, replay, --verify, the backtest
-and recovery read one listing of its files (engine._replay.history_files), and agree on what is a record.
+and recovery read one listing of its files (engine.log.replay.history_files), and agree on what is a record.
 
 The logs are written by a store that rotates them (``Config.segment_bytes``), as a single file with its
 archives and as a segment directory; the expected figures are the workload's own (what it spent, how many
@@ -20,12 +20,12 @@ from freezegun import freeze_time
 from typer.testing import CliRunner
 
 from engine import SessionStore, replay
-from engine._backtest import backtest
-from engine._log import FileLog
-from engine._replay import history_files, log_files, read_log
-from engine._report import read_digest
-from engine._verify import verify
 from engine.cli import app
+from engine.log.replay import history_files, log_files, read_log
+from engine.log.verify import verify
+from engine.log.writer import FileLog
+from engine.tools.backtest import backtest
+from engine.tools.report import read_digest
 
 START = "2025-03-01 09:00:00"
 SIDS = [f"s{i}" for i in range(12)]

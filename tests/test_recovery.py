@@ -12,7 +12,7 @@ import pytest
 from freezegun import freeze_time
 
 from engine import Entry, LogCorrupt, SessionStore, replay
-from engine._log import AuditLogError, FileLog
+from engine.log.writer import AuditLogError, FileLog
 from tests.conftest import read_log
 
 START = "2025-03-01 09:00:00"

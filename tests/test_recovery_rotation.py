@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from freezegun import freeze_time
 
-import engine._log_segment as log_module
+import engine.log.segment as log_module
 from engine import Entry, LogCorrupt, SessionStore, replay
-from engine._log import FileLog
-from engine._replay import archives, list_segments, read_head
-from engine._verify import verify
+from engine.log.replay import archives, list_segments, read_head
+from engine.log.verify import verify
+from engine.log.writer import FileLog
 from tests.conftest import read_log
 
 START = "2025-03-01 09:00:00"

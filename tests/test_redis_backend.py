@@ -16,9 +16,9 @@ import pytest
 from freezegun import freeze_time
 
 from engine import BackendUnavailable, Config, InvalidEvent, LogCorrupt, SessionStore, Tier
-from engine._backend_url import BackendError, parse_backend
-from engine._redis import Keys, bucket_of, fold_streams, read_streams, sessions_in_redis
-from engine._replay import to_entry
+from engine.core.backend_url import BackendError, parse_backend
+from engine.distributed.redis_host import Keys, bucket_of, fold_streams, read_streams, sessions_in_redis
+from engine.log.replay import to_entry
 from events import records as R
 from tests.redis_servers import RedisServer
 
@@ -67,9 +67,9 @@ def test_server_keeps_acknowledged_writes_across_kill9(redis_server: RedisServer
 
 def test_a_commit_sent_twice_lands_once(redis_server: RedisServer) -> None:
     """A client may resend a script (lost reply, cluster redirect): its token makes it land once."""
-    from engine._backend_url import parse_backend as parse
-    from engine._entry import Entry
-    from engine._redis import RedisBackend, encode_entry, render_record
+    from engine.core.backend_url import parse_backend as parse
+    from engine.core.entry import Entry
+    from engine.distributed.redis_host import RedisBackend, encode_entry, render_record
 
     config = redis_config(redis_server.url)
     backend = RedisBackend(config, parse(redis_server.url))
@@ -398,18 +398,18 @@ def test_policy_answers_unavailable_while_redis_is_down_and_routes_after(redis_s
 
 def test_a_core_failure_fails_only_its_session_and_writes_nothing(redis_server: RedisServer,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine._redis
+    import engine.distributed.redis_host
     from engine import ShardFailed
     from events import Touch
 
-    real_apply = engine._redis.apply
+    real_apply = engine.distributed.redis_host.apply
 
     def faulty(state: Any, event: Any, now: int, config: Any) -> Any:
         if event.session_id == "boom" and type(event) is Touch:
             raise RuntimeError("injected fault")
         return real_apply(state, event, now, config)
 
-    monkeypatch.setattr(engine._redis, "apply", faulty)
+    monkeypatch.setattr(engine.distributed.redis_host, "apply", faulty)
     with SessionStore(redis_config(redis_server.url)) as store:
         store.set_session("boom", "m")
         store.set_session("fine", "m")
@@ -424,10 +424,10 @@ def test_a_core_failure_fails_only_its_session_and_writes_nothing(redis_server: 
 
 def test_a_failure_outside_the_core_answers_every_caller_and_the_shard_restarts(
         redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine._redis
+    import engine.distributed.redis_host
     from engine import ShardFailed
 
-    real_evalsha = engine._redis.RedisBackend.evalsha
+    real_evalsha = engine.distributed.redis_host.RedisBackend.evalsha
 
     failed: list[str] = []
 
@@ -437,7 +437,7 @@ def test_a_failure_outside_the_core_answers_every_caller_and_the_shard_restarts(
             raise RuntimeError("injected fault")
         return real_evalsha(self, pipe, sid, *args, **kwargs)
 
-    monkeypatch.setattr(engine._redis.RedisBackend, "evalsha", faulty)
+    monkeypatch.setattr(engine.distributed.redis_host.RedisBackend, "evalsha", faulty)
     with SessionStore(redis_config(redis_server.url, shards=1)) as store:
         with pytest.raises(ShardFailed):  # answered, not left to time out
             store.set_session("boom", "m")
@@ -452,17 +452,17 @@ def test_a_record_that_cannot_be_rendered_fails_only_its_session_and_the_shard_g
         redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """orjson cannot write it (forced here past validation): that session's callers get UnrenderableRecord,
     nothing of it is committed, and the shard serves everyone else without a restart."""
-    import engine._redis
-    from engine._log_render import UnrenderableRecord
+    import engine.distributed.redis_host
+    from engine.log.render import UnrenderableRecord
 
-    real_render = engine._redis.render_record
+    real_render = engine.distributed.redis_host.render_record
 
     def faulty(record: dict[str, Any]) -> bytes:
         if record.get("session_id") == "boom":
             return real_render({**record, "request_count": 2**64})  # orjson: Integer exceeds 64-bit range
         return real_render(record)
 
-    monkeypatch.setattr(engine._redis, "render_record", faulty)
+    monkeypatch.setattr(engine.distributed.redis_host, "render_record", faulty)
     with SessionStore(redis_config(redis_server.url, shards=1)) as store:
         with pytest.raises(UnrenderableRecord):
             store.set_session("boom", "m")

@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from engine import InvalidEvent
-from engine._redis import Keys
-from engine._redis_verify import verify_redis
+from engine.distributed.redis_host import Keys
+from engine.distributed.verify import verify_redis
 from engine.store import SessionStore
 from tests.redis_servers import RedisServer
 from tests.test_redis_backend import _cli, redis_config

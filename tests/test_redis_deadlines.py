@@ -1,4 +1,4 @@
-"""A session key in Redis outlives its next deadline (engine._core.next_deadline), so Redis frees it only
+"""A session key in Redis outlives its next deadline (engine.core.transitions.next_deadline), so Redis frees it only
 once the reaper could have settled it, even when no replica runs: a budget ledger kept past its
 session's idle expiry lives until its window ends (docs/policy.md), not only ``timeout_ms`` more."""
 
@@ -9,9 +9,9 @@ from datetime import timedelta
 from freezegun import freeze_time
 
 from engine import SessionStore
-from engine._core import next_deadline
-from engine._redis import EXPIRY_MARGIN_MS, Keys, bucket_of, sessions_in_redis
 from engine._time import now_ms
+from engine.core.transitions import next_deadline
+from engine.distributed.redis_host import EXPIRY_MARGIN_MS, Keys, bucket_of, sessions_in_redis
 from tests.redis_servers import RedisServer
 from tests.test_redis_backend import redis_config
 

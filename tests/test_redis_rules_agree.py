@@ -1,6 +1,6 @@
 """Rules the memory shard and the Redis host both run, held equal: the same random inputs through the Python
-rule (engine._capacity.Capacity) and through the commit script (engine/redis_commit.lua, by EVALSHA on the keys
-the Redis backend uses, against a real redis-server) must give the same answers and the same state.
+rule (engine.shell.capacity.Capacity) and through the commit script (engine/distributed/redis_commit.lua, by
+EVALSHA on the keys the Redis backend uses, against a real redis-server) must give the same answers and the same state.
 
 - the per-tenant creation token bucket: ``Capacity.admit`` and the script's ``{2}`` refusal;
 - the per-tenant limit's eviction choice: ``Capacity.note``'s victims and the script's victims.
@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine._capacity import TENANT_LIMIT, Capacity
-from engine._redis import COMMIT_LUA, Keys, commit_command
-from engine._scope import scoped
+from engine.core.scope import scoped
+from engine.distributed.redis_host import COMMIT_LUA, Keys, commit_command
+from engine.shell.capacity import TENANT_LIMIT, Capacity
 from events import SetSession
 from tests.redis_servers import RedisServer
 

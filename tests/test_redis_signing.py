@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import pytest
 
-from engine import _chain
-from engine._redis import COMMIT_LUA, Keys, bucket_of, commit_command, sign_heads
-from engine._redis_verify import verify_redis
+from engine.distributed.redis_host import COMMIT_LUA, Keys, bucket_of, commit_command, sign_heads
+from engine.distributed.verify import verify_redis
+from engine.log import chain as _chain
 from engine.store import SessionStore
 from tests.redis_servers import RedisServer
 from tests.test_redis_backend import _cli, redis_config

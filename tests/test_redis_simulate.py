@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from engine._simulate import SimulationConfig, run_simulation
+from engine.tools.simulate import SimulationConfig, run_simulation
 
 
 def test_replicas_agree_with_one_process_for_the_same_seed(tmp_path: Path) -> None:

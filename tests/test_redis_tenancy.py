@@ -19,9 +19,9 @@ import pytest
 from freezegun import freeze_time
 
 from engine import SessionStore
-from engine._capacity import SessionRefused
-from engine._redis import Keys, bucket_of, sessions_in_redis, share
-from engine._scope import SECRET_ENV, Scope, scoped, tenant_of
+from engine.core.scope import SECRET_ENV, Scope, scoped, tenant_of
+from engine.distributed.redis_host import Keys, bucket_of, sessions_in_redis, share
+from engine.shell.capacity import SessionRefused
 from events import SetSession
 from tests.redis_servers import RedisServer
 from tests.test_redis_backend import ROOT, check_agreement, records_of, redis_config
@@ -117,7 +117,7 @@ def test_each_bucket_allows_its_share_of_the_creation_rate(redis_server: RedisSe
 _REPLICA = """
 import sys
 from engine import Config, SessionStore
-from engine._scope import Scope, scoped
+from engine.core.scope import Scope, scoped
 url, op = sys.argv[1], sys.argv[2]
 sid = scoped(Scope.from_env().tenant("key:a"), "conversation-0001")
 with SessionStore(Config(enabled=True, tick_ms=0, backend=url, ask_timeout_s=5.0)) as store:

@@ -12,8 +12,8 @@ import pytest
 import trustme
 
 from engine import BackendUnavailable, Config, InvalidEvent, SessionStore, Tier
-from engine._backend_url import parse_backend
-from engine._redis import Keys, sessions_in_redis
+from engine.core.backend_url import parse_backend
+from engine.distributed.redis_host import Keys, sessions_in_redis
 from tests.redis_servers import RedisServer, TlsProxy
 
 

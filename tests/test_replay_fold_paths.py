@@ -1,6 +1,6 @@
 """Replay's fast fold gives what the documented fold gives, for records of any shape, and names bad lines.
 
-``engine._replay.fold_file`` sets only the two fields a common record carries
+``engine.log.replay.fold_file`` sets only the two fields a common record carries
 when the record has exactly the keys this version writes; anything else (an
 older or newer writer's record, a hand-edited one) must fold like
 docs/events.md says: every key that names an Entry field takes its value.
@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import LogCorrupt, replay
-from engine._replay import ENTRY_DEFAULTS, ENTRY_FIELDS, Tail, entry_fields, fold_file, fold_log
+from engine.log.replay import ENTRY_DEFAULTS, ENTRY_FIELDS, Tail, entry_fields, fold_file, fold_log
 from events import records as R
 from events._schema import record_problem
 

@@ -26,11 +26,11 @@ from freezegun import freeze_time
 from typer.testing import CliRunner
 
 from engine import Config, SessionStore, Tier
-from engine import _report as RP
-from engine._audit import lives
-from engine._replay import read_log as stream_log
 from engine.cli import app
+from engine.log.replay import read_log as stream_log
 from engine.policy import BudgetExceeded, Options, Policy, Request
+from engine.tools import report as RP
+from engine.tools.audit import lives
 from tests.conftest import read_log
 
 T0 = datetime(2025, 3, 1, 9, 0, 0, tzinfo=UTC)

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import Config, Entry, Tier, replay
-from engine._rules import RULES, Draft, budget, decide, first_pin, never_downgrade
 from engine.aio import AsyncSessionStore
+from engine.core.rules import RULES, Draft, budget, decide, first_pin, never_downgrade
 from engine.policy import (
     STALL_ERRORS,
     AsyncPolicy,
@@ -207,7 +207,7 @@ def test_replay_and_restart_with_open_reservations_match_the_live_store(make_sto
 
 
 def test_audit_shows_open_reservations(make_store, log_path):
-    from engine._audit import lives, timeline
+    from engine.tools.audit import lives, timeline
 
     store = make_store(event_log=str(log_path))
     Policy(store, MODELS, Options(max_cost_usd=1.0, deadline_s=10.0)).route(req("a", estimate_usd=0.25))
@@ -363,7 +363,7 @@ def test_an_absurd_or_failing_estimator_never_fails_the_request(make_store):
 
 
 def test_a_log_of_routed_turns_settlements_and_releases_passes_strict_verification(make_store, log_path):
-    from engine._verify import verify
+    from engine.log.verify import verify
 
     store = make_store(event_log=str(log_path))
     policy = Policy(store, MODELS, Options(max_cost_usd=1.0, deadline_s=10.0))

@@ -7,8 +7,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine._config import Config
-from engine._core import apply, entry_fields
+from engine.core.config import Config
+from engine.core.transitions import apply, entry_fields
 from events import Cost, Release, Route, RouteRules, SetDeployment, Tier
 from events import records as R
 

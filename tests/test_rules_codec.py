@@ -1,4 +1,4 @@
-"""The ``rules`` object of ``decision.made``: one encoder (``engine._core.rules_fields``) and its decoder
+"""The ``rules`` object of ``decision.made``: one encoder (``engine.core.transitions.rules_fields``) and its decoder
 (``rules_from_fields``) side by side; the backtest decodes through it and reads ``--set`` through the policy's
 own options and encoding."""
 
@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import Config, Tier
-from engine._backtest import parse_changes
-from engine._core import RULES_BEFORE, rules_fields, rules_from_fields
+from engine.core.transitions import RULES_BEFORE, rules_fields, rules_from_fields
 from engine.policy import Options, route_rules
+from engine.tools.backtest import parse_changes
 from events import InvalidEvent, RouteRules
 from events._events import BUDGET_MODES, MAX_STALL_WINDOW, STALL_DETECTORS, STRATEGIES
 

@@ -14,9 +14,9 @@ import pytest
 from rich.console import Console
 
 import engine._time as engine_time
-from engine._simulate import SimulationConfig, run_simulation
-from engine._simulation import SimulationResult
-from engine._workload import OUTAGE, OUTAGE_DEPLOYMENT, PolicyRouter, Request
+from engine.tools.simulate import SimulationConfig, run_simulation
+from engine.tools.simulation import SimulationResult
+from engine.tools.workload import OUTAGE, OUTAGE_DEPLOYMENT, PolicyRouter, Request
 from events import EngineError, InvalidEvent, Tier, tier_above
 from events import records as R
 from tests.conftest import read_log

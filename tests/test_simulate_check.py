@@ -1,6 +1,6 @@
 """``session-engine simulate --check``: the main job checks the engine's promises on its own log.
 
-The promises are ``engine._promises.check_promises`` (the state machine in
+The promises are ``engine.tools.promises.check_promises`` (the state machine in
 tests/test_promises.py holds every step to the same list): replay == live,
 ``audit --verify``, audit and report totals == the spend the callers reported,
 no capped session over its cap. Each is shown to fail when its promise is
@@ -18,9 +18,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from engine import replay
-from engine._promises import Promise, check_promises
-from engine._simulate import SimulationConfig, run_simulation
 from engine.cli import app
+from engine.tools.promises import Promise, check_promises
+from engine.tools.simulate import SimulationConfig, run_simulation
 from tests.conftest import SIM_SETTINGS
 
 
@@ -78,7 +78,7 @@ def test_the_cli_exits_non_zero_when_a_promise_is_broken(tmp_path: Path, monkeyp
     held = CliRunner().invoke(app, args)
     assert held.exit_code == 0, held.output
     assert "held  replay == live" in held.output
-    import engine._simulate as simulate
+    import engine.tools.simulate as simulate
 
     real = simulate.check_promises
     monkeypatch.setattr(simulate, "check_promises", lambda *a, **k: [*real(*a, **k)[:-1],

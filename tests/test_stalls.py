@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from engine import Tier
-from engine._backtest import backtest
 from engine.policy import Kind, Options, Policy, Request, stall_reading
+from engine.tools.backtest import backtest
 from events import InvalidEvent, RouteRules
 from tests.conftest import read_log
 
@@ -202,7 +202,7 @@ def test_measured_on_the_simulate_workload_ours_beats_litellms_rule_and_the_old_
 
 
 def test_the_report_counts_a_lifting_escalation_as_a_strike_escalation(make_store, tmp_path):
-    from engine._report import read_digest
+    from engine.tools.report import read_digest
 
     log = tmp_path / "audit.jsonl"
     store = make_store(event_log=str(log))

@@ -1,5 +1,5 @@
 """The "strikes" detector's threshold is a rule of the turn: ``Route.tool_errors`` carries the count
-(``engine.policy.tool_error_run``), ``engine._rules`` applies ``STALL_ERRORS``, so a backtest re-runs it."""
+(``engine.policy.tool_error_run``), ``engine.core.rules`` applies ``STALL_ERRORS``, so a backtest re-runs it."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from engine import Entry, Tier
-from engine._backtest import backtest
-from engine._config import default_config
-from engine._rules import STALL_ERRORS, decide
+from engine.core.config import default_config
+from engine.core.rules import STALL_ERRORS, decide
 from engine.policy import Options, Policy, Request
+from engine.tools.backtest import backtest
 from events import Hash, Route, RouteRules
 from tests.conftest import read_log
 from tests.test_decision_flags import rewrite

@@ -6,21 +6,21 @@ import threading
 
 import pytest
 
-import engine._core
+import engine.core.transitions
 from engine import ShardFailed
 from events import Touch
 from tests.conftest import read_log
 
 
 def test_failing_shard_is_restarted_and_keeps_its_sessions(make_store, log_path, monkeypatch):
-    real_apply = engine._core.apply
+    real_apply = engine.core.transitions.apply
 
     def faulty(state, event, now, config):
         if event.session_id == "boom":
             raise RuntimeError("injected fault")
         return real_apply(state, event, now, config)
 
-    monkeypatch.setattr("engine._shard.apply", faulty)
+    monkeypatch.setattr("engine.shell.shard.apply", faulty)
     store = make_store(event_log=str(log_path), shards=2)
     for i in range(20):
         store.set_session(f"s{i}", "m")
@@ -40,7 +40,7 @@ def test_failing_shard_is_restarted_and_keeps_its_sessions(make_store, log_path,
 
 
 def test_events_queued_behind_a_failure_are_not_lost(make_store, monkeypatch):
-    real_apply = engine._core.apply
+    real_apply = engine.core.transitions.apply
     gate = threading.Event()
 
     def faulty(state, event, now, config):
@@ -49,7 +49,7 @@ def test_events_queued_behind_a_failure_are_not_lost(make_store, monkeypatch):
             raise RuntimeError("injected fault")
         return real_apply(state, event, now, config)
 
-    monkeypatch.setattr("engine._shard.apply", faulty)
+    monkeypatch.setattr("engine.shell.shard.apply", faulty)
     store = make_store(shards=1)
     store.set_session("a", "m")
     store.tell(Touch("boom"))

@@ -31,14 +31,14 @@ from litellm.proxy._types import ProxyException, UserAPIKeyAuth
 from typer.testing import CliRunner
 
 from engine import Config, InvalidEvent, SessionStore, Tier, replay
-from engine._capacity import SessionRefused
-from engine._replay import read_log
-from engine._verify import verify
 from engine.cli import app
 from engine.identity import SECRET_ENV, IdentityResolver, Scope, check_caller_id, scoped, split, tenant_of
 from engine.integrations.litellm import DECISION_KEY, SessionEngineCallback
+from engine.log.replay import read_log
+from engine.log.verify import verify
 from engine.metrics import Metrics
 from engine.policy import Options
+from engine.shell.capacity import SessionRefused
 from events import SetSession
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydantic._internal._generate_schema")
@@ -408,7 +408,7 @@ def test_a_log_with_tenant_limit_evictions_replays_reopens_and_verifies(log_path
 
 
 def test_the_keeper_evicts_a_tenants_own_least_recently_used_and_respects_max_sessions():
-    from engine._capacity import Capacity
+    from engine.shell.capacity import Capacity
 
     a, b = (f"{t}:" for t in (Scope(SECRET).tenant("a"), Scope(SECRET).tenant("b")))
     keeper = Capacity(max_sessions=5, max_per_tenant=2)

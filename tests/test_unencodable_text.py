@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-import engine._shard
+import engine.shell.shard
 from engine import Config, EngineError, InvalidEvent, SessionStore, replay
-from engine._core import apply as real_apply
-from engine._log_render import UnrenderableRecord
-from engine._replay import read_log
-from engine._reply import Reply
-from engine._verify import verify
+from engine.core.transitions import apply as real_apply
 from engine.identity import IdentityResolver
+from engine.log.render import UnrenderableRecord
+from engine.log.replay import read_log
+from engine.log.verify import verify
 from engine.policy import Policy, Request
+from engine.shell.reply import Reply
 from events import Cost, Decision, Hash, Route, RouteRules, SetCacheSticky, SetDeployment, SetSession, Touch
 from events import records as R
 from events._validate import UNENCODABLE, check_session_id, check_text, is_valid_session_id
@@ -139,7 +139,7 @@ def test_an_unrenderable_record_fails_only_its_own_event_and_the_rest_of_the_bat
             out = out._replace(records=((name, {**fields, "request_count": 2**64}),))
         return out
 
-    monkeypatch.setattr(engine._shard, "apply", faulty)
+    monkeypatch.setattr(engine.shell.shard, "apply", faulty)
     store = make_store(event_log=str(log_path), shards=1)
     store.set_session("poison", "before")  # created; its updates are the ones that cannot be rendered
     store.tell(Touch("hold"))  # the shard waits inside this turn while the batch queues up

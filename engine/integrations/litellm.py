@@ -59,11 +59,11 @@ from typing import Any
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.types.router import PreRoutingHookResponse
 
-from engine._affinity import SWITCHED, place, served_record, switches
-from engine._config import Config
-from engine._headers import PREFIX
-from engine._headers import decision_headers as _decision_headers
 from engine.aio import AsyncSessionStore
+from engine.core.affinity import SWITCHED, place, served_record, switches
+from engine.core.config import Config
+from engine.core.headers import PREFIX
+from engine.core.headers import decision_headers as _decision_headers
 from engine.identity import DEFAULT_ORDER, FINGERPRINT, IdentityResolver, Scope
 from engine.policy import AsyncPolicy, BudgetExceeded, Kind, Options, Request, RouteDecision, TierModels, cost_micros
 from engine.store import SessionStore
@@ -266,7 +266,7 @@ def tiers_of(models: TierModels) -> dict[str, Tier]:
     return out
 
 
-#: Prefix of the response headers that carry the decision on the proxy (``engine._headers``).
+#: Prefix of the response headers that carry the decision on the proxy (``engine.core.headers``).
 HEADER_PREFIX = PREFIX
 #: LiteLLM's own budget errors answer 422 (``litellm.budget_exceeded_status_code``, 1.110); the
 #: OpenAI SDKs retry 408, 409, 429 and 5xx, so a refusal must not be a 429.
@@ -299,7 +299,7 @@ def budget_http_error(exc: BudgetExceeded) -> Exception:
 
 def decision_headers(stashed: Mapping[str, Any], cost_usd: float | None = None, strategy: str = "") -> dict[str, str]:
     """A stashed decision as ``x-session-engine-*`` headers, in the one format ``RouteDecision.headers``
-    writes too (``engine._headers.decision_headers``): decision kind, served model group and tier, reason,
+    writes too (``engine.core.headers.decision_headers``): decision kind, served model group and tier, reason,
     strategy, the session id's source, the response's cost and, when a budget applies, what remains of it
     after this call (limit - spent before it - its cost, negative when a graceful budget was overrun). The
     session id itself is not echoed."""
@@ -645,7 +645,7 @@ class SessionEngineCallback(CustomLogger):
                                        parent_otel_span: Any = None) -> list[dict]:
         """Apply the routing turn's affinity to the healthy deployments: keep (or put first) the one the
         session recorded serving this decision (``RouteDecision.served_deployment``), placed by the core's
-        own ``engine._affinity.place``; log a switch when it is gone."""
+        own ``engine.core.affinity.place``; log a switch when it is gone."""
         if self.affinity == "off" or not healthy_deployments:
             return healthy_deployments
         # A retained pin returns to the deployment of its group; a bypass (SIMPLE follow-up, budget
@@ -684,7 +684,7 @@ class SessionEngineCallback(CustomLogger):
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, object], call_type: Any) -> dict | None:
         """Remember the deployment LiteLLM picked for the decided group, before the call, so that the
         session's next request (often sent before this one's success is logged) returns to it: the pin's
-        deployment or the bypass's group pin, as ``engine._affinity.served_record`` records either."""
+        deployment or the bypass's group pin, as ``engine.core.affinity.served_record`` records either."""
         metadata = _metadata(kwargs)
         group = metadata.get("model_group")
         if not isinstance(group, str):

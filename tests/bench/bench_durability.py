@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from engine import Config, SessionStore, replay
-from engine._log import FileLog
+from engine.log.writer import FileLog
 from events import SetSession, Touch
 
 

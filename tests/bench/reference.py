@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 
-from engine._providers import cache_ttl_for_provider
+from engine.core.providers import cache_ttl_for_provider
 from events import Tier, tier_above
 from events._tier import parse_tier
 from events._validate import check_bool, check_micros, check_session_id, check_text

@@ -2,10 +2,10 @@
 
 The recovery workload's synthetic log (w_log.synthetic_log) holds no decisions, so there would be
 nothing to re-run. This log is written the way a shard writes one: a population of sessions sends
-routed requests (``Route`` events through the pure core, ``engine._core.apply``, with a budget cap,
+routed requests (``Route`` events through the pure core, ``engine.core.transitions.apply``, with a budget cap,
 per-model estimates and a few repeated requests that escalate), each served request's cost
 settles its reservation (``Cost``), and every record goes out as a JSON line with ``seq`` and ``ts``.
-Then ``engine.replay`` and ``engine._backtest.backtest`` (no change, and ``strike_limit`` raised)
+Then ``engine.replay`` and ``engine.tools.backtest.backtest`` (no change, and ``strike_limit`` raised)
 read the same file, interleaved repetition by repetition. The backtest runs as the CLI runs it: one
 process per CPU, each re-running its share of the sessions (docs/backtest.md "Speed"); the same
 backtest in one process (``jobs=1``) is measured beside it.
@@ -29,7 +29,7 @@ from common import median
 from w_log import _row
 
 from engine import Config, Tier, replay
-from engine._core import apply
+from engine.core.transitions import apply
 from engine.policy import Options, route_rules
 from events import Cost, Route
 
@@ -83,8 +83,8 @@ def routed_log(path: Path, n: int, sessions: int, seed: int = 5) -> tuple[int, i
 
 
 def backtest(scale: float) -> list[dict[str, Any]]:
-    from engine._backtest import _cpus
-    from engine._backtest import backtest as run
+    from engine.tools.backtest import _cpus
+    from engine.tools.backtest import backtest as run
 
     n = max(20_000, int(1_000_000 * scale))
     sessions = max(1_000, n // 50)

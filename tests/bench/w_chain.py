@@ -15,8 +15,8 @@ from common import MODEL, barrier, median, session_ids
 from w_log import _records, _row
 
 from engine import Config, SessionStore, replay
-from engine._log import FileLog
-from engine._verify import verify
+from engine.log.verify import verify
+from engine.log.writer import FileLog
 from events import SetSession, Touch
 
 MODES = ("off", "batch", "record")

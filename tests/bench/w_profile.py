@@ -17,7 +17,7 @@ from typing import Any
 
 from common import MODEL, barrier, mixed_ops, session_ids, tell_ops
 
-import engine._shard as shard_module
+import engine.shell.shard as shard_module
 from engine import Config, SessionStore
 from events import SetSession
 

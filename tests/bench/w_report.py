@@ -15,8 +15,8 @@ from engine import replay
 
 def report(scale: float) -> list[dict[str, Any]]:
     """Both passes of the report (digest, then the costliest timelines) and the page, against engine.replay."""
-    from engine._report import MAX_BUCKETS, read_digest
-    from engine._report_html import render_html
+    from engine.tools.report import MAX_BUCKETS, read_digest
+    from engine.tools.report_html import render_html
 
     n = max(20_000, int(1_000_000 * scale))
     sessions = max(1_000, n // 20)
@@ -41,7 +41,7 @@ def report(scale: float) -> list[dict[str, Any]]:
     return [{
         "id": "report", "title": "Visual report (session-engine report)",
         "setup": f"the recovery workload's synthetic log of {n:,} records ({size_mb:.0f} MB, {sessions:,} session "
-                 f"ids); engine.replay(path), then the report's two streamed passes (engine._report.read_digest: "
+                 f"ids); engine.replay(path), then the report's two streamed passes (engine.tools.report.read_digest: "
                  f"aggregates and top-10 lifetimes, then their timelines) and the HTML page with plotly.js inlined; "
                  f"{reps} repetitions, interleaved",
         "rows": [

@@ -19,8 +19,8 @@ from typing import Any
 from common import barrier, median, mixed_ops, session_ids, tell_ops
 
 from engine import Config, SessionStore
-from engine._capacity import Capacity
 from engine.identity import Scope, scoped
+from engine.shell.capacity import Capacity
 from events import SetSession
 
 SESSIONS = 10_000
