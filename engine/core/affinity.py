@@ -3,7 +3,7 @@ where it goes among the deployments able to serve, and the record of the deploym
 
 ``recorded``, ``place`` and ``switches`` are the choices the core's rule
 (``engine.core.rules.deployment_affinity``) makes in the routing turn, as functions of their inputs
-(tests/test_affinity_functions.py holds them to the rule); ``served_first`` is the rule's own. The LiteLLM
+(tests/test_affinity_functions.py holds them to the rule), and the rule calls them. The LiteLLM
 hook's ``async_filter_deployments`` places the Router's healthy deployments with them after the routing
 turn (health filtering and retries happen after it); ``served_record`` is what both the policy's
 ``record_response`` and the hook's ``async_pre_call_deployment_hook`` record for the deployment that served."""
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from engine.core.entry import Entry
 from engine.core.kinds import Kind
-from engine.core.rules import served_first
 from events import SetDeployment, Tier
 
-__all__ = ["GROUP_KINDS", "PIN_KINDS", "SWITCHED", "place", "recorded", "served_record",
+__all__ = ["GROUP_KINDS", "PIN_KINDS", "SWITCHED", "place", "recorded", "served_first", "served_record",
            "switches"]
 
 #: Decisions served by the session's pin: the deployment that serves one is the pin's (``Entry.deployment``).
@@ -35,6 +34,13 @@ def recorded(state: Entry | None, kind: str, model: str, tier: Tier | None) -> s
     if kind in GROUP_KINDS:
         return state.group_deployment(model, tier) if state.deployments else ""
     return state.deployment
+
+
+def served_first(served: str, candidates: tuple[str, ...]) -> tuple[str, ...]:
+    """``candidates`` (which hold ``served``) with ``served`` first and not repeated."""
+    if candidates[0] == served and candidates.count(served) == 1:
+        return candidates  # the usual case: the deployment that served the session is already first
+    return (served, *[c for c in candidates if c != served])
 
 
 def place(served: str, candidates: tuple[str, ...]) -> tuple[str, tuple[str, ...], bool]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from engine.core.affinity import SWITCHED, place, recorded, served_first, switches
 from engine.core.config import Config
 from engine.core.entry import Entry
 from engine.core.kinds import Kind
@@ -284,13 +285,6 @@ def usd(micros: int) -> str:
     return f"${micros / 1_000_000:.6f}".rstrip("0").rstrip(".")
 
 
-def served_first(served: str, candidates: tuple[str, ...]) -> tuple[str, ...]:
-    """``candidates`` (which hold ``served``) with ``served`` first and not repeated."""
-    if candidates[0] == served and candidates.count(served) == 1:
-        return candidates  # the usual case: the deployment that served the session is already first
-    return (served, *[c for c in candidates if c != served])
-
-
 def _routers_model(route: Route, d: Draft) -> str:
     """The router's model, or the tier's model of the cache-pinned provider while a cache pin holds."""
     return pick(route.rules, route.tier, route.model, d.cache_provider) if d.cache_provider else route.model
@@ -536,12 +530,11 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
     if not rules.affinity_by_record:
         return _affinity_by_key_name(route, state, d)
     bypass = d.kind is Kind.BYPASS
+    served = recorded(state, d.kind, d.model, d.tier)
     if bypass:  # also without candidates: a host that filters deployments itself reads it (Routed.served)
-        served = state.group_deployment(d.model, d.tier) if state is not None and state.deployments else ""
         d.served = served
         moved = False
     else:
-        served = state.deployment if state is not None else ""
         # The pin moves to another model: its deployment served the model it leaves.
         moved = bool(served) and state is not None and bool(state.model) and state.model != d.model
     candidates = route.candidates
@@ -554,17 +547,15 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
         if moved:  # no deployment known for the new model: the pin has none until one serves it
             d.events.append(SetDeployment(route.session_id, ""))
         return
-    if served and served in candidates:
-        d.deployment = served
-        d.candidates = served_first(served, candidates)
+    d.deployment, d.candidates, gone = place(served, candidates)
+    if served and not gone:
         return
-    d.deployment = candidates[0]
     if bypass:  # the bypass's own group deployment pin
         d.events.append(SetDeployment(route.session_id, d.deployment, d.model, d.tier))
         return
-    if served and d.kind is Kind.RETAIN:  # the deployment that served the pinned model is gone
+    if switches(d.kind, gone):  # the deployment that served the pinned model is gone
         d.kind = Kind.SWITCH
-        d.reason += "; deployment gone, switched"
+        d.reason += f"; {SWITCHED}"
     d.events.append(SetDeployment(route.session_id, d.deployment))
 
 
