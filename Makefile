@@ -26,7 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py
 
 stalls: $(STAMP)
-	$(BIN)/python -m tests.stall_eval
+	$(BIN)/python -m tests.support.stall_eval
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

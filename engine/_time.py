@@ -6,7 +6,7 @@ them), so a read made close to a thread's entry point escapes the freeze.
 ``now_ms`` therefore reaches ``time.time()`` through a fixed chain of frames
 of this module: the five frames freezegun inspects are always ours, and a
 frozen test controls every clock read the engine makes, in every thread.
-tests/test_frozen_clock.py keeps this honest.
+tests/shell/test_frozen_clock.py keeps this honest.
 """
 
 from __future__ import annotations

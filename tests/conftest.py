@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from engine import Config, SessionStore
-from tests.redis_servers import redis_cluster, redis_server  # noqa: F401  (fixtures)
+from tests.support.redis_servers import redis_cluster, redis_server  # noqa: F401  (fixtures)
 
 #: The operator secret that keys tenants (docs/identity.md), set as a deployment sets it; the tests of a
 #: missing or weak secret remove it with monkeypatch.
@@ -41,7 +41,7 @@ def log_path(tmp_path: Path) -> Path:
     return tmp_path / "audit.jsonl"
 
 
-#: The small policy simulation whose log the backtest tests read (tests/test_backtest*.py).
+#: The small policy simulation whose log the backtest tests read (tests/tools/test_backtest*.py).
 SIM_SETTINGS = {"sessions": 40, "requests": 1_500, "concurrency": 3, "shards": 2, "timeout_s": 120,
                 "clock_speed": 0.5, "max_cost_usd": 0.6}
 

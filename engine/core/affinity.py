@@ -3,7 +3,7 @@ where it goes among the deployments able to serve, and the record of the deploym
 
 ``recorded``, ``place`` and ``switches`` are the choices the core's rule
 (``engine.core.rules.deployment_affinity``) makes in the routing turn, as functions of their inputs
-(tests/test_affinity_functions.py holds them to the rule), and the rule calls them. The LiteLLM
+(tests/core/test_affinity_functions.py holds them to the rule), and the rule calls them. The LiteLLM
 hook's ``async_filter_deployments`` places the Router's healthy deployments with them after the routing
 turn (health filtering and retries happen after it); ``served_record`` is what both the policy's
 ``record_response`` and the hook's ``async_pre_call_deployment_hook`` record for the deployment that served."""

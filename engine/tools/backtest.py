@@ -14,7 +14,7 @@ reservations; a failed call's ``budget.released`` releases them.
 
 The baseline is what the log recorded. With no change the variant re-takes every
 decision exactly (kind, model, tier): ``decisions_changed == 0`` and the variant's
-figures equal the baseline's (tests/test_backtest.py). docs/backtest.md says
+figures equal the baseline's (tests/tools/test_backtest.py). docs/backtest.md says
 what a backtest can and cannot answer.
 """
 
@@ -755,7 +755,7 @@ def _parallel(files: list[Path], changes: Mapping[str, Any] | Iterable[str], mod
     a decision reads only its own session's state). Each process passes over every line but parses only
     its sessions' (``engine.log.replay.Share``); every line is still checked, by the process that owns it,
     and every ``seq`` by all. Shares are balanced by session size, sampled from the file. The figures are
-    summed; they equal a serial run's (tests/test_backtest_parallel.py). None, and the caller runs
+    summed; they equal a serial run's (tests/tools/test_backtest_parallel.py). None, and the caller runs
     serially, when a share met anything only a serial run can decide or report: a corrupt line (the
     serial run names it), a session without rules of its own (a log that starts at a snapshot holds
     such sessions, mostly)."""

@@ -56,7 +56,7 @@ def _evalsha_stats(client: Any) -> tuple[int, int]:
 
 
 def redis(scale: float) -> list[dict[str, Any]]:
-    from tests.redis_servers import RedisServer
+    from tests.support.redis_servers import RedisServer
 
     n_ops = max(5_000, int(60_000 * scale))
     n_asks = max(500, int(3_000 * scale))
@@ -112,7 +112,7 @@ def redis(scale: float) -> list[dict[str, Any]]:
 
 
 def _version() -> str:
-    from tests.redis_servers import server_binary
+    from tests.support.redis_servers import server_binary
 
     out = subprocess.run([server_binary(), "--version"], capture_output=True, text=True).stdout
     return next((part.split("=")[1] for part in out.split() if part.startswith("v=")), "?")
