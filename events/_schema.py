@@ -4,7 +4,7 @@ Replay, restart recovery and ``session-engine audit --verify`` check records
 against this table, so a new record type or field is added here (and in
 docs/events.md). Each domain carries its JSON Schema, and docs/log-schema.json
 is generated from the table (``python -m events._schema_doc``; the
-descriptions are in events/_schema_doc.py): tests/test_log_domains.py fails
+descriptions are in events/_schema_doc.py): tests/core/test_log_domains.py fails
 while the committed file differs, and writes every value of every enumerated
 field through both.
 

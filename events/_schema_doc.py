@@ -4,7 +4,7 @@ The table in events/_schema.py is the one source of the log's value domains:
 each domain carries its JSON Schema (``check.json``), and this module puts
 them together with the descriptions. ``python -m events._schema_doc``
 rewrites docs/log-schema.json; ``python -m events._schema_doc --check`` exits
-1 when the committed file differs (tests/test_log_domains.py fails then too).
+1 when the committed file differs (tests/core/test_log_domains.py fails then too).
 """
 
 from __future__ import annotations
