@@ -280,7 +280,7 @@ def audit(
         _verify(target, json_out, expect_head)
         return
     from engine.core.scope import check_tenant, scoped
-    from engine.tools import audit as A
+    from engine.tools import audit as audit_tool
 
     if tenant is None:
         _check_session(session)
@@ -295,31 +295,31 @@ def audit(
         if json_out:
             first = True
             sys.stdout.write("[")
-            for life in A.lives(records, tenant):
+            for life in audit_tool.lives(records, tenant):
                 sys.stdout.write(("\n" if first else ",\n") + orjson.dumps(life.to_json()).decode())
                 first = False
             sys.stdout.write("\n]\n" if not first else "]\n")
             return
-        lifetimes = A.lives(records, tenant)
+        lifetimes = audit_tool.lives(records, tenant)
         first = next(lifetimes, None)  # reads the log's first records: a non-log fails before any output
-        typer.echo(A.table_header())
+        typer.echo(audit_tool.table_header())
         count = spent = 0
         for life in itertools.chain(() if first is None else (first,), lifetimes):
-            typer.echo(A.table_row(life))
+            typer.echo(audit_tool.table_row(life))
             count += 1
             spent += life.cost_micros
-        typer.echo(f"{count} session lifetime(s), {A.fmt_usd(spent)} spent; times are UTC")
+        typer.echo(f"{count} session lifetime(s), {audit_tool.fmt_usd(spent)} spent; times are UTC")
 
     def write_timeline(records: Iterator[dict[str, Any]]) -> None:
         assert session is not None
         found = 0
         if json_out:
             sys.stdout.write("[")
-        for step in A.timeline(records, session):
+        for step in audit_tool.timeline(records, session):
             if json_out:
                 sys.stdout.write(("\n" if not found else ",\n") + orjson.dumps(step).decode())
             else:
-                typer.echo(f"{A.fmt_ts(step['ts'])}  #{step['seq']:<7} {step['event']:<18} {step['text']}")
+                typer.echo(f"{audit_tool.fmt_ts(step['ts'])}  #{step['seq']:<7} {step['event']:<18} {step['text']}")
             found += 1
         if json_out:
             sys.stdout.write("\n]\n" if found else "]\n")
@@ -500,21 +500,21 @@ def report(
     Spend and decisions by kind over time, the model mix, the escalation funnel (strikes -> escalations) and the
     costliest sessions, each with its timeline. plotly.js is inlined: the file opens offline. docs/report.md.
     """
-    from engine.tools import report as _report
+    from engine.tools import report as report_digest
     from engine.tools.report_html import render_html, require_plotly
 
     try:
         require_plotly()
     except EngineError as exc:
         fail(str(exc))
-    digest = _report.Digest(top_n=top)
+    digest = report_digest.Digest(top_n=top)
 
     def first(records: Iterator[dict[str, Any]]) -> None:
         nonlocal digest
-        digest = _report.digest(records, top)
+        digest = report_digest.digest(records, top)
 
     _streamed(log, first, history=True)
-    _streamed(log, lambda records: _report.add_timelines(digest, records), history=True)
+    _streamed(log, lambda records: report_digest.add_timelines(digest, records), history=True)
     page = render_html(digest, source=str(log))
     try:
         output.write_text(page, encoding="utf-8")

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from engine.core.scope import tenant_of
 from engine.shell.runtime import Observer
-from events import records as R
+from events import records as record_names
 
 log = logging.getLogger("engine.metrics")
 
@@ -41,7 +41,8 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MAX_LABEL_VALUES = 32
 #: Hex digits of the chain head in the ``log_head_seq`` label (64 bits: enough to tell heads apart).
 HEAD_PREFIX = 16
-ENDED = {R.SESSION_EXPIRED: "expired", R.SESSION_EVICTED: "evicted", R.SESSION_CLEARED: "cleared"}
+ENDED = {record_names.SESSION_EXPIRED: "expired", record_names.SESSION_EVICTED: "evicted",
+         record_names.SESSION_CLEARED: "cleared"}
 
 
 class _Labels:
@@ -193,27 +194,27 @@ class Metrics(Observer):
         for record in records:
             name = record.get("event")
             self._events(name).inc()
-            if name == R.SESSION_CREATED:
+            if name == record_names.SESSION_CREATED:
                 live += 1
             elif name in ENDED:
                 live -= 1
                 self._ended(ENDED[name]).inc()
-                if name == R.SESSION_EXPIRED:
+                if name == record_names.SESSION_EXPIRED:
                     self._expiries(record.get("reason")).inc()
-                elif name == R.SESSION_EVICTED:
+                elif name == record_names.SESSION_EVICTED:
                     reason = record.get("reason")
                     self._evictions(reason).inc()
                     if reason == "tenant_limit":
                         self._tenant_evictions(tenant_of(record.get("session_id") or "")).inc()
-            elif name == R.SESSION_ESCALATED:
+            elif name == record_names.SESSION_ESCALATED:
                 self._escalations(record.get("reason")).inc()
-            elif name == R.COST_ADDED:
+            elif name == record_names.COST_ADDED:
                 value = record.get("micros")
                 if type(value) is int and value > 0:
                     micros += value
-            elif name == R.DECISION_MADE:
+            elif name == record_names.DECISION_MADE:
                 self._decisions(record.get("kind")).inc()
-            elif name == R.SESSION_REFUSED:
+            elif name == record_names.SESSION_REFUSED:
                 self._tenant_refusals(tenant_of(record.get("session_id") or "")).inc()
         if live:
             self.live_sessions.inc(live)

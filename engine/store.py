@@ -33,7 +33,7 @@ from events import (
     Tier,
     Touch,
 )
-from events import records as R
+from events import records as record_names
 
 
 def _short_id(session_id: str) -> str:
@@ -99,7 +99,7 @@ class SessionStore:
             raise
 
     def _reject(self, operation: str, exc: InvalidEvent, session_id: Any) -> None:
-        record: dict[str, Any] = {"seq": 0, "ts": now_ms(), "event": R.INPUT_REJECTED}
+        record: dict[str, Any] = {"seq": 0, "ts": now_ms(), "event": record_names.INPUT_REJECTED}
         if exc.field != "session_id" and type(session_id) is str:
             record["session_id"] = session_id
         record.update(operation=operation, field=exc.field, rule=exc.rule)

@@ -18,7 +18,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from events import _records as R
+from events._records import (
+    BUDGET_LAPSED,
+    BUDGET_RELEASED,
+    BUDGET_RESERVED,
+    COST_ADDED,
+    DECISION_MADE,
+    DEPLOYMENT_GROUP_SET,
+    DEPLOYMENT_SET,
+    HASH_RECORDED,
+    INPUT_REJECTED,
+    LOG_SIGNED,
+    LOG_SNAPSHOT,
+    SESSION_CLEARED,
+    SESSION_CREATED,
+    SESSION_ESCALATED,
+    SESSION_EVICTED,
+    SESSION_EXPIRED,
+    SESSION_REFUSED,
+    SESSION_TOUCHED,
+    SESSION_UPDATED,
+    SHARD_RESTARTED,
+    STICKY_EXPIRED,
+    STICKY_PINNED,
+)
 from events._validate import text_problem
 
 Check = Callable[[Any], bool]
@@ -206,34 +229,34 @@ REQUIRED_ENVELOPE = ("seq", "ts", "event")
 
 #: Record name -> (required fields, {field: domain} of every field it may carry besides the envelope).
 RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
-    R.SESSION_CREATED: (("session_id", *ENTRY), {"session_id": session_id, **ENTRY, **ENTRY_OPTIONAL,
+    SESSION_CREATED: (("session_id", *ENTRY), {"session_id": session_id, **ENTRY, **ENTRY_OPTIONAL,
                                                  "cause": one_of("cost", "budget_ledger", "deployment")}),
-    R.SESSION_UPDATED: (("session_id", "last_used_at", "request_count"), {
+    SESSION_UPDATED: (("session_id", "last_used_at", "request_count"), {
         "session_id": session_id, "last_used_at": int0, "request_count": int0, "model": text, "tier": tier,
         "user_explicit": const(True)}),
-    R.SESSION_TOUCHED: (("session_id", "last_used_at", "request_count"), {
+    SESSION_TOUCHED: (("session_id", "last_used_at", "request_count"), {
         "session_id": session_id, "last_used_at": int0, "request_count": int0}),
-    R.HASH_RECORDED: (("session_id", "recent_hashes", "strikes"), {
+    HASH_RECORDED: (("session_id", "recent_hashes", "strikes"), {
         "session_id": session_id, "recent_hashes": hashes, "strikes": int0}),
-    R.SESSION_ESCALATED: (("session_id", "tier", "escalated", "reason", "from_tier"), {
+    SESSION_ESCALATED: (("session_id", "tier", "escalated", "reason", "from_tier"), {
         "session_id": session_id, "tier": tier_set, "escalated": const(True), "reason": text, "from_tier": tier,
         "strikes": int0}),
-    R.COST_ADDED: (("session_id", "micros", "session_cost_micros"), {
+    COST_ADDED: (("session_id", "micros", "session_cost_micros"), {
         "session_id": session_id, "micros": int0, "session_cost_micros": int0, "reservation_id": text,
         "estimate_micros": int0, "reservations": reservations, "prompt_tokens": int0, "completion_tokens": int0}),
-    R.STICKY_PINNED: (("session_id", "cache_sticky", "cache_sticky_at", "provider", "ttl_ms"), {
+    STICKY_PINNED: (("session_id", "cache_sticky", "cache_sticky_at", "provider", "ttl_ms"), {
         "session_id": session_id, "cache_sticky": const(True), "cache_sticky_at": int0, "provider": text,
         "ttl_ms": int0}),
-    R.STICKY_EXPIRED: (("session_id", "cache_sticky", "idle_ms"), {
+    STICKY_EXPIRED: (("session_id", "cache_sticky", "idle_ms"), {
         "session_id": session_id, "cache_sticky": const(False), "idle_ms": int0}),
-    R.DEPLOYMENT_SET: (("session_id", "deployment", "previous"), {
+    DEPLOYMENT_SET: (("session_id", "deployment", "previous"), {
         "session_id": session_id, "deployment": text, "previous": text}),
-    R.DEPLOYMENT_GROUP_SET: (("session_id", "group_model", "group_tier", "group_deployment", "previous",
+    DEPLOYMENT_GROUP_SET: (("session_id", "group_model", "group_tier", "group_deployment", "previous",
                               "deployments"), {
         "session_id": session_id, "group_model": text, "group_tier": one_of("", "SIMPLE", "MEDIUM", "COMPLEX",
                                                                             "REASONING"),
         "group_deployment": text, "previous": text, "deployments": group_deployments}),
-    R.DECISION_MADE: (("session_id", "kind"), {
+    DECISION_MADE: (("session_id", "kind"), {
         "session_id": session_id, "kind": text, "model": text, "tier": tier, "provider": text, "reason": text,
         "strategy": text, "source": text, "deployment": text, "requested_model": text, "requested_tier": tier,
         "request_hash": text, "tools": const(True), "stall": const(True), "tool_repeats": int1, "tool_errors": int1,
@@ -241,26 +264,26 @@ RECORDS: dict[str, tuple[tuple[str, ...], dict[str, Check]]] = {
         "estimate_micros": int0, "limit_micros": int0, "spent_micros": int0, "reserved_micros": int0,
         "reservation_id": text, "explicit": const(True), "long_context": const(True),
         "estimates": micros_by_model, "rules": an_object}),
-    R.BUDGET_RESERVED: (("session_id", "reservation_id", "micros", "expires_at", "reservations"), {
+    BUDGET_RESERVED: (("session_id", "reservation_id", "micros", "expires_at", "reservations"), {
         "session_id": session_id, "reservation_id": text, "micros": int1, "expires_at": int0,
         "reservations": reservations}),
-    R.BUDGET_RELEASED: (("session_id", "reservation_id", "micros", "reservations"), {
+    BUDGET_RELEASED: (("session_id", "reservation_id", "micros", "reservations"), {
         "session_id": session_id, "reservation_id": text, "micros": int0, "reservations": reservations}),
-    R.BUDGET_LAPSED: (("session_id", "reservation_ids", "micros", "reservations"), {
+    BUDGET_LAPSED: (("session_id", "reservation_ids", "micros", "reservations"), {
         "session_id": session_id, "reservation_ids": strings, "micros": int0, "reservations": reservations}),
-    R.SESSION_EXPIRED: (("session_id", "reason", "idle_ms"), {
+    SESSION_EXPIRED: (("session_id", "reason", "idle_ms"), {
         "session_id": session_id, "reason": const("idle"), "idle_ms": int0}),
-    R.SESSION_EVICTED: (("session_id", "reason"), {
+    SESSION_EVICTED: (("session_id", "reason"), {
         "session_id": session_id, "reason": one_of("capacity", "tenant_limit")}),
-    R.SESSION_CLEARED: (("session_id", "reason"), {"session_id": session_id, "reason": one_of("cleared", "clear_all")}),
-    R.SESSION_REFUSED: (("session_id", "reason", "limit"), {
+    SESSION_CLEARED: (("session_id", "reason"), {"session_id": session_id, "reason": one_of("cleared", "clear_all")}),
+    SESSION_REFUSED: (("session_id", "reason", "limit"), {
         "session_id": session_id, "reason": const("tenant_rate"), "limit": int1}),
-    R.INPUT_REJECTED: (("operation", "field", "rule"), {
+    INPUT_REJECTED: (("operation", "field", "rule"), {
         "session_id": session_id, "operation": text, "field": text, "rule": text}),
-    R.SHARD_RESTARTED: (("shard", "error", "sessions"), {"shard": int0, "error": text_or_null, "sessions": int0}),
-    R.LOG_SNAPSHOT: (("part", "parts", "live", "sessions"), {
+    SHARD_RESTARTED: (("shard", "error", "sessions"), {"shard": int0, "error": text_or_null, "sessions": int0}),
+    LOG_SNAPSHOT: (("part", "parts", "live", "sessions"), {
         "part": int1, "parts": int1, "live": int0, "sessions": sessions, "chain_head": hex64, "signature": hex64}),
-    R.LOG_SIGNED: (("head_seq", "head", "signature"), {"head_seq": int0, "head": head_hex, "signature": hex64}),
+    LOG_SIGNED: (("head_seq", "head", "signature"), {"head_seq": int0, "head": head_hex, "signature": hex64}),
 }
 
 #: Record name -> {field: domain} including the envelope: what a check looks up per key.
@@ -311,7 +334,7 @@ def record_problem(record: dict[str, Any], *, strict: bool = True) -> tuple[str,
     if check is None:
         return "event", "a record name from docs/events.md"
     if check(record) is None:
-        if strict and name == R.LOG_SNAPSHOT:
+        if strict and name == LOG_SNAPSHOT:
             problem = _snapshot_problem(record["sessions"], True)
             if problem[0] != "sessions":
                 return problem

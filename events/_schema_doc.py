@@ -14,8 +14,32 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from events import _records as R
-from events import _schema as S
+from events import _schema as schema
+from events._records import (
+    BUDGET_LAPSED,
+    BUDGET_RELEASED,
+    BUDGET_RESERVED,
+    COST_ADDED,
+    DECISION_MADE,
+    DEPLOYMENT_GROUP_SET,
+    DEPLOYMENT_SET,
+    HASH_RECORDED,
+    INPUT_REJECTED,
+    LOG_SIGNED,
+    LOG_SNAPSHOT,
+    RECORD_NAMES,
+    SESSION_CLEARED,
+    SESSION_CREATED,
+    SESSION_ESCALATED,
+    SESSION_EVICTED,
+    SESSION_EXPIRED,
+    SESSION_REFUSED,
+    SESSION_TOUCHED,
+    SESSION_UPDATED,
+    SHARD_RESTARTED,
+    STICKY_EXPIRED,
+    STICKY_PINNED,
+)
 
 #: Where the generated schema lives in a checkout.
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "log-schema.json"
@@ -33,93 +57,93 @@ ENVELOPE_DESCRIPTIONS = {
 }
 
 RECORD_DESCRIPTIONS: dict[str, str] = {
-    R.SESSION_CREATED: (
+    SESSION_CREATED: (
         'A session began: every Entry field. cause="cost" marks a cost-only entry made by a cost report for an '
         'unknown session; cause="budget_ledger" the budget ledger an idle-expired session leaves for the rest of '
         'its budget window; cause="deployment" an entry made for a deployment pin of strategy none (no model '
         "pinned). reservations (open budget reservations) and deployments (deployment pins per model group and "
         "tier) were added later; older records lack them."),
-    R.SESSION_UPDATED: ("set_session on an existing session: a request; model and tier when the model changed; "
+    SESSION_UPDATED: ("set_session on an existing session: a request; model and tier when the model changed; "
                         "user_explicit when it became true."),
-    R.SESSION_TOUCHED: "touch_session: a request that keeps the pin.",
-    R.HASH_RECORDED: "record_request_hash: the last three hashes and the strike count.",
-    R.SESSION_ESCALATED: ('The tier went one step up (reason "strikes" for auto-escalation, else the caller\'s '
+    SESSION_TOUCHED: "touch_session: a request that keeps the pin.",
+    HASH_RECORDED: "record_request_hash: the last three hashes and the strike count.",
+    SESSION_ESCALATED: ('The tier went one step up (reason "strikes" for auto-escalation, else the caller\'s '
                           "reason)."),
-    R.COST_ADDED: (
+    COST_ADDED: (
         "add_session_cost: the amount added and the new total, in micro-USD (the total never passes 2^63-1: a "
         "cost that would push it past is refused, input.rejected). A settlement (Cost with the reservation_id of "
         "an open reservation) also carries the reservation it closed, the estimate it held (replaced by micros, "
         "which may then be 0) and the reservations left open; token counts when the caller reported them."),
-    R.STICKY_PINNED: "set_cache_sticky: the session is pinned to a provider while its prefix cache is warm.",
-    R.STICKY_EXPIRED: "The cache pin ended: the session was idle past the provider's cache TTL.",
-    R.DEPLOYMENT_SET: "The deployment that served the session changed.",
-    R.DEPLOYMENT_GROUP_SET: (
+    STICKY_PINNED: "set_cache_sticky: the session is pinned to a provider while its prefix cache is warm.",
+    STICKY_EXPIRED: "The cache pin ended: the session was idle past the provider's cache TTL.",
+    DEPLOYMENT_SET: "The deployment that served the session changed.",
+    DEPLOYMENT_GROUP_SET: (
         "The deployment pin of one (model group, tier) changed: a SIMPLE bypass, a budget downgrade or strategy "
         'none was served by group_deployment (previous: the one pinned before, "" when none); deployments is the '
         "session's full list after the change. The pinned model's deployment (deployment.set) is left alone."),
-    R.DECISION_MADE: (
+    DECISION_MADE: (
         "A routing decision taken for the session; changes no session state (its model and tier describe the "
         "decision). A routed request (Route) also carries its inputs: requested model and tier, request hash, "
         "tool use, candidates, estimate, and the budget figures when a cap applies."),
-    R.BUDGET_RESERVED: (
+    BUDGET_RESERVED: (
         "A routed request's estimate is held against the session's budget until settled (cost.added with its "
         "reservation_id), released (budget.released) or lapsed (budget.lapsed)."),
-    R.BUDGET_RELEASED: "A reservation given back without cost (the call failed, or the engine answered too late).",
-    R.BUDGET_LAPSED: ("Reservations not settled within their TTL (reservation_ttl_ms) end, so a crashed caller "
+    BUDGET_RELEASED: "A reservation given back without cost (the call failed, or the engine answered too late).",
+    BUDGET_LAPSED: ("Reservations not settled within their TTL (reservation_ttl_ms) end, so a crashed caller "
                       "cannot hold budget for ever."),
-    R.SESSION_EXPIRED: "The session ended: idle longer than timeout_ms.",
-    R.SESSION_EVICTED: (
+    SESSION_EXPIRED: "The session ended: idle longer than timeout_ms.",
+    SESSION_EVICTED: (
         "The session ended: the least recently used one when max_sessions was exceeded (reason capacity), or its "
         "tenant's least recently used one when that tenant exceeded max_sessions_per_tenant (reason tenant_limit)."),
-    R.SESSION_CLEARED: 'The session ended: clear_session (reason "cleared") or clear_all (reason "clear_all").',
-    R.SESSION_REFUSED: ("A new session was not created: its tenant (the session id's scope) was past "
+    SESSION_CLEARED: 'The session ended: clear_session (reason "cleared") or clear_all (reason "clear_all").',
+    SESSION_REFUSED: ("A new session was not created: its tenant (the session id's scope) was past "
                         "max_creations_per_tenant_per_minute. Changes no state."),
-    R.INPUT_REJECTED: (
+    INPUT_REJECTED: (
         "A store call was refused (InvalidEvent); the offending value is never logged. session_id only when it "
         "was valid. Most are refused when the event is built; a cost that would push the session's total past "
         "2^63-1 micro-USD is refused in the session's turn (field micros)."),
-    R.SHARD_RESTARTED: "A shard actor failed and was restarted with its committed sessions.",
-    R.LOG_SNAPSHOT: ("One part of a snapshot of every live session, at the head of a new segment. Part 1 replaces "
+    SHARD_RESTARTED: "A shard actor failed and was restarted with its committed sessions.",
+    LOG_SNAPSHOT: ("One part of a snapshot of every live session, at the head of a new segment. Part 1 replaces "
                      "the folded state; parts 2..parts add to it."),
-    R.LOG_SIGNED: (
+    LOG_SIGNED: (
         "The chain head signed with HMAC-SHA256 under the key in SESSION_ENGINE_AUDIT_KEY, written on close when "
         "a key is set; in a Redis bucket stream, the SHA-1 head of the entry just before it (docs/audit-log.md)."),
 }
 
 FIELD_DESCRIPTIONS: dict[tuple[str, str], str] = {
-    (R.COST_ADDED, "prompt_tokens"): "The response's prompt tokens, when the caller reported them.",
-    (R.COST_ADDED, "completion_tokens"): "The response's completion tokens, when the caller reported them.",
-    (R.DECISION_MADE, "requested_model"): "The router's own model for the request.",
-    (R.DECISION_MADE, "request_hash"): "The request's three-strike hash (never prompt text).",
-    (R.DECISION_MADE, "tools"): "The request defined tools.",
-    (R.DECISION_MADE, "stall"): ("The caller read a stall signal itself (a strike); logs of the \"strikes\" "
+    (COST_ADDED, "prompt_tokens"): "The response's prompt tokens, when the caller reported them.",
+    (COST_ADDED, "completion_tokens"): "The response's completion tokens, when the caller reported them.",
+    (DECISION_MADE, "requested_model"): "The router's own model for the request.",
+    (DECISION_MADE, "request_hash"): "The request's three-strike hash (never prompt text).",
+    (DECISION_MADE, "tools"): "The request defined tools.",
+    (DECISION_MADE, "stall"): ("The caller read a stall signal itself (a strike); logs of the \"strikes\" "
                                  "detector that carry no tool_errors record its STALL_ERRORS verdict so."),
-    (R.DECISION_MADE, "tool_repeats"): (
+    (DECISION_MADE, "tool_repeats"): (
         'Under the "window" stall detector: how many of the request\'s last stall_window tool calls repeat the '
         "newest (same name, arguments and result); absent below 2."),
-    (R.DECISION_MADE, "tool_errors"): ('Under the "window" stall detector: how many tool calls in a row, ending '
+    (DECISION_MADE, "tool_errors"): ('Under the "window" stall detector: how many tool calls in a row, ending '
                                        "with the newest, returned an error; absent when the newest did not. Under "
                                        'the "strikes" detector: how many times in a row the same tool call returned '
                                        "an error (STALL_ERRORS of them are a strike, applied in the turn)."),
-    (R.DECISION_MADE, "keyword"): ("The escalation keyword the last user message contained "
+    (DECISION_MADE, "keyword"): ("The escalation keyword the last user message contained "
                                    "(Options.escalation_keywords)."),
-    (R.DECISION_MADE, "downgrade"): ("The budget rule served the cheapest configured tier instead of the chosen "
+    (DECISION_MADE, "downgrade"): ("The budget rule served the cheapest configured tier instead of the chosen "
                                      "model (a graceful downgrade; kind bypass, the pin kept)."),
-    (R.DECISION_MADE, "lift"): ("A stall was served one configured tier up for this request only (stall_lift; kind "
+    (DECISION_MADE, "lift"): ("A stall was served one configured tier up for this request only (stall_lift; kind "
                                 "bypass, the pin kept, no session.escalated): counted as an escalation."),
-    (R.DECISION_MADE, "candidates"): "Deployment keys the router offered.",
-    (R.DECISION_MADE, "estimate_micros"): "This request's estimate for the chosen model.",
-    (R.DECISION_MADE, "limit_micros"): "The budget cap (only when a cap applies).",
-    (R.DECISION_MADE, "spent_micros"): "Settled spend before this request.",
-    (R.DECISION_MADE, "reserved_micros"): "Budget held by open reservations before this request.",
-    (R.DECISION_MADE, "reservation_id"): "The reservation this request holds (budget.reserved).",
-    (R.DECISION_MADE, "explicit"): "The user named the model (Request.user_explicit).",
-    (R.DECISION_MADE, "long_context"): ("The context was long enough for a provider prefix cache to matter (read "
+    (DECISION_MADE, "candidates"): "Deployment keys the router offered.",
+    (DECISION_MADE, "estimate_micros"): "This request's estimate for the chosen model.",
+    (DECISION_MADE, "limit_micros"): "The budget cap (only when a cap applies).",
+    (DECISION_MADE, "spent_micros"): "Settled spend before this request.",
+    (DECISION_MADE, "reserved_micros"): "Budget held by open reservations before this request.",
+    (DECISION_MADE, "reservation_id"): "The reservation this request holds (budget.reserved).",
+    (DECISION_MADE, "explicit"): "The user named the model (Request.user_explicit).",
+    (DECISION_MADE, "long_context"): ("The context was long enough for a provider prefix cache to matter (read "
                                         "only while the rules' cache_sticky is on)."),
-    (R.DECISION_MADE, "estimates"): (
+    (DECISION_MADE, "estimates"): (
         "model -> this request's estimate in micro-USD, when an estimator priced every model of the table (\"\" "
         "is the default for a model not listed)."),
-    (R.DECISION_MADE, "rules"): (
+    (DECISION_MADE, "rules"): (
         "On the session's first routed turn: the rules it was decided under (tier table, options including the "
         "stall detector, its window and stall_lift, and the store's strike limit and auto-escalation), so "
         "backtest can re-run them."),
@@ -128,8 +152,8 @@ FIELD_DESCRIPTIONS: dict[tuple[str, str], str] = {
 
 def _defs() -> dict[str, Any]:
     """The shared definitions the domains refer to (``{"$ref": "#/$defs/<name>"}``)."""
-    tiers = [*S.TIERS]
-    entry_fields = {**S.ENTRY, **S.ENTRY_OPTIONAL}
+    tiers = [*schema.TIERS]
+    entry_fields = {**schema.ENTRY, **schema.ENTRY_OPTIONAL}
     return {
         "tier": {"description": "A tier name, or null for no tier.", "enum": [*tiers, None]},
         "session_id": {
@@ -144,7 +168,7 @@ def _defs() -> dict[str, Any]:
             "type": "string", "pattern": "^[0-9a-f]{40}([0-9a-f]{24})?$"},
         "entry": {
             "description": "Every field of a session (engine.Entry), as session.created and log.snapshot carry it.",
-            "type": "object", "required": list(S.ENTRY),
+            "type": "object", "required": list(schema.ENTRY),
             "properties": {name: check.json for name, check in entry_fields.items()},  # type: ignore[attr-defined]
             "additionalProperties": False},
         "reservations": {
@@ -166,9 +190,9 @@ def _defs() -> dict[str, Any]:
 
 
 def _record(name: str) -> dict[str, Any]:
-    required, fields = S.RECORDS[name]
-    properties: dict[str, Any] = {key: True for key in S.REQUIRED_ENVELOPE}
-    for key, check in {**fields, "chain": S.ENVELOPE["chain"], "genesis": S.ENVELOPE["genesis"]}.items():
+    required, fields = schema.RECORDS[name]
+    properties: dict[str, Any] = {key: True for key in schema.REQUIRED_ENVELOPE}
+    for key, check in {**fields, "chain": schema.ENVELOPE["chain"], "genesis": schema.ENVELOPE["genesis"]}.items():
         described = FIELD_DESCRIPTIONS.get((name, key))
         json_schema = check.json  # type: ignore[attr-defined]
         properties[key] = {"description": described, **json_schema} if described else json_schema
@@ -178,19 +202,19 @@ def _record(name: str) -> dict[str, Any]:
 
 def json_schema() -> dict[str, Any]:
     """docs/log-schema.json as a dict: the JSON Schema (draft 2020-12) of one audit-log record."""
-    envelope = {key: {"description": ENVELOPE_DESCRIPTIONS[key], **S.ENVELOPE[key].json}  # type: ignore[attr-defined]
+    envelope = {key: {"description": ENVELOPE_DESCRIPTIONS[key], **schema.ENVELOPE[key].json}  # type: ignore[attr-defined]
                 for key in ("seq", "ts")}
-    envelope["event"] = {"description": ENVELOPE_DESCRIPTIONS["event"], "enum": list(R.RECORD_NAMES)}
+    envelope["event"] = {"description": ENVELOPE_DESCRIPTIONS["event"], "enum": list(RECORD_NAMES)}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": TITLE,
         "description": DESCRIPTION,
         "type": "object",
-        "required": list(S.REQUIRED_ENVELOPE),
+        "required": list(schema.REQUIRED_ENVELOPE),
         "properties": envelope,
         "allOf": [{"if": {"properties": {"event": {"const": name}}}, "then": {"$ref": f"#/$defs/{name}"}}
-                  for name in R.RECORD_NAMES],
-        "$defs": {**_defs(), **{name: _record(name) for name in R.RECORD_NAMES}},
+                  for name in RECORD_NAMES],
+        "$defs": {**_defs(), **{name: _record(name) for name in RECORD_NAMES}},
     }
 
 

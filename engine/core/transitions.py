@@ -47,7 +47,7 @@ from events import (
     Touch,
     tier_above,
 )
-from events import records as R
+from events import records as record_names
 from events._validate import MAX_TOTAL_MICROS
 
 Record = tuple[str, dict[str, Any]]
@@ -75,7 +75,7 @@ class Rejected(NamedTuple):
 
 def _rejected(s: Entry | None, records: tuple[Record, ...], operation: str, field: str, rule: str) -> Outcome:
     return Outcome(s, Rejected(InvalidEvent(field, rule)),
-                   (*records, (R.INPUT_REJECTED, {"operation": operation, "field": field, "rule": rule})))
+                   (*records, (record_names.INPUT_REJECTED, {"operation": operation, "field": field, "rule": rule})))
 
 
 #: Why a cost that would push the session's total past MAX_TOTAL_MICROS is refused (input.rejected's rule).
@@ -241,22 +241,22 @@ def settle(state: Entry | None, now: int, config: Config) -> tuple[Entry | None,
     idle = now - state.last_used_at
     records: tuple[Record, ...] = _NO_RECORDS
     if idle > config.timeout_ms:
-        expired: Record = (R.SESSION_EXPIRED, {"reason": "idle", "idle_ms": idle})
+        expired: Record = (record_names.SESSION_EXPIRED, {"reason": "idle", "idle_ms": idle})
         if not holds_ledger(state, config) or now >= ledger_until(state, config):
             return None, (expired,)
         if state.model or state.request_count:
             # The session ends; its budget ledger stays for the rest of the window (waiting out the
             # idle timeout never buys a fresh budget).
             state = ledger_only(state)
-            records = (expired, (R.SESSION_CREATED, {**entry_fields(state), "cause": "budget_ledger"}))
+            records = (expired, (record_names.SESSION_CREATED, {**entry_fields(state), "cause": "budget_ledger"}))
     if state.cache_sticky and idle > cache_ttl_for_provider(state.provider):
         state = _evolve(state, cache_sticky=False)
-        records += ((R.STICKY_EXPIRED, {"cache_sticky": False, "idle_ms": idle}),)
+        records += ((record_names.STICKY_EXPIRED, {"cache_sticky": False, "idle_ms": idle}),)
     if state.reservations and _lapse_due(state.reservations, now):
         lapsed = [r for r in state.reservations if r[2] <= now]
         kept = tuple(r for r in state.reservations if r[2] > now)
         state = _evolve(state, reservations=kept)
-        records += ((R.BUDGET_LAPSED, {"reservation_ids": [r[0] for r in lapsed],
+        records += ((record_names.BUDGET_LAPSED, {"reservation_ids": [r[0] for r in lapsed],
                                        "micros": sum(r[1] for r in lapsed),
                                        "reservations": [list(r) for r in kept]}),)
     return state, records
@@ -268,13 +268,13 @@ def _escalate(state: Entry, reason: str) -> tuple[Entry, Record | None]:
         return state, None
     fields = {"tier": tier.value, "escalated": True, "reason": reason,
               "from_tier": state.tier.value if state.tier else None}
-    return _evolve(state, tier=tier, escalated=True), (R.SESSION_ESCALATED, fields)
+    return _evolve(state, tier=tier, escalated=True), (record_names.SESSION_ESCALATED, fields)
 
 
 def _set_session(s: Entry | None, ev: SetSession, now: int, own: bool = False) -> Outcome:
     if s is None:
         new = Entry(ev.model, ev.tier, now, now, 1, user_explicit=ev.user_explicit)  # type: ignore[arg-type]
-        return Outcome(new, None, ((R.SESSION_CREATED, entry_fields(new)),))
+        return Outcome(new, None, ((record_names.SESSION_CREATED, entry_fields(new)),))
     used = now if now > s.last_used_at else s.last_used_at
     count = s.request_count + 1
     new = s if own else _copy(s)
@@ -289,7 +289,7 @@ def _set_session(s: Entry | None, ev: SetSession, now: int, own: bool = False) -
     if ev.user_explicit and not s.user_explicit:
         _put_user_explicit(new, True)
         changes["user_explicit"] = True
-    return Outcome(new, None, ((R.SESSION_UPDATED, changes),))
+    return Outcome(new, None, ((record_names.SESSION_UPDATED, changes),))
 
 
 def _touch(s: Entry | None, now: int, own: bool = False) -> Outcome:
@@ -301,7 +301,7 @@ def _touch(s: Entry | None, now: int, own: bool = False) -> Outcome:
     new = s if own else _copy(s)
     _put_last_used_at(new, used)
     _put_request_count(new, count)
-    return Outcome(new, None, ((R.SESSION_TOUCHED, {"last_used_at": used, "request_count": count}),))
+    return Outcome(new, None, ((record_names.SESSION_TOUCHED, {"last_used_at": used, "request_count": count}),))
 
 
 def _hash(s: Entry | None, ev: Hash, config: Config, own: bool = False) -> Outcome:
@@ -311,7 +311,7 @@ def _hash(s: Entry | None, ev: Hash, config: Config, own: bool = False) -> Outco
     new = s if own else _copy(s)
     _put_recent_hashes(new, hashes)
     _put_strikes(new, strikes)
-    records: tuple[Record, ...] = ((R.HASH_RECORDED, {"recent_hashes": list(hashes), "strikes": strikes}),)
+    records: tuple[Record, ...] = ((record_names.HASH_RECORDED, {"recent_hashes": list(hashes), "strikes": strikes}),)
     if (config.auto_escalate and strikes >= config.strike_limit
             and not new.escalated and not new.user_explicit):
         new, record = _escalate(new, "strikes")
@@ -332,7 +332,7 @@ def _cost_only(now: int, cause: str = "cost") -> tuple[Entry, tuple[Record, ...]
     # The seed dropped spend for unknown sessions; a cost-only entry keeps it (SPEC.md: even
     # for 0 micros, an absent session gets its entry).
     s = Entry("", None, now, now, 0)
-    return s, ((R.SESSION_CREATED, {**entry_fields(s), "cause": cause}),)
+    return s, ((record_names.SESSION_CREATED, {**entry_fields(s), "cause": cause}),)
 
 
 def _find(reservations: tuple[tuple[str, int, int], ...], rid: str) -> int:
@@ -366,7 +366,7 @@ def _cost(s: Entry | None, ev: Cost, now: int) -> Outcome:
         fields["reservation_id"] = ev.reservation_id
         fields["estimate_micros"] = held[at][1]
         fields["reservations"] = [list(r) for r in kept] if kept else []
-    return Outcome(new, None, (*records, (R.COST_ADDED, fields)))
+    return Outcome(new, None, (*records, (record_names.COST_ADDED, fields)))
 
 
 def _release(s: Entry | None, ev: Release) -> Outcome:
@@ -377,7 +377,7 @@ def _release(s: Entry | None, ev: Release) -> Outcome:
     kept = s.reservations[:at] + s.reservations[at + 1:]
     fields = {"reservation_id": ev.reservation_id, "micros": s.reservations[at][1],
               "reservations": [list(r) for r in kept]}
-    return Outcome(_evolve(s, reservations=kept), True, ((R.BUDGET_RELEASED, fields),))
+    return Outcome(_evolve(s, reservations=kept), True, ((record_names.BUDGET_RELEASED, fields),))
 
 
 def _implied(s: Entry | None, event: SessionEvent, now: int, config: Config, own: bool = False) -> Outcome:
@@ -419,7 +419,7 @@ def _route(s: Entry | None, ev: Route, now: int, config: Config, decision_record
         if s is before:  # else the entry is this turn's own, unseen yet: set the slot in place
             s = _copy(s)
         _put_reservations(s, held)
-        records.append((R.BUDGET_RESERVED, {"reservation_id": rid, "micros": micros, "expires_at": expires,
+        records.append((record_names.BUDGET_RESERVED, {"reservation_id": rid, "micros": micros, "expires_at": expires,
                                             "reservations": [list(r) for r in held] if open_
                                             else [[rid, micros, expires]]}))
     if decision_record:
@@ -432,7 +432,7 @@ def _log_decision(records: list[Record], before: Entry | None, ev: Route, routed
     if before is None or (not before.model and before.request_count == 0):
         # The session's first routed turn carries the rules it was decided under (backtest re-runs them).
         fields["rules"] = rules_fields(ev.rules, config)
-    records.append((R.DECISION_MADE, fields))
+    records.append((record_names.DECISION_MADE, fields))
 
 
 @lru_cache(maxsize=16)
@@ -530,7 +530,7 @@ def _set_sticky(s: Entry | None, ev: SetCacheSticky, now: int) -> Outcome:
     new = _evolve(s, cache_sticky=True, cache_sticky_at=now, provider=ev.provider)
     fields = {"cache_sticky": True, "cache_sticky_at": now, "provider": ev.provider,
               "ttl_ms": cache_ttl_for_provider(ev.provider)}
-    return Outcome(new, None, ((R.STICKY_PINNED, fields),))
+    return Outcome(new, None, ((record_names.STICKY_PINNED, fields),))
 
 
 #: Deployment pins per (model group, tier) a session keeps; the oldest goes first.
@@ -549,7 +549,7 @@ def _set_group_deployment(s: Entry | None, ev: SetDeployment, now: int) -> Outco
     others = tuple(p for p in s.deployments if p[0] != ev.model or p[1] != tier)
     kept = (*others[len(others) - MAX_GROUP_DEPLOYMENTS + 1:], (ev.model, tier, ev.deployment))
     new = _evolve(s, deployments=kept)
-    return Outcome(new, None, (*created, (R.DEPLOYMENT_GROUP_SET, {
+    return Outcome(new, None, (*created, (record_names.DEPLOYMENT_GROUP_SET, {
         "group_model": ev.model, "group_tier": tier, "group_deployment": ev.deployment, "previous": previous,
         "deployments": [list(p) for p in kept]})))
 
@@ -560,7 +560,7 @@ def _set_deployment(s: Entry | None, ev: SetDeployment, now: int) -> Outcome:
     if s is None or s.deployment == ev.deployment:
         return Outcome(s, None, _NO_RECORDS)
     new = _evolve(s, deployment=ev.deployment)
-    return Outcome(new, None, ((R.DEPLOYMENT_SET, {"deployment": ev.deployment, "previous": s.deployment}),))
+    return Outcome(new, None, ((record_names.DEPLOYMENT_SET, {"deployment": ev.deployment, "previous": s.deployment}),))
 
 
 def _decision(s: Entry | None, ev: Decision) -> Outcome:
@@ -571,7 +571,7 @@ def _decision(s: Entry | None, ev: Decision) -> Outcome:
             fields[name] = value
     if ev.tier is not None:
         fields["tier"] = ev.tier.value  # type: ignore[union-attr]
-    return Outcome(s, None, ((R.DECISION_MADE, fields),))
+    return Outcome(s, None, ((record_names.DECISION_MADE, fields),))
 
 
 def _end(s: Entry | None, name: str, reason: str) -> Outcome:
@@ -627,12 +627,12 @@ def apply(state: Entry | None, event: SessionEvent, now: int, config: Config, *,
     elif t is Expire:
         out = Outcome(s, state is not None and s is None, _NO_RECORDS)
     elif t is Clear:
-        out = _end(s, R.SESSION_CLEARED, "cleared")
+        out = _end(s, record_names.SESSION_CLEARED, "cleared")
     elif t is Evict:
         if s is not None and event.last_used_at >= 0 and s.last_used_at != event.last_used_at:  # type: ignore[attr-defined]
             out = Outcome(s, False, _NO_RECORDS)  # used since the evictor looked: keep it
         else:
-            out = _end(s, R.SESSION_EVICTED, event.reason)  # type: ignore[attr-defined]
+            out = _end(s, record_names.SESSION_EVICTED, event.reason)  # type: ignore[attr-defined]
     else:
         raise InvalidEvent("event", f"must be a session event, got {t.__name__}")
     if settled:
@@ -642,4 +642,4 @@ def apply(state: Entry | None, event: SessionEvent, now: int, config: Config, *,
 
 def clear_for_all(state: Entry | None) -> Outcome:
     """``clear_all`` seen from one session: it ends with reason "clear_all"."""
-    return _end(state, R.SESSION_CLEARED, "clear_all")
+    return _end(state, record_names.SESSION_CLEARED, "clear_all")

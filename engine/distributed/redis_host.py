@@ -61,14 +61,14 @@ from engine.core.transitions import (
     next_deadline,
     stats_sessions,
 )
-from engine.log import chain as _chain
+from engine.log import chain
 from engine.log.render import UnrenderableRecord
 from engine.log.replay import LogCorrupt, State, fold, new_fields, segment_name, to_entry
 from engine.log.writer import drop_forbidden
 from engine.shell.capacity import TENANT_LIMIT, refusal, refused_error
 from engine.shell.shard import Shard, ShardFailed
 from events import ClearAll, EngineError, Evict, Expire, GetStats, InvalidEvent, SetSession, Tick
-from events import records as R
+from events import records as record_names
 
 logger = logging.getLogger("engine")
 
@@ -202,7 +202,7 @@ class RedisBackend:
         self._tokens = itertools.count()  # next() on a count is atomic under the GIL
         #: The buckets this process wrote records to: their heads are signed on close, when a key is set.
         self.written: set[int] = set()
-        self.signing_key = _chain.key_from_env()
+        self.signing_key = chain.key_from_env()
         self.log = RedisLog(self)
         buckets = self.keys.buckets
         # A session goes to the shard that reaps its bucket (bucket % shards: see owned()), so its events
@@ -296,8 +296,8 @@ def sign_heads(client: Any, keys: Keys, key: bytes, buckets: Iterator[int] | lis
             if newest and b'"event":"log.signed"' in newest[0][1].get(b"r", b""):
                 break  # signed since its last record (by this or another replica)
             seq, head = int(raw_seq), raw_head.decode("ascii")
-            record = {"ts": now_ms(), "event": R.LOG_SIGNED, "head_seq": seq, "head": head,
-                      "signature": _chain.sign(key, seq, bytes.fromhex(head))}
+            record = {"ts": now_ms(), "event": record_names.LOG_SIGNED, "head_seq": seq, "head": head,
+                      "signature": chain.sign(key, seq, bytes.fromhex(head))}
             reply = client.execute_command(*commit_command(
                 keys, sha, bucket, None, "*", head, "", 0, maxlen, token, "", "", "", 0, 0, [render_record(record)]))
             if reply[0] == 1:
@@ -723,18 +723,18 @@ def export_streams(url: str, directory: Path, *, namespace: str = "se", key: byt
     DIR`` accepts it. The Redis SHA-1 chain is not carried, nor the ``log.signed`` records that sign its heads:
     check them first (the CLI's export does). With a signing key (by default ``SESSION_ENGINE_AUDIT_KEY``), the
     segment ends with a ``log.signed`` record of its own head, as a file log's close writes one."""
-    from engine.log import chain as _chain
+    from engine.log import chain
 
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / segment_name(1)
     staging = directory / f".{path.name}.tmp"
     count = last_ts = 0
-    head = _chain.genesis()
+    head = chain.genesis()
     batch = bytearray()
     try:
         with open(staging, "wb") as f:
             for record in stream_records(url, namespace=namespace):
-                if record["event"] == R.LOG_SIGNED:
+                if record["event"] == record_names.LOG_SIGNED:
                     continue  # a signature of a Redis SHA-1 head: checked by verify_redis, meaningless here
                 count += 1
                 record["seq"] = count
@@ -743,19 +743,19 @@ def export_streams(url: str, directory: Path, *, namespace: str = "se", key: byt
                     record["genesis"] = head.hex()
                 batch += orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
                 if count % 1000 == 0:
-                    head = _chain.seal(batch, head)
+                    head = chain.seal(batch, head)
                     f.write(batch)
                     batch.clear()
             if batch:
-                head = _chain.seal(batch, head)
+                head = chain.seal(batch, head)
                 f.write(batch)
-            signing = _chain.key_from_env() if key == "env" else key
+            signing = chain.key_from_env() if key == "env" else key
             if signing and count:
                 count += 1
-                signed = {"seq": count, "ts": last_ts, "event": R.LOG_SIGNED, "head_seq": count - 1,
-                          "head": head.hex(), "signature": _chain.sign(signing, count - 1, head)}  # type: ignore[arg-type]
+                signed = {"seq": count, "ts": last_ts, "event": record_names.LOG_SIGNED, "head_seq": count - 1,
+                          "head": head.hex(), "signature": chain.sign(signing, count - 1, head)}  # type: ignore[arg-type]
                 batch = bytearray(orjson.dumps(signed, option=orjson.OPT_APPEND_NEWLINE))
-                _chain.seal(batch, head)
+                chain.seal(batch, head)
                 f.write(batch)
             f.flush()
             os.fsync(f.fileno())

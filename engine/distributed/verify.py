@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 
-from engine.log import chain as _chain
+from engine.log import chain
 from engine.log.verify import BadRecord, Problem, Report, Verifier, empty_report
-from events import records as R
+from events import records as record_names
 from events._schema import record_problem
 
 __all__ = ["verify_redis"]
@@ -50,7 +50,7 @@ def verify_redis(url: str, namespace: str = "se", key: bytes | None = None) -> R
         report.notes.append("no hash chain: the streams were written by a version before the Redis chain")
     elif key is not None and report.signatures_checked == 0 and report.records:
         report.status = "unsigned"
-        report.notes.append(f"a key is set ({_chain.KEY_ENV}) but the streams hold no signature (replicas sign "
+        report.notes.append(f"a key is set ({chain.KEY_ENV}) but the streams hold no signature (replicas sign "
                             f"on close with the key set; `session-engine sign URL` signs every bucket's head)")
     return report
 
@@ -90,7 +90,7 @@ def _verify_bucket(client: Any, keys: Any, bucket: int, report: Report, key: byt
             return bad(*problem)
         try:
             v.check_times(record)
-            if record["event"] == R.LOG_SIGNED:
+            if record["event"] == record_names.LOG_SIGNED:
                 if prev_seq is None:  # the entry it signs was trimmed: nothing left to check it against
                     report.signatures_unchecked += 1
                 elif record["head_seq"] != prev_seq or record["head"] != head:

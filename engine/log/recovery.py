@@ -28,7 +28,7 @@ from engine.log.replay import (
     segment_seq,
     to_entry,
 )
-from events import records as R
+from events import records as record_names
 
 logger = logging.getLogger("engine")
 
@@ -167,7 +167,7 @@ def recover(layout: Layout) -> Recovered:
 def _snapshot_bytes(path: Path) -> int:
     """Bytes of the leading ``log.snapshot`` lines (rotation keeps segments at least this long)."""
     size = 0
-    marker = f'"event":"{R.LOG_SNAPSHOT}"'.encode()
+    marker = f'"event":"{record_names.LOG_SNAPSHOT}"'.encode()
     with open(path, "rb") as f:
         for line in f:
             if marker not in line:

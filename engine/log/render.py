@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import structlog
 
-from engine.log import chain as _chain
+from engine.log import chain
 from events import EngineError
 
 __all__ = ["FORBIDDEN_KEYS", "RENDER_LINE", "EventDict", "Processor", "UnrenderableRecord", "default_processors",
@@ -100,7 +100,7 @@ def _render_into(data: bytearray, records: list[EventDict], seq: int, processors
             if per_record:
                 start = len(data)
                 data += render_line(None, "info", record)
-                head, pending = _chain.seal(data, head, start, pending), b""  # type: ignore[arg-type]
+                head, pending = chain.seal(data, head, start, pending), b""  # type: ignore[arg-type]
             else:
                 data += render_line(None, "info", record)
     else:
@@ -111,7 +111,7 @@ def _render_into(data: bytearray, records: list[EventDict], seq: int, processors
             line = render(record, processors)
             data += line if line.endswith(b"\n") else line + b"\n"
             if per_record:
-                head, pending = _chain.seal(data, head, start, pending), b""  # type: ignore[arg-type]
+                head, pending = chain.seal(data, head, start, pending), b""  # type: ignore[arg-type]
     if head is not None and data and not per_record:
-        head = _chain.seal(data, head, 0, pending)  # one seal for the whole batch
+        head = chain.seal(data, head, 0, pending)  # one seal for the whole batch
     return data, seq, head

@@ -29,7 +29,7 @@ from engine.core.entry import Entry, build_entry
 from engine.core.kinds import Kind
 from engine.core.rules import DOWNGRADE, LIFTING
 from events import EngineError, Tier
-from events import records as R
+from events import records as record_names
 from events._schema import LENIENT_CHECKS, record_problem
 
 
@@ -56,7 +56,8 @@ _UNPACKED = ("model", "tier", "created_at", "last_used_at", "request_count", "re
 if ENTRY_FIELDS != _UNPACKED:  # new_fields and to_entry name every field in this order
     raise ImportError(f"engine.log.replay handles the Entry fields {_UNPACKED}, Entry has {ENTRY_FIELDS}")
 #: Records that never change a session's state (their ``model``/``tier`` describe a decision, not the pin).
-STATELESS_RECORDS = frozenset({R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED, R.SESSION_REFUSED})
+STATELESS_RECORDS = frozenset({record_names.DECISION_MADE, record_names.INPUT_REJECTED, record_names.SHARD_RESTARTED,
+                               record_names.SESSION_REFUSED})
 SEGMENT_NAME = re.compile(r"^(\d{20})\.jsonl$")
 #: A single-file log's retired segment: ``<name>.<first seq, 20 digits>``.
 ARCHIVE_SUFFIX = re.compile(r"^\d{20}$")
@@ -157,7 +158,7 @@ class Share:
         """Whether a parsed record (one the prefix did not place) is this share's."""
         sid = record.get("session_id")
         if type(sid) is not str:  # a snapshot: every share's sessions; any other record of no session: share 0's
-            return self.index == 0 or record.get("event") == R.LOG_SNAPSHOT
+            return self.index == 0 or record.get("event") == record_names.LOG_SNAPSHOT
         return self.own(sid.encode()) is not False
 
 
@@ -250,7 +251,7 @@ def read_file(path: Path, tail: Tail, *, expect: int | None = None, last: bool =
     _finish(tail, line)
 
 
-_DECISION = R.DECISION_MADE
+_DECISION = record_names.DECISION_MADE
 
 
 def upcast_decision(record: dict[str, Any]) -> None:
@@ -285,9 +286,10 @@ def fold_file(path: Path, state: State, tail: Tail, *, expect: int | None = None
     """
     loads = orjson.loads
     decode_error = orjson.JSONDecodeError
-    created, snapshot, stateless, ending = R.SESSION_CREATED, R.LOG_SNAPSHOT, STATELESS_RECORDS, R.ENDING_RECORDS
-    used = (R.SESSION_TOUCHED, R.SESSION_UPDATED)  # both carry last_used_at and request_count
-    hashed, costed = R.HASH_RECORDED, R.COST_ADDED
+    created, snapshot = record_names.SESSION_CREATED, record_names.LOG_SNAPSHOT
+    stateless, ending = STATELESS_RECORDS, record_names.ENDING_RECORDS
+    used = (record_names.SESSION_TOUCHED, record_names.SESSION_UPDATED)  # both carry last_used_at and request_count
+    hashed, costed = record_names.HASH_RECORDED, record_names.COST_ADDED
     get = state.get
     update = _update
     following: Any = None  # the seq the next record must have; None until the first record is seen
@@ -449,7 +451,7 @@ def read_head(path: Path) -> dict[str, Any] | None:
 
 
 def starts_snapshot(record: dict[str, Any] | None) -> bool:
-    return record is not None and record["event"] == R.LOG_SNAPSHOT and record.get("part", 1) == 1
+    return record is not None and record["event"] == record_names.LOG_SNAPSHOT and record.get("part", 1) == 1
 
 
 def segment_seq(name: str) -> int | None:
@@ -499,7 +501,7 @@ def cut_opening(path: Path) -> bool:
     records are appended only after that. A bad line *followed* by more
     data is not a cut: reading it raises ``LogCorrupt`` as usual.
     """
-    marker = b'"event":"%s"' % R.LOG_SNAPSHOT.encode()
+    marker = b'"event":"%s"' % record_names.LOG_SNAPSHOT.encode()
     with open(path, "rb") as f:
         line = f.readline()
         first = _record(line)
@@ -523,7 +525,7 @@ def names_later_segment(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4096)
     match = re.match(rb'\s*\{"seq":(\d+)', head)
-    return R.LOG_SNAPSHOT.encode() in head or (match is not None and int(match.group(1)) > 1)
+    return record_names.LOG_SNAPSHOT.encode() in head or (match is not None and int(match.group(1)) > 1)
 
 
 def archives(path: Path) -> list[Path]:
@@ -651,7 +653,7 @@ def fold(state: State, record: dict[str, Any]) -> None:
     name = record["event"]
     sid = record.get("session_id")
     if sid is None:
-        if name == R.LOG_SNAPSHOT:
+        if name == record_names.LOG_SNAPSHOT:
             if record.get("part", 1) == 1:
                 state.clear()
             for snap_sid, fields in record["sessions"].items():
@@ -659,9 +661,9 @@ def fold(state: State, record: dict[str, Any]) -> None:
         return
     if name in STATELESS_RECORDS:
         return
-    if name == R.SESSION_CREATED:
+    if name == record_names.SESSION_CREATED:
         state[sid] = new_fields(record)
-    elif name in R.ENDING_RECORDS:
+    elif name in record_names.ENDING_RECORDS:
         state.pop(sid, None)
     else:
         fields = state.get(sid)

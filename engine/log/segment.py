@@ -23,11 +23,11 @@ import orjson
 
 from engine.core.entry import Entry
 from engine.core.transitions import entry_fields as core_entry_fields
-from engine.log import chain as _chain
+from engine.log import chain
 from engine.log.fault import AuditLogError, LogFault
 from engine.log.recovery import Layout
 from engine.log.replay import State, entry_fields
-from events import records as R
+from events import records as record_names
 
 __all__ = ["SNAPSHOT_PART", "Segments"]
 
@@ -91,19 +91,19 @@ class Segments:
                 if len(chunk) == SNAPSHOT_PART:
                     break
             seq += 1
-            record = {"seq": seq, "ts": self._last_ts, "event": R.LOG_SNAPSHOT, "part": part, "parts": parts,
+            record = {"seq": seq, "ts": self._last_ts, "event": record_names.LOG_SNAPSHOT, "part": part, "parts": parts,
                       "live": len(live), "sessions": chunk}
             if part == 1 and head is not None:
                 # The chain continues into the new segment: the snapshot names the head it follows,
                 # signed when a key is set, so the segment can be verified on its own.
                 record["chain_head"] = head.hex()
                 if self._key is not None:
-                    record["signature"] = _chain.sign(self._key, self.seq, head)
+                    record["signature"] = chain.sign(self._key, self.seq, head)
             lines.append(orjson.dumps(record))
         lines.append(b"")
         data = bytearray(b"\n".join(lines))
         if head is not None:
-            head = _chain.seal(data, head, 0, self._pending)
+            head = chain.seal(data, head, 0, self._pending)
         staging = self.layout.staging(first)
         cond = self._sync_cond
         with cond:
@@ -166,10 +166,10 @@ class Segments:
             return
         # Unsealed bytes left by a crash, with nothing appended since: the next store seals them, then signs.
         if self._key is not None and head != self._signed_head and not self._pending:
-            record = {"seq": self.seq + 1, "ts": self._last_ts, "event": R.LOG_SIGNED, "head_seq": self.seq,
-                      "head": head.hex(), "signature": _chain.sign(self._key, self.seq, head)}
+            record = {"seq": self.seq + 1, "ts": self._last_ts, "event": record_names.LOG_SIGNED, "head_seq": self.seq,
+                      "head": head.hex(), "signature": chain.sign(self._key, self.seq, head)}
             data = bytearray(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
-            new_head = _chain.seal(data, head)
+            new_head = chain.seal(data, head)
             try:
                 _write_all(self._os, self._fd, data)
             except OSError:

@@ -29,19 +29,19 @@ from typing import Any
 
 import orjson
 
-from engine.log import chain as _chain
+from engine.log import chain
 from engine.log.replay import history_files, torn_tail
-from events import records as R
+from events import records as record_names
 from events._schema import STRICT_CHECKS, record_problem
 
 __all__ = ["BadRecord", "Problem", "Report", "Verifier", "empty_report", "verify", "verify_files"]
 
 #: Exit status of ``audit --verify``: verified; a bad record; (2 is a usage or I/O error); nothing proven.
 EXIT_OK, EXIT_BAD, EXIT_UNPROVEN = 0, 1, 3
-_SNAPSHOT = R.LOG_SNAPSHOT
-_ENDINGS = R.ENDING_RECORDS
+_SNAPSHOT = record_names.LOG_SNAPSHOT
+_ENDINGS = record_names.ENDING_RECORDS
 #: Records the chain itself reads (a snapshot's chain_head, a signed head).
-_CHAIN_RECORDS = frozenset({R.LOG_SNAPSHOT, R.LOG_SIGNED})
+_CHAIN_RECORDS = frozenset({record_names.LOG_SNAPSHOT, record_names.LOG_SIGNED})
 
 
 @dataclass(slots=True)
@@ -135,9 +135,9 @@ class Verifier:
         self.prev_seq = seq
         if "last_used_at" in record or name in _ENDINGS:
             self.check_times(record)
-        # The common line: inside a chained batch, no anchor, no signature. Everything else: _chain.
+        # The common line: inside a chained batch, no anchor, no signature. Everything else: chain.
         if (self.head is not None and name not in _CHAIN_RECORDS and "genesis" not in record
-                and not (raw.endswith(b'"}\n') and _chain.unseal(raw)) and "chain" not in record):
+                and not (raw.endswith(b'"}\n') and chain.unseal(raw)) and "chain" not in record):
             self.hasher.update(raw)
             self.pending += 1
             return
@@ -148,13 +148,13 @@ class Verifier:
         if sid is None:
             return
         name = record["event"]
-        if name in R.ENDING_RECORDS:
+        if name in record_names.ENDING_RECORDS:
             self.last_used.pop(sid, None)
             return
         used = record.get("last_used_at")
-        if used is None or name == R.DECISION_MADE:
+        if used is None or name == record_names.DECISION_MADE:
             return
-        if name == R.SESSION_CREATED:
+        if name == record_names.SESSION_CREATED:
             if record["created_at"] > used:
                 raise BadRecord("created_at", "not after last_used_at")
         elif used < self.last_used.get(sid, 0):
@@ -171,7 +171,7 @@ class Verifier:
 
     def _chain(self, raw: bytes, record: dict[str, Any], seq: int) -> None:
         report = self.report
-        sealed = _chain.unseal(raw)
+        sealed = chain.unseal(raw)
         if "chain" in record and sealed is None:
             raise BadRecord("chain", "the last field of its line")
         if "genesis" in record:
@@ -179,14 +179,14 @@ class Verifier:
                 raise BadRecord("genesis", "only on the first chained record of a log")
             self._anchor(record["genesis"], "genesis", seq)
         name = record["event"]
-        if name == R.LOG_SNAPSHOT and "chain_head" in record:
+        if name == record_names.LOG_SNAPSHOT and "chain_head" in record:
             if self.head is None:
                 self._anchor(record["chain_head"], "snapshot", seq)
             elif self.pending or record["chain_head"] != self.head.hex():
                 raise BadRecord("chain_head", "the chain's head after the previous segment")
             if "signature" in record:
                 self.check_signature(seq - 1, record["chain_head"], record["signature"])
-        elif name == R.LOG_SIGNED:
+        elif name == record_names.LOG_SIGNED:
             if self.head is None or self.pending or record["head"] != self.head.hex() or record["head_seq"] != seq - 1:
                 raise BadRecord("head", "the chain's head after the previous record")
             self.check_signature(record["head_seq"], record["head"], record["signature"])
@@ -221,8 +221,8 @@ class Verifier:
         if self.key is None:
             report.signatures_unchecked += 1
             return
-        if not hmac.compare_digest(_chain.sign(self.key, seq, bytes.fromhex(head)), signature):
-            raise BadRecord("signature", f"the HMAC-SHA256 of the head at seq {seq} under the key in {_chain.KEY_ENV}")
+        if not hmac.compare_digest(chain.sign(self.key, seq, bytes.fromhex(head)), signature):
+            raise BadRecord("signature", f"the HMAC-SHA256 of the head at seq {seq} under the key in {chain.KEY_ENV}")
         report.signatures_checked += 1
         report.signed_through_seq = seq
 
@@ -231,7 +231,7 @@ def parse_head(text: str) -> tuple[int, str]:
     """``SEQ:HEX`` (a head exported by ``on_log_head``, the metric or the host's log) as (seq, lower-case hex)."""
     seq, sep, value = text.partition(":")
     value = value.strip().lower()
-    if not sep or not seq.strip().isdigit() or not 8 <= len(value) <= _chain.HEX_LEN \
+    if not sep or not seq.strip().isdigit() or not 8 <= len(value) <= chain.HEX_LEN \
             or any(c not in "0123456789abcdef" for c in value):
         raise ValueError(f"expected SEQ:HEX (a seq, then 8 to 64 hex digits of the head), got {text!r}")
     return int(seq), value
@@ -313,9 +313,9 @@ def verify_files(files: list[Path], name: str, key: bytes | None = None,
                                 "the next restart seals them")
         if key is not None and report.signatures_checked == 0:
             report.status = "unsigned"
-            report.notes.append(f"a key is set ({_chain.KEY_ENV}) but the log holds no signature")
+            report.notes.append(f"a key is set ({chain.KEY_ENV}) but the log holds no signature")
         elif key is None and report.signatures_unchecked:
-            report.notes.append(f"{report.signatures_unchecked} signature(s) not checked: set {_chain.KEY_ENV}")
+            report.notes.append(f"{report.signatures_unchecked} signature(s) not checked: set {chain.KEY_ENV}")
     return report
 
 

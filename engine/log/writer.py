@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engine.core.entry import Entry
-from engine.log import chain as _chain
+from engine.log import chain as hash_chain
 from engine.log.fault import AuditLogError, LogFault
 from engine.log.recovery import Layout, Recovered, recover
 from engine.log.render import (
@@ -129,8 +129,8 @@ class FileLog(Segments):
                  os_calls: Any = None) -> None:
         if fsync not in ("always", "interval", "never"):
             raise AuditLogError(f"fsync must be always, interval or never, got {fsync!r}")
-        if chain not in _chain.CHAIN_MODES:
-            raise AuditLogError(f"chain must be one of {', '.join(_chain.CHAIN_MODES)}, got {chain!r}")
+        if chain not in hash_chain.CHAIN_MODES:
+            raise AuditLogError(f"chain must be one of {', '.join(hash_chain.CHAIN_MODES)}, got {chain!r}")
         self.layout = Layout.of(path)
         self.path = self.layout.path
         self._lock_fd = -1
@@ -159,13 +159,13 @@ class FileLog(Segments):
         # The hash chain: the head after the last sealed batch, the bytes written after it that the next
         # seal covers (a batch a crash left unsealed), and whether the next record carries the genesis.
         self._chain = chain
-        self._key = _chain.key_from_env() if signing_key == "env" else signing_key  # type: ignore[assignment]
+        self._key = hash_chain.key_from_env() if signing_key == "env" else signing_key  # type: ignore[assignment]
         self._head: bytes | None = None
         self._pending = b""
         self._genesis_due = False
         if chain != "off":
             if found.head is None:  # a new log, or one written without a chain: start one here
-                self._head, self._genesis_due = _chain.genesis(), True
+                self._head, self._genesis_due = hash_chain.genesis(), True
             else:
                 self._head, self._pending = found.head, self._unsealed(found.head_file or self.active, found.head_end)
         self._signed_head = self._head

@@ -26,7 +26,7 @@ from typing import Any
 from engine.core.scope import tenant_of
 from engine.core.transitions import Outcome
 from events import EngineError, SetSession
-from events import records as R
+from events import records as record_names
 
 #: Eviction reasons, as logged in ``session.evicted``.
 CAPACITY = "capacity"
@@ -44,7 +44,7 @@ class SessionRefused(EngineError):
 def refusal(limit: int | None, result: Any = None) -> Outcome:
     """A creation its tenant's creation rate refused, on either backend: no session, one ``session.refused``
     record naming the reason and the configured ``max_creations_per_tenant_per_minute``."""
-    return Outcome(None, result, ((R.SESSION_REFUSED, {"reason": TENANT_RATE, "limit": limit}),))
+    return Outcome(None, result, ((record_names.SESSION_REFUSED, {"reason": TENANT_RATE, "limit": limit}),))
 
 
 def refused_error(limit: int | None, detail: str = "") -> SessionRefused:

@@ -21,7 +21,7 @@ from engine.shell.guard import guarded_observer
 from engine.shell.reply import Reply
 from engine.shell.shard import DRAIN, Mailbox, Shard
 from events import EngineError, SessionEvent
-from events import records as R
+from events import records as record_names
 
 log = logging.getLogger("engine")
 
@@ -203,7 +203,7 @@ class Runtime:
         now = now_ms()
         for sid, _, _ in victims:
             self.states[self.shard_of(sid)].sessions.pop(sid, None)  # its deadlines go stale
-        records = [{"seq": 0, "ts": now, "event": R.SESSION_EVICTED, "session_id": sid, "reason": reason}
+        records = [{"seq": 0, "ts": now, "event": record_names.SESSION_EVICTED, "session_id": sid, "reason": reason}
                    for sid, _, reason in victims]
         self.log.append(records)  # transitions: a log that refuses them fails the store's start
         if self.observer is not None:
@@ -280,7 +280,7 @@ class Runtime:
                 return
             self.restarts += 1
             self.shards[index] = self.shard_class.start(self, index, self.states[index])
-            record = {"seq": 0, "ts": now_ms(), "event": R.SHARD_RESTARTED, "shard": index,
+            record = {"seq": 0, "ts": now_ms(), "event": record_names.SHARD_RESTARTED, "shard": index,
                       "error": type(error).__name__ if error else None,
                       "sessions": len(self.states[index].sessions)}
             # A note: a log that cannot take it must not keep the new incarnation from draining.

@@ -38,7 +38,7 @@ from engine.core.transitions import (
 from engine.log.fault import AuditLogError
 from engine.log.render import UnrenderableRecord
 from events import ClearAll, EngineError, Evict, GetCost, GetSession, GetStats, IsCacheSticky, Tick
-from events import records as R
+from events import records as record_names
 
 if TYPE_CHECKING:
     from engine.shell.runtime import Runtime
@@ -406,7 +406,7 @@ class Shard(pykka.ThreadingActor):
             new, settled = settle(state, now, config)
             for name, fields in settled:
                 records.append({"seq": 0, "ts": now, "event": name, "session_id": sid, **fields})
-                if name == R.SESSION_EXPIRED:
+                if name == record_names.SESSION_EXPIRED:
                     count += 1
             if new is None:
                 del sessions[sid]

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine.core.scope import TENANT_LEN, split, tenant_of
-from events import records as R
+from events import records as record_names
 
 #: Most items kept in one list of a Life (counts stay exact): bounds memory for very long sessions.
 MAX_ITEMS = 100
@@ -118,7 +118,8 @@ class Life:
         return sum(r[1] for r in self.reservations)
 
 
-_ENDINGS = {R.SESSION_EXPIRED: "expired", R.SESSION_CLEARED: "cleared", R.SESSION_EVICTED: "evicted"}
+_ENDINGS = {record_names.SESSION_EXPIRED: "expired", record_names.SESSION_CLEARED: "cleared",
+            record_names.SESSION_EVICTED: "evicted"}
 
 
 def _start(sid: str, fields: dict[str, Any], ts: int, origin: str) -> Life:
@@ -189,7 +190,8 @@ def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Itera
         ts = record.get("ts", 0)
         sid = record.get("session_id")
         if held is not None:
-            if name == R.SESSION_CREATED and sid == held.session_id and record.get("cause") == "budget_ledger":
+            if (name == record_names.SESSION_CREATED and sid == held.session_id
+                    and record.get("cause") == "budget_ledger"):
                 live[sid] = held
                 _continue_ledger(held, record, ts)
                 held.last_seq = record["seq"]
@@ -198,7 +200,7 @@ def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Itera
             yield held
             held = None
         if sid is None:
-            if name == R.LOG_SNAPSHOT:
+            if name == record_names.LOG_SNAPSHOT:
                 # History before the snapshot may be deleted: sessions first seen here start "restored".
                 for snap_sid, fields in record.get("sessions", {}).items():
                     if tenant is not None and tenant_of(snap_sid) != tenant:
@@ -212,7 +214,7 @@ def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Itera
         if tenant is not None and tenant_of(sid) != tenant:
             continue
         life = live.get(sid)
-        if name == R.SESSION_CREATED:
+        if name == record_names.SESSION_CREATED:
             cause = record.get("cause")
             if cause == "budget_ledger" and life is not None:  # (never: the expiry comes first) the same budget
                 _continue_ledger(life, record, ts)
@@ -227,31 +229,32 @@ def lives(records: Iterable[dict[str, Any]], tenant: str | None = None) -> Itera
             if "idle_ms" in record:
                 life.ended["idle_ms"] = record["idle_ms"]
             del live[sid]
-            if name == R.SESSION_EXPIRED and (life.cost_micros + life.carried_micros > 0 or life.reservations):
+            if (name == record_names.SESSION_EXPIRED
+                    and (life.cost_micros + life.carried_micros > 0 or life.reservations)):
                 held = life  # its budget ledger may continue: the next record says
             else:
                 yield life
             continue
         _update(life, record)
-        if name == R.SESSION_UPDATED and "model" in record:
+        if name == record_names.SESSION_UPDATED and "model" in record:
             life.in_ledger = False
             life.note_model(record["model"], record.get("tier"))
-        elif name == R.SESSION_ESCALATED:
+        elif name == record_names.SESSION_ESCALATED:
             life.escalation_count += 1
             _push(life.escalations, {"ts": ts, "from_tier": record.get("from_tier"), "to_tier": record.get("tier"),
                                      "reason": record.get("reason")})
             life.note_model(None, record.get("tier"))
-        elif name == R.STICKY_PINNED:
+        elif name == record_names.STICKY_PINNED:
             life.pin_count += 1
             _push(life.pins, {"ts": ts, "provider": record.get("provider"), "ttl_ms": record.get("ttl_ms"),
                               "ended_at": None})
-        elif name == R.STICKY_EXPIRED:
+        elif name == record_names.STICKY_EXPIRED:
             if life.pins and life.pins[-1]["ended_at"] is None:
                 life.pins[-1]["ended_at"] = ts
-        elif name == R.DECISION_MADE:
+        elif name == record_names.DECISION_MADE:
             life.decision_count += 1
             _push(life.decisions, {"ts": ts, **{k: record[k] for k in _DECISION_KEYS if k in record}})
-        elif name == R.INPUT_REJECTED:
+        elif name == record_names.INPUT_REJECTED:
             life.rejected += 1
     if held is not None:
         yield held
@@ -316,7 +319,7 @@ def explain(record: dict[str, Any], before: dict[str, Any]) -> str:
     """One transition in words; ``before`` holds the session's fields before it (updated here)."""
     name = record["event"]
     r = record.get
-    if name == R.SESSION_CREATED:
+    if name == record_names.SESSION_CREATED:
         before.clear()
         before.update(record)
         if r("cause") == "cost":
@@ -332,7 +335,7 @@ def explain(record: dict[str, Any], before: dict[str, Any]) -> str:
         explicit = ", chosen explicitly by the user" if r("user_explicit") else ""
         return f"created: pinned to model {r('model')!r}, tier {_tier(r('tier'))}{explicit}; request 1"
     text = ""
-    if name == R.SESSION_UPDATED:
+    if name == record_names.SESSION_UPDATED:
         if "model" in record and not before.get("model"):
             text = f"request {r('request_count')}: pinned to model {r('model')!r}, tier {_tier(r('tier'))}"
         elif "model" in record:
@@ -342,67 +345,67 @@ def explain(record: dict[str, Any], before: dict[str, Any]) -> str:
             text = f"request {r('request_count')} on the pinned model {before.get('model')!r}"
         if r("user_explicit"):
             text += "; the pin is now user-explicit (never auto-escalated)"
-    elif name == R.SESSION_TOUCHED:
+    elif name == record_names.SESSION_TOUCHED:
         text = f"touched: request {r('request_count')}, idle timer restarted"
-    elif name == R.HASH_RECORDED:
+    elif name == record_names.HASH_RECORDED:
         if r("strikes", 0) > before.get("strikes", 0):
             text = f"request hash repeats the previous one: strike {r('strikes')}"
         else:
             text = f"request hash recorded (strikes stay {r('strikes')})"
-    elif name == R.SESSION_ESCALATED:
+    elif name == record_names.SESSION_ESCALATED:
         why = "repeated identical requests reached the strike limit" if r("reason") == "strikes" \
             else f"reason: {r('reason')}"
         text = f"escalated from tier {_tier(r('from_tier'))} to {_tier(r('tier'))} ({why})"
-    elif name == R.COST_ADDED:
+    elif name == record_names.COST_ADDED:
         text = f"cost {fmt_usd(r('micros', 0))} added; session total {fmt_usd(r('session_cost_micros', 0))}"
         if r("reservation_id"):
             text += (f"; settles reservation {r('reservation_id')} (estimate {fmt_usd(r('estimate_micros', 0))} "
                      "replaced by the actual cost)")
-    elif name == R.BUDGET_RESERVED:
+    elif name == record_names.BUDGET_RESERVED:
         text = (f"budget reserved: {fmt_usd(r('micros', 0))} held for this request (reservation "
                 f"{r('reservation_id')}, lapses at {fmt_ts(r('expires_at'))}); {len(r('reservations', []))} open")
-    elif name == R.BUDGET_RELEASED:
+    elif name == record_names.BUDGET_RELEASED:
         text = f"budget released: reservation {r('reservation_id')} ({fmt_usd(r('micros', 0))}) given back, no cost"
-    elif name == R.BUDGET_LAPSED:
+    elif name == record_names.BUDGET_LAPSED:
         text = (f"budget reservation(s) {', '.join(r('reservation_ids', []))} lapsed unsettled after their TTL: "
                 f"{fmt_usd(r('micros', 0))} freed")
-    elif name == R.STICKY_PINNED:
+    elif name == record_names.STICKY_PINNED:
         text = (f"cache-pinned to provider {r('provider')!r} while its prefix cache is warm "
                 f"(ends after {_secs(r('ttl_ms'))} idle)")
-    elif name == R.STICKY_EXPIRED:
+    elif name == record_names.STICKY_EXPIRED:
         text = f"cache pin ended: idle {_secs(r('idle_ms'))}, past the provider's cache TTL"
-    elif name == R.DEPLOYMENT_SET:
+    elif name == record_names.DEPLOYMENT_SET:
         was = f"was {r('previous')!r}" if r("previous") else "none before"
         text = (f"served by deployment {r('deployment')!r} ({was})" if r("deployment") else
                 f"no deployment yet for the new model ({was}, which served the model the pin left)")
-    elif name == R.DEPLOYMENT_GROUP_SET:
+    elif name == record_names.DEPLOYMENT_GROUP_SET:
         was = f"was {r('previous')!r}" if r("previous") else "none before"
         tier = f" at {r('group_tier')}" if r("group_tier") else ""
         text = f"{r('group_model')}{tier} served by deployment {r('group_deployment')!r} ({was}); the pin's own kept"
-    elif name == R.DECISION_MADE:
+    elif name == record_names.DECISION_MADE:
         parts = [f"{k} {r(k)}" for k in ("model", "tier", "provider", "deployment", "strategy", "source")
                  if r(k)]
         text = f"routing decision {r('kind')!r}" + (f": {', '.join(parts)}" if parts else "")
         if r("reason"):
             text += f" because {r('reason')}"
-    elif name == R.SESSION_EXPIRED:
+    elif name == record_names.SESSION_EXPIRED:
         text = f"expired: idle {_secs(r('idle_ms'))}, longer than the session timeout"
-    elif name == R.SESSION_EVICTED and r("reason") == "tenant_limit":
+    elif name == record_names.SESSION_EVICTED and r("reason") == "tenant_limit":
         text = ("evicted: its tenant was at max_sessions_per_tenant and this was the tenant's least recently "
                 "used session")
-    elif name == R.SESSION_EVICTED:
+    elif name == record_names.SESSION_EVICTED:
         text = "evicted: the store was at max_sessions and this was the least recently used session"
-    elif name == R.SESSION_REFUSED:
+    elif name == record_names.SESSION_REFUSED:
         text = (f"not created: its tenant had created {r('limit')} sessions in the last minute "
                 "(max_creations_per_tenant_per_minute)")
-    elif name == R.SESSION_CLEARED:
+    elif name == record_names.SESSION_CLEARED:
         text = "cleared by clear_all()" if r("reason") == "clear_all" else "cleared by clear_session()"
-    elif name == R.INPUT_REJECTED:
+    elif name == record_names.INPUT_REJECTED:
         text = f"input rejected: {r('operation')} with a bad {r('field')} ({r('rule')}); nothing changed"
     else:
         changed = {k: v for k, v in record.items() if k not in _ENVELOPE}
         text = f"{name}: {changed}"
-    if name not in (R.DECISION_MADE, R.INPUT_REJECTED):
+    if name not in (record_names.DECISION_MADE, record_names.INPUT_REJECTED):
         before.update(record)
     return text
 
@@ -412,7 +415,7 @@ def timeline(records: Iterable[dict[str, Any]], session_id: str) -> Iterator[dic
     before: dict[str, Any] = {}
     for record in records:
         sid = record.get("session_id")
-        if sid is None and record["event"] == R.LOG_SNAPSHOT:
+        if sid is None and record["event"] == record_names.LOG_SNAPSHOT:
             fields = record.get("sessions", {}).get(session_id)
             if fields is not None and not before:
                 before.update(fields)

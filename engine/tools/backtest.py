@@ -46,7 +46,7 @@ from engine.log.replay import (
     to_entry,
 )
 from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, SetDeployment, Tier
-from events import records as R
+from events import records as record_names
 from events._validate import MAX_MICROS, check_session_id
 
 __all__ = ["OPTIONS", "BacktestResult", "Figures", "Prices", "backtest", "parse_changes", "run_backtest"]
@@ -61,23 +61,25 @@ OPTIONS: dict[str, str] = {
 }
 #: Records a route's turn writes besides its decision (the baseline's escalations and pin moves are
 #: counted from these, as the variant's are from the records its own turn produces).
-_TURN_RECORDS = frozenset({R.SESSION_CREATED, R.SESSION_UPDATED, R.SESSION_TOUCHED, R.HASH_RECORDED,
-                           R.SESSION_ESCALATED, R.STICKY_PINNED, R.DEPLOYMENT_SET, R.BUDGET_RESERVED,
-                           R.STICKY_EXPIRED, R.BUDGET_LAPSED, R.DEPLOYMENT_GROUP_SET})
-_ENDINGS = frozenset({R.SESSION_EXPIRED, R.SESSION_CLEARED, R.SESSION_EVICTED})
+_TURN_RECORDS = frozenset({record_names.SESSION_CREATED, record_names.SESSION_UPDATED, record_names.SESSION_TOUCHED,
+                           record_names.HASH_RECORDED,
+                           record_names.SESSION_ESCALATED, record_names.STICKY_PINNED, record_names.DEPLOYMENT_SET,
+                           record_names.BUDGET_RESERVED,
+                           record_names.STICKY_EXPIRED, record_names.BUDGET_LAPSED, record_names.DEPLOYMENT_GROUP_SET})
+_ENDINGS = frozenset({record_names.SESSION_EXPIRED, record_names.SESSION_CLEARED, record_names.SESSION_EVICTED})
 #: Records the backtest reads nothing of but seq, event, session_id (and whether session.updated has a model):
 #: the reader checks only those for them (read_file's ``light``); the rest get every value-domain check.
-_LIGHT = (_TURN_RECORDS - {R.DEPLOYMENT_SET, R.DEPLOYMENT_GROUP_SET}) | _ENDINGS
+_LIGHT = (_TURN_RECORDS - {record_names.DEPLOYMENT_SET, record_names.DEPLOYMENT_GROUP_SET}) | _ENDINGS
 _TIER = {t.value: t for t in Tier}
 
 
 def _set_deployment(sid: str, record: dict[str, Any]) -> SetDeployment:
     """The deployment a ``deployment.set`` or ``deployment.group_set`` record the caller reported names."""
-    if record["event"] == R.DEPLOYMENT_GROUP_SET:
+    if record["event"] == record_names.DEPLOYMENT_GROUP_SET:
         return SetDeployment(sid, record["group_deployment"], record["group_model"],
                              _TIER.get(record["group_tier"]))
     return SetDeployment(sid, record["deployment"])
-_ESCALATED, _UPDATED = R.SESSION_ESCALATED, R.SESSION_UPDATED
+_ESCALATED, _UPDATED = record_names.SESSION_ESCALATED, record_names.SESSION_UPDATED
 _NEVER_MS = 10**15
 
 
@@ -417,11 +419,13 @@ class _Run:
         result = self.result
         only = self.session
         count = result.records
-        decision, cost, turn_records, released, endings = (R.DECISION_MADE, R.COST_ADDED, _TURN_RECORDS,
-                                                           R.BUDGET_RELEASED, _ENDINGS)
-        updated, deployment_sets = R.SESSION_UPDATED, (R.DEPLOYMENT_SET, R.DEPLOYMENT_GROUP_SET)
+        decision, cost, turn_records, released, endings = (record_names.DECISION_MADE, record_names.COST_ADDED,
+                                                           _TURN_RECORDS,
+                                                           record_names.BUDGET_RELEASED, _ENDINGS)
+        updated, deployment_sets = record_names.SESSION_UPDATED, (record_names.DEPLOYMENT_SET,
+                                                                  record_names.DEPLOYMENT_GROUP_SET)
         held_of, ended = self.held, self.ended
-        escalated, created = R.SESSION_ESCALATED, R.SESSION_CREATED
+        escalated, created = record_names.SESSION_ESCALATED, record_names.SESSION_CREATED
         # The turn records just before a decision (consecutive seqs, the same session): the baseline's
         # escalations and pin moves in that decision's turn.
         run_sid: str | None = None
@@ -432,7 +436,7 @@ class _Run:
             sid = r.get("session_id")  # the other records of no session
             if sid is None:
                 count += first
-                if r["event"] == R.LOG_SNAPSHOT and (
+                if r["event"] == record_names.LOG_SNAPSHOT and (
                         count == r.get("part", 1) if share is None
                         else r["seq"] - self.start.first["seq"] + 1 == r.get("part", 1)):  # type: ignore[union-attr]
                     # The log starts at a snapshot (its older history deleted): the sessions live then.
@@ -450,7 +454,7 @@ class _Run:
             name = r["event"]
             if held_of:
                 held = held_of.pop(sid, None)
-                if held is not None and not ((name == R.BUDGET_RESERVED or name == decision)
+                if held is not None and not ((name == record_names.BUDGET_RESERVED or name == decision)
                                              and r["seq"] == held["seq"] + 1):
                     # A deployment the caller reported (record_response), not one the route's turn chose.
                     self._apply(sid, _set_deployment(sid, held), held["ts"], self._config(sid))
@@ -480,7 +484,7 @@ class _Run:
             elif name in endings:
                 ended_state = self.states.pop(sid, None)
                 self.last.pop(sid, None)
-                if ended_state is not None and name == R.SESSION_EXPIRED:
+                if ended_state is not None and name == record_names.SESSION_EXPIRED:
                     self.ended[sid] = ended_state
                 continue
             if name == created and r.get("cause") == "budget_ledger":

@@ -192,7 +192,7 @@ def run_replicated(cfg: Any, progress: bool = False, out: Any = None, err: Any =
     from engine.store import SessionStore
     from engine.tools.simulation import START_MS, RecordCounter, SimClock, SimulationResult, summary_table
     from engine.tools.workload import Workload
-    from events import records as R
+    from events import records as record_names
 
     out = out or Console()
     step_ms = cfg.clock_speed * 1000
@@ -245,11 +245,11 @@ def run_replicated(cfg: Any, progress: bool = False, out: Any = None, err: Any =
     ledgers += counter.ledgers
     result = SimulationResult(
         requests=done, sessions_seen=len(workload.conversations),
-        sessions_created=records[R.SESSION_CREATED] - ledgers, ledger_continuations=ledgers,
-        live_sessions=live, strikes=strikes, escalations=records[R.SESSION_ESCALATED],
-        expiries=records[R.SESSION_EXPIRED], expiries_by_clock=by_clock, resumed_after_expiry=resumed,
-        evictions=records[R.SESSION_EVICTED], cache_pins=records[R.STICKY_PINNED],
-        cache_pins_lapsed=records[R.STICKY_EXPIRED], explicit_pins=explicit + counter.explicit,
+        sessions_created=records[record_names.SESSION_CREATED] - ledgers, ledger_continuations=ledgers,
+        live_sessions=live, strikes=strikes, escalations=records[record_names.SESSION_ESCALATED],
+        expiries=records[record_names.SESSION_EXPIRED], expiries_by_clock=by_clock, resumed_after_expiry=resumed,
+        evictions=records[record_names.SESSION_EVICTED], cache_pins=records[record_names.STICKY_PINNED],
+        cache_pins_lapsed=records[record_names.STICKY_EXPIRED], explicit_pins=explicit + counter.explicit,
         cost_micros=cost + counter.cost, records=n_records, log_seq_ok=seq_ok, simulated_ms=int(done * step_ms),
         wall_s=time.perf_counter() - started, peak_threads=peak_threads, record_counts=dict(sorted(records.items())))
     table = summary_table(cfg, result, Path(f"Redis streams ({keys.buckets} buckets; seq checked per bucket)"))

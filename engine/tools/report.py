@@ -25,7 +25,7 @@ from typing import Any
 
 from engine.core.kinds import Kind
 from engine.tools.audit import Life, explain, lives
-from events import records as R
+from events import records as record_names
 
 __all__ = ["BUCKET_WIDTHS_MS", "Bucket", "Digest", "Timeline", "add_timelines", "digest", "read_digest"]
 
@@ -40,9 +40,9 @@ TOP_SESSIONS = 10
 MAX_POINTS = 600
 #: Most other timeline marks (escalations, pin changes, cache pins, the ending) kept per session.
 MAX_MARKS = 300
-_ENDINGS = frozenset({R.SESSION_EXPIRED, R.SESSION_CLEARED, R.SESSION_EVICTED})
-_REQUESTS = frozenset({R.SESSION_UPDATED, R.SESSION_TOUCHED})
-_MARKED = _ENDINGS | {R.SESSION_ESCALATED, R.STICKY_PINNED, R.SESSION_CREATED}
+_ENDINGS = frozenset({record_names.SESSION_EXPIRED, record_names.SESSION_CLEARED, record_names.SESSION_EVICTED})
+_REQUESTS = frozenset({record_names.SESSION_UPDATED, record_names.SESSION_TOUCHED})
+_MARKED = _ENDINGS | {record_names.SESSION_ESCALATED, record_names.STICKY_PINNED, record_names.SESSION_CREATED}
 #: A timeline mark's name for an idle expiry whose budget ledger continued (the same lifetime goes on).
 LEDGER_MARK = "budget_ledger"
 
@@ -74,19 +74,20 @@ class Timeline:
     def add(self, record: dict[str, Any]) -> None:
         name, ts = record["event"], record.get("ts", 0)
         text = explain(record, self.before)
-        if name == R.COST_ADDED:
+        if name == record_names.COST_ADDED:
             _thin(self.cost, (ts, record.get("session_cost_micros", 0)), MAX_POINTS)
-        elif name == R.DECISION_MADE:
+        elif name == record_names.DECISION_MADE:
             self.decisions_seen += 1
             _thin(self.decisions, (ts, str(record.get("kind")), str(record.get("model") or ""),
                                    record.get("tier"), text), MAX_POINTS)
-        elif name == R.SESSION_CREATED and record.get("cause") == "budget_ledger":
+        elif name == record_names.SESSION_CREATED and record.get("cause") == "budget_ledger":
             # Not an end and a start: the pin expired idle and the same budget goes on (one mark for both).
-            if self.marks and self.marks[-1][1] == R.SESSION_EXPIRED:
+            if self.marks and self.marks[-1][1] == record_names.SESSION_EXPIRED:
                 text = f"{self.marks.pop()[2]}; {text}"
             if len(self.marks) < MAX_MARKS:
                 self.marks.append((ts, LEDGER_MARK, text))
-        elif (name in _MARKED or (name == R.SESSION_UPDATED and "model" in record)) and len(self.marks) < MAX_MARKS:
+        elif ((name in _MARKED or (name == record_names.SESSION_UPDATED and "model" in record))
+              and len(self.marks) < MAX_MARKS):
             self.marks.append((ts, name, text))
 
 
@@ -186,19 +187,19 @@ class Digest:
         name = record.get("event")
         sid = record.get("session_id")
         if sid is None:
-            if name == R.LOG_SNAPSHOT:
+            if name == record_names.LOG_SNAPSHOT:
                 for snap_sid, fields in (record.get("sessions") or {}).items():
                     self.live_strikes[snap_sid] = fields.get("strikes", 0)
                     if fields.get("model"):
                         self.live_model.setdefault(snap_sid, fields["model"])
             return
-        if name == R.COST_ADDED:
+        if name == record_names.COST_ADDED:
             micros = record.get("micros", 0)
             if type(micros) is int and micros > 0:
                 self.spend_micros += micros
                 self.bucket(ts).spend_micros += micros
                 self.model_spend.add(self.live_model.get(sid) or "(no model)", micros)
-        elif name == R.DECISION_MADE:
+        elif name == record_names.DECISION_MADE:
             kind = str(record.get("kind") or "unknown")
             self.decision_kinds.add(kind)
             b = self.bucket(ts)
@@ -210,17 +211,17 @@ class Digest:
                 # A lifting stall escalation (stall_lift) moves no pin and writes no session.escalated.
                 self.escalations.add("strikes")
                 b.escalations += 1
-        elif name == R.HASH_RECORDED:
+        elif name == record_names.HASH_RECORDED:
             self.hashed += 1
             strikes = record.get("strikes", 0)
             if type(strikes) is int and strikes > self.live_strikes.get(sid, 0):
                 self.strikes += 1
                 self.bucket(ts).strikes += 1
             self.live_strikes[sid] = strikes
-        elif name == R.SESSION_ESCALATED:
+        elif name == record_names.SESSION_ESCALATED:
             self.escalations.add(str(record.get("reason") or "unknown"))
             self.bucket(ts).escalations += 1
-        elif name == R.SESSION_CREATED:
+        elif name == record_names.SESSION_CREATED:
             self.live_strikes[sid] = record.get("strikes", 0)
             if record.get("model"):
                 self.live_model[sid] = record["model"]
@@ -277,7 +278,7 @@ def add_timelines(d: Digest, records: Iterable[dict[str, Any]]) -> None:
     for record in records:
         sid = record.get("session_id")
         if sid is None:
-            if record.get("event") == R.LOG_SNAPSHOT:  # a lifetime whose start is in deleted history
+            if record.get("event") == record_names.LOG_SNAPSHOT:  # a lifetime whose start is in deleted history
                 for snap_sid, fields in (record.get("sessions") or {}).items():
                     if snap_sid in sids and snap_sid not in open_:
                         tl = wanted.get((snap_sid, fields.get("created_at")))
@@ -285,13 +286,14 @@ def add_timelines(d: Digest, records: Iterable[dict[str, Any]]) -> None:
                             tl.before.update(fields)
                             ts = record.get("ts", 0)
                             tl.cost.append((ts, fields.get("session_cost_micros", 0)))
-                            tl.marks.append((ts, R.LOG_SNAPSHOT, "present in a snapshot (earlier history not read)"))
+                            tl.marks.append((ts, record_names.LOG_SNAPSHOT,
+                                             "present in a snapshot (earlier history not read)"))
                             open_[snap_sid] = tl
             continue
         if sid not in sids:
             continue
         name = record["event"]
-        if name == R.SESSION_CREATED:
+        if name == record_names.SESSION_CREATED:
             # A budget ledger keeps its session's created_at: it continues the same lifetime (engine.tools.audit.lives).
             start = record.get("created_at")
             tl = wanted.get((sid, start if start is not None else record.get("ts")))

@@ -17,7 +17,7 @@ from engine.core.kinds import Kind
 from engine.tools.audit import fmt_ts, fmt_usd
 from engine.tools.report import LEDGER_MARK, Digest, Timeline
 from events import EngineError
-from events import records as R
+from events import records as record_names
 
 __all__ = ["render_html", "require_plotly"]
 
@@ -27,10 +27,15 @@ KIND_COLOURS = {
     Kind.ESCALATE: "#d62728", Kind.SWITCH: "#9467bd", Kind.REFUSE: "#222222", Kind.UNAVAILABLE: "#7f7f7f",
 }
 MARK_SYMBOLS = {
-    R.SESSION_CREATED: ("circle", "#1f77b4", "created"), R.SESSION_UPDATED: ("diamond", "#ff7f0e", "model changed"),
-    R.SESSION_ESCALATED: ("triangle-up", "#d62728", "escalated"), R.STICKY_PINNED: ("star", "#8c564b", "cache pin"),
-    R.SESSION_EXPIRED: ("x", "#444444", "ended"), R.SESSION_CLEARED: ("x", "#444444", "ended"),
-    R.SESSION_EVICTED: ("x", "#444444", "ended"), R.LOG_SNAPSHOT: ("square-open", "#7f7f7f", "from a snapshot"),
+    record_names.SESSION_CREATED: ("circle", "#1f77b4", "created"), record_names.SESSION_UPDATED: ("diamond",
+                                                                                                   "#ff7f0e",
+                                                                                                   "model changed"),
+    record_names.SESSION_ESCALATED: ("triangle-up", "#d62728", "escalated"), record_names.STICKY_PINNED: ("star",
+                                                                                                          "#8c564b",
+                                                                                                          "cache pin"),
+    record_names.SESSION_EXPIRED: ("x", "#444444", "ended"), record_names.SESSION_CLEARED: ("x", "#444444", "ended"),
+    record_names.SESSION_EVICTED: ("x", "#444444", "ended"), record_names.LOG_SNAPSHOT: ("square-open", "#7f7f7f",
+                                                                                         "from a snapshot"),
     LEDGER_MARK: ("x-open", "#444444", "pin expired, budget ledger continued"),
 }
 _CONFIG = {"displaylogo": False, "responsive": True}

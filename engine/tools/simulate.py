@@ -76,7 +76,7 @@ from engine.tools.simulation import (
 )
 from engine.tools.workload import PolicyRouter, Router, Workload, model_table, policy_options
 from events import InvalidEvent
-from events import records as R
+from events import records as record_names
 
 #: Simulated seconds between two clock passes (``store.tick()``).
 TICK_EVERY_S = 30.0
@@ -228,8 +228,8 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
                     clock.set(START_MS + int(done * step_ms))
                     by_clock += store.tick()
                     bar.update(task, completed=done, status=(
-                        f"escalations {counter.get(R.SESSION_ESCALATED):,}  "
-                        f"expiries {counter.get(R.SESSION_EXPIRED):,}"))
+                        f"escalations {counter.get(record_names.SESSION_ESCALATED):,}  "
+                        f"expiries {counter.get(record_names.SESSION_EXPIRED):,}"))
             live = store.get_stats().count
             if cfg.check:
                 live_state = _live_state(store, log_path, workload)
@@ -250,13 +250,13 @@ def run_simulation(cfg: SimulationConfig, progress: bool = False, out: Console |
         ledger_continuations=counter.ledgers,
         live_sessions=live,
         strikes=counter.strikes if policy_mode else sum(r.strikes for r in routers),  # type: ignore[union-attr]
-        escalations=counter.get(R.SESSION_ESCALATED),
-        expiries=counter.get(R.SESSION_EXPIRED),
+        escalations=counter.get(record_names.SESSION_ESCALATED),
+        expiries=counter.get(record_names.SESSION_EXPIRED),
         expiries_by_clock=by_clock,
         resumed_after_expiry=sum(r.resumed for r in routers),
-        evictions=counter.get(R.SESSION_EVICTED),
-        cache_pins=counter.get(R.STICKY_PINNED),
-        cache_pins_lapsed=counter.get(R.STICKY_EXPIRED),
+        evictions=counter.get(record_names.SESSION_EVICTED),
+        cache_pins=counter.get(record_names.STICKY_PINNED),
+        cache_pins_lapsed=counter.get(record_names.STICKY_EXPIRED),
         explicit_pins=counter.explicit,
         cost_micros=counter.cost,
         records=records,

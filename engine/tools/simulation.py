@@ -20,7 +20,7 @@ from engine.core.kinds import Kind
 from engine.shell.runtime import Observer
 from engine.tools.promises import Promise
 from events import EngineError
-from events import records as R
+from events import records as record_names
 
 if TYPE_CHECKING:
     from engine.tools.simulate import SimulationConfig
@@ -141,10 +141,10 @@ class RecordCounter(Observer):
         for record in records:
             name = record["event"]
             counts[name] += 1
-            if name == R.COST_ADDED:
+            if name == record_names.COST_ADDED:
                 self._cost[shard] += record["micros"]
                 self._max_cost[shard] = max(self._max_cost[shard], record["session_cost_micros"])
-            elif name == R.DECISION_MADE:
+            elif name == record_names.DECISION_MADE:
                 kind = record["kind"]
                 self._kinds[shard][kind] += 1
                 downgrade = kind == Kind.BYPASS and record.get("downgrade", False)
@@ -152,13 +152,13 @@ class RecordCounter(Observer):
                 if kind == Kind.REFUSE or downgrade:
                     sid = record["session_id"]
                     self._capped[shard].add((sid, self._lives[shard].get(sid, 0)))
-            elif name == R.HASH_RECORDED:
+            elif name == record_names.HASH_RECORDED:
                 sid, strikes = record["session_id"], record["strikes"]
                 last = self._last_strikes[shard]
                 if strikes > last.get(sid, 0):
                     self._strikes[shard] += strikes - last.get(sid, 0)
                 last[sid] = strikes
-            if name == R.SESSION_CREATED:
+            if name == record_names.SESSION_CREATED:
                 if record.get("cause") == "budget_ledger":  # the same budget goes on: not a new session life
                     self._ledgers[shard] += 1
                     continue
@@ -167,7 +167,7 @@ class RecordCounter(Observer):
                 sid = record["session_id"]
                 self._last_strikes[shard].pop(sid, None)
                 self._lives[shard][sid] = self._lives[shard].get(sid, 0) + 1
-            elif name == R.SESSION_UPDATED and record.get("user_explicit") is True:
+            elif name == record_names.SESSION_UPDATED and record.get("user_explicit") is True:
                 self._explicit[shard] += 1
 
     def get(self, name: str) -> int:
@@ -207,7 +207,7 @@ class RecordCounter(Observer):
     @property
     def created(self) -> int:
         """Sessions created: ``session.created`` records less the budget ledgers' continuations."""
-        return self.get(R.SESSION_CREATED) - self.ledgers
+        return self.get(record_names.SESSION_CREATED) - self.ledgers
 
     @property
     def ledgers(self) -> int:

@@ -20,7 +20,7 @@ from engine.core.transitions import Rejected, apply
 from engine.log.replay import read_log
 from engine.log.verify import verify
 from events import Cost, Route, RouteRules
-from events import records as R
+from events import records as record_names
 from events._validate import MAX_MICROS, MAX_TOTAL_MICROS
 from tests.support.redis_servers import RedisServer
 
@@ -56,7 +56,7 @@ def test_the_core_refuses_a_cost_past_the_ceiling_and_leaves_the_session_unchang
     out = apply(entry, Cost("s", 6), 0, config)
     assert out.state is entry and type(out.result) is Rejected
     assert (out.result.error.field, out.result.error.rule) == ("micros", out.records[-1][1]["rule"])
-    assert [name for name, _ in out.records] == [R.INPUT_REJECTED]
+    assert [name for name, _ in out.records] == [record_names.INPUT_REJECTED]
     assert out.records[0][1]["operation"] == "Cost" and out.records[0][1]["field"] == "micros"
     assert apply(entry, Cost("s", 5), 0, config).state.session_cost_micros == MAX_TOTAL_MICROS
 
@@ -81,7 +81,7 @@ def test_a_store_refuses_a_cost_past_the_ceiling_and_its_log_still_reads(
     _fill(store, "s")
     _check_ceiling(store, "s")
     store.close()
-    rejected = [r for r in read_log(log_path) if r["event"] == R.INPUT_REJECTED]  # the engine's own reader
+    rejected = [r for r in read_log(log_path) if r["event"] == record_names.INPUT_REJECTED]  # the engine's own reader
     assert [(r["session_id"], r["operation"], r["field"]) for r in rejected] == [("s", "Cost", "micros")] * 3
     assert replay(log_path)["s"].session_cost_micros == MAX_TOTAL_MICROS
     again = SessionStore(Config(enabled=True, tick_ms=0, event_log=str(log_path)))
@@ -101,7 +101,7 @@ def test_the_redis_backend_refuses_a_cost_past_the_ceiling(redis_server: RedisSe
         _check_ceiling(store, "s")
         with redis_server.client() as client:
             records = [record for _, record in read_streams(client, Keys("se", 8))]
-    rejected = [r for r in records if r["event"] == R.INPUT_REJECTED]
+    rejected = [r for r in records if r["event"] == record_names.INPUT_REJECTED]
     assert [(r["session_id"], r["field"]) for r in rejected] == [("s", "micros")] * 3
     with SessionStore(config) as again:  # another replica reads what Redis holds
         assert again.get_session("s").session_cost_micros == MAX_TOTAL_MICROS

@@ -14,7 +14,7 @@ import jsonschema
 import orjson
 import pytest
 
-from events import records as R
+from events import records as record_names
 from events._schema import ENTRY, ENTRY_OPTIONAL, ENVELOPE, RECORDS, TIERS, record_problem
 from events._schema_doc import json_schema
 
@@ -29,7 +29,7 @@ def _validator(subschema: dict[str, Any]) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator({"$defs": SCHEMA["$defs"], **subschema})
 
 
-@pytest.mark.parametrize("name", R.RECORD_NAMES)
+@pytest.mark.parametrize("name", record_names.RECORD_NAMES)
 def test_each_record_type_has_the_same_fields_and_domains_in_the_table_and_the_schema(name: str) -> None:
     definition = SCHEMA["$defs"][name]
     required, fields = RECORDS[name]
@@ -55,7 +55,7 @@ def test_the_entry_table_matches_the_schema_entry() -> None:
 
 
 def test_the_envelope_and_the_event_names_match() -> None:
-    assert SCHEMA["properties"]["event"]["enum"] == list(R.RECORD_NAMES) == list(RECORDS)
+    assert SCHEMA["properties"]["event"]["enum"] == list(record_names.RECORD_NAMES) == list(RECORDS)
     for field in ("seq", "ts"):
         validator = _validator(SCHEMA["properties"][field])
         for probe in PROBES:
@@ -114,7 +114,7 @@ def _outside(values: tuple[Any, ...]) -> list[Any]:
     return out
 
 
-@pytest.mark.parametrize("name", R.RECORD_NAMES)
+@pytest.mark.parametrize("name", record_names.RECORD_NAMES)
 def test_every_record_type_has_a_valid_example(name: str) -> None:
     record = _valid_record(name)
     assert record_problem(record) is None and record_problem(record, strict=False) is None
@@ -148,9 +148,9 @@ def test_the_enumerated_domains_hold_every_value_the_engine_writes() -> None:
     def values(name: str, field: str) -> tuple[Any, ...]:
         return RECORDS[name][1][field].values  # type: ignore[attr-defined]
 
-    assert set(values(R.SESSION_EVICTED, "reason")) == {CAPACITY, TENANT_LIMIT}
-    assert set(values(R.SESSION_REFUSED, "reason")) == {TENANT_RATE}
-    assert set(values(R.SESSION_CLEARED, "reason")) == {"cleared", "clear_all"}
-    assert set(values(R.SESSION_EXPIRED, "reason")) == {"idle"}
-    assert set(values(R.SESSION_CREATED, "cause")) == {"cost", "budget_ledger", "deployment"}
-    assert set(values(R.DEPLOYMENT_GROUP_SET, "group_tier")) == {"", *TIERS}
+    assert set(values(record_names.SESSION_EVICTED, "reason")) == {CAPACITY, TENANT_LIMIT}
+    assert set(values(record_names.SESSION_REFUSED, "reason")) == {TENANT_RATE}
+    assert set(values(record_names.SESSION_CLEARED, "reason")) == {"cleared", "clear_all"}
+    assert set(values(record_names.SESSION_EXPIRED, "reason")) == {"idle"}
+    assert set(values(record_names.SESSION_CREATED, "cause")) == {"cost", "budget_ledger", "deployment"}
+    assert set(values(record_names.DEPLOYMENT_GROUP_SET, "group_tier")) == {"", *TIERS}

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from engine.core.config import Config
 from engine.core.transitions import apply, entry_fields
 from events import Cost, Release, Route, RouteRules, SetDeployment, Tier
-from events import records as R
+from events import records as record_names
 
 SID = "s"
 MODELS = (("SIMPLE", ("openai/gpt-4o-mini",)), ("MEDIUM", ("anthropic/claude-sonnet-4.5", "openai/gpt-4.1")),
@@ -74,8 +74,8 @@ def test_a_route_turn_without_its_decision_record_is_the_same_turn(config: Confi
             lean = apply(state, event, now, config, decision_record=False)
             assert lean.state == full.state
             assert lean.result == full.result
-            assert [n for n, _ in full.records].count(R.DECISION_MADE) == 1
-            assert list(lean.records) == [rec for rec in full.records if rec[0] != R.DECISION_MADE]
+            assert [n for n, _ in full.records].count(record_names.DECISION_MADE) == 1
+            assert list(lean.records) == [rec for rec in full.records if rec[0] != record_names.DECISION_MADE]
         else:
             assert apply(state, event, now, config, decision_record=False) == full  # no other event changes
         if state is not None:

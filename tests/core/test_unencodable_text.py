@@ -27,7 +27,7 @@ from engine.log.verify import verify
 from engine.policy import Policy, Request
 from engine.shell.reply import Reply
 from events import Cost, Decision, Hash, Route, RouteRules, SetCacheSticky, SetDeployment, SetSession, Touch
-from events import records as R
+from events import records as record_names
 from events._validate import UNENCODABLE, check_session_id, check_text, is_valid_session_id
 
 LONE = ["\ud800", "\udcff", "ok \udfff end", "会话\ud83d"]  # a high or low surrogate alone, among text
@@ -119,7 +119,7 @@ def test_surrogate_ids_from_one_thread_never_fail_another_callers_calls(
     assert store.get_session("good-0").request_count == 60
     store.close()
     records = list(read_log(log_path))  # the engine's own reader
-    assert sum(r["event"] == R.INPUT_REJECTED for r in records) == 400
+    assert sum(r["event"] == record_names.INPUT_REJECTED for r in records) == 400
     assert set(replay(log_path)) == {f"good-{i}" for i in range(50)}
 
 

@@ -19,7 +19,7 @@ from engine import BackendUnavailable, Config, InvalidEvent, LogCorrupt, Session
 from engine.core.backend_url import BackendError, parse_backend
 from engine.distributed.redis_host import Keys, bucket_of, fold_streams, read_streams, sessions_in_redis
 from engine.log.replay import to_entry
-from events import records as R
+from events import records as record_names
 from tests.support.redis_servers import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +76,7 @@ def test_a_commit_sent_twice_lands_once(redis_server: RedisServer) -> None:
     try:
         bucket = bucket_of("d", 8)
         entry = encode_entry(Entry("m", None, 1, 1, 1))
-        record = render_record({"ts": 1, "event": R.SESSION_TOUCHED, "session_id": "d", "last_used_at": 1,
+        record = render_record({"ts": 1, "event": record_names.SESSION_TOUCHED, "session_id": "d", "last_used_at": 1,
                                 "request_count": 1})
         answers = []
         for token in ("same", "same", "other"):
@@ -114,7 +114,7 @@ def test_store_on_redis_serves_the_spec_and_logs_to_streams(redis_server: RedisS
             assert set(held) == {"a"}
             records = records_of(client, keys)
             names = Counter(r["event"] for r in records)
-            assert names[R.SESSION_ESCALATED] == 2 and names[R.SESSION_CLEARED] == 1
+            assert names[record_names.SESSION_ESCALATED] == 2 and names[record_names.SESSION_CLEARED] == 1
             # The key carries its idle deadline plus a margin, so Redis frees it with no replica running.
             ttl = client.pttl(keys.session(bucket_of("a", 8), "a"))
             assert config.timeout_ms < ttl <= config.timeout_ms + 60_000
@@ -211,7 +211,8 @@ def test_expiry_is_logged_once_however_many_replicas_reap(redis_server: RedisSer
             assert sum(counts) == 30
             with redis_server.client() as client:
                 keys = Keys("se", 8)
-                expired = Counter(r["session_id"] for r in records_of(client, keys) if r["event"] == R.SESSION_EXPIRED)
+                expired = Counter(r["session_id"] for r in records_of(client, keys)
+                                  if r["event"] == record_names.SESSION_EXPIRED)
                 assert expired == {f"x{i}": 1 for i in range(30)}
                 assert set(check_agreement(client, keys, *stores)) == {"late"}
                 assert all(client.zcard(keys.bucket_keys(b)[2]) == (1 if b == bucket_of("late", 8) else 0)
@@ -284,11 +285,11 @@ def _check_load(url_client: Any, keys: Keys, lines: list[dict[str, Any]], sessio
     for sid, micros in costs.items():
         assert micros <= held[sid].session_cost_micros <= begun[sid], sid
     records = records_of(url_client, keys)  # read_streams checks each bucket's seq continuity
-    escalations = Counter(r["session_id"] for r in records if r["event"] == R.SESSION_ESCALATED)
+    escalations = Counter(r["session_id"] for r in records if r["event"] == record_names.SESSION_ESCALATED)
     assert all(n == 1 for n in escalations.values())
     for sid, entry in held.items():
         assert (escalations[sid] == 1) == entry.escalated, sid
-    pins = Counter(r["session_id"] for r in records if r["event"] == R.SESSION_CREATED)
+    pins = Counter(r["session_id"] for r in records if r["event"] == record_names.SESSION_CREATED)
     assert all(n == 1 for n in pins.values())  # one creation (one pin) per session: none lost or split
     assert len(held) <= sessions
 
@@ -445,7 +446,8 @@ def test_a_failure_outside_the_core_answers_every_caller_and_the_shard_restarts(
         assert store.get_session("fine").model == "m" and store.get_session("boom") is None
         with redis_server.client() as client:
             records = records_of(client, Keys("se", 8))
-        assert [r["event"] for r in records if r["event"] == R.SHARD_RESTARTED] == [R.SHARD_RESTARTED]
+        restarted = record_names.SHARD_RESTARTED
+        assert [r["event"] for r in records if r["event"] == restarted] == [restarted]
 
 
 def test_a_record_that_cannot_be_rendered_fails_only_its_session_and_the_shard_goes_on(

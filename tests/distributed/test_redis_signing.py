@@ -13,7 +13,7 @@ import pytest
 
 from engine.distributed.redis_host import COMMIT_LUA, Keys, bucket_of, commit_command, sign_heads
 from engine.distributed.verify import verify_redis
-from engine.log import chain as _chain
+from engine.log import chain
 from engine.store import SessionStore
 from tests.distributed.test_redis_backend import _cli, redis_config
 from tests.distributed.test_redis_chain import _load
@@ -39,7 +39,7 @@ def _written(client: Any, keys: Keys) -> list[int]:
 def test_replicas_sign_the_buckets_they_wrote_on_close_and_verify_checks_them(
         redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url = redis_server.url
-    monkeypatch.setenv(_chain.KEY_ENV, KEY)
+    monkeypatch.setenv(chain.KEY_ENV, KEY)
     _load(url)  # two replicas, both with the key: the second to close finds the buckets signed already
     keys = Keys("se", 8)
     with redis_server.client() as client:
@@ -74,7 +74,7 @@ def test_a_chain_rebuilt_without_the_key_fails_at_the_signature(
     link after it and the head key. The signature that follows names the old head; edited to name the new one,
     it no longer matches its HMAC, which only a key holder can compute."""
     url = redis_server.url
-    monkeypatch.setenv(_chain.KEY_ENV, KEY)
+    monkeypatch.setenv(chain.KEY_ENV, KEY)
     _load(url)
     keys = Keys("se", 8)
     with redis_server.client() as client:
@@ -126,27 +126,27 @@ def test_a_chain_rebuilt_without_the_key_fails_at_the_signature(
 def test_the_sign_command_signs_what_moved_since_its_last_signature(
         redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     url = redis_server.url
-    monkeypatch.delenv(_chain.KEY_ENV, raising=False)
+    monkeypatch.delenv(chain.KEY_ENV, raising=False)
     _load(url)  # replicas without the key: nothing signed
     keys = Keys("se", 8)
     with redis_server.client() as client:
         written = _written(client, keys)
         assert _signed_buckets(client, keys) == []
     refused = _cli("sign", url)
-    assert refused.returncode != 0 and _chain.KEY_ENV in refused.stderr
+    assert refused.returncode != 0 and chain.KEY_ENV in refused.stderr
     assert verify_redis(url, key=KEY.encode()).status == "unsigned"
-    monkeypatch.setenv(_chain.KEY_ENV, KEY)
+    monkeypatch.setenv(chain.KEY_ENV, KEY)
     first = _cli("sign", url)
     assert first.returncode == 0 and f"signed the head of {len(written)} bucket stream(s)" in first.stdout
     assert "signed the head of 0 bucket stream(s)" in _cli("sign", url).stdout  # nothing moved since
-    monkeypatch.delenv(_chain.KEY_ENV)
+    monkeypatch.delenv(chain.KEY_ENV)
     with SessionStore(redis_config(url)) as store:  # a replica without the key signs nothing on close
         store.set_session("late", "gpt-4o")
     late = bucket_of("late", 8)
     with redis_server.client() as client:
         assert late not in _signed_buckets(client, keys)
         assert set(_signed_buckets(client, keys)) == set(written) - {late}
-    monkeypatch.setenv(_chain.KEY_ENV, KEY)
+    monkeypatch.setenv(chain.KEY_ENV, KEY)
     again = _cli("sign", url)
     assert again.returncode == 0 and "signed the head of 1 bucket stream(s)" in again.stdout
     report = verify_redis(url, key=KEY.encode())
@@ -177,7 +177,7 @@ def test_a_signature_is_written_only_while_its_head_is_the_buckets(redis_server:
 
 def test_a_replica_closing_while_redis_is_down_does_not_hang_or_raise(
         redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv(_chain.KEY_ENV, KEY)
+    monkeypatch.setenv(chain.KEY_ENV, KEY)
     store = SessionStore(redis_config(redis_server.url, ask_timeout_s=1.0))
     store.set_session("s", "gpt-4o")
     redis_server.kill9()
@@ -191,7 +191,7 @@ def test_replicas_on_a_cluster_sign_every_bucket_they_wrote(redis_cluster: Any,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The signature's read (MGET of the bucket's seq and head) and its conditional append name keys of one hash
     tag: one slot, whichever node holds it."""
-    monkeypatch.setenv(_chain.KEY_ENV, KEY)
+    monkeypatch.setenv(chain.KEY_ENV, KEY)
     url = redis_cluster.url
     with SessionStore(redis_config(url, redis_namespace="signed", redis_buckets=16)) as store:
         for i in range(40):

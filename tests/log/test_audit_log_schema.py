@@ -26,7 +26,7 @@ from engine import InvalidEvent, SessionStore, ShardFailed
 from engine.log.writer import FileLog
 from engine.shell.capacity import SessionRefused
 from events import Cost, Decision, Release, Route, RouteRules, SetDeployment
-from events import records as R
+from events import records as record_names
 from tests.conftest import read_log
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "log-schema.json"
@@ -176,7 +176,7 @@ def test_every_record_name_is_emitted_and_matches_the_schema(
         make_store: Callable[..., SessionStore], log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _every_record(make_store, log_path, monkeypatch)
     records = _records(log_path)
-    assert {r["event"] for r in records} == set(R.RECORD_NAMES)
+    assert {r["event"] for r in records} == set(record_names.RECORD_NAMES)
     for record in records:
         errors = [e.message for e in VALIDATOR.iter_errors(record)]
         assert not errors, (record["event"], errors)

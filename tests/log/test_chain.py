@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from engine import SessionStore, replay
 from engine.cli import app
-from engine.log import chain as _chain
+from engine.log import chain
 from engine.log.replay import LogCorrupt
 from engine.log.verify import verify
 from events import Cost, Hash, SetSession, Touch
@@ -230,7 +230,7 @@ def test_the_first_bad_record_is_named_by_seq_byte_offset_and_rule(tmp_path: Pat
 
 def test_a_rebuilt_chain_passes_without_a_key_and_fails_against_the_signatures(
         make_store: Callable[..., SessionStore], log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(_chain.KEY_ENV, KEY)
+    monkeypatch.setenv(chain.KEY_ENV, KEY)
     store = make_store(event_log=log_path, segment_bytes=4096)
     _workload(store, rounds=30)
     store.close()
@@ -257,7 +257,7 @@ def _rechain(data: bytes) -> bytes:
     head = None
     batch = bytearray()
     for line in data.splitlines(keepends=True):
-        sealed = _chain.unseal(line)
+        sealed = chain.unseal(line)
         content = sealed[0] if sealed else line
         record = orjson.loads(content)
         if head is None:
@@ -267,7 +267,7 @@ def _rechain(data: bytes) -> bytes:
                 content = content.replace(record[name].encode(), head.hex().encode())
         batch += content
         if sealed:
-            head = _chain.seal(batch, head)
+            head = chain.seal(batch, head)
             out += batch
             batch = bytearray()
     return bytes(out + batch)

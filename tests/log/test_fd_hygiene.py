@@ -11,8 +11,7 @@ import pytest
 
 from engine import SessionStore
 from engine.distributed.redis_host import export_streams
-from engine.log import segment as _log_segment
-from engine.log import writer as _log
+from engine.log import segment, writer
 from engine.log.fault import AuditLogError
 from tests.support.redis_servers import RedisServer
 
@@ -32,7 +31,7 @@ def test_a_torn_tail_that_cannot_be_cut_fails_the_open_and_keeps_no_descriptor(
     def refuse(fd: int, length: int) -> None:
         raise OSError(errno.EIO, "injected: the disk refuses the cut")
 
-    monkeypatch.setattr(_log.os, "ftruncate", refuse)
+    monkeypatch.setattr(writer.os, "ftruncate", refuse)
     before = open_fds()
     with pytest.raises(AuditLogError, match="cannot be opened: injected"):
         make_store(event_log=log_path)
@@ -47,10 +46,10 @@ def test_a_lock_that_fails_for_another_reason_closes_its_descriptor(tmp_path: Pa
     def no_locks(fd: int, op: int) -> None:
         raise OSError(errno.ENOLCK, "injected: no locks left")
 
-    monkeypatch.setattr(_log_segment.fcntl, "flock", no_locks)
+    monkeypatch.setattr(segment.fcntl, "flock", no_locks)
     before = open_fds()
     with pytest.raises(OSError, match="no locks"):
-        _log_segment._hold_lock(tmp_path / "audit.lock", tmp_path / "audit.jsonl")
+        segment._hold_lock(tmp_path / "audit.lock", tmp_path / "audit.jsonl")
     assert open_fds() - before == set()
 
 

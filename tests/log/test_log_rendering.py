@@ -9,12 +9,13 @@ import orjson
 import structlog
 
 from engine.log.writer import FileLog, drop_forbidden
-from events import records as R
+from events import records as record_names
 from tests.conftest import read_log
 
 
 def touch(sid: str, **extra: Any) -> dict[str, Any]:
-    return {"seq": 0, "ts": 1_740_819_600_000, "event": R.SESSION_TOUCHED, "session_id": sid, "last_used_at": 1,
+    return {"seq": 0, "ts": 1_740_819_600_000, "event": record_names.SESSION_TOUCHED, "session_id": sid,
+            "last_used_at": 1,
             "request_count": 2, **extra}
 
 

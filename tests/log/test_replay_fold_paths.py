@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from engine import LogCorrupt, replay
 from engine.log.replay import ENTRY_DEFAULTS, ENTRY_FIELDS, Tail, entry_fields, fold_file, fold_log
-from events import records as R
+from events import records as record_names
 from events._schema import record_problem
 
 SIDS = ["a", "b"]
@@ -27,10 +27,10 @@ SIDS = ["a", "b"]
 EXTRA_KEYS = ["micros", "reason", "idle_ms", "ttl_ms", "from_tier", "previous", "cause", "kind"]
 #: The shapes this version writes for the records replay takes a fast path for.
 WRITTEN = {
-    R.SESSION_TOUCHED: ["last_used_at", "request_count"],
-    R.SESSION_UPDATED: ["last_used_at", "request_count"],
-    R.HASH_RECORDED: ["recent_hashes", "strikes"],
-    R.COST_ADDED: ["micros", "session_cost_micros"],
+    record_names.SESSION_TOUCHED: ["last_used_at", "request_count"],
+    record_names.SESSION_UPDATED: ["last_used_at", "request_count"],
+    record_names.HASH_RECORDED: ["recent_hashes", "strikes"],
+    record_names.COST_ADDED: ["micros", "session_cost_micros"],
 }
 VALUES: dict[str, Any] = {
     "model": st.sampled_from(["m1", "m2", ""]), "tier": st.sampled_from([None, "SIMPLE", "COMPLEX", ""]),
@@ -46,10 +46,10 @@ VALUES: dict[str, Any] = {
 @st.composite
 def record(draw: Any) -> dict[str, Any]:
     """A per-session record: often exactly a written shape, otherwise keys added, dropped or swapped."""
-    name = draw(st.sampled_from([*WRITTEN, *WRITTEN, R.SESSION_CREATED, *R.RECORD_NAMES]))
-    if name == R.LOG_SNAPSHOT:
-        name = R.SESSION_CREATED
-    keys = list(WRITTEN.get(name, ENTRY_FIELDS if name == R.SESSION_CREATED else []))
+    name = draw(st.sampled_from([*WRITTEN, *WRITTEN, record_names.SESSION_CREATED, *record_names.RECORD_NAMES]))
+    if name == record_names.LOG_SNAPSHOT:
+        name = record_names.SESSION_CREATED
+    keys = list(WRITTEN.get(name, ENTRY_FIELDS if name == record_names.SESSION_CREATED else []))
     shape = draw(st.sampled_from(["written", "written", "extra field", "no ts", "missing", "swapped", "random"]))
     if shape in ("missing", "swapped") and keys:
         keys.remove(draw(st.sampled_from(keys)))
@@ -73,11 +73,12 @@ def documented_fold(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     state: dict[str, dict[str, Any]] = {}
     for rec in records:
         name, sid = rec["event"], rec.get("session_id")
-        if name == R.SESSION_CREATED:
+        if name == record_names.SESSION_CREATED:
             state[sid] = {k: rec.get(k, d) for k, d in zip(ENTRY_FIELDS, ENTRY_DEFAULTS, strict=True)}
-        elif name in R.ENDING_RECORDS:
+        elif name in record_names.ENDING_RECORDS:
             state.pop(sid, None)
-        elif name not in (R.DECISION_MADE, R.INPUT_REJECTED, R.SHARD_RESTARTED, R.SESSION_REFUSED) and sid in state:
+        elif name not in (record_names.DECISION_MADE, record_names.INPUT_REJECTED, record_names.SHARD_RESTARTED,
+                          record_names.SESSION_REFUSED) and sid in state:
             state[sid].update({k: v for k, v in rec.items() if k in ENTRY_FIELDS})
     return state
 
@@ -130,20 +131,21 @@ def test_every_near_miss_of_a_written_shape_folds_as_documented(tmp_path: Path) 
                 rec.update({key: IN_DOMAIN[key][0] for key in keys})
                 rec.pop(dropped, None)
                 rec.setdefault(field, IN_DOMAIN[field][1])
-                records += [{"ts": 1, "event": R.SESSION_CREATED, "session_id": sid, "model": "m"}, rec]
+                records += [{"ts": 1, "event": record_names.SESSION_CREATED, "session_id": sid, "model": "m"}, rec]
     write(tmp_path / "audit.jsonl", records)
     folded = {sid: entry_fields(fields) for sid, fields in fold_log(tmp_path / "audit.jsonl").items()}
     assert folded == documented_fold(records)
 
 
 def test_a_touch_carrying_a_field_it_does_not_usually_carry_still_sets_it(tmp_path: Path) -> None:
-    created = {"ts": 1, "event": R.SESSION_CREATED, "session_id": "a", "model": "m", "tier": "SIMPLE",
+    created = {"ts": 1, "event": record_names.SESSION_CREATED, "session_id": "a", "model": "m", "tier": "SIMPLE",
                "created_at": 1, "last_used_at": 1, "request_count": 1, "recent_hashes": [], "strikes": 0,
                "escalated": False, "user_explicit": False, "cache_sticky": False, "cache_sticky_at": 0,
                "provider": "", "session_cost_micros": 0, "deployment": ""}
     # Six keys like a touch, but strikes instead of ts; and a touch with ts and a seventh key.
-    odd = {"event": R.SESSION_TOUCHED, "session_id": "a", "last_used_at": 5, "request_count": 2, "strikes": 3}
-    wide = {"ts": 9, "event": R.SESSION_TOUCHED, "session_id": "a", "last_used_at": 9, "request_count": 3,
+    odd = {"event": record_names.SESSION_TOUCHED, "session_id": "a", "last_used_at": 5, "request_count": 2,
+           "strikes": 3}
+    wide = {"ts": 9, "event": record_names.SESSION_TOUCHED, "session_id": "a", "last_used_at": 9, "request_count": 3,
             "model": "m2"}
     write(tmp_path / "audit.jsonl", [created, odd, wide])
     entry = replay(tmp_path / "audit.jsonl")["a"]
@@ -151,7 +153,8 @@ def test_a_touch_carrying_a_field_it_does_not_usually_carry_still_sets_it(tmp_pa
 
 
 def lines_with_blanks(tmp_path: Path) -> list[bytes]:
-    records = [{"ts": 1, "event": R.SESSION_TOUCHED, "session_id": "a", "last_used_at": 1, "request_count": 1}
+    records = [{"ts": 1, "event": record_names.SESSION_TOUCHED, "session_id": "a", "last_used_at": 1,
+                "request_count": 1}
                for _ in range(6)]
     write(tmp_path / "audit.jsonl", records)
     lines = (tmp_path / "audit.jsonl").read_bytes().splitlines(keepends=True)
@@ -182,7 +185,7 @@ def test_a_first_seq_that_is_not_an_int_is_named_by_its_line_number(tmp_path: Pa
 
 def test_a_torn_tail_past_the_read_buffer_is_measured_exactly(tmp_path: Path) -> None:
     """A log larger than the reader's 1 MiB buffer: the torn line is skipped and the good part measured."""
-    records = [{"ts": 1, "event": R.SESSION_CREATED, "session_id": f"s{i}", "model": "m" * 200}
+    records = [{"ts": 1, "event": record_names.SESSION_CREATED, "session_id": f"s{i}", "model": "m" * 200}
                for i in range(8_000)]
     write(tmp_path / "audit.jsonl", records)
     good = (tmp_path / "audit.jsonl").stat().st_size

@@ -16,7 +16,7 @@ from engine import Config, InvalidEvent, SessionStore, replay
 from engine.metrics import Metrics
 from engine.shell.guard import HOOKS
 from engine.shell.runtime import Observer
-from events import records as R
+from events import records as record_names
 from tests.support.faults import EIO, FaultyOS, inject
 
 T0 = "2026-03-01 09:00:00"
@@ -156,7 +156,7 @@ def test_a_raising_clock_pass_is_reported_and_the_clock_keeps_ticking(monkeypatc
 
     class Watch(Observer):
         def on_batch(self, shard: int, n_events: int, records: list[dict[str, Any]], *rest: Any) -> None:
-            if any(r["event"] == R.SESSION_EXPIRED for r in records):
+            if any(r["event"] == record_names.SESSION_EXPIRED for r in records):
                 expired.set()
 
     monkeypatch.setattr(engine.shell.clock, "now_ms", flaky_now)

@@ -14,7 +14,7 @@ from engine import Config, LogCorrupt, SessionStore, Tier
 from engine.log.replay import Share, Tail, history_files, read_file
 from engine.log.replay import read_log as engine_read_log
 from engine.policy import BudgetExceeded, Options, Policy, Request
-from engine.tools import backtest as bt
+from engine.tools import backtest as backtest_module
 from engine.tools.backtest import backtest
 from events import InvalidEvent
 from tests.conftest import read_log
@@ -47,10 +47,10 @@ def test_shares_give_exactly_the_serial_figures(sim_log: Path, changes: Any) -> 
 
 
 def test_a_run_in_shares_really_splits_the_sessions(sim_log: Path) -> None:
-    heavy = bt._heavy_sessions([sim_log], 2)
-    owner = bt._owner(heavy, 2)
-    parts = [bt._share_run(([str(sim_log)], {}, None, None, index, 2, heavy)) for index in range(2)]
-    assert all(isinstance(p, bt.BacktestResult) for p in parts)
+    heavy = backtest_module._heavy_sessions([sim_log], 2)
+    owner = backtest_module._owner(heavy, 2)
+    parts = [backtest_module._share_run(([str(sim_log)], {}, None, None, index, 2, heavy)) for index in range(2)]
+    assert all(isinstance(p, backtest_module.BacktestResult) for p in parts)
     serial = backtest(sim_log, jobs=1)
     assert 0 < parts[0].decisions < serial.decisions and parts[0].decisions + parts[1].decisions == serial.decisions
     assert parts[0].records + parts[1].records == serial.records
@@ -72,7 +72,7 @@ def test_every_record_is_read_by_exactly_one_share_records_of_no_session_by_the_
     log = write(tmp_path / "mixed.jsonl", records)
     serial = [r["seq"] for r in read_file(log, Tail())]
     for jobs in (2, 3):
-        owner = bt._owner(bt._heavy_sessions([log], jobs), jobs)
+        owner = backtest_module._owner(backtest_module._heavy_sessions([log], jobs), jobs)
         seen = sorted(r["seq"] for index in range(jobs) for r in read_file(log, Tail(), share=Share(index, owner)))
         assert seen == serial
     first = [r["event"] for r in read_file(log, Tail(), share=Share(0, lambda sid: 1))]
@@ -130,7 +130,7 @@ def test_what_only_a_serial_run_can_decide_runs_serially(sim_log: Path, tmp_path
     repeated = tmp_path / "repeated.jsonl"
     repeated.write_bytes(b"\n".join(lines) + b"\n")
     for log in (no_rules, repeated):
-        assert bt._parallel([log], (), None, None, 2) is None
+        assert backtest_module._parallel([log], (), None, None, 2) is None
         serial, shared = both(log, ["strike_limit=50"])
         assert shared == serial and serial["decisions"] == 1_500
 
@@ -145,18 +145,19 @@ def test_changes_given_as_an_iterator_are_read_once(sim_log: Path) -> None:
 def test_jobs_default_and_bounds(sim_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serial = backtest(sim_log, jobs=1).to_json()
     started: list[int] = []
-    real = bt._parallel
-    monkeypatch.setattr(bt, "_parallel", lambda *a: started.append(a[-1]) or real(*a))
+    real = backtest_module._parallel
+    monkeypatch.setattr(backtest_module, "_parallel", lambda *a: started.append(a[-1]) or real(*a))
     assert backtest(sim_log).to_json() == serial and started == []  # a small log: this process
-    monkeypatch.setattr(bt, "PARALLEL_BYTES", 0)
-    monkeypatch.setattr(bt, "_cpus", lambda: 2)
-    monkeypatch.setattr(bt, "_start_method", lambda: "forkserver")  # the caller runs other threads: stay here
+    monkeypatch.setattr(backtest_module, "PARALLEL_BYTES", 0)
+    monkeypatch.setattr(backtest_module, "_cpus", lambda: 2)
+    # The caller runs other threads: stay here.
+    monkeypatch.setattr(backtest_module, "_start_method", lambda: "forkserver")
     assert backtest(sim_log).to_json() == serial and started == []
-    monkeypatch.setattr(bt, "_start_method", lambda: "fork")  # a single-threaded caller (the CLI)
+    monkeypatch.setattr(backtest_module, "_start_method", lambda: "fork")  # a single-threaded caller (the CLI)
     assert backtest(sim_log).to_json() == serial and started == [2]
     sid = next(r["session_id"] for r in engine_read_log(sim_log) if "session_id" in r)
     assert backtest(sim_log, session=sid, jobs=2).decisions > 0 and started == [2]  # one session: serial
-    with pytest.raises(bt.NoSession, match="no records for session 'anything'"):
+    with pytest.raises(backtest_module.NoSession, match="no records for session 'anything'"):
         backtest(sim_log, session="anything", jobs=2)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InvalidEvent) as err:
@@ -178,16 +179,16 @@ def test_a_share_that_dies_leaves_the_run_to_one_process(sim_log: Path, monkeypa
     import os
     import signal
 
-    real = bt._share_run
+    real = backtest_module._share_run
 
     def killed_second(task: tuple[Any, ...]) -> Any:
         if task[4] == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(task)
 
-    monkeypatch.setattr(bt, "_share_run", killed_second)
-    monkeypatch.setattr(bt, "_start_method", lambda: "fork")  # the forked shares run the patched function
-    assert bt._parallel([sim_log], ["strike_limit=50"], None, None, 2) is None
+    monkeypatch.setattr(backtest_module, "_share_run", killed_second)
+    monkeypatch.setattr(backtest_module, "_start_method", lambda: "fork")  # the forked shares run the patched function
+    assert backtest_module._parallel([sim_log], ["strike_limit=50"], None, None, 2) is None
     serial = backtest(sim_log, ["strike_limit=50"], jobs=1).to_json()
     assert backtest(sim_log, ["strike_limit=50"], jobs=2).to_json() == serial
 
@@ -222,8 +223,8 @@ def test_a_rotated_log_is_shared_out_too_with_the_same_figures(tmp_path: Path, s
     files = history_files(log)
     assert len(files) >= 3  # several segments, each newer one opening with a snapshot
     started: list[Any] = []
-    real = bt._parallel
-    monkeypatch.setattr(bt, "_parallel", lambda *a: started.append(real(*a)) or started[-1])
+    real = backtest_module._parallel
+    monkeypatch.setattr(backtest_module, "_parallel", lambda *a: started.append(real(*a)) or started[-1])
     for changes in ([], ["strike_limit=1"], {"max_cost_usd": 0.02}):
         serial, shared = both(log, changes)
         assert shared == serial and serial["decisions"] == 900 - serial["not_rerun"]

@@ -29,7 +29,7 @@ from engine import Config, SessionStore, Tier
 from engine.cli import app
 from engine.log.replay import read_log as stream_log
 from engine.policy import BudgetExceeded, Options, Policy, Request
-from engine.tools import report as RP
+from engine.tools import report
 from engine.tools.audit import lives
 from tests.conftest import read_log
 
@@ -102,7 +102,7 @@ def page(policy_log: Path) -> Path:
 def test_digest_totals_equal_what_the_log_records(policy_log: Path) -> None:
     """Spend, decisions by kind, hashes, strikes and escalations: every figure is the log's own count."""
     records = read_log(policy_log)
-    d = RP.read_digest(policy_log, top=TOP)
+    d = report.read_digest(policy_log, top=TOP)
     assert d.records == len(records)
     assert d.spend_micros == sum(r["micros"] for r in records if r["event"] == "cost.added") > 0
     kinds = Counter(r["kind"] for r in records if r["event"] == "decision.made")
@@ -117,14 +117,14 @@ def test_digest_totals_equal_what_the_log_records(policy_log: Path) -> None:
     assert sum(sum(b.decisions.values()) for b in d.buckets.values()) == sum(kinds.values())
     assert sum(b.escalations for b in d.buckets.values()) == len(escalated)
     # Three hours do not fit 240 one-second buckets: they widened to a whole multiple.
-    assert d.width_ms == 60_000 and len(d.buckets) <= RP.MAX_BUCKETS
+    assert d.width_ms == 60_000 and len(d.buckets) <= report.MAX_BUCKETS
     served = Counter(r["model"] for r in records if r["event"] == "decision.made" and r["kind"] != "refuse")
     assert dict(d.served) == dict(served)
     assert sum(d.model_spend.values()) == d.spend_micros
 
 
 def test_top_sessions_are_the_costliest_lifetimes_with_their_timelines(policy_log: Path) -> None:
-    d = RP.read_digest(policy_log, top=TOP)
+    d = report.read_digest(policy_log, top=TOP)
     every = sorted(lives(stream_log(policy_log, history=True)), key=lambda life: -life.cost_micros)
     assert d.lifetimes == len(every) > 12  # the expiry ended every first lifetime
     assert [life.cost_micros for life in d.costliest()] == [life.cost_micros for life in every[:TOP]]
@@ -140,7 +140,7 @@ def test_top_sessions_are_the_costliest_lifetimes_with_their_timelines(policy_lo
 
 
 def test_buckets_stay_bounded_and_keep_every_micro_over_a_month() -> None:
-    d = RP.Digest()
+    d = report.Digest()
     start = 1_700_000_000_000
     total = 0
     for i in range(5_000):
@@ -148,25 +148,25 @@ def test_buckets_stay_bounded_and_keep_every_micro_over_a_month() -> None:
         d.add({"seq": i + 1, "ts": ts, "event": "cost.added", "session_id": f"s{i % 7}", "micros": i,
                "session_cost_micros": 0})
         total += i
-    assert len(d.buckets) <= RP.MAX_BUCKETS
-    assert d.width_ms in RP.BUCKET_WIDTHS_MS and d.width_ms > 3_600_000
+    assert len(d.buckets) <= report.MAX_BUCKETS
+    assert d.width_ms in report.BUCKET_WIDTHS_MS and d.width_ms > 3_600_000
     assert sum(b.spend_micros for b in d.buckets.values()) == total == d.spend_micros
 
 
 def test_model_labels_and_top_heap_and_timelines_are_bounded() -> None:
-    d = RP.Digest(top_n=3)
-    for i in range(RP.MAX_LABELS + 25):
+    d = report.Digest(top_n=3)
+    for i in range(report.MAX_LABELS + 25):
         d.add({"seq": i + 1, "ts": 1000 + i, "event": "decision.made", "session_id": f"s{i}", "kind": "initialize",
                "model": f"vendor/model-{i}"})
-    assert len(d.served) == RP.MAX_LABELS + 1 and d.served["other"] == 25
+    assert len(d.served) == report.MAX_LABELS + 1 and d.served["other"] == 25
     for life in lives([{"seq": i + 1, "ts": i, "event": "session.created", "session_id": f"s{i}",
                         "session_cost_micros": i * 10, "created_at": i} for i in range(50)]):
         d.add_life(life)
     assert [life.cost_micros for life in d.costliest()] == [490, 480, 470] and len(d.top) == 3
     points: list[int] = []
     for i in range(10_000):
-        RP._thin(points, i, RP.MAX_POINTS)
-    assert len(points) < RP.MAX_POINTS and points[0] == 0 and points[-1] == 9_999
+        report._thin(points, i, report.MAX_POINTS)
+    assert len(points) < report.MAX_POINTS and points[0] == 0 and points[-1] == 9_999
 
 
 # -- the page in a real browser --------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_a_log_without_decisions_still_gets_every_chart(make_store, tmp_path: Pa
     assert "no decision.made records: this log was written without the routing policy" in text
     assert "requests by pinned model" in text
     assert len(re.findall(r'<div class="chart"', text)) == 5 + 2
-    d = RP.read_digest(log)
+    d = report.read_digest(log)
     assert (d.spend_micros, d.decisions, d.strikes, dict(d.escalations)) == (6_000, 0, 2, {"strikes": 1})
     assert dict(d.pinned) == {MODELS[Tier.SIMPLE]: 1, MODELS[Tier.MEDIUM]: 2}
     assert dict(d.model_spend) == {MODELS[Tier.SIMPLE]: 1_000, MODELS[Tier.MEDIUM]: 5_000}
@@ -344,12 +344,12 @@ def test_a_segment_directory_with_its_oldest_history_deleted_still_reports(make_
         store.close()
     segments = sorted(log.glob("*.jsonl"))
     assert len(segments) > 4
-    whole = RP.read_digest(log, top=3)
+    whole = report.read_digest(log, top=3)
     # The three oldest segments: every session began in them (the hash chain's seals make segments fill sooner,
     # and routed turns log their inputs with each decision).
     for segment in segments[:3]:
         segment.unlink()
-    rest = RP.read_digest(log, top=3)
+    rest = report.read_digest(log, top=3)
     assert rest.records < whole.records and rest.spend_micros < whole.spend_micros
     assert [life.origin for life in rest.costliest()] == ["snapshot"] * 3
     for tl in rest.timelines:  # each starts at the snapshot's total and ends on its lifetime's total

@@ -18,7 +18,7 @@ from engine.tools.simulate import SimulationConfig, run_simulation
 from engine.tools.simulation import SimulationResult
 from engine.tools.workload import OUTAGE, OUTAGE_DEPLOYMENT, PolicyRouter, Request
 from events import EngineError, InvalidEvent, Tier, tier_above
-from events import records as R
+from events import records as record_names
 from tests.conftest import read_log
 
 # Small enough for a test, with a clock fast enough that quiet conversations expire; a cap small enough
@@ -50,7 +50,7 @@ def session_engine() -> list[str]:
 def test_policy_workload_routes_every_request_through_the_policy(tmp_path: Path) -> None:
     result, _ = simulate(tmp_path)
     records = read_log(tmp_path / "audit.jsonl")
-    decisions = [r for r in records if r["event"] == R.DECISION_MADE]
+    decisions = [r for r in records if r["event"] == record_names.DECISION_MADE]
     assert len(decisions) == result.requests == sum(result.decisions.values())
     assert all("requested_model" in r and "rules" in decisions[0] for r in decisions)  # every one a routed turn
     assert {"initialize", "retain", "bypass", "escalate", "upgrade", "switch", "refuse"} <= set(result.decisions)
@@ -63,8 +63,8 @@ def test_policy_workload_routes_every_request_through_the_policy(tmp_path: Path)
     assert any(r["kind"] == "escalate" and "same tool call and result" in r["reason"] for r in decisions)
     assert any(r.get("explicit") for r in decisions) and result.cache_pins > 0
     # Every served request under the cap reserved its estimate, and its response settled it.
-    reserved = {r["reservation_id"] for r in records if r["event"] == R.BUDGET_RESERVED}
-    settled = {r["reservation_id"] for r in records if r["event"] == R.COST_ADDED and "reservation_id" in r}
+    reserved = {r["reservation_id"] for r in records if r["event"] == record_names.BUDGET_RESERVED}
+    settled = {r["reservation_id"] for r in records if r["event"] == record_names.COST_ADDED and "reservation_id" in r}
     assert reserved and settled == reserved
     assert sum(r["kind"] != "refuse" for r in decisions) == len(reserved)
     # Settled spend passes the cap only by what the last responses cost above their estimates.
@@ -100,14 +100,14 @@ def test_audit_log_holds_every_transition_with_seq_1_to_n(tmp_path: Path) -> Non
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert result.records == len(records) and result.log_seq_ok
     by_name = Counter(r["event"] for r in records)
-    assert by_name[R.HASH_RECORDED] == result.requests
-    assert by_name[R.COST_ADDED] == result.requests
-    assert by_name[R.SESSION_ESCALATED] == result.escalations
-    assert by_name[R.SESSION_EXPIRED] == result.expiries
-    assert by_name[R.STICKY_PINNED] == result.cache_pins
-    assert sum(r["micros"] for r in records if r["event"] == R.COST_ADDED) == result.cost_micros
+    assert by_name[record_names.HASH_RECORDED] == result.requests
+    assert by_name[record_names.COST_ADDED] == result.requests
+    assert by_name[record_names.SESSION_ESCALATED] == result.escalations
+    assert by_name[record_names.SESSION_EXPIRED] == result.expiries
+    assert by_name[record_names.STICKY_PINNED] == result.cache_pins
+    assert sum(r["micros"] for r in records if r["event"] == record_names.COST_ADDED) == result.cost_micros
     # The workload escalates only by strikes (auto_escalate, default strike limit 2), one tier at a time.
-    escalated = [r for r in records if r["event"] == R.SESSION_ESCALATED]
+    escalated = [r for r in records if r["event"] == record_names.SESSION_ESCALATED]
     assert escalated and all(r["reason"] == "strikes" and r["strikes"] >= 2 for r in escalated)
     assert all(r["tier"] == tier_above(Tier(r["from_tier"]) if r["from_tier"] else None).value for r in escalated)
 
