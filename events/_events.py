@@ -210,7 +210,7 @@ STRATEGIES = ("sticky", "adaptive", "none")
 BUDGET_MODES = ("graceful", "strict")
 #: "window": the stall detector of docs/policy.md (tool calls signed by name, arguments and result in a
 #: window anchored on the newest call; identical requests in a row); "strikes": the seed's cumulative
-#: strikes (tool-call names in the hash; logs written before the window detector read as this).
+#: strikes (tool-call names in the hash; logs without a stall_detector field read as this).
 STALL_DETECTORS = ("window", "strikes")
 #: The longest tool-call window the detector reads.
 MAX_STALL_WINDOW = 64
@@ -256,10 +256,10 @@ class RouteRules:
     stall_lift: bool = False
     #: Read only with ``affinity_by_record`` false (logs decided by key names): deployment candidates whose
     #: key names another provider than the decided model's are not used (False: every candidate, as logs
-    #: written before this field were decided).
+    #: without this field were decided).
     candidates_by_provider: bool = True
     #: Deployment affinity reads what the session recorded (which deployment served the pin's model),
-    #: never a deployment key's provider prefix (False: by the prefix, as logs written before this field
+    #: never a deployment key's provider prefix (False: by the prefix, as logs without this field
     #: were decided; ``candidates_by_provider`` then applies).
     affinity_by_record: bool = True
 

@@ -50,10 +50,10 @@ _TIERS = (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING)
 
 #: How the reason of a lifting stall escalation (``stall_lift``, ``Routed.lift``) ends: text for people. Counters
 #: read ``Routed.lift`` / ``decision.made``'s ``lift``; only ``engine.log.replay.upcast_decision`` reads this, for
-#: logs written before that field.
+#: logs without that field.
 LIFTING = " for this request; pin kept, lifts on progress"
 #: How the reason of a graceful budget downgrade ends (``budget``, ``Routed.downgrade``): text for people, read
-#: only by ``engine.log.replay.upcast_decision`` (logs written before ``decision.made``'s ``downgrade``).
+#: only by ``engine.log.replay.upcast_decision`` (logs whose ``decision.made`` lacks ``downgrade``).
 DOWNGRADE = "; cheapest tier"
 
 
@@ -560,9 +560,9 @@ def deployment_affinity(route: Route, state: Entry | None, d: Draft, config: Con
 
 
 def _affinity_by_key_name(route: Route, state: Entry | None, d: Draft) -> None:
-    """``deployment_affinity`` as logs written before ``affinity_by_record`` were decided (the backtest re-runs
+    """``deployment_affinity`` as logs with ``affinity_by_record`` false were decided (the backtest re-runs
     them so): a candidate serves the decided model when its key names the model's provider
-    (``candidates_by_provider``; every candidate in logs from before that), and a pin whose deployment's
+    (``candidates_by_provider``; every candidate in logs without that field), and a pin whose deployment's
     key names another provider than its model's has "moved" there (no switch)."""
     candidates = route.candidates
     by_provider = route.rules.candidates_by_provider

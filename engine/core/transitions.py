@@ -453,11 +453,11 @@ def rules_fields(rules: RouteRules, config: Config) -> dict[str, Any]:
             "candidates_by_provider": rules.candidates_by_provider, "affinity_by_record": rules.affinity_by_record}
 
 
-#: What ``rules_from_fields`` reads for a field a ``rules`` object lacks: it was written before the field
-#: existed, when the rules behaved so (every other field absent reads as ``RouteRules``' default).
+#: What ``rules_from_fields`` reads for a field a ``rules`` object lacks: the rules a log without the field
+#: was decided by (every other field absent reads as ``RouteRules``' default).
 RULES_BEFORE: dict[str, Any] = {"stall_detector": "strikes", "candidates_by_provider": False,
                                 "affinity_by_record": False}
-#: The store settings absent from a ``rules`` object written before they were logged (Config's defaults then).
+#: The store settings a ``rules`` object without them reads as (Config's defaults for such logs).
 CONFIG_BEFORE = (2, False)
 _RULE_NAMES = tuple(f.name for f in dataclass_fields(RouteRules) if f.name != "models")
 

@@ -291,7 +291,7 @@ def sign_heads(client: Any, keys: Keys, key: bytes, buckets: Iterator[int] | lis
         for _ in range(_SIGN_TRIES):
             raw_seq, raw_head = client.mget(seq_key, keys.head(bucket))
             if raw_seq is None or raw_head is None:
-                break  # nothing written, or written before the chain: nothing to sign
+                break  # nothing written, or written without the chain: nothing to sign
             newest = client.xrevrange(stream, "+", "-", count=1)
             if newest and b'"event":"log.signed"' in newest[0][1].get(b"r", b""):
                 break  # signed since its last record (by this or another replica)

@@ -1,8 +1,8 @@
 """Read the audit log back: stream its records, fold their changed fields, rebuild live sessions.
 
 Replay never re-runs the rules: each record carries the new values of the
-fields it changed, so folding them in ``seq`` order rebuilds the state even
-for logs an older version wrote. Reading streams line by line; memory holds
+fields it changed, so folding them in ``seq`` order rebuilds the state, also
+for logs whose records lack fields. Reading streams line by line; memory holds
 the live sessions, not the log.
 
 A log is one file, or a directory of segments named ``<first seq, 20
@@ -62,7 +62,7 @@ SEGMENT_NAME = re.compile(r"^(\d{20})\.jsonl$")
 #: A single-file log's retired segment: ``<name>.<first seq, 20 digits>``.
 ARCHIVE_SUFFIX = re.compile(r"^\d{20}$")
 
-#: What a field holds when a record written by an older version lacks it.
+#: What a field holds when a record lacks it.
 ENTRY_DEFAULTS: tuple[Any, ...] = ("", None, 0, 0, 0, [], 0, False, False, False, 0, "", 0, "", [], [])
 _DEFAULT_PAIRS = tuple(zip(ENTRY_FIELDS, ENTRY_DEFAULTS, strict=True))
 _FIELD_NAMES = frozenset(ENTRY_FIELDS)
@@ -94,7 +94,7 @@ def new_fields(source: dict[str, Any]) -> Fields:
         (f.model, f.tier, f.created_at, f.last_used_at, f.request_count, f.recent_hashes, f.strikes, f.escalated,
          f.user_explicit, f.cache_sticky, f.cache_sticky_at, f.provider, f.session_cost_micros,
          f.deployment, f.reservations, f.deployments) = _all_fields(source)
-    except KeyError:  # an older record lacking a field
+    except KeyError:  # a record lacking a field
         get = source.get
         for name, default in _DEFAULT_PAIRS:
             setattr(f, name, get(name, default))
@@ -255,8 +255,8 @@ _DECISION = record_names.DECISION_MADE
 
 
 def upcast_decision(record: dict[str, Any]) -> None:
-    """Serves logs written before ``decision.made`` carried ``downgrade`` and ``lift``: a bypass record
-    without either gets them from the marker its reason text then ended with (``engine.core.rules.DOWNGRADE``,
+    """Serves logs whose ``decision.made`` records lack ``downgrade`` and ``lift``: a bypass record
+    without either gets them from the marker its reason text ends with (``engine.core.rules.DOWNGRADE``,
     ``LIFTING``). The only reader of the reason's text; every counter reads the fields. A record of this
     version without them is a bypass that was neither (its reason holds no marker): it stays as it is."""
     if record.get("kind") != Kind.BYPASS:

@@ -61,7 +61,7 @@ class Problem:
 @dataclass(slots=True)
 class Report:
     log: str
-    #: "verified", "unchained" (no chain to check: an older version wrote it), "unsigned" (a key was
+    #: "verified", "unchained" (no chain to check: a log written without one), "unsigned" (a key was
     #: given but the log holds no signature), "unproven" (an expected head's seq is no longer on disk), "empty"
     #: (no record at all: an empty file, a directory without segments), or "bad".
     status: str = "verified"
@@ -76,7 +76,7 @@ class Report:
     seals: int = 0
     head: str | None = None
     head_seq: int | None = None
-    #: Records before the chain starts (a log an older version began, continued by this one).
+    #: Records before the chain starts (a log begun without a chain, continued with one).
     unchained_records: int = 0
     #: Complete records after the last seal (a crash cut their batch's sealing line; the next restart seals them).
     unsealed_tail_records: int = 0

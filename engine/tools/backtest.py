@@ -294,9 +294,9 @@ class BacktestResult:
     decisions: int = 0
     decisions_changed: int = 0
     records: int = 0
-    #: Decision records that carry no inputs (``unavailable`` answers, logs older than issue 10): not re-run.
+    #: Decision records that carry no inputs (``unavailable`` answers, logs that record none): not re-run.
     not_rerun: int = 0
-    #: Re-runnable decisions skipped because no rules were known for their session (older logs, no --models).
+    #: Re-runnable decisions skipped because no rules were known for their session (logs without rules, no --models).
     no_rules: int = 0
     #: Costs re-priced from token counts because the variant served another model.
     repriced: int = 0
@@ -363,7 +363,7 @@ class _Run:
         self.last_rules: _Rules | None = None
         self.fallback: _Rules | None = None
         self.configs: dict[tuple[int, bool], Config] = {}
-        if models is not None:  # an older log without rules: what an empty rules object reads as, with this table
+        if models is not None:  # a log without rules: what an empty rules object reads as, with this table
             before, strike_limit, auto = rules_from_fields({})
             self.fallback = self._variant(dataclasses.replace(before, models=models), strike_limit, auto)
         self.held: dict[str, dict[str, Any]] = {}

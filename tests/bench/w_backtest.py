@@ -129,7 +129,7 @@ def backtest(scale: float) -> list[dict[str, Any]]:
             _row(f"backtest speed / replay speed: replay's wall time / backtest's ({jobs} processes, the default "
                  "here), same log, same run", ratio, "x", "≥ 0.5", ratio >= 0.5),
             _row("the same, the backtest in one process (jobs=1)", serial_ratio, "x"),
-            _row("backtest decisions/s / replay records/s (the issue's words read literally: unlike units)",
+            _row("backtest decisions/s / replay records/s (read literally: unlike units)",
                  decisions / median(out["backtest"]) / replay_rate, "x"),
             _row("backtest, no change, one process (jobs=1)", decisions / median(out["backtest_serial"]),
                  "decisions/s"),

@@ -1,11 +1,11 @@
-"""Workload 10: the routing turn against the snapshot route it replaces, side by side.
+"""Workload 10: the routing turn against a snapshot route, side by side.
 
 Per request a router routes and, after the (instant) upstream call, reports its cost:
 
-- **route turn** (issue 10): ``Policy.route`` (one ask carrying a ``Route`` event: the session's turn
+- **route turn**: ``Policy.route`` (one ask carrying a ``Route`` event: the session's turn
   decides, applies the pin and, with a cap, reserves the estimate), then ``record_response`` (a tell
   that settles the reservation);
-- **snapshot route** (before issue 10): ask ``GetSession``, run the same pure rules on the snapshot,
+- **snapshot route**: ask ``GetSession``, run the same pure rules on the snapshot,
   tell the events they imply plus the ``Decision``, build the caller's ``RouteDecision``, then report
   the cost through ``record_response`` (the same calls the turn makes, bar the ask and the tell).
 
@@ -55,7 +55,7 @@ def _turn(policy: Policy, request: Request) -> None:
 
 
 def _snapshot(policy: Policy, request: Request) -> None:
-    """The snapshot route as ``Policy`` ran it before issue 10, with the same per-request steps as the
+    """A snapshot route through ``Policy``, with the same per-request steps as the
     turn (identify, the no-lookup check, the caller's ``RouteDecision``, the cost reported through
     ``record_response``): only the ask + tell differs. It reserves nothing, as no snapshot route does."""
     store = policy.store
@@ -146,7 +146,7 @@ def route(scale: float) -> list[dict[str, Any]]:
             rows.append(_row(f"snapshot route / route turn CPU per route, {cap}, {threads} thread(s)", saving,
                              "x", "≥ 1x", saving >= 1))
     return [{
-        "id": 10, "title": "Routing turn vs snapshot route (issue 10)",
+        "id": 10, "title": "Routing turn vs snapshot route",
         "setup": f"{sessions:,} sessions, {n:,} requests per variant and repetition (route + cost report), "
                  f"tiers MEDIUM, MEDIUM, COMPLEX, SIMPLE in turn; audit log on; {reps} repetitions, "
                  "variants interleaved, each going first in every other repetition; cap: $1,000,000 (reserve and "

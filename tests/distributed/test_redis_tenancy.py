@@ -136,7 +136,7 @@ def _replica(url: str, op: str, secret: str) -> list[str]:
 
 
 def test_scoped_ids_are_the_same_in_every_replica_process(redis_server: RedisServer) -> None:
-    """Issue 14: the scoping is stable across replicas. Two processes with the same secret reach the same
+    """The tenant scoping is stable across replicas. Two processes with the same secret reach the same
     session (same scoped id, same bucket); a process with another secret reaches none of it."""
     pinned = _replica(redis_server.url, "pin", SECRET)
     assert pinned[1] == "strong"

@@ -1,4 +1,4 @@
-"""Deployment pins per (model group, tier) (issue 16 point 7): a SIMPLE bypass and strategy none return
+"""Deployment pins per (model group, tier): a SIMPLE bypass and strategy none return
 to the deployment that served them last, so the cheap model's provider prefix cache stays warm; the
 retained pin's deployment (``Entry.deployment``) keeps its meaning. Through the public API, the log,
 replay, a restart and the backtest."""

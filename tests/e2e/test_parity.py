@@ -1,4 +1,4 @@
-"""Issue 16 through the public API: what LiteLLM 1.110's session features do, done here at least as
+"""Parity through the public API: what LiteLLM 1.110's session features do, done here at least as
 well (budget ledger that outlives idling, refusal at the cap, escalation to the next configured tier,
 escalation keywords, session-id carriers). The LiteLLM Router half is tests/integrations/test_parity_litellm.py."""
 

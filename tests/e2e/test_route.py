@@ -1,4 +1,4 @@
-"""The routing turn: decide, reserve and settle in the session's own turn (issue 10)."""
+"""The routing turn: decide, reserve and settle in the session's own turn."""
 
 from __future__ import annotations
 

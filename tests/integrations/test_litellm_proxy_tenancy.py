@@ -1,4 +1,4 @@
-"""Two API keys through the real LiteLLM proxy: the same session id names two sessions (issue 14).
+"""Two API keys through the real LiteLLM proxy: the same session id names two sessions.
 
 One ``litellm --config`` process for the module (tests/support/litellm_proxy_server.py)
 with no database: ``general_settings: custom_auth`` maps two bearer keys, A and

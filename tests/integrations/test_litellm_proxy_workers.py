@@ -1,6 +1,6 @@
 """The real LiteLLM proxy with ``--num_workers 2`` on the Redis backend: one truth for every worker.
 
-Issue 11's user report: with two workers and the memory backend, "the pin splits (12 follow-ups of
+With two workers and the memory backend, "the pin splits (12 follow-ups of
 one conversation: 8 served by one model group, 4 by another) and the budget splits". Here one
 ``litellm --config ... --num_workers 2`` (tests/support/litellm_proxy_server.py) runs the hook with
 ``Config(backend="redis://...")`` against a real redis-server (tests/support/redis_servers.py), and the

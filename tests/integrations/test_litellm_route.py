@@ -1,5 +1,5 @@
 """The LiteLLM hook's call path with the routing turn: budgets that hold, costs that land before the
-call returns (counted once), the sync ``completion``, and the decision on the response (issue 10)."""
+call returns (counted once), the sync ``completion``, and the decision on the response."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 16 through a real ``litellm.Router`` (``mock_response`` deployments): what LiteLLM 1.110's own
+"""Parity through a real ``litellm.Router`` (``mock_response`` deployments): what LiteLLM 1.110's own
 session affinity does, done here at least as well (docs/policy.md, docs/identity.md)."""
 
 from __future__ import annotations

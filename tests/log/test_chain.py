@@ -156,7 +156,7 @@ def test_both_chain_modes_verify_and_the_default_is_batch(make_store: Callable[.
 
 def test_a_log_without_a_chain_replays_and_verifies_as_unchained_then_gets_one(
         make_store: Callable[..., SessionStore], tmp_path: Path) -> None:
-    old = Path(__file__).parents[1] / "golden" / "known.jsonl"  # written before the chain existed
+    old = Path(__file__).parents[1] / "golden" / "known.jsonl"  # a log without a chain
     log = tmp_path / "old.jsonl"
     log.write_bytes(old.read_bytes())
     assert replay(log) == replay(old)

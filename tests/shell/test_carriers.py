@@ -1,4 +1,4 @@
-"""Every session-id carrier agents send (issue 16 point 4), as the agents send it.
+"""Every session-id carrier agents send, as the agents send it.
 
 Each carrier is read by the identity chain (engine/identity.py) in the order
 docs/identity.md documents, gives the same id LiteLLM 1.110's own parser gives

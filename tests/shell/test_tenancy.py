@@ -116,7 +116,7 @@ def test_two_api_keys_with_the_same_id_get_two_sessions_pins_and_budgets(make_ho
     a, b, b_again, refused = asyncio.run(run())
     assert a["source"] == b["source"] != "none"
     assert (a["kind"], a["model"]) == ("initialize", "strong")
-    assert (b["kind"], b["model"]) == ("initialize", "mid")  # not A's pinned "strong" (the retain)
+    assert (b["kind"], b["model"]) == ("initialize", "mid")  # not A's pinned "strong" (a retained pin)
     tenant_a, tenant_b = hook.proxy_tenant(KEY_A), hook.proxy_tenant(KEY_B)
     assert split(a["session_id"])[0] == tenant_a and split(b["session_id"])[0] == tenant_b != tenant_a
     if carrier != "fingerprint":

@@ -143,7 +143,7 @@ def test_bad_options_name_the_field(sim_log: Path) -> None:
 
 
 def test_an_older_log_says_what_it_cannot_rerun(tmp_path: Path) -> None:
-    """Decision records without inputs (unavailable answers, logs written before the routing turn) are
+    """Decision records without inputs (unavailable answers, logs that record none) are
     counted, not guessed; without recorded rules the decisions need --models."""
     log = tmp_path / "old.jsonl"
     lines = [

@@ -1,6 +1,6 @@
 """A budget downgrade and a lifting stall escalation are fields of the decision (``Routed.downgrade``/``lift``,
 ``decision.made``'s ``downgrade``/``lift``), counted from the fields by the backtest, the report and simulate;
-logs written before the fields are read through one upcaster (``engine.log.replay.upcast_decision``)."""
+logs without the fields are read through one upcaster (``engine.log.replay.upcast_decision``)."""
 
 from __future__ import annotations
 

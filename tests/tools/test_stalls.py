@@ -1,4 +1,4 @@
-"""The stall detector (issue 16, docs/policy.md "Stalls"): tool calls signed by name, canonical arguments
+"""The stall detector (docs/policy.md "Stalls"): tool calls signed by name, canonical arguments
 and result, a window anchored on the newest call, errored results as a signal, identical requests in a
 row, and an escalation that lifts once the agent moves on when the operator asks for it."""
 
@@ -161,7 +161,7 @@ def test_backtest_reads_an_older_log_as_the_strikes_detector_and_can_lift(make_s
     for text in "aabbc":
         route(policy, "old", [{"role": "user", "content": text}])
     store.close()
-    # Strip what older logs lacked: the detector's fields in the rules object.
+    # Strip the detector's fields from the rules object: a log without them.
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     for record in lines:
         for key in ("stall_detector", "stall_window", "stall_lift"):
