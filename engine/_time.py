@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import time
 
+__all__ = [
+    "now_ms",
+]
+
 
 def _read() -> float:
     return time.time()

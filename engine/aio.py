@@ -35,6 +35,10 @@ from events import (
     Touch,
 )
 
+__all__ = [
+    "AsyncSessionStore",
+]
+
 
 def _resolve(future: asyncio.Future[Any], reply: Reply) -> None:
     if future.done():

@@ -13,6 +13,10 @@ import typer
 
 from events import EngineError
 
+__all__ = [
+    "app", "main",
+]
+
 app = typer.Typer(
     name="session-engine",
     help="Per-session memory for LLM routers: simulate a router workload; audit, replay, backtest and chart its log.",

@@ -28,6 +28,10 @@ from engine.core.scope import tenant_of
 from engine.shell.runtime import Observer
 from events import records as record_names
 
+__all__ = [
+    "Metrics",
+]
+
 log = logging.getLogger("engine.metrics")
 
 #: Batches take microseconds to a few milliseconds; the tail (fsync, GC) reaches further.

@@ -55,6 +55,12 @@ from events._validate import MAX_MICROS, UNENCODABLE, check_text, encodable, is_
 if TYPE_CHECKING:
     from engine.aio import AsyncSessionStore
 
+__all__ = [
+    "AsyncPolicy", "BudgetExceeded", "Estimator", "Kind", "Options", "Policy", "Request", "RouteDecision",
+    "STALL_ERRORS", "Strategy", "TierModels", "cost_micros", "decide", "deployment_key", "provider_from_model",
+    "request_hash", "route_rules", "stall_reading", "tool_error_run",
+]
+
 log = logging.getLogger("engine.policy")
 
 _TIERS = (Tier.SIMPLE, Tier.MEDIUM, Tier.COMPLEX, Tier.REASONING)

@@ -35,6 +35,10 @@ from events import (
 )
 from events import records as record_names
 
+__all__ = [
+    "NO_OP_RESULTS", "SessionStore", "StoreClosed", "merge_results",
+]
+
 
 def _short_id(session_id: str) -> str:
     return session_id[:8] + "..." if len(session_id) > 8 else session_id

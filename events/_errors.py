@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "EngineError", "InvalidEvent",
+]
+
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""

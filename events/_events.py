@@ -18,6 +18,13 @@ from events._validate import (
     check_text,
 )
 
+__all__ = [
+    "BUDGET_MODES", "Clear", "ClearAll", "Cost", "Decision", "Escalate", "Event", "Evict", "Expire", "GetCost",
+    "GetSession", "GetStats", "Hash", "IsCacheSticky", "MAX_STALL_WINDOW", "Release", "Route", "RouteRules",
+    "SESSION_EVENTS", "STALL_DETECTORS", "STORE_EVENTS", "STRATEGIES", "SessionEvent", "SetCacheSticky",
+    "SetDeployment", "SetSession", "Tick", "Touch", "check_stall_detector", "check_stall_window",
+]
+
 
 class Event:
     """Base of every event; ``session_id`` is None for store-wide events."""

@@ -44,6 +44,11 @@ from events._records import (
 )
 from events._validate import text_problem
 
+__all__ = [
+    "ENTRY", "ENTRY_OPTIONAL", "ENVELOPE", "LENIENT_CHECKS", "RECORDS", "REQUIRED_ENVELOPE", "STRICT_CHECKS", "TIERS",
+    "record_problem",
+]
+
 Check = Callable[[Any], bool]
 
 TIERS = ("SIMPLE", "MEDIUM", "COMPLEX", "REASONING")

@@ -41,6 +41,10 @@ from events._records import (
     STICKY_PINNED,
 )
 
+__all__ = [
+    "REGENERATE", "SCHEMA_PATH", "json_schema", "render",
+]
+
 #: Where the generated schema lives in a checkout.
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "log-schema.json"
 #: The command that regenerates it (named by the tests when the file is stale).

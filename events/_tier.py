@@ -6,6 +6,10 @@ from enum import Enum
 
 from events._errors import InvalidEvent
 
+__all__ = [
+    "Tier", "parse_tier", "tier_above", "tier_rank",
+]
+
 
 class Tier(str, Enum):
     SIMPLE = "SIMPLE"

@@ -6,6 +6,11 @@ import re
 
 from events._errors import InvalidEvent
 
+__all__ = [
+    "MAX_ID_LEN", "MAX_MICROS", "MAX_TOTAL_MICROS", "UNENCODABLE", "check_bool", "check_micros", "check_session_id",
+    "check_text", "encodable", "is_valid_session_id", "text_problem",
+]
+
 MAX_ID_LEN = 256
 MAX_TEXT_LEN = 256
 # One event may add at most a billion dollars.

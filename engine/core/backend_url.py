@@ -18,6 +18,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from events import EngineError, InvalidEvent
 
+__all__ = [
+    "BackendError", "BackendUnavailable", "RedisTarget", "parse_backend",
+]
+
 #: Environment variables read when the URL carries no credentials.
 PASSWORD_ENV = "SESSION_ENGINE_REDIS_PASSWORD"
 USERNAME_ENV = "SESSION_ENGINE_REDIS_USERNAME"

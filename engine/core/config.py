@@ -9,6 +9,10 @@ from engine.core.backend_url import parse_backend
 from events import InvalidEvent
 from events._validate import check_bool, check_text
 
+__all__ = [
+    "Config", "default_config",
+]
+
 FSYNC_POLICIES = ("always", "interval", "never")
 
 

@@ -7,6 +7,10 @@ from typing import Any
 
 from events import Tier
 
+__all__ = [
+    "Entry", "MessageInfo", "SLOT_SETTERS", "SessionInfo", "Stats", "build_entry",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from enum import Enum
 
+__all__ = [
+    "Kind",
+]
+
 
 class Kind(str, Enum):
     """What a decision did, as logged in ``decision.made`` records."""

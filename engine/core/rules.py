@@ -41,6 +41,11 @@ from events import (
     tier_rank,
 )
 
+__all__ = [
+    "DOWNGRADE", "Draft", "HASH_WINDOW", "LIFTING", "RULES", "Routed", "STALL_ERRORS", "budget", "count_strikes",
+    "decide", "first_pin", "never_downgrade", "stall_reason",
+]
+
 HASH_WINDOW = 3
 #: The "strikes" detector: the same tool call (same name and arguments) answered with an error this many
 #: times in a row (``Route.tool_errors`` under this detector) is a stall signal: the request counts a strike

@@ -26,6 +26,11 @@ import os
 from events import InvalidEvent
 from events._validate import MAX_ID_LEN, check_text
 
+__all__ = [
+    "SECRET_ENV", "Scope", "TENANT_LEN", "check_caller_id", "check_tenant", "is_tenant", "scoped", "split",
+    "tenant_of",
+]
+
 #: Separator between the tenant and the caller's id.
 SEP = ":"
 #: Width of a tenant: 24 hex characters (96 bits of the HMAC).

@@ -8,6 +8,10 @@ from typing import Any
 from engine.core.entry import Entry
 from engine.core.transitions import deadline_checks
 
+__all__ = [
+    "ShardState", "shard_index",
+]
+
 
 class ShardState:
     """The sessions of one shard: immutable entries plus the deadline heap.

@@ -52,10 +52,12 @@ from events._validate import MAX_TOTAL_MICROS
 
 Record = tuple[str, dict[str, Any]]
 _NO_RECORDS: tuple[Record, ...] = ()
-__all__ = ["HASH_WINDOW", "Outcome", "Rejected", "apply", "clear_for_all", "entry_fields", "holds_ledger",
-           "idle_deadline", "ledger_only", "ledger_until", "pin_deadline",
-           "LAPSE_GEN", "Check", "check_due_again", "deadline_checks", "needs_check", "new_deadline_checks",
-           "next_deadline", "reservation_deadlines", "settle", "stats_sessions"]
+__all__ = [
+    "Check", "HASH_WINDOW", "LAPSE_GEN", "Outcome", "RULES_BEFORE", "Rejected", "apply", "check_due_again",
+    "clear_for_all", "deadline_checks", "entry_fields", "holds_ledger", "idle_deadline", "ledger_only", "ledger_until",
+    "needs_check", "new_deadline_checks", "next_deadline", "pin_deadline", "reservation_deadlines", "rules_fields",
+    "rules_from_fields", "settle", "stats_sessions",
+]
 
 
 class Outcome(NamedTuple):

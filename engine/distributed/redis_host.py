@@ -70,6 +70,12 @@ from engine.shell.shard import Shard, ShardFailed
 from events import ClearAll, EngineError, Evict, Expire, GetStats, InvalidEvent, SetSession, Tick
 from events import records as record_names
 
+__all__ = [
+    "COMMIT_LUA", "EXPIRY_MARGIN_MS", "Keys", "RedisBackend", "bucket_of", "commit_command", "encode_entry",
+    "export_streams", "fold_streams", "merged_records", "open_namespace", "read_streams", "render_record",
+    "sessions_in_redis", "share", "sign_heads", "sign_namespace", "stream_entries", "stream_records", "unavailable",
+]
+
 logger = logging.getLogger("engine")
 
 COMMIT_LUA = (Path(__file__).with_name("redis_commit.lua")).read_text()

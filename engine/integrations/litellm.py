@@ -79,6 +79,10 @@ from events import (
 )
 from events._validate import MAX_MICROS
 
+__all__ = [
+    "DECISION_KEY", "HIDDEN_KEY", "LiteLLMEstimator", "SessionEngineCallback", "decision_headers", "deployment_id",
+]
+
 log = logging.getLogger("engine.integrations.litellm")
 
 #: Metadata key under which the decision travels with the request (read by the later hooks).

@@ -30,6 +30,10 @@ from engine.log.replay import (
 )
 from events import records as record_names
 
+__all__ = [
+    "Layout", "Recovered", "recover", "restored_states",
+]
+
 logger = logging.getLogger("engine")
 
 

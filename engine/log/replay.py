@@ -32,6 +32,13 @@ from events import EngineError, Tier
 from events import records as record_names
 from events._schema import LENIENT_CHECKS, record_problem
 
+__all__ = [
+    "ENTRY_DEFAULTS", "ENTRY_FIELDS", "LogCorrupt", "PREFIX", "Share", "State", "Tail", "archives", "entry_fields",
+    "fold", "fold_file", "fold_files", "fold_log", "history_files", "list_segments", "log_files", "new_fields",
+    "paused_gc", "read_file", "read_head", "read_log", "readable_segments", "replay", "segment_name", "segment_seq",
+    "to_entry", "torn_tail", "upcast_decision",
+]
+
 
 class LogCorrupt(EngineError):
     """The log cannot be read or trusted: a line in the middle is not a record, ``seq`` jumps, an event

@@ -34,7 +34,9 @@ from engine.log.replay import history_files, torn_tail
 from events import records as record_names
 from events._schema import STRICT_CHECKS, record_problem
 
-__all__ = ["BadRecord", "Problem", "Report", "Verifier", "empty_report", "verify", "verify_files"]
+__all__ = [
+    "BadRecord", "Problem", "Report", "Verifier", "empty_report", "parse_head", "verify", "verify_files",
+]
 
 #: Exit status of ``audit --verify``: verified; a bad record; (2 is a usage or I/O error); nothing proven.
 EXIT_OK, EXIT_BAD, EXIT_UNPROVEN = 0, 1, 3

@@ -28,6 +28,10 @@ from engine.core.transitions import Outcome
 from events import EngineError, SetSession
 from events import records as record_names
 
+__all__ = [
+    "CAPACITY", "Capacity", "SessionRefused", "TENANT_LIMIT", "TENANT_RATE", "refusal", "refused_error",
+]
+
 #: Eviction reasons, as logged in ``session.evicted``.
 CAPACITY = "capacity"
 TENANT_LIMIT = "tenant_limit"

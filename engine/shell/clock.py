@@ -17,6 +17,10 @@ from events import Tick
 if TYPE_CHECKING:
     from engine.shell.runtime import Runtime
 
+__all__ = [
+    "Clock",
+]
+
 _TICK = Tick()
 
 

@@ -9,6 +9,10 @@ from typing import Any
 
 from events import EngineError
 
+__all__ = [
+    "AskTimeout", "Reply",
+]
+
 logger = logging.getLogger("engine")
 
 

@@ -23,6 +23,10 @@ from engine.shell.shard import DRAIN, Mailbox, Shard
 from events import EngineError, SessionEvent
 from events import records as record_names
 
+__all__ = [
+    "Observer", "Runtime", "StoreClosed",
+]
+
 log = logging.getLogger("engine")
 
 

@@ -43,6 +43,10 @@ from events import records as record_names
 if TYPE_CHECKING:
     from engine.shell.runtime import Runtime
 
+__all__ = [
+    "DRAIN", "Mailbox", "Shard", "ShardFailed",
+]
+
 DRAIN = "drain"
 logger = logging.getLogger("engine")
 

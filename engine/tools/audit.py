@@ -21,6 +21,10 @@ from typing import Any
 from engine.core.scope import TENANT_LEN, split, tenant_of
 from events import records as record_names
 
+__all__ = [
+    "Life", "explain", "fmt_ts", "fmt_usd", "lives", "table_header", "table_row", "timeline",
+]
+
 #: Most items kept in one list of a Life (counts stay exact): bounds memory for very long sessions.
 MAX_ITEMS = 100
 

@@ -49,7 +49,9 @@ from events import Cost, EngineError, InvalidEvent, Release, Route, RouteRules, 
 from events import records as record_names
 from events._validate import MAX_MICROS, check_session_id
 
-__all__ = ["OPTIONS", "BacktestResult", "Figures", "Prices", "backtest", "parse_changes", "run_backtest"]
+__all__ = [
+    "BacktestResult", "Figures", "NoSession", "OPTIONS", "Prices", "backtest", "parse_changes", "run_backtest",
+]
 
 #: The options ``--set`` may change, and how a value is read.
 OPTIONS: dict[str, str] = {

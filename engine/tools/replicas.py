@@ -25,6 +25,10 @@ from typing import Any
 
 from events import EngineError
 
+__all__ = [
+    "run_replicated",
+]
+
 #: Conversation fields the router writes (engine/tools/workload.py): they travel back with the conversation.
 ROUTER_FIELDS = ("history", "pending", "reply_bytes", "started", "strikes")
 

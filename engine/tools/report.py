@@ -27,7 +27,10 @@ from engine.core.kinds import Kind
 from engine.tools.audit import Life, explain, lives
 from events import records as record_names
 
-__all__ = ["BUCKET_WIDTHS_MS", "Bucket", "Digest", "Timeline", "add_timelines", "digest", "read_digest"]
+__all__ = [
+    "BUCKET_WIDTHS_MS", "Bucket", "Digest", "LEDGER_MARK", "MAX_BUCKETS", "MAX_LABELS", "MAX_POINTS", "Timeline",
+    "add_timelines", "digest", "read_digest",
+]
 
 #: Bucket widths, each a multiple of the one before, so buckets merge exactly when the log outgrows them.
 BUCKET_WIDTHS_MS = (1_000, 5_000, 10_000, 30_000, 60_000, 300_000, 600_000, 1_800_000, 3_600_000, 10_800_000,

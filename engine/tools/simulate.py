@@ -78,6 +78,10 @@ from engine.tools.workload import PolicyRouter, Router, Workload, model_table, p
 from events import InvalidEvent
 from events import records as record_names
 
+__all__ = [
+    "SimulationConfig", "check_promises", "run_simulation",
+]
+
 #: Simulated seconds between two clock passes (``store.tick()``).
 TICK_EVERY_S = 30.0
 #: Fewest requests between two clock passes, so a slow clock still leaves work to run concurrently.

@@ -27,6 +27,11 @@ from engine.policy import Request as PolicyRequest
 from engine.store import SessionStore
 from events import Cost, Tier, tier_above
 
+__all__ = [
+    "Conversation", "OUTAGE", "OUTAGE_DEPLOYMENT", "PRICES", "PolicyRouter", "Request", "Router", "STALLS", "Workload",
+    "history", "model_table", "policy_options",
+]
+
 #: Popularity of the conversation of rank r is proportional to 1 / (r + 1) ** ZIPF_S.
 ZIPF_S = 1.1
 
