@@ -410,7 +410,7 @@ def replay_command(
     log: Annotated[str, typer.Argument(help=LOG_HELP)],
 ) -> None:
     """Print the sessions rebuilt from the log alone, as JSON (session id -> every Entry field)."""
-    from engine.log.replay import LogCorrupt, Tail, entry_fields, fold, fold_log
+    from engine.log.replay import LogCorrupt, Tail, fields_mapping, fold, fold_log
 
     target = _log_argument(log)
     if isinstance(target, str):  # a Redis URL: fold its streams
@@ -418,7 +418,7 @@ def replay_command(
             state: dict[str, Any] = {}
             for record in records:
                 fold(state, record)
-            out = {sid: entry_fields(fields) for sid, fields in sorted(state.items())}
+            out = {sid: fields_mapping(fields) for sid, fields in sorted(state.items())}
             sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
 
         _streamed(target, write, history=False)
@@ -434,7 +434,7 @@ def replay_command(
         fail(f"{log}: {exc.strerror or exc}")
     if tail.first is None:
         _no_records(log)
-    out = {sid: entry_fields(fields) for sid, fields in sorted(state.items())}
+    out = {sid: fields_mapping(fields) for sid, fields in sorted(state.items())}
     sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 

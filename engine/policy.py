@@ -33,8 +33,7 @@ from engine.core.kinds import Kind
 from engine.core.providers import provider_from_model
 from engine.core.requests import hash_request_content, should_cache_sticky
 from engine.core.rules import STALL_ERRORS as STALL_ERRORS  # the "strikes" detector's threshold, applied in the turn
-from engine.core.rules import Routed
-from engine.core.rules import decide as decide_route
+from engine.core.rules import Routed, decide_route
 from engine.identity import FINGERPRINT, INVALID_PREFIX, IdentityResolver, check_tenant, message_text
 from engine.store import SessionStore
 from events import (
@@ -552,7 +551,7 @@ def route_event(request: Request, rules: RouteRules, options: Options, reservati
         escalation_keyword(messages, options.escalation_keywords), repeats, errors)
 
 
-def _decision(request: Request, routed: Routed, strategy: Strategy, events: tuple[SessionEvent, ...] = ()
+def _route_decision(request: Request, routed: Routed, strategy: Strategy, events: tuple[SessionEvent, ...] = ()
               ) -> RouteDecision:
     limit = None if routed.limit_micros < 0 else routed.limit_micros / 1_000_000
     return RouteDecision(request.session_id, routed.kind, routed.model, routed.tier,
@@ -585,7 +584,7 @@ def decide(request: Request, state: Entry | None, models: TierModels, options: O
     routed = replace(routed, reservation_id="")  # nothing is reserved on a snapshot
     decision = DecisionEvent(sid, routed.kind.value, routed.model, routed.tier, provider_from_model(routed.model),
                              routed.reason, strategy.value, request.source, routed.deployment)
-    return _decision(request, routed, strategy, (*events, decision))
+    return _route_decision(request, routed, strategy, (*events, decision))
 
 
 def _table_models(rules: RouteRules) -> tuple[str, ...]:
@@ -682,7 +681,7 @@ class _Base:
         return self._routed(request, routed)
 
     def _routed(self, request: Request, routed: Routed) -> RouteDecision:
-        return _decision(request, routed, self.options.strategy)  # type: ignore[arg-type]
+        return _route_decision(request, routed, self.options.strategy)  # type: ignore[arg-type]
 
     def _unavailable(self, request: Request, exc: BaseException, route: Route | None = None) -> RouteDecision:
         """The engine was too slow or failed: serve the router's own choice, count and log it.

@@ -1,7 +1,7 @@
 """The routing rules, pure: where one request goes, decided on the session's live state.
 
 All that affects a routing decision lives in this file (as h11 keeps its
-state machine in one). ``decide(state, route, config)`` runs the rules of
+state machine in one). ``decide_route(state, route, config)`` runs the rules of
 ``RULES`` in order: the *choice* rules pick the model, and the first that
 applies wins; the *adjusting* rules then run on that choice, every time. Each
 rule is a small function over the request (a ``Route`` event, frozen), the
@@ -43,7 +43,7 @@ from events import (
 
 __all__ = [
     "DOWNGRADE", "Draft", "HASH_WINDOW", "LIFTING", "RULES", "Routed", "STALL_ERRORS", "budget", "count_strikes",
-    "decide", "first_pin", "never_downgrade", "stall_reason",
+    "decide_route", "first_pin", "never_downgrade", "stall_reason",
 ]
 
 HASH_WINDOW = 3
@@ -93,7 +93,7 @@ class Routed:
 
 @dataclass(slots=True)
 class Draft:
-    """The decision while the rules build it (local to one ``decide`` call)."""
+    """The decision while the rules build it (local to one ``decide_route`` call)."""
 
     kind: Kind = Kind.RETAIN  # every choice rule sets it
     model: str = ""
@@ -162,7 +162,7 @@ def routed_of(kind: Kind, model: str, tier: Tier | None, reason: str, deployment
               spent: int, reserved: int, estimate: int, limit: int, served: str, reservation_id: str,
               downgrade: bool, lift: bool) -> Routed:
     """``Routed(...)`` through its slots: every field given, in order (the frozen ``__init__`` sets each one
-    through ``object.__setattr__``, about a tenth of ``decide``'s cost)."""
+    through ``object.__setattr__``, about a tenth of ``decide_route``'s cost)."""
     e = _new(Routed)
     (put_kind, put_model, put_tier, put_reason, put_deployment, put_candidates, put_spent, put_reserved,
      put_estimate, put_limit, put_served, put_rid, put_downgrade, put_lift) = _ROUTED
@@ -608,7 +608,7 @@ RULES: tuple[tuple[str, tuple[Rule, ...]], ...] = (
 )
 
 
-def decide(state: Entry | None, route: Route, config: Config) -> tuple[Routed, list[SessionEvent]]:
+def decide_route(state: Entry | None, route: Route, config: Config) -> tuple[Routed, list[SessionEvent]]:
     """The decision for ``route`` on ``state`` (already settled at the request's time) and the session
     events it implies, in the order they apply. A refusal implies none."""
     # A cost-only entry (spend recorded, no model yet) pins nothing.

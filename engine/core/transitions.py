@@ -23,8 +23,7 @@ from typing import Any, NamedTuple
 from engine.core.config import Config
 from engine.core.entry import SLOT_SETTERS, Entry, build_entry
 from engine.core.providers import cache_ttl_for_provider, provider_from_model
-from engine.core.rules import HASH_WINDOW, Routed, count_strikes
-from engine.core.rules import decide as decide_route
+from engine.core.rules import HASH_WINDOW, Routed, count_strikes, decide_route
 from events import (
     Clear,
     Cost,
@@ -565,7 +564,7 @@ def _set_deployment(s: Entry | None, ev: SetDeployment, now: int) -> Outcome:
     return Outcome(new, None, ((record_names.DEPLOYMENT_SET, {"deployment": ev.deployment, "previous": s.deployment}),))
 
 
-def _decision(s: Entry | None, ev: Decision) -> Outcome:
+def _record_decision(s: Entry | None, ev: Decision) -> Outcome:
     fields: dict[str, Any] = {"kind": ev.kind}
     for name in ("model", "provider", "reason", "strategy", "source", "deployment"):
         value = getattr(ev, name)
@@ -623,7 +622,7 @@ def apply(state: Entry | None, event: SessionEvent, now: int, config: Config, *,
     elif t is SetDeployment:
         out = _set_deployment(s, event, now)  # type: ignore[arg-type]
     elif t is Decision:
-        out = _decision(s, event)  # type: ignore[arg-type]
+        out = _record_decision(s, event)  # type: ignore[arg-type]
     elif t is Release:
         out = _release(s, event)  # type: ignore[arg-type]
     elif t is Expire:

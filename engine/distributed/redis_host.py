@@ -71,9 +71,10 @@ from events import ClearAll, EngineError, Evict, Expire, GetStats, InvalidEvent,
 from events import records as record_names
 
 __all__ = [
-    "COMMIT_LUA", "EXPIRY_MARGIN_MS", "Keys", "RedisBackend", "bucket_of", "commit_command", "encode_entry",
-    "export_streams", "fold_streams", "merged_records", "open_namespace", "read_streams", "render_record",
-    "sessions_in_redis", "share", "sign_heads", "sign_namespace", "stream_entries", "stream_records", "unavailable",
+    "COMMIT_LUA", "EXPIRY_MARGIN_MS", "Keys", "RedisBackend", "bucket_of", "bucket_share", "commit_command",
+    "encode_entry", "export_streams", "fold_streams", "merged_records", "open_namespace", "read_streams",
+    "render_record", "sessions_in_redis", "sign_heads", "sign_namespace", "stream_entries", "stream_records",
+    "unavailable_error",
 ]
 
 logger = logging.getLogger("engine")
@@ -92,7 +93,7 @@ _TRANSIENT = (TryAgainError, AskError, MovedError, ClusterDownError, BusyLoading
 Step = tuple[Callable[[Entry | None, int], Outcome], Any, int, Any]  # (transition, reply or None, now, event)
 
 
-def share(limit: int, buckets: int) -> int:
+def bucket_share(limit: int, buckets: int) -> int:
     """A bucket's share of a per-tenant limit: ceil(limit / buckets), at least 1."""
     return max(1, math.ceil(limit / buckets))
 
@@ -144,7 +145,7 @@ def connect(target: RedisTarget, timeout_s: float) -> Any:
     return redis.Redis(host=host, port=port, ssl=target.tls, **dict(target.tls_options), **common)
 
 
-def unavailable(target: RedisTarget, exc: BaseException) -> EngineError:
+def unavailable_error(target: RedisTarget, exc: BaseException) -> EngineError:
     """The engine's error for a Redis failure; names the server by its URL without credentials."""
     if isinstance(exc, AuthenticationError) or "WRONGPASS" in str(exc) or "NOAUTH" in str(exc):
         return BackendError(f"Redis at {target.display} refused the credentials (check the URL's user and "
@@ -191,16 +192,16 @@ class RedisBackend:
         # The per-tenant limits, as each bucket's share (docs/distributed.md, "Per-tenant limits").
         buckets = config.redis_buckets
         self.tenant_cap = "" if config.max_sessions_per_tenant is None else \
-            str(share(config.max_sessions_per_tenant, buckets))
+            str(bucket_share(config.max_sessions_per_tenant, buckets))
         self.tenant_rate = "" if config.max_creations_per_tenant_per_minute is None else \
-            str(share(config.max_creations_per_tenant_per_minute, buckets))
+            str(bucket_share(config.max_creations_per_tenant_per_minute, buckets))
         self.client = connect(target, max(0.05, min(config.ask_timeout_s / 4, 2.0)))
         try:
             self._check_meta()
             self.sha = self.client.script_load(COMMIT_LUA)
         except RedisError as exc:
             self.client.close()
-            raise unavailable(target, exc) from None
+            raise unavailable_error(target, exc) from None
         except BaseException:
             self.client.close()
             raise
@@ -262,7 +263,7 @@ class RedisBackend:
                            sha=self.sha)
         except RedisError as exc:
             logger.warning("session-engine: the Redis stream heads could not be signed on close: %s",
-                           unavailable(self.target, exc))
+                           unavailable_error(self.target, exc))
         finally:
             self.client.close()
 
@@ -318,7 +319,7 @@ def sign_namespace(url: str, key: bytes, namespace: str = "se") -> list[int]:
     try:
         return sign_heads(client, keys, key)
     except RedisError as exc:
-        raise unavailable(parse_backend(url), exc) from None  # type: ignore[arg-type]
+        raise unavailable_error(parse_backend(url), exc) from None  # type: ignore[arg-type]
     finally:
         client.close()
 
@@ -343,7 +344,7 @@ class RedisLog:
             # These records accompany another answer (an InvalidEvent for bad input, a shard restart):
             # losing one while Redis is away must not replace that answer with a Redis error.
             logger.warning("session-engine: %d record(s) not written to Redis: %s", len(records),
-                           unavailable(backend.target, exc))
+                           unavailable_error(backend.target, exc))
         return 0
 
     def sync(self, seq: int) -> None:
@@ -479,7 +480,7 @@ class RedisShard(Shard):
             try:
                 answers = pipe.execute(raise_on_error=False)
             except RedisError as exc:
-                self._fail(pending, unavailable(backend.target, exc))
+                self._fail(pending, unavailable_error(backend.target, exc))
                 return done
             retry: dict[str, list[Step]] = {}
             reload = transient = False
@@ -493,7 +494,7 @@ class RedisShard(Shard):
                     retry[sid] = steps
                 elif isinstance(answer, Exception):
                     cache.pop(sid, None)
-                    self._fail({sid: steps}, unavailable(backend.target, answer))
+                    self._fail({sid: steps}, unavailable_error(backend.target, answer))
                 elif int(answer[0]) == 2:
                     refused.add(sid)  # nothing was written: apply the events again with that creation refused
                     retry[sid] = steps
@@ -541,7 +542,7 @@ class RedisShard(Shard):
                 try:
                     backend.reload_script()
                 except RedisError as exc:
-                    self._fail(retry, unavailable(backend.target, exc))
+                    self._fail(retry, unavailable_error(backend.target, exc))
                     return done
             if not retry:
                 return done
@@ -583,7 +584,7 @@ class RedisShard(Shard):
                 raise EngineError(f"shard cannot handle {type(event).__name__}")
         except RedisError as exc:
             self._mailbox.tick_pending = False
-            error = unavailable(backend.target, exc)
+            error = unavailable_error(backend.target, exc)
             if reply is None:
                 logger.warning("session-engine: %s", error)
                 return
@@ -701,7 +702,7 @@ def open_namespace(url: str, namespace: str = "se") -> tuple[Any, Keys]:
         stored = client.hget(f"{namespace}:meta", "buckets")
     except RedisError as exc:
         client.close()
-        raise unavailable(target, exc) from None
+        raise unavailable_error(target, exc) from None
     except BaseException:
         client.close()
         raise
@@ -717,7 +718,7 @@ def stream_records(url: str, *, history: bool = True, namespace: str = "se") -> 
     try:
         yield from merged_records(client, keys)
     except RedisError as exc:
-        raise unavailable(parse_backend(url), exc) from None  # type: ignore[arg-type]
+        raise unavailable_error(parse_backend(url), exc) from None  # type: ignore[arg-type]
     finally:
         client.close()
 

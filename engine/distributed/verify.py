@@ -29,7 +29,7 @@ def verify_redis(url: str, namespace: str = "se", key: bytes | None = None) -> R
     from redis.exceptions import RedisError
 
     from engine.core.backend_url import parse_backend
-    from engine.distributed.redis_host import open_namespace, unavailable
+    from engine.distributed.redis_host import open_namespace, unavailable_error
 
     client, keys = open_namespace(url, namespace)
     target = parse_backend(url)
@@ -40,7 +40,7 @@ def verify_redis(url: str, namespace: str = "se", key: bytes | None = None) -> R
             if _verify_bucket(client, keys, bucket, report, key):
                 return report
     except RedisError as exc:
-        raise unavailable(target, exc) from None  # type: ignore[arg-type]
+        raise unavailable_error(target, exc) from None  # type: ignore[arg-type]
     finally:
         client.close()
     if report.records == 0:

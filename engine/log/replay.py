@@ -33,7 +33,7 @@ from events import records as record_names
 from events._schema import LENIENT_CHECKS, record_problem
 
 __all__ = [
-    "ENTRY_DEFAULTS", "ENTRY_FIELDS", "LogCorrupt", "PREFIX", "Share", "State", "Tail", "archives", "entry_fields",
+    "ENTRY_DEFAULTS", "ENTRY_FIELDS", "LogCorrupt", "PREFIX", "Share", "State", "Tail", "archives", "fields_mapping",
     "fold", "fold_file", "fold_files", "fold_log", "history_files", "list_segments", "log_files", "new_fields",
     "paused_gc", "read_file", "read_head", "read_log", "readable_segments", "replay", "segment_name", "segment_seq",
     "to_entry", "torn_tail", "upcast_decision",
@@ -678,7 +678,7 @@ def fold(state: State, record: dict[str, Any]) -> None:
             _update(fields, record)
 
 
-def entry_fields(fields: Fields) -> dict[str, Any]:
+def fields_mapping(fields: Fields) -> dict[str, Any]:
     """A session's fields as a mapping of every Entry field, as snapshots and ``replay`` output store it."""
     return dict(zip(ENTRY_FIELDS, _field_values(fields), strict=True))
 

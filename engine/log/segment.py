@@ -22,11 +22,11 @@ from typing import Any
 import orjson
 
 from engine.core.entry import Entry
-from engine.core.transitions import entry_fields as core_entry_fields
+from engine.core.transitions import entry_fields
 from engine.log import chain
 from engine.log.fault import AuditLogError, LogFault
 from engine.log.recovery import Layout
-from engine.log.replay import State, entry_fields
+from engine.log.replay import State, fields_mapping
 from events import records as record_names
 
 __all__ = ["SNAPSHOT_PART", "Segments"]
@@ -76,9 +76,9 @@ class Segments:
         """
         first = self.seq + 1
         if self._source is not None:
-            live = [(sid, core_entry_fields(entry)) for sid, entry in self._source()]
+            live = [(sid, entry_fields(entry)) for sid, entry in self._source()]
         else:
-            live = [(sid, entry_fields(fields)) for sid, fields in self._live.items()]
+            live = [(sid, fields_mapping(fields)) for sid, fields in self._live.items()]
         parts = max(1, -(-len(live) // SNAPSHOT_PART))
         items = iter(live)
         lines = []

@@ -473,9 +473,9 @@ class _Run:
                     held_of[sid] = r
             elif name == decision:
                 if sid == run_sid and r["seq"] == run_next:
-                    self._decision(sid, r, escalations, switches)
+                    self._rerun_decision(sid, r, escalations, switches)
                 else:
-                    self._decision(sid, r, 0, 0)
+                    self._rerun_decision(sid, r, 0, 0)
                 run_sid = None
             elif name == cost:
                 self._cost(sid, r)
@@ -502,7 +502,7 @@ class _Run:
         held_of.clear()
         return result
 
-    def _decision(self, sid: str, r: dict[str, Any], escalations: int, switches: int) -> None:
+    def _rerun_decision(self, sid: str, r: dict[str, Any], escalations: int, switches: int) -> None:
         """Re-run one recorded decision; ``escalations`` and ``switches``: the baseline's in its turn."""
         result = self.result
         get = r.get

@@ -27,7 +27,7 @@ from typing import Any
 from common import barrier, median, percentile, session_ids
 
 from engine import Config, SessionStore, Tier
-from engine.core.rules import decide as decide_route
+from engine.core.rules import decide_route
 from engine.policy import Options, Policy, Request, provider_from_model
 from events import Decision as DecisionEvent
 from events import GetSession

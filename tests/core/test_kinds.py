@@ -14,7 +14,7 @@ import engine.policy
 from engine import Entry, Tier
 from engine.core.config import default_config
 from engine.core.kinds import Kind
-from engine.core.rules import decide
+from engine.core.rules import decide_route
 from events import Route, RouteRules
 
 MODELS = (("SIMPLE", ("openai/gpt-4o-mini",)), ("MEDIUM", ("openai/gpt-4o",)), ("COMPLEX", ("openai/o3",)))
@@ -48,5 +48,5 @@ def test_every_decision_of_the_rules_is_a_kind(strategy, tier, turns, explicit, 
     state = None if turns == 0 else Entry("openai/gpt-4o", Tier.MEDIUM, 0, 0, turns)
     route = Route("s", "openai/gpt-4o", tier, rules, explicit, "h", estimates=(("", 2),),
                   reservation_id="r" if cap >= 0 else "")
-    routed, _ = decide(state, route, default_config())
+    routed, _ = decide_route(state, route, default_config())
     assert type(routed.kind) is Kind

@@ -8,7 +8,7 @@ from typing import Any
 
 from engine import Entry, Tier
 from engine.core.config import default_config
-from engine.core.rules import STALL_ERRORS, decide
+from engine.core.rules import STALL_ERRORS, decide_route
 from engine.policy import Options, Policy, Request
 from engine.tools.backtest import backtest
 from events import Hash, Route, RouteRules
@@ -23,7 +23,7 @@ TABLE = (("SIMPLE", ("s",)), ("MEDIUM", ("m",)), ("COMPLEX", ("c",)))
 def _hash_stall(detector: str, tool_errors: int, stall: bool = False) -> bool:
     rules = RouteRules(TABLE, stall_detector=detector)
     pinned = Entry("m", Tier.MEDIUM, 0, 0, 1, ("x",))
-    _, events = decide(pinned, Route("s", "m", Tier.MEDIUM, rules, request_hash="new", stall=stall,
+    _, events = decide_route(pinned, Route("s", "m", Tier.MEDIUM, rules, request_hash="new", stall=stall,
                                      tool_errors=tool_errors), default_config())
     return next(e for e in events if type(e) is Hash).stall
 

@@ -20,7 +20,7 @@ from freezegun import freeze_time
 
 from engine import SessionStore
 from engine.core.scope import SECRET_ENV, Scope, scoped, tenant_of
-from engine.distributed.redis_host import Keys, bucket_of, sessions_in_redis, share
+from engine.distributed.redis_host import Keys, bucket_of, bucket_share, sessions_in_redis
 from engine.shell.capacity import SessionRefused
 from events import SetSession
 from tests.distributed.test_redis_backend import ROOT, check_agreement, records_of, redis_config
@@ -102,7 +102,7 @@ def test_each_bucket_allows_its_share_of_the_creation_rate(redis_server: RedisSe
     """8 a minute over 4 buckets: 2 a minute in each bucket (the documented guarantee)."""
     tenant = Scope(SECRET).tenant("key:a")
     config = redis_config(redis_server.url, redis_buckets=4, max_creations_per_tenant_per_minute=8)
-    assert share(8, 4) == 2 and share(10_000, 64) == 157 and share(3, 64) == 1
+    assert bucket_share(8, 4) == 2 and bucket_share(10_000, 64) == 157 and bucket_share(3, 64) == 1
     ids = [scoped(tenant, f"s{i}") for i in range(200)]
     same_bucket = [sid for sid in ids if bucket_of(sid, 4) == 0][:3]
     other = next(sid for sid in ids if bucket_of(sid, 4) == 1)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine import Config, Entry, Tier, replay
 from engine.aio import AsyncSessionStore
-from engine.core.rules import RULES, Draft, budget, decide, first_pin, never_downgrade
+from engine.core.rules import RULES, Draft, budget, decide_route, first_pin, never_downgrade
 from engine.policy import (
     STALL_ERRORS,
     AsyncPolicy,
@@ -312,7 +312,7 @@ routes = st.builds(
 @settings(max_examples=300, deadline=None)
 @given(state=st.one_of(st.none(), entries), ev=routes)
 def test_rule_properties(state, ev):
-    routed, events = decide(state, ev, Config())
+    routed, events = decide_route(state, ev, Config())
     limit = ev.rules.max_cost_micros
     committed = (state.session_cost_micros + state.reserved_micros) if state is not None else 0
     if routed.kind == "refuse":

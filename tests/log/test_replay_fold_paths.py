@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import LogCorrupt, replay
-from engine.log.replay import ENTRY_DEFAULTS, ENTRY_FIELDS, Tail, entry_fields, fold_file, fold_log
+from engine.log.replay import ENTRY_DEFAULTS, ENTRY_FIELDS, Tail, fields_mapping, fold_file, fold_log
 from events import records as record_names
 from events._schema import record_problem
 
@@ -104,7 +104,7 @@ def test_records_of_any_shape_fold_as_documented(tmp_path_factory: Any, records:
         with pytest.raises(LogCorrupt, match=rf"seq {bad}: "):
             fold_log(path)
         return
-    folded = {sid: entry_fields(fields) for sid, fields in fold_log(path).items()}
+    folded = {sid: fields_mapping(fields) for sid, fields in fold_log(path).items()}
     assert folded == documented_fold(records)
 
 
@@ -133,7 +133,7 @@ def test_every_near_miss_of_a_written_shape_folds_as_documented(tmp_path: Path) 
                 rec.setdefault(field, IN_DOMAIN[field][1])
                 records += [{"ts": 1, "event": record_names.SESSION_CREATED, "session_id": sid, "model": "m"}, rec]
     write(tmp_path / "audit.jsonl", records)
-    folded = {sid: entry_fields(fields) for sid, fields in fold_log(tmp_path / "audit.jsonl").items()}
+    folded = {sid: fields_mapping(fields) for sid, fields in fold_log(tmp_path / "audit.jsonl").items()}
     assert folded == documented_fold(records)
 
 
