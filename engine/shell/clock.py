@@ -9,23 +9,32 @@ busy shard. A pass that raises is reported through the runtime's guard
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from engine._time import now_ms
 from events import Tick
 
-if TYPE_CHECKING:
-    from engine.shell.runtime import Runtime
-
 __all__ = [
-    "Clock",
+    "Clock", "ClockHost",
 ]
+
+
+class ClockHost(Protocol):
+    """What the clock uses of the runtime (engine.shell.runtime.Runtime is one)."""
+
+    #: Runs a pass, reporting what it raises (engine/shell/guard.py).
+    guard: Any
+    #: One per shard: its ``index`` and whether a pass is already queued (``tick_pending``).
+    mailboxes: Sequence[Any]
+
+    def send(self, index: int, event: Any, now: int, reply: Any) -> None: ...
 
 _TICK = Tick()
 
 
 class Clock(threading.Thread):
-    def __init__(self, runtime: Runtime, tick_ms: int) -> None:
+    def __init__(self, runtime: ClockHost, tick_ms: int) -> None:
         super().__init__(name="session-engine-clock", daemon=True)
         self._rt = runtime
         self._period = tick_ms / 1000

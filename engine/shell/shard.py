@@ -18,8 +18,8 @@ import logging
 import queue
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import pykka
 
@@ -40,12 +40,31 @@ from engine.log.render import UnrenderableRecord
 from events import ClearAll, EngineError, Evict, GetCost, GetSession, GetStats, IsCacheSticky, Tick
 from events import records as record_names
 
-if TYPE_CHECKING:
-    from engine.shell.runtime import Runtime
-
 __all__ = [
-    "DRAIN", "Mailbox", "Shard", "ShardFailed",
+    "DRAIN", "Mailbox", "Shard", "ShardFailed", "ShardHost",
 ]
+
+
+class ShardHost(Protocol):
+    """What a shard uses of the runtime that hosts it (engine.shell.runtime.Runtime is one): the shard
+    knows this much of its host and nothing else."""
+
+    config: Any
+    #: The audit sink (``append`` a batch's records, ``sync`` up to a seq).
+    log: Any
+    observer: Any
+    #: The shards' mailboxes, by index.
+    mailboxes: Sequence[Mailbox]
+    #: The capacity keeper (engine/shell/capacity.py), or None without limits.
+    capacity: Any
+    #: Completes replies after the group-commit fsync (``fsync="always"``), or None.
+    acknowledger: Any
+
+    def send(self, index: int, event: Any, now: int, reply: Any) -> None: ...
+
+    def route(self, event: Any, now: int, reply: Any) -> None: ...
+
+    def shard_failed(self, index: int, error: BaseException | None) -> None: ...
 
 DRAIN = "drain"
 logger = logging.getLogger("engine")
@@ -111,7 +130,7 @@ class Shard(pykka.ThreadingActor):
     #: The runtime routes a session to shard ``route_hash(session id) % shards`` (engine.core.table.shard_index).
     route_hash = staticmethod(hash)
 
-    def __init__(self, runtime: Runtime, index: int, state: ShardState) -> None:
+    def __init__(self, runtime: ShardHost, index: int, state: ShardState) -> None:
         super().__init__()
         self._rt = runtime
         self._config = runtime.config
