@@ -90,7 +90,7 @@ def check_promises(log: str | Path, live: Mapping[str, Entry], acknowledged_micr
         return False, f"{report.status}{where}"
 
     # One pass over the history for the log's own sum, the audit's lifetimes and the cap.
-    seen = {"cost": 0, "worst": 0, "over": 0, "worst_sid": ""}
+    seen: dict[str, Any] = {"cost": 0, "worst": 0, "over": 0, "worst_sid": "", "read": False}
 
     def watched(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for r in records:
@@ -102,6 +102,7 @@ def check_promises(log: str | Path, live: Mapping[str, Entry], acknowledged_micr
                     if total > seen["worst"]:
                         seen["worst"], seen["worst_sid"] = total, r["session_id"]
             yield r
+        seen["read"] = True
 
     def audited() -> tuple[bool, str]:
         total = sum(life.cost_micros for life in lives(watched(read_log(log, history=True))))
@@ -118,6 +119,8 @@ def check_promises(log: str | Path, live: Mapping[str, Entry], acknowledged_micr
     def within_cap() -> tuple[bool, str]:
         if cap_micros is None:
             return True, "no cap"
+        if not seen["read"]:  # the audit's pass stopped early: an unread cost may be over the cap
+            return False, "the history could not be read to its end (the audit's line says why)"
         detail = f"cap {_usd(cap_micros)}, costliest {_usd(seen['worst'])}"
         if seen["over"]:
             detail += f" ({seen['worst_sid'][:40]!r}; {seen['over']} settlements over the cap)"

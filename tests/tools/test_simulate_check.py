@@ -87,3 +87,15 @@ def test_the_cli_exits_non_zero_when_a_promise_is_broken(tmp_path: Path, monkeyp
     broken = CliRunner().invoke(app, args)
     assert broken.exit_code == 1
     assert "BROKEN  no capped session over its cap" in broken.output
+
+
+def test_a_log_the_readers_refuse_breaks_the_cap_promise_too(checked, tmp_path: Path) -> None:
+    """The cap is checked on the same pass as the audit: a pass that stops at a corrupt line proves nothing."""
+    log, result, _ = checked
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[len(lines) // 2] = b"not a record\n"
+    copy = tmp_path / "audit.jsonl"
+    copy.write_bytes(b"".join(lines))
+    cap = round(SIM_SETTINGS["max_cost_usd"] * 1_000_000)  # type: ignore[operator]
+    failed = {p.name for p in check_promises(copy, replay(log), result.cost_micros, cap_micros=cap) if not p.held}
+    assert {"audit total == acknowledged", "no capped session over its cap"} <= failed
