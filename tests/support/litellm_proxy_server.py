@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import read_log
+from engine.log.replay import read_log
 
 #: Per-token prices that make one mocked call (10 prompt + 20 completion tokens) on "deep" cost $0.005.
 DEEP_PRICE = "input_cost_per_token: 0.0001, output_cost_per_token: 0.0002"
@@ -88,6 +88,7 @@ class Proxy:
         def mine(sid: str) -> bool:
             return sid == f"{tenant}:{session}" if tenant is not None else sid.endswith(":" + session)
 
+        # The engine's reader: the proxy may be writing its last line as we read (a torn tail, skipped).
         return [r for r in read_log(self.log) if mine(str(r.get("session_id", "")))]
 
     def wait_for(self, what: str, ok: Callable[[], bool]) -> None:
